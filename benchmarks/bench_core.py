@@ -1,0 +1,253 @@
+"""Core benchmarks: each figure is a ratio to a floor measured interleaved in the same run.
+
+    python benchmarks/bench_core.py            # full run
+    python benchmarks/bench_core.py --quick    # fewer repetitions
+    python benchmarks/bench_core.py --json
+
+Figures (targets from the project's core issue):
+  sync-distinct     Group.do, one thread, a new key per call, trivial fn
+                    / lock + dict insert/delete of a small record + call      <= 1.5x
+  async-distinct    AsyncGroup.do, a new key per call, fn that never suspends
+                    / dict insert of a loop Future + await fn + set_result + delete
+                                                                              <= 3x (3.12+)
+  async-100k-join   100,000 tasks join one key and are woken
+                    / 100,000 tasks awaiting one bare Future                  <= 1.2x
+  async-memory      bytes per in-flight key, 20,000 keys parked (tracemalloc)
+                    minus the same callers awaiting the loader directly       <= +900 B
+  threads-1000-wake 1,000 threads on one key: release-to-last-wake
+                    / 1,000 threads on one threading.Event                    <= 1.05x
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import statistics
+import sys
+import threading
+import time
+import tracemalloc
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import Figure, interleaved, report  # noqa: E402
+
+from singleflight import AsyncGroup, Group  # noqa: E402
+
+
+class _Record:
+    """The floor's small record: what a minimal call record holds."""
+
+    __slots__ = ("dups", "value")
+
+    def __init__(self) -> None:
+        self.dups = 0
+        self.value = None
+
+
+def _trivial() -> None:
+    return None
+
+
+async def _atrivial() -> None:
+    return None
+
+
+def bench_sync_distinct(n: int, reps: int) -> Figure:
+    lock = threading.Lock()
+    table: dict[int, _Record] = {}
+
+    def floor_do(key: int, fn):  # type: ignore[no-untyped-def]
+        with lock:
+            table[key] = _Record()
+        value = fn()
+        with lock:
+            del table[key]
+        return value
+
+    group: Group[int, None] = Group()
+    keys = range(n)
+
+    def run(do) -> float:  # type: ignore[no-untyped-def]
+        fn = _trivial
+        t0 = time.perf_counter()
+        for key in keys:
+            do(key, fn)
+        return (time.perf_counter() - t0) / n * 1e9
+
+    floor, subject = interleaved(lambda: run(floor_do), lambda: run(group.do), reps)
+    return Figure("sync-distinct (ns/call)", "ns", floor, subject, 1.5)
+
+
+def bench_async_distinct(n: int, reps: int) -> Figure:
+    group: AsyncGroup[int, None] = AsyncGroup()
+
+    async def body(floor: bool) -> float:
+        loop = asyncio.get_running_loop()
+        table: dict[int, asyncio.Future[None]] = {}
+
+        async def floor_do(key: int, fn):  # type: ignore[no-untyped-def]
+            future = loop.create_future()
+            table[key] = future
+            value = await fn()
+            future.set_result(value)
+            del table[key]
+            return value
+
+        do = floor_do if floor else group.do
+        fn = _atrivial
+        t0 = time.perf_counter()
+        for key in range(n):
+            await do(key, fn)
+        return (time.perf_counter() - t0) / n * 1e9
+
+    floor, subject = interleaved(lambda: asyncio.run(body(True)), lambda: asyncio.run(body(False)), reps)
+    target = 3.0 if sys.version_info >= (3, 12) else None
+    return Figure("async-distinct (ns/call)", "ns", floor, subject, target)
+
+
+def bench_async_many_waiters(n: int, reps: int) -> Figure:
+    async def body(floor: bool) -> float:
+        loop = asyncio.get_running_loop()
+        release = loop.create_future()
+        if floor:
+
+            async def caller() -> object:
+                return await release
+
+        else:
+            group: AsyncGroup[str, object] = AsyncGroup()
+
+            async def loader() -> object:
+                return await release
+
+            async def caller() -> object:
+                return await group.do("hot", loader)
+
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            tasks = [loop.create_task(caller()) for _ in range(n)]
+            await asyncio.sleep(0)  # every caller runs to its wait
+            await asyncio.sleep(0)
+            release.set_result(1)
+            await asyncio.gather(*tasks)
+            elapsed = time.perf_counter() - t0
+        finally:
+            gc.enable()
+        return elapsed / n * 1e9
+
+    floor, subject = interleaved(lambda: asyncio.run(body(True)), lambda: asyncio.run(body(False)), reps)
+    return Figure(f"async-{n // 1000}k-join+wake (ns/waiter)", "ns", floor, subject, 1.2)
+
+
+def bench_async_memory(n: int, reps: int) -> Figure:
+    async def body(grouped: bool) -> float:
+        loop = asyncio.get_running_loop()
+        release = loop.create_future()
+
+        async def loader(i: int) -> int:
+            await release
+            return i
+
+        group: AsyncGroup[int, int] = AsyncGroup()
+        if grouped:
+
+            async def caller(i: int) -> int:
+                return await group.do(i, loader, i)
+
+        else:
+
+            async def caller(i: int) -> int:
+                return await loader(i)
+
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        tasks = [loop.create_task(caller(i)) for i in range(n)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        parked = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        assert len(group) == (n if grouped else 0)
+        release.set_result(None)
+        await asyncio.gather(*tasks)
+        return (parked - before) / n
+
+    floor, subject = interleaved(lambda: asyncio.run(body(False)), lambda: asyncio.run(body(True)), reps)
+    # Reported as floor + extra: the target is on the difference, not the ratio.
+    figure = Figure(f"async-memory (B/key, {n // 1000}k keys)", "B", floor, subject, None)
+    figure.target = (floor + 900) / floor
+    return figure
+
+
+def bench_thread_wake(n: int, reps: int) -> Figure:
+    def run(grouped: bool) -> float:
+        release = threading.Event()
+        group: Group[str, int] = Group()
+        woke: list[float] = []
+        ready = threading.Barrier(n + 1)
+
+        def loader() -> int:
+            release.wait()
+            return 1
+
+        def caller() -> None:
+            ready.wait()
+            if grouped:
+                group.do("hot", loader)
+            else:
+                release.wait()
+            woke.append(time.perf_counter())
+
+        threads = [threading.Thread(target=caller) for _ in range(n)]
+        for t in threads:
+            t.start()
+        ready.wait()
+        # Let every caller reach its wait.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if grouped:
+                call = group._calls.get("hot")
+                if call is not None and call.dups == n - 1:
+                    break
+            elif len(release._cond._waiters) == n:  # type: ignore[attr-defined]
+                break
+            time.sleep(0.001)
+        time.sleep(0.01)
+        t0 = time.perf_counter()
+        release.set()
+        for t in threads:
+            t.join()
+        return (max(woke) - t0) * 1e3
+
+    floor, subject = interleaved(lambda: run(False), lambda: run(True), reps)
+    return Figure(f"threads-{n}-wake tail (ms)", "ms", floor, subject, 1.05)
+
+
+def main(argv: list[str] | None = None) -> list[Figure]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sizes")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--only", help="comma-separated figure prefixes to run (sync,async,threads)")
+    args = parser.parse_args(argv)
+    reps = 5 if args.quick else 11
+    scale = 4 if args.quick else 1
+    benches = [
+        ("sync", lambda: bench_sync_distinct(200_000 // scale, reps)),
+        ("async-distinct", lambda: bench_async_distinct(100_000 // scale, reps)),
+        ("async-join", lambda: bench_async_many_waiters(100_000, max(3, reps // 2))),
+        ("async-memory", lambda: bench_async_memory(20_000, 3)),
+        ("threads", lambda: bench_thread_wake(1000, max(3, reps // 2))),
+    ]
+    only = args.only.split(",") if args.only else None
+    figures = [run() for name, run in benches if only is None or any(name.startswith(o) for o in only)]
+    print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; medians of interleaved repetitions")
+    report(figures, args.json)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

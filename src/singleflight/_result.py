@@ -1,0 +1,46 @@
+"""What a call of a group hands back: a value, an error, and whether it was shared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = ["AbortedError", "Result"]
+
+V_co = TypeVar("V_co", covariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Generic[V_co]):
+    """The outcome of one call, as Go's ``singleflight.Result``.
+
+    ``value`` is the loader's return value (``None`` when it failed), ``error`` the
+    :class:`Exception` it raised (``None`` when it succeeded; an :class:`AbortedError`
+    when the flight ended without a result), and ``shared`` is true when the flight
+    had two or more callers, the leader included.
+    """
+
+    value: V_co | None
+    error: Exception | None
+    shared: bool
+
+    def unwrap(self) -> V_co:
+        """Return ``value``, or raise ``error`` if the call failed."""
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
+class AbortedError(Exception):
+    """The flight a caller waited on ended without a value or an :class:`Exception`.
+
+    Raised in every *waiting* caller when the loader was stopped by a
+    :class:`BaseException` that is not an :class:`Exception` (``KeyboardInterrupt``,
+    ``SystemExit``, a cancelled loader task).  The original is ``__cause__`` when
+    there is one.  The flight's entry is gone, so the next call of the key starts
+    afresh.
+    """
+
+    def __init__(self, key: object, reason: str) -> None:
+        super().__init__(f"the flight for key {key!r} ended without a result: {reason}")
+        self.key = key
