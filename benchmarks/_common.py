@@ -28,7 +28,9 @@ class Figure:
         return "met" if self.ratio <= self.target else "MISSED"
 
 
-def interleaved(floor: Callable[[], float], subject: Callable[[], float], reps: int) -> tuple[float, float]:
+def interleaved(
+    floor: Callable[[], float], subject: Callable[[], float], reps: int
+) -> tuple[float, float]:
     """Run floor and subject alternately ``reps`` times; return the median of each.
 
     Alternating (and swapping which goes first) spreads the machine's noise over
@@ -48,11 +50,17 @@ def interleaved(floor: Callable[[], float], subject: Callable[[], float], reps: 
 
 def report(figures: list[Figure], as_json: bool = False) -> None:
     if as_json:
-        json.dump([asdict(f) | {"ratio": f.ratio, "verdict": f.verdict} for f in figures], sys.stdout, indent=2)
+        json.dump(
+            [asdict(f) | {"ratio": f.ratio, "verdict": f.verdict} for f in figures],
+            sys.stdout,
+            indent=2,
+        )
         print()
         return
     width = max(len(f.name) for f in figures)
-    print(f"{'figure':<{width}}  {'floor':>12}  {'subject':>12}  {'ratio':>7}  {'target':>7}  verdict")
+    print(
+        f"{'figure':<{width}}  {'floor':>12}  {'subject':>12}  {'ratio':>7}  {'target':>7}  verdict"
+    )
     for f in figures:
         target = "-" if f.target is None else f"{f.target:.2f}x"
         print(

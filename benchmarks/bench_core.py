@@ -25,6 +25,7 @@ import asyncio
 import gc
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -32,9 +33,9 @@ import tracemalloc
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _common import Figure, interleaved, report  # noqa: E402
+from _common import Figure, interleaved, report
 
-from singleflight import AsyncGroup, Group  # noqa: E402
+from singleflight import AsyncGroup, Group
 
 
 class _Record:
@@ -103,7 +104,9 @@ def bench_async_distinct(n: int, reps: int) -> Figure:
             await do(key, fn)
         return (time.perf_counter() - t0) / n * 1e9
 
-    floor, subject = interleaved(lambda: asyncio.run(body(True)), lambda: asyncio.run(body(False)), reps)
+    floor, subject = interleaved(
+        lambda: asyncio.run(body(True)), lambda: asyncio.run(body(False)), reps
+    )
     target = 3.0 if sys.version_info >= (3, 12) else None
     return Figure("async-distinct (ns/call)", "ns", floor, subject, target)
 
@@ -139,12 +142,16 @@ def bench_async_many_waiters(n: int, reps: int) -> Figure:
             gc.enable()
         return elapsed / n * 1e9
 
-    floor, subject = interleaved(lambda: asyncio.run(body(True)), lambda: asyncio.run(body(False)), reps)
+    floor, subject = interleaved(
+        lambda: asyncio.run(body(True)), lambda: asyncio.run(body(False)), reps
+    )
     return Figure(f"async-{n // 1000}k-join+wake (ns/waiter)", "ns", floor, subject, 1.2)
 
 
-def bench_async_memory(n: int, reps: int) -> Figure:
-    async def body(grouped: bool) -> float:
+def _parked_bytes_per_key(grouped: bool, n: int) -> float:
+    """Bytes traced per parked caller: n tasks, each on its own key, all waiting."""
+
+    async def body() -> float:
         loop = asyncio.get_running_loop()
         release = loop.create_future()
 
@@ -176,9 +183,35 @@ def bench_async_memory(n: int, reps: int) -> Figure:
         await asyncio.gather(*tasks)
         return (parked - before) / n
 
-    floor, subject = interleaved(lambda: asyncio.run(body(False)), lambda: asyncio.run(body(True)), reps)
+    return asyncio.run(body())
+
+
+def bench_async_memory(n: int, reps: int) -> Figure:
+    """Each measurement in a fresh interpreter, so neither side inherits the other's
+    free lists or grown containers; several sizes around n, so that one resize of
+    asyncio's task set or the key table does not decide the figure."""
+
+    def measure(grouped: bool) -> float:
+        per_size = []
+        for size in (n, n * 5 // 4, n * 3 // 2):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--parked-bytes",
+                    "grouped" if grouped else "bare",
+                    str(size),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            per_size.append(float(out))
+        return statistics.median(per_size)
+
+    floor, subject = interleaved(lambda: measure(False), lambda: measure(True), reps)
     # Reported as floor + extra: the target is on the difference, not the ratio.
-    figure = Figure(f"async-memory (B/key, {n // 1000}k keys)", "B", floor, subject, None)
+    figure = Figure(f"async-memory (B/key, {n // 1000}k+ keys)", "B", floor, subject, None)
     figure.target = (floor + 900) / floor
     return figure
 
@@ -228,10 +261,18 @@ def bench_thread_wake(n: int, reps: int) -> Figure:
 
 
 def main(argv: list[str] | None = None) -> list[Figure]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--parked-bytes"]:  # one memory measurement, run in a child process
+        print(_parked_bytes_per_key(argv[1] == "grouped", int(argv[2])))
+        return []
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sizes")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--only", help="comma-separated figure prefixes to run (sync,async,threads)")
+    parser.add_argument(
+        "--only", help="comma-separated figure prefixes to run (sync,async,threads)"
+    )
     args = parser.parse_args(argv)
     reps = 5 if args.quick else 11
     scale = 4 if args.quick else 1
@@ -239,12 +280,16 @@ def main(argv: list[str] | None = None) -> list[Figure]:
         ("sync", lambda: bench_sync_distinct(200_000 // scale, reps)),
         ("async-distinct", lambda: bench_async_distinct(100_000 // scale, reps)),
         ("async-join", lambda: bench_async_many_waiters(100_000, max(3, reps // 2))),
-        ("async-memory", lambda: bench_async_memory(20_000, 3)),
+        ("async-memory", lambda: bench_async_memory(20_000, 3 if args.quick else 5)),
         ("threads", lambda: bench_thread_wake(1000, max(3, reps // 2))),
     ]
     only = args.only.split(",") if args.only else None
-    figures = [run() for name, run in benches if only is None or any(name.startswith(o) for o in only)]
-    print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; medians of interleaved repetitions")
+    figures = [
+        run() for name, run in benches if only is None or any(name.startswith(o) for o in only)
+    ]
+    print(
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; medians of interleaved repetitions"
+    )
     report(figures, args.json)
     return figures
 

@@ -66,20 +66,21 @@ class _AsyncFlight(Flight):
     """A flight whose loader task is running, and the futures of its callers.
 
     ``waiters`` is the first caller's future, or a list once a second one waits
-    (most flights have one caller).  ``waiting`` counts the callers that have
-    not left, for ``cancel_abandoned``.  The flight is its task's done callback:
+    (most flights have one caller).  ``left`` counts the callers that stopped
+    waiting, for ``cancel_abandoned``; counting those (rare) rather than the
+    callers still waiting keeps the join path free of it.  The flight is its task's done callback:
     a bound method would cost an object per flight.
     """
 
-    __slots__ = ("key", "table", "task", "waiters", "waiting")
+    __slots__ = ("key", "left", "table", "task", "waiters")
 
-    def __init__(self, table: _Table, key: object, task: Task[Any] | None) -> None:
+    def __init__(self, table: _Table, key: object, task: Task[Any]) -> None:
         self.dups = 0
         self.table = table
         self.key = key
         self.task = task
         self.waiters: asyncio.Future[Any] | list[asyncio.Future[Any]] | None = None
-        self.waiting = 0
+        self.left = 0
 
     def add_waiter(self, loop: AbstractEventLoop) -> asyncio.Future[Any]:
         future: Future[Any] = Future(loop=loop)
@@ -90,7 +91,6 @@ class _AsyncFlight(Flight):
             waiters.append(future)
         else:
             self.waiters = [waiters, future]
-        self.waiting += 1
         return future
 
     def __call__(self, task: asyncio.Future[Any]) -> None:
@@ -129,7 +129,7 @@ class _AsyncFlight(Flight):
 
 # In a table while a new flight's task is starting eagerly.  Only the loader
 # itself can run then, so any call that finds it is the loader re-entering.
-_STARTING = _AsyncFlight({}, None, None)
+_STARTING = _AsyncFlight({}, None, None)  # type: ignore[arg-type]
 
 
 def _dead_ref() -> None:
@@ -316,7 +316,6 @@ class AsyncGroup(Generic[K, V]):
                 flight.waiters = future
             else:
                 flight.waiters = [waiters, future]
-            flight.waiting += 1
             return flight, future
         # Hold the key while the task starts, so that a loader calling do() on
         # its own key is told so instead of waiting on itself.
@@ -344,9 +343,11 @@ class AsyncGroup(Generic[K, V]):
         """A caller stopped waiting: with ``cancel_abandoned``, the last one cancels the loader."""
         if not future.cancelled():
             return
-        flight.waiting -= 1
+        flight.left += 1
+        waiters = flight.waiters
+        waiting = len(waiters) if isinstance(waiters, list) else 1
         task = flight.task
-        if flight.waiting == 0 and self._cancel_abandoned and task is not None and not task.done():
+        if flight.left >= waiting and self._cancel_abandoned and not task.done():
             # Forget first: a caller arriving after this starts a new flight
             # instead of joining one that is being cancelled.
             remove(flight.table, flight.key, flight)
