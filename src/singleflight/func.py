@@ -48,7 +48,8 @@ def _check_function(fn: object, decorator: str) -> None:
 
 
 def _key_of(fn: Callable[..., Any], key: _KeyFunction | None, prefix: Hashable | None) -> Any:
-    """``build(args, kwargs) -> key`` for calls of ``fn``."""
+    """``build(args, kwargs) -> key`` for calls of ``fn``, with ``build.raw`` the same
+    key before unhashable arguments are frozen."""
     if key is None:
         return KeyBuilder(fn, prefix=prefix)
     if not callable(key):
@@ -59,6 +60,7 @@ def _key_of(fn: Callable[..., Any], key: _KeyFunction | None, prefix: Hashable |
     def build(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         return key(*args, **kwargs)
 
+    build.raw = build  # type: ignore[attr-defined]
     return build
 
 
@@ -237,6 +239,7 @@ def cached(
         if group is not None:
             _check_group(group, is_async, fn, "cached")
         build = _key_of(fn, key, None if group is None else _qualified_name(fn))
+        raw = build.raw
         name = _qualified_name(fn)
 
         def no_loader(cache_key: object) -> Any:
@@ -257,7 +260,7 @@ def cached(
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                k = build(args, kwargs)
+                k = raw(args, kwargs)
                 try:
                     entry = adata[k]
                     if clock() < entry.fresh_until:
@@ -265,6 +268,8 @@ def cached(
                         return entry.value
                 except KeyError:
                     pass
+                except TypeError:  # an unhashable argument: freeze it (or _get says why not)
+                    k = build(args, kwargs)
                 return await aget(k, functools.partial(afn, *args, **kwargs))
 
             _expose(async_wrapper, acache, build)
@@ -276,7 +281,9 @@ def cached(
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            k = build(args, kwargs)
+            # The hit path of LoadingCache.get, inlined: a call that hits builds
+            # the key without copying the arguments and hashes it once.
+            k = raw(args, kwargs)
             try:
                 entry = data[k]
                 if clock() < entry.fresh_until:
@@ -284,6 +291,8 @@ def cached(
                     return entry.value
             except KeyError:
                 pass
+            except TypeError:  # an unhashable argument: freeze it (or _get says why not)
+                k = build(args, kwargs)
             return get(k, functools.partial(fn, *args, **kwargs))
 
         _expose(wrapper, cache, build)

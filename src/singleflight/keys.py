@@ -110,7 +110,16 @@ class KeyBuilder:
     by several functions then keeps their calls apart.
     """
 
-    __slots__ = ("_fn", "_identity_first", "_names", "_nargs", "_prefix", "_signature", "_simple")
+    __slots__ = (
+        "_direct",
+        "_fn",
+        "_identity_first",
+        "_names",
+        "_nargs",
+        "_prefix",
+        "_signature",
+        "_simple",
+    )
 
     def __init__(
         self,
@@ -129,8 +138,25 @@ class KeyBuilder:
         self._simple = all(p.kind in _POSITIONAL for p in parameters)
         self._nargs = len(parameters)
         self._identity_first = bool(parameters) and parameters[0].name == "self"
+        # Then the arguments tuple of a call passing every parameter positionally
+        # is the key as it is: no copy.
+        self._direct = self._simple and not self._identity_first and prefix is None
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        """The call's key: hashable, with unhashable arguments frozen."""
+        key = self.raw(args, kwargs)
+        try:
+            hash(key)
+        except TypeError:
+            key = self._freeze(key)
+        return key
+
+    def raw(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """The call's key before freezing: equal to ``self(args, kwargs)`` whenever it is
+        hashable.  For a hit path that hashes the key anyway (a dict lookup) and
+        freezes only when that fails."""
+        if self._direct and not kwargs and len(args) == self._nargs:
+            return args
         if self._simple and not kwargs and len(args) == self._nargs:
             values: list[Any] = list(args)
         else:
@@ -153,14 +179,11 @@ class KeyBuilder:
             values[0] = _Identity(values[0])
         if self._prefix is not None:
             values.insert(0, self._prefix)
-        key = tuple(values)
-        try:
-            hash(key)
-        except TypeError:
-            key = tuple(
-                freeze(value, f"argument {name!r} of {self._fn.__qualname__}()")
-                for name, value in zip(
-                    ([""] if self._prefix is not None else []) + self._names, values, strict=True
-                )
-            )
-        return key
+        return tuple(values)
+
+    def _freeze(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
+        names = ([""] if self._prefix is not None else []) + self._names
+        return tuple(
+            freeze(value, f"argument {name!r} of {self._fn.__qualname__}()")
+            for name, value in zip(names, key, strict=True)
+        )

@@ -544,3 +544,58 @@ def test_wraps_keeps_the_wrapped_function_reachable() -> None:
         assert functools.WRAPPER_ASSIGNMENTS
         assert wrapped.__wrapped__ is f  # type: ignore[attr-defined]
         assert wrapped.__qualname__ == f.__qualname__
+
+
+def test_a_key_function_returning_an_unhashable_key_gets_a_clear_error() -> None:
+    @cached(key=lambda x: [x])
+    def f(x: int) -> int:
+        return x
+
+    @coalesce(key=lambda x: [x])
+    def g(x: int) -> int:
+        return x
+
+    with pytest.raises(TypeError, match="cache keys must be hashable; got list"):
+        f(1)
+    with pytest.raises(TypeError, match="singleflight keys must be hashable; got list"):
+        g(1)
+
+
+def test_cached_freezes_unhashable_arguments_only_when_needed() -> None:
+    calls: list[Any] = []
+
+    @cached
+    def total(values: list[int], scale: int = 1) -> int:
+        calls.append(values)
+        return sum(values) * scale
+
+    assert total([1, 2]) == 3
+    assert total([1, 2], 1) == 3
+    assert total(values=[1, 2]) == 3
+    assert total([2, 1]) == 3
+    assert calls == [[1, 2], [2, 1]]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [((1,), {}), ((1, 2), {}), ((), {"a": 1}), ((1,), {"b": [3]}), (([1],), {}), ((None, ()), {})],
+)
+def test_the_raw_key_is_the_key_whenever_it_is_hashable(call: Any) -> None:
+    def f(a: Any, b: Any = 2) -> None: ...
+
+    class C:
+        def m(self, a: Any, b: Any = 2) -> None: ...
+
+    args, kwargs = call
+    for builder, prefix_args in ((KeyBuilder(f), ()), (KeyBuilder(C.m), (C(),))):
+        full = prefix_args + args
+        raw = builder.raw(full, kwargs)
+        key = builder(full, kwargs)
+        try:
+            hash(raw)
+        except TypeError:
+            assert raw != key  # frozen
+        else:
+            assert raw == key
+    prefixed = KeyBuilder(f, prefix="mod.f")
+    assert prefixed((1,), {})[0] == "mod.f"
