@@ -312,3 +312,39 @@ def test_background_work_of_every_kind_is_tracked(caplog: pytest.LogCaptureFixtu
 
     run(main)
     assert [r.levelname for r in caplog.records if "keeps serving" in r.getMessage()] == ["WARNING"]
+
+
+def test_load_many_asking_for_a_key_of_its_own_batch_is_told_so() -> None:
+    async def main() -> None:
+        holder: list[AsyncLoadingCache[int, str]] = []
+
+        async def load_many(keys: list[int]) -> dict[int, str]:
+            with pytest.raises(RuntimeError, match="a key of its own batch: it would wait"):
+                await holder[0].get(keys[0])
+            return {k: f"b{k}" for k in keys}
+
+        cache: AsyncLoadingCache[int, str] = AsyncLoadingCache(AsyncLoader(), load_many=load_many)
+        holder.append(cache)
+        assert await cache.get_many([1, 2]) == {1: "b1", 2: "b2"}
+
+    run(main)
+
+
+def test_load_many_asking_for_its_own_keys_in_bulk_is_told_so() -> None:
+    async def main() -> None:
+        holder: list[AsyncLoadingCache[int, str]] = []
+        other = asyncio.Event()
+
+        async def load_many(keys: list[int]) -> dict[int, str]:
+            if keys == [1, 2]:
+                with pytest.raises(RuntimeError, match="a key of its own batch"):
+                    await holder[0].get_many([2, 3])
+                other.set()
+            return {k: f"b{k}" for k in keys}
+
+        cache: AsyncLoadingCache[int, str] = AsyncLoadingCache(AsyncLoader(), load_many=load_many)
+        holder.append(cache)
+        assert await cache.get_many([1, 2]) == {1: "b1", 2: "b2"}
+        assert other.is_set()
+
+    run(main)

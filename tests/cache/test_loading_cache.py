@@ -950,3 +950,18 @@ def test_loading_cache_refuses_async_loaders_and_groups() -> None:
         LoadingCache(lambda k: k, group=AsyncGroup())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="group must have a do"):
         LoadingCache(lambda k: k, group=object())  # type: ignore[arg-type]
+
+
+def test_load_many_asking_for_a_key_of_its_own_batch_is_told_so() -> None:
+    holder: list[LoadingCache[int, str]] = []
+
+    def load_many(keys: list[int]) -> dict[int, str]:
+        with pytest.raises(RuntimeError, match="a key of its own batch: it would wait"):
+            holder[0].get(keys[0])
+        with pytest.raises(RuntimeError, match="a key of its own batch"):
+            holder[0].get_many([keys[1]])
+        return {k: f"b{k}" for k in keys}
+
+    cache = LoadingCache(Recorder(), load_many=load_many)
+    holder.append(cache)
+    assert cache.get_many([1, 2]) == {1: "b1", 2: "b2"}

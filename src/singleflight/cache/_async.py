@@ -49,12 +49,20 @@ class _BatchOutcome:
 class _Batch:
     """The registry's handle of a batch load: its task, set right after it is made."""
 
-    __slots__ = ("keys", "task")
+    __slots__ = ("task",)
 
     task: Task[_BatchOutcome]
 
-    def __init__(self) -> None:
-        self.keys: list[Any] = []
+    async def wait(self, key: object) -> None:
+        """Wait for the batch to end; never cancels it, even if the waiter is cancelled.
+
+        ``RuntimeError`` if the waiter is the batch's own task (``load_many``
+        asking for ``key``, one of its own keys), which would wait for itself.
+        """
+        task = self.task
+        if task is current_task():
+            raise _batch_reentry(key)
+        await _wait(task)
 
     def outcome(self, key: object) -> Any:
         """``key``'s value from the finished batch; raises its error, AbortedError or KeyError."""
@@ -69,6 +77,12 @@ class _Batch:
             return outcome.values[key]
         except KeyError:
             raise KeyError(key) from None
+
+
+def _batch_reentry(key: object) -> RuntimeError:
+    return RuntimeError(
+        f"load_many asked the cache for {key!r}, a key of its own batch: it would wait for itself"
+    )
 
 
 def _not_awaitable(fn: object, returned: object) -> TypeError:
@@ -191,7 +205,6 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             # Made before anything else can run: a load that finds a key of
             # this batch in the registry waits on its task.
             assert batch is not None
-            batch.keys = plan.load
             batch.task = self._spawn(self._run_batch(batch, plan.load, plan.tokens))
             batch.task.add_done_callback(partial(self._batch_done, batch, plan.tokens))
             batches[batch] = None
@@ -204,10 +217,13 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
                 outcomes[key] = entry.outcome()
             except Exception as exc:
                 errors[key] = exc
+        # A load_many asking for keys of its own batch is told so, not left waiting.
+        me = current_task()
+        reentered = {handle for handle in batches if handle.task is me}
         singles = list(plan.single.items())
         waited = await asyncio.gather(
             *(self._load_key(key, seen, None) for key, seen in singles),
-            *(_wait(handle.task) for handle in batches),
+            *(_wait(handle.task) for handle in batches if handle not in reentered),
             return_exceptions=True,
         )
         for (key, _), outcome in zip(singles, waited, strict=False):
@@ -217,6 +233,9 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
                 outcomes[key] = outcome
         for key, handle in [(key, batch) for key in plan.load] + list(plan.join.items()):
             assert handle is not None
+            if handle in reentered:
+                errors[key] = _batch_reentry(key)
+                continue
             try:
                 outcomes[key] = self._batch_value(key, handle)
             except Exception as exc:
@@ -270,7 +289,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             self._start_refresh(key, entry, thunk)
             return entry.value  # type: ignore[no-any-return]
         if action == JOIN:
-            await _wait(batch.task)
+            await batch.wait(key)
             return self._batch_value(key, batch)
         return await self._load_key(key, entry, thunk)
 
@@ -299,7 +318,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         if ready is not None:
             return ready.outcome()  # type: ignore[no-any-return]
         if batch is not None:
-            await _wait(batch.task)
+            await batch.wait(key)
             return batch.outcome(key)  # type: ignore[no-any-return]
         task = current_task() if background else None
         if task is not None:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from threading import get_ident
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -32,15 +33,28 @@ V = TypeVar("V")
 
 
 class _Batch:
-    """A batch load in flight; callers that need one of its keys wait on ``done``."""
+    """A batch load in flight; callers that need one of its keys wait on ``done``.
 
-    __slots__ = ("done", "error", "tb", "values")
+    ``owner`` is the thread running ``load_many``: if it asks for a key of its
+    own batch it is told so, rather than waiting for itself.
+    """
+
+    __slots__ = ("done", "error", "owner", "tb", "values")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.values: Mapping[Any, Any] | None = None
         self.error: Exception | None = None
         self.tb: TracebackType | None = None
+        self.owner = get_ident()
+
+    def wait(self, key: object) -> None:
+        if not self.done.is_set() and self.owner == get_ident():
+            raise RuntimeError(
+                f"load_many asked the cache for {key!r}, a key of its own batch: it would "
+                "wait for itself"
+            )
+        self.done.wait()
 
     def outcome(self, key: object) -> Any:
         """The value the batch loaded for ``key``; raises its error or ``KeyError``."""
@@ -289,7 +303,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         if ready is not None:
             return ready.outcome()  # type: ignore[no-any-return]
         if batch is not None:
-            batch.done.wait()
+            batch.wait(key)
             return batch.outcome(key)  # type: ignore[no-any-return]
         clock = self._clock
         started = clock()
@@ -304,7 +318,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
     def _from_batch(self, key: K, batch: _Batch) -> V:
         """Wait for ``batch`` and take ``key``'s value; the old entry may stand in on failure."""
-        batch.done.wait()
+        batch.wait(key)
         try:
             return batch.outcome(key)  # type: ignore[no-any-return]
         except KeyError:
