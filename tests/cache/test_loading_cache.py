@@ -965,3 +965,58 @@ def test_load_many_asking_for_a_key_of_its_own_batch_is_told_so() -> None:
     cache = LoadingCache(Recorder(), load_many=load_many)
     holder.append(cache)
     assert cache.get_many([1, 2]) == {1: "b1", 2: "b2"}
+
+
+# -- bad options, both constructors --------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"load": 3}, TypeError, "load must be callable"),
+        ({"load_many": "x"}, TypeError, "load_many must be callable or None"),
+        ({"maxsize": 0}, ValueError, "maxsize must be at least 1"),
+        ({"maxsize": 2.5}, TypeError, r"maxsize must be an int \(or None for no bound\)"),
+        ({"maxsize": True}, TypeError, "maxsize must be an int"),
+        ({"clock": 5}, TypeError, "clock must be callable"),
+        ({"clock": lambda: "now"}, TypeError, r"clock\(\) must return a number of seconds"),
+        ({"ttl": -5}, ValueError, "ttl must be > 0 seconds"),
+        ({"stale": 3}, ValueError, "stale= only applies to entries that expire"),
+        ({"negative": KeyError}, ValueError, "give negative_ttl= too"),
+        ({"random": None}, TypeError, "random must be callable"),
+    ],
+)
+def test_bad_options_fail_where_the_cache_is_made(
+    kind: str, options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    from singleflight import AsyncLoadingCache
+
+    async def aload(key: int) -> int:
+        return key
+
+    cls: Any = LoadingCache if kind == "sync" else AsyncLoadingCache
+    options = dict(options)
+    load = options.pop("load", (lambda key: key) if kind == "sync" else aload)
+    with pytest.raises(error, match=match):
+        cls(load, **options)
+
+
+def test_refresh_workers_must_be_a_positive_int() -> None:
+    with pytest.raises(ValueError, match="refresh_workers must be at least 1"):
+        LoadingCache(lambda k: k, refresh_workers=0)
+    with pytest.raises(TypeError, match="refresh_workers must be an int"):
+        LoadingCache(lambda k: k, refresh_workers=2.0)  # type: ignore[arg-type]
+
+
+def test_contains_len_and_repr_do_not_count_as_reads(h: Harness, clock: FakeClock) -> None:
+    cache = h.make(Recorder(), ttl=5.0, jitter=0.0, clock=clock)
+    h.get(cache, 1)
+    assert 1 in cache and 2 not in cache and len(cache) == 1
+    assert "size=1" in repr(cache)
+    clock.advance(5.0)
+    assert 1 not in cache and len(cache) == 1  # expired, not yet dropped
+    stats = cache.stats()
+    assert (stats.hits, stats.misses) == (0, 1)
+    h.close(cache)
+    assert "closed" in repr(cache)
