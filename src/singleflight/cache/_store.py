@@ -49,8 +49,9 @@ class CacheStats:
     results included; a batch counts once), ``load_failures`` loads that raised
     an :class:`Exception`; ``stale_served`` counts reads answered with an
     expired value (stale-while-revalidate and stale-if-error); ``refreshes``
-    counts refreshes started (background and :meth:`refresh`),
-    ``early_refreshes`` those XFetch started; ``evictions`` counts entries
+    counts the refreshes of stale entries and the calls of ``refresh()``,
+    ``early_refreshes`` (apart from those) the refreshes XFetch started before
+    expiry; ``evictions`` counts entries
     dropped by the size bound or because they expired; ``size`` is the number
     of entries held now; ``hit_ratio`` is ``hits / (hits + misses)`` (0.0
     before the first read).

@@ -402,7 +402,9 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
         The cache stays usable: afterwards a read of an entry past its lifetime
         loads in the caller's thread (no stale serving, no early refresh).
-        Idempotent.
+        Idempotent.  Call it at shutdown (or use the cache as a context
+        manager): like any thread pool's, running refreshes hold up the
+        interpreter's exit until they finish.
         """
         with self._lock:
             self._closed = True
