@@ -21,7 +21,16 @@ from typing import Any, Generic, TypeVar
 
 from .._asyncio import AsyncGroup
 from .._result import AbortedError
-from ._base import DEFAULT_MAXSIZE, CacheBase, bad_key, check_key, logger
+from ._base import (
+    DEFAULT_MAXSIZE,
+    CacheBase,
+    assemble,
+    bad_key,
+    check_key,
+    logger,
+    served,
+    wanted_keys,
+)
 from ._policy import Entry
 from ._store import JOIN, REFRESH, SERVE
 
@@ -191,12 +200,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         Cancellation: cancelling the caller leaves the batch it started running
         for whoever joined it (its values are cached); :meth:`aclose` cancels it.
         """
-        try:
-            wanted = list(dict.fromkeys(keys))
-        except TypeError:
-            for key in keys:
-                check_key(key)
-            raise
+        wanted = wanted_keys(keys)
         batch = _Batch() if self._load_many is not None else None
         with self._lock:
             plan = self._store.plan_many(wanted, self._clock(), not self._closed, batch)
@@ -212,11 +216,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             self._start_refresh(key, entry, None)
         outcomes: dict[K, Any] = {}
         errors: dict[K, BaseException] = {}
-        for key, entry in plan.served.items():
-            try:
-                outcomes[key] = entry.outcome()
-            except Exception as exc:
-                errors[key] = exc
+        served(plan, outcomes, errors)
         # A load_many asking for keys of its own batch is told so, not left waiting.
         me = current_task()
         reentered = {handle for handle in batches if handle.task is me}
@@ -240,15 +240,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
                 outcomes[key] = self._batch_value(key, handle)
             except Exception as exc:
                 errors[key] = exc
-        result: dict[K, V] = {}
-        for key in wanted:
-            if key in outcomes:
-                result[key] = outcomes[key]
-                continue
-            error = errors[key]
-            if not isinstance(error, KeyError):
-                raise error
-        return result
+        return assemble(wanted, outcomes, errors)
 
     async def refresh(self, key: K) -> V:
         """Load ``key`` again now and return the new value.

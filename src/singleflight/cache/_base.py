@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Generic, TypeVar, cast
 
 from ._policy import Entry, Policy
-from ._store import CacheStats, Store
+from ._store import CacheStats, Plan, Store
 
-__all__ = ["CacheBase", "bad_key", "logger"]
+__all__ = ["CacheBase", "assemble", "bad_key", "check_key", "logger", "served", "wanted_keys"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -35,6 +35,42 @@ def check_key(key: object) -> None:
         hash(key)
     except TypeError:
         raise bad_key(key) from None
+
+
+def wanted_keys(keys: Iterable[K]) -> list[K]:
+    """The keys of a bulk read, in order, each once; ``TypeError`` naming an unhashable one."""
+    keys = list(keys)
+    try:
+        return list(dict.fromkeys(keys))
+    except TypeError:
+        for key in keys:
+            check_key(key)
+        raise
+
+
+def served(plan: Plan[K], outcomes: dict[K, Any], errors: dict[K, BaseException]) -> None:
+    """Record the outcomes of a bulk read's keys answered from the cache."""
+    for key, entry in plan.served.items():
+        try:
+            outcomes[key] = entry.outcome()
+        except Exception as exc:
+            errors[key] = exc
+
+
+def assemble(
+    wanted: list[K], outcomes: dict[K, Any], errors: dict[K, BaseException]
+) -> dict[K, Any]:
+    """A bulk read's result, in the order asked: keys not found (``KeyError``) are
+    left out; any other error is raised, the first in the order asked."""
+    result: dict[K, Any] = {}
+    for key in wanted:
+        if key in outcomes:
+            result[key] = outcomes[key]
+            continue
+        error = errors[key]
+        if not isinstance(error, KeyError):
+            raise error
+    return result
 
 
 def _check_maxsize(maxsize: object) -> int | None:

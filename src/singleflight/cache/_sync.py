@@ -22,7 +22,16 @@ from typing import Any, Generic, TypeVar
 
 from .._flight import waiter_error
 from .._threads import Group
-from ._base import DEFAULT_MAXSIZE, CacheBase, bad_key, check_key, logger
+from ._base import (
+    DEFAULT_MAXSIZE,
+    CacheBase,
+    assemble,
+    bad_key,
+    check_key,
+    logger,
+    served,
+    wanted_keys,
+)
 from ._policy import Entry
 from ._store import JOIN, REFRESH, SERVE
 
@@ -195,12 +204,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         key is raised, after every load this call started or joined has ended;
         ``stale_if_error`` applies key by key.  ``TypeError`` for an unhashable key.
         """
-        try:
-            wanted = list(dict.fromkeys(keys))
-        except TypeError:
-            for key in keys:
-                check_key(key)
-            raise
+        wanted = wanted_keys(keys)
         batch = _Batch() if self._load_many is not None else None
         with self._lock:
             plan = self._store.plan_many(wanted, self._clock(), not self._closed, batch)
@@ -217,11 +221,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
                 # Interrupted before the batch ran: release its keys and joiners.
                 interrupted = RuntimeError("get_many was interrupted before its batch ran")
                 self._end_batch(batch, plan.tokens, None, interrupted, self._clock())
-        for key, entry in plan.served.items():
-            try:
-                outcomes[key] = entry.outcome()
-            except Exception as exc:
-                errors[key] = exc
+        served(plan, outcomes, errors)
         waits: list[tuple[K, _Batch | None, Entry | None]] = [
             (key, batch, None) for key in plan.load
         ]
@@ -235,15 +235,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
                     outcomes[key] = self._load_key(key, seen, None)
             except Exception as exc:
                 errors[key] = exc
-        result: dict[K, V] = {}
-        for key in wanted:
-            if key in outcomes:
-                result[key] = outcomes[key]
-                continue
-            error = errors[key]
-            if not isinstance(error, KeyError):
-                raise error
-        return result
+        return assemble(wanted, outcomes, errors)
 
     def refresh(self, key: K) -> V:
         """Load ``key`` again now, in this thread, and return the new value.
