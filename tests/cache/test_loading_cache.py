@@ -1020,3 +1020,10 @@ def test_contains_len_and_repr_do_not_count_as_reads(h: Harness, clock: FakeCloc
     assert (stats.hits, stats.misses) == (0, 1)
     h.close(cache)
     assert "closed" in repr(cache)
+
+
+def test_get_many_reads_an_iterator_once(h: Harness) -> None:
+    cache = h.make(Recorder())
+    assert h.get_many(cache, iter([2, 1, 2])) == {2: "v2", 1: "v1"}
+    with pytest.raises(TypeError, match="cache keys must be hashable; got list"):
+        h.get_many(cache, (k for k in [3, [4]]))
