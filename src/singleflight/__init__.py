@@ -7,11 +7,34 @@ Concurrent calls that share a key share one execution of the loader::
 
     ausers: AsyncGroup[str, User] = AsyncGroup()
     user = await ausers.do("user:42", fetch_user, 42)
+
+In front of a group, a read-through cache (TTL with jitter, stale-while-revalidate,
+stale-if-error, probabilistic early refresh, negative caching, bulk loads)::
+
+    users = LoadingCache(load_user, ttl=30.0, stale=60.0)
+    user = users.get(42)
+
+    @cached(ttl=30.0)
+    async def fetch_profile(user_id: int) -> Profile: ...
+
+and :func:`coalesce`, which shares in-flight calls of a function without caching.
 """
 
 from ._asyncio import AsyncGroup
 from ._result import AbortedError, Result
 from ._threads import Group
+from .cache import AsyncLoadingCache, CacheStats, LoadingCache
+from .func import cached, coalesce
 
-__all__ = ["AbortedError", "AsyncGroup", "Group", "Result"]
+__all__ = [
+    "AbortedError",
+    "AsyncGroup",
+    "AsyncLoadingCache",
+    "CacheStats",
+    "Group",
+    "LoadingCache",
+    "Result",
+    "cached",
+    "coalesce",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,253 @@
+"""What the thread and asyncio caches share: options, the store, and the methods
+that never wait (invalidate, clear, put, stats).
+
+The drivers (``_sync``, ``_async``) add only the waiting: how a load runs, how
+a caller waits for one, how background refreshes are started and stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Generic, TypeVar, cast
+
+from ._policy import Entry, Policy
+from ._store import CacheStats, Plan, Store
+
+__all__ = ["CacheBase", "assemble", "bad_key", "check_key", "logger", "served", "wanted_keys"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+logger = logging.getLogger("singleflight.cache")
+
+DEFAULT_MAXSIZE = 10_000
+
+
+def bad_key(key: object) -> TypeError:
+    return TypeError(f"cache keys must be hashable; got {type(key).__name__} {key!r}")
+
+
+def check_key(key: object) -> None:
+    try:
+        hash(key)
+    except TypeError:
+        raise bad_key(key) from None
+
+
+def wanted_keys(keys: Iterable[K]) -> list[K]:
+    """The keys of a bulk read, in order, each once; ``TypeError`` naming an unhashable one."""
+    keys = list(keys)
+    try:
+        return list(dict.fromkeys(keys))
+    except TypeError:
+        for key in keys:
+            check_key(key)
+        raise
+
+
+def served(plan: Plan[K], outcomes: dict[K, Any], errors: dict[K, BaseException]) -> None:
+    """Record the outcomes of a bulk read's keys answered from the cache."""
+    for key, entry in plan.served.items():
+        try:
+            outcomes[key] = entry.outcome()
+        except Exception as exc:
+            errors[key] = exc
+
+
+def assemble(
+    wanted: list[K], outcomes: dict[K, Any], errors: dict[K, BaseException]
+) -> dict[K, Any]:
+    """A bulk read's result, in the order asked: keys not found (``KeyError``) are
+    left out; any other error is raised, the first in the order asked."""
+    result: dict[K, Any] = {}
+    for key in wanted:
+        if key in outcomes:
+            result[key] = outcomes[key]
+            continue
+        error = errors[key]
+        if not isinstance(error, KeyError):
+            raise error
+    return result
+
+
+def _check_maxsize(maxsize: object) -> int | None:
+    if maxsize is None:
+        return None
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+        raise TypeError(
+            f"maxsize must be an int (or None for no bound); got {type(maxsize).__name__} "
+            f"{maxsize!r}"
+        )
+    if maxsize < 1:
+        raise ValueError(f"maxsize must be at least 1; got {maxsize!r}")
+    return maxsize
+
+
+class CacheBase(Generic[K, V]):
+    """Options, store and the non-waiting methods of a loading cache."""
+
+    __slots__ = (
+        "__weakref__",
+        "_clock",
+        "_closed",
+        "_data",
+        "_forget",
+        "_group",
+        "_load",
+        "_load_many",
+        "_lock",
+        "_policy",
+        "_store",
+    )
+
+    def __init__(
+        self,
+        load: Callable[..., Any],
+        *,
+        ttl: float | None,
+        jitter: float,
+        stale: float,
+        stale_if_error: float,
+        early_refresh: float | None,
+        negative: Any,
+        negative_ttl: float | None,
+        maxsize: int | None,
+        load_many: Callable[..., Any] | None,
+        group: Any,
+        clock: Callable[[], float],
+        random: Callable[[], float],
+    ) -> None:
+        if not callable(load):
+            raise TypeError(f"load must be callable; got {type(load).__name__} {load!r}")
+        if load_many is not None and not callable(load_many):
+            raise TypeError(
+                f"load_many must be callable or None; got {type(load_many).__name__} {load_many!r}"
+            )
+        if not callable(clock):
+            raise TypeError(f"clock must be callable; got {type(clock).__name__} {clock!r}")
+        now = clock()
+        if not isinstance(now, int | float) or math.isnan(now):
+            raise TypeError(f"clock() must return a number of seconds; it returned {now!r}")
+        if not callable(getattr(group, "do", None)):
+            raise TypeError(
+                f"group must have a do(key, fn, *args) method like Group/AsyncGroup; got {group!r}"
+            )
+        self._policy = Policy(
+            ttl=ttl,
+            jitter=jitter,
+            stale=stale,
+            stale_if_error=stale_if_error,
+            early_refresh=early_refresh,
+            negative=negative,
+            negative_ttl=negative_ttl,
+            random=random,
+        )
+        self._store: Store[K] = Store(self._policy, _check_maxsize(maxsize))
+        self._data = self._store.data
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._closed = False
+        self._load = load
+        self._load_many = load_many
+        self._group = group
+        forget = getattr(group, "forget", None)
+        self._forget: Callable[[Any], None] | None = forget if callable(forget) else None
+
+    # -- methods that never wait -----------------------------------------------------
+
+    def invalidate(self, key: K) -> None:
+        """Drop ``key``'s entry.
+
+        A load of ``key`` already in flight still answers the callers that
+        asked before this call, but its value is not written into the cache,
+        and callers after this call start a new load rather than join it.
+        ``TypeError`` for an unhashable key.
+        """
+        check_key(key)
+        with self._lock:
+            self._store.invalidate(key)
+        if self._forget is not None:
+            self._forget(key)
+
+    def clear(self) -> None:
+        """Drop every entry; loads in flight are treated as by :meth:`invalidate`.
+
+        The counters of :meth:`stats` are kept.
+        """
+        with self._lock:
+            in_flight = self._store.clear()
+        if self._forget is not None:
+            for key in in_flight:
+                self._forget(key)
+
+    def put(self, key: K, value: V) -> None:
+        """Store ``value`` for ``key`` as if it had just been loaded.
+
+        Loads of ``key`` in flight still answer their callers but do not
+        overwrite it.  ``TypeError`` for an unhashable key.
+        """
+        check_key(key)
+        with self._lock:
+            self._store.put(key, value, self._clock())
+        if self._forget is not None:
+            self._forget(key)
+
+    def stats(self) -> CacheStats:
+        """A snapshot of the cache's counters (see :class:`CacheStats`).
+
+        Hits are counted without a lock; with the GIL none is lost, on a
+        free-threaded build concurrent hits of one key may be undercounted.
+        """
+        with self._lock:
+            return self._store.stats()
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` has an entry a read could use without loading.  Not counted as a read."""
+        entry = self._data.get(cast(Any, key))
+        return entry is not None and self._policy.usable(entry, self._clock())
+
+    def __len__(self) -> int:
+        """The number of entries held, expired ones not yet dropped included."""
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<{type(self).__name__} size={len(self)} load={self._load!r}{state}>"
+
+    # -- helpers for the drivers ------------------------------------------------------
+
+    def _stand_in(self, key: K) -> Entry | None:
+        """The old entry a caller gets when its load failed, if stale-if-error allows."""
+        with self._lock:
+            return self._store.stand_in(key, self._clock())
+
+    def _load_failed(self, key: K, token: int, error: BaseException, started: float) -> None:
+        with self._lock:
+            kept = self._store.fail_load(key, token, error, started, self._clock())
+        if kept is not None and isinstance(error, Exception):
+            # Nobody else may ever see this error (a background refresh, or
+            # callers answered from the old value): say so once, here.
+            logger.warning(
+                "loading %r failed; the cache keeps serving its previous value", key, exc_info=error
+            )
+
+    def _batch_failed(
+        self,
+        batch: object,
+        tokens: dict[K, int],
+        error: BaseException,
+        started: float,
+    ) -> None:
+        with self._lock:
+            kept = self._store.finish_batch(batch, tokens, None, error, started, self._clock())
+        if kept and isinstance(error, Exception):
+            logger.warning(
+                "loading %d keys in one batch failed; the cache keeps serving the previous "
+                "values of %r",
+                len(tokens),
+                kept,
+                exc_info=error,
+            )
