@@ -115,6 +115,14 @@ class RedisServer:
             client.close()
         return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
+    def eternal_keys(self) -> list[bytes]:
+        """Keys of the protocol without a TTL: there must never be any."""
+        client = self.client()
+        try:
+            return [key for key in client.scan_iter("sf:*") if client.pttl(key) < 0]
+        finally:
+            client.close()
+
     def __enter__(self) -> RedisServer:
         self.start()
         return self

@@ -131,10 +131,7 @@ async def run_async(config: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     config = json.loads(sys.argv[1])
-    if config["mode"] == "sync":
-        report = run_sync(config)
-    else:
-        report = asyncio.run(run_async(config))
+    report = run_sync(config) if config["mode"] == "sync" else asyncio.run(run_async(config))
     print(json.dumps(report), flush=True)
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +96,25 @@ def make_server(redis_binary: str) -> Iterator[Callable[..., RedisServer]]:
 def own_server(make_server: Callable[..., RedisServer]) -> RedisServer:
     """A private server of this test alone (to restart, pause or kill)."""
     return make_server()
+
+
+@pytest.fixture(params=["sync", "async"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def sides(mode: str) -> Iterator[Callable[..., Any]]:
+    """Make stand-ins for processes (RedisGroup or AsyncRedisGroup per ``mode``)."""
+    from _redis_sides import make_side
+
+    made: list[Any] = []
+
+    def make(port: int, **options: Any) -> Any:
+        side = make_side(mode)(port, **options)
+        made.append(side)
+        return side
+
+    yield make
+    for side in made:
+        side.close()

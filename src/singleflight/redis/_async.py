@@ -24,7 +24,7 @@ from .._asyncio import AsyncGroup
 from .._result import Result
 from . import _protocol as proto
 from ._clients import configure_async
-from ._core import _CURRENT, FlightInfo, GroupCore, log
+from ._core import _CURRENT, FlightInfo, GroupCore, describe, log
 from ._errors import RedisUnavailableError, is_transient
 from ._protocol import Completion, Held, Keys, Plan, Renewals, RetryBudget, Script, Settings
 from .codecs import Codec, CodecError
@@ -67,6 +67,7 @@ async def _with_budget(
         try:
             reply = await call()
         except RedisError as exc:
+            core.counters.add("redis_errors")
             now = _monotonic()
             delay = None
             if is_transient(exc) and not core.breaker.is_open():
@@ -174,7 +175,7 @@ class _Watchdog:
             try:
                 replies = await pipe.execute(raise_on_error=False)
             except RedisError as exc:
-                log.debug("lease renewal failed: %r", exc)
+                log.debug("lease renewal failed: %s", describe(exc))
                 return [None] * len(due)
             if attempt or not any(isinstance(r, NoScriptError) for r in replies):
                 break
@@ -440,6 +441,7 @@ class AsyncRedisGroup(Generic[K, V]):
                         plan.acquire_args(),
                     )
                 except RedisError as exc:
+                    counters.add("redis_errors")
                     plan.failed(exc, is_transient(exc), _monotonic())
                     continue
                 except CancelledError:
@@ -463,6 +465,7 @@ class AsyncRedisGroup(Generic[K, V]):
                         "0-0",
                     )
                 except RedisError as exc:
+                    counters.add("redis_errors")
                     plan.failed(exc, is_transient(exc), _monotonic())
                     continue
                 plan.read(reply, _monotonic())
@@ -523,7 +526,9 @@ class AsyncRedisGroup(Generic[K, V]):
             value = await _call(fn, args, kwargs)
         except Exception as exc:
             watchdog.release(held)
-            completion = await self._complete(state, plan, proto.ERROR, core.error_payload(plan.keys, exc))
+            completion = await self._complete(
+                state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
+            )
             if cell is not None and completion is not None and completion.waiters:
                 cell[0] = True
             raise
@@ -599,7 +604,9 @@ class AsyncRedisGroup(Generic[K, V]):
             )
         except RedisError as exc:
             if closed:
-                raise RedisUnavailableError(f"cannot forget key {key!r} in Redis: {exc!r}") from exc
+                raise RedisUnavailableError(
+                    f"cannot forget key {key!r} in Redis: {describe(exc)}"
+                ) from exc
             return True
         return bool(reply)
 

@@ -25,7 +25,7 @@ from ._protocol import (
 )
 from .codecs import Codec, CodecError, JsonCodec, PayloadTooLargeError
 
-__all__ = ["FlightInfo", "GroupCore", "current_flight", "log"]
+__all__ = ["FlightInfo", "GroupCore", "current_flight", "describe", "log"]
 
 K = TypeVar("K")
 
@@ -85,6 +85,13 @@ def _default_key(key: object) -> str:
         f"Redis groups take str or int keys; got {type(key).__name__} {key!r}. "
         "Pass key=<function returning a str> to map other keys (tuples, say) to Redis keys"
     )
+
+
+def describe(error: BaseException | None) -> str:
+    """``Type: message`` (redis-py's exception reprs are terse)."""
+    if error is None:
+        return ""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _type_name(exc: BaseException) -> str:
@@ -202,7 +209,9 @@ class GroupCore(Generic[K]):
                 "repeated Redis errors (it lets a probe through every "
                 f"{self.settings.breaker_cooldown}s)"
             )
-        error = RedisUnavailableError(f"Redis is unavailable for key {key!r}: {plan.error!r}")
+        error = RedisUnavailableError(
+            f"Redis is unavailable for key {key!r}: {describe(plan.error)}"
+        )
         error.__cause__ = plan.error
         return error
 
@@ -211,11 +220,10 @@ class GroupCore(Generic[K]):
         self.counters.add("local_runs")
         if plan.reason == REASON_TIMEOUT:
             self.counters.add("timeouts")
-        log.debug("running the loader of %r locally: %s %r", key, plan.reason, plan.error)
+        log.debug("running the loader of %r locally: %s %s", key, plan.reason, describe(plan.error))
 
     def redis_failed(self, what: str, keys: Keys, error: BaseException) -> None:
-        self.counters.add("redis_errors")
-        log.warning("%s of %s failed: %r", what, keys.base, error)
+        log.warning("%s of %s failed: %s", what, keys.base, describe(error))
 
     def stats(self) -> dict[str, int | str]:
         stats: dict[str, int | str] = dict(self.counters.snapshot())

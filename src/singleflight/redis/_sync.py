@@ -24,7 +24,7 @@ from .._result import Result
 from .._threads import Group
 from . import _protocol as proto
 from ._clients import configure_sync
-from ._core import _CURRENT, FlightInfo, GroupCore, log
+from ._core import _CURRENT, FlightInfo, GroupCore, describe, log
 from ._errors import RedisUnavailableError, is_transient
 from ._protocol import Completion, Held, Keys, Plan, Renewals, RetryBudget, Script, Settings
 from .codecs import Codec, CodecError
@@ -60,6 +60,7 @@ def _with_budget(
         try:
             reply = call()
         except RedisError as exc:
+            core.counters.add("redis_errors")
             now = _monotonic()
             delay = None
             if is_transient(exc) and not core.breaker.is_open():
@@ -176,7 +177,7 @@ class _Watchdog:
             try:
                 replies = pipe.execute(raise_on_error=False)
             except RedisError as exc:
-                log.debug("lease renewal failed: %r", exc)
+                log.debug("lease renewal failed: %s", describe(exc))
                 return [None] * len(due)
             if attempt or not any(isinstance(r, NoScriptError) for r in replies):
                 break
@@ -476,6 +477,7 @@ class RedisGroup(Generic[K, V]):
                         plan.acquire_args(),
                     )
                 except RedisError as exc:
+                    counters.add("redis_errors")
                     plan.failed(exc, is_transient(exc), _monotonic())
                     continue
                 plan.acquired(reply, _monotonic())
@@ -494,6 +496,7 @@ class RedisGroup(Generic[K, V]):
                         "0-0",
                     )
                 except RedisError as exc:
+                    counters.add("redis_errors")
                     plan.failed(exc, is_transient(exc), _monotonic())
                     continue
                 plan.read(reply, _monotonic())
@@ -620,7 +623,9 @@ class RedisGroup(Generic[K, V]):
             )
         except RedisError as exc:
             if core.settings.policy == "closed":
-                raise RedisUnavailableError(f"cannot forget key {key!r} in Redis: {exc!r}") from exc
+                raise RedisUnavailableError(
+                    f"cannot forget key {key!r} in Redis: {describe(exc)}"
+                ) from exc
             return True
         return bool(reply)
 
