@@ -511,3 +511,50 @@ def test_own_clients_have_bounded_timeouts_and_no_retry(server: RedisServer) -> 
     assert group.do("k", lambda: {"a": 1}) == {"a": 1}
     group.close()
     user.close()
+
+
+def test_valkey_coalesces_takes_over_and_fences(sides: Any, make_server: Any) -> None:
+    valkey = make_server("valkey")
+    a, b = sides(valkey.port, lease=0.3), sides(valkey.port, lease=0.3)
+    loader = Loader("v", seconds=0.5)  # longer than the lease: the watchdog renews it
+    outcomes = [f.result(10) for f in (a.submit("k", loader), b.submit("k", loader))]
+    assert [o.value for o in outcomes] == ["v", "v"] and loader.runs == 1
+    interrupted = Loader(error=_Interrupt(), seconds=0.1)
+    if a.mode == "sync":
+        leader = threading.Thread(target=lambda: _raises(lambda: a.group.do("i", interrupted.sync)))
+        leader.start()
+        _wait_for(lambda: interrupted.runs == 1)
+        assert b.call("i", Loader("taken over")).value == "taken over"
+        leader.join(10)
+    assert valkey.eternal_keys() == []
+
+
+@pytest.mark.parametrize("mode", ["sync"])
+def test_group_made_before_fork_works_in_the_child(sides: Any, server: RedisServer) -> None:
+    import multiprocessing
+    import warnings
+
+    a, b = sides(server.port, lease=0.3), sides(server.port, lease=0.3)
+    assert a.call("warm", Loader("parent", seconds=0.2)).value == "parent"  # watchdog running
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+
+    def child() -> None:
+        loader = Loader("child", seconds=0.8)  # outlives the lease: needs the child's watchdog
+        outcome = a.call("k", loader)
+        send.send((outcome.value, repr(outcome.error), a.stats()["lost_leases"], loader.runs))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        process = context.Process(target=child)
+        process.start()
+    client = server.client()
+    _wait_for(lambda: client.exists("sf:{test:k}:lease") == 1)
+    client.close()
+    mine = Loader("parent's")
+    assert b.call("k", mine).value == "child"  # the lease held: b waited for the child
+    assert mine.runs == 0
+    assert receive.poll(20)
+    assert receive.recv() == ("child", "None", 0, 1)
+    process.join(10)
+    assert process.exitcode == 0
