@@ -20,9 +20,9 @@ WORKER = str(Path(__file__).with_name("_redis_worker.py"))
 class Worker:
     """One worker process; its stdout lines arrive on a queue, so every read has a timeout."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], script: str = WORKER) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, WORKER, json.dumps(config)],
+            [sys.executable, script, json.dumps(config)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -52,14 +52,18 @@ class Worker:
         line = self._line(timeout)
         assert line.strip() == "ready", line
 
-    def start(self, t0: float) -> None:
+    def start(self, t0: float, *more: str) -> None:
+        self.send(" ".join((repr(t0), *more)))
+
+    def send(self, line: str) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{t0!r}\n")
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
-    def report(self, timeout: float) -> dict[str, Any]:
+    def report(self, timeout: float, last: bool = True) -> dict[str, Any]:
         report: dict[str, Any] = json.loads(self._line(timeout))
-        self.proc.wait(timeout=10)
+        if last:
+            self.proc.wait(timeout=10)
         return report
 
     def signal(self, sig: int) -> None:
@@ -78,23 +82,30 @@ class Worker:
 class Fleet:
     """``n`` workers with one config; ``start`` releases them all at one instant."""
 
-    def __init__(self, n: int, config: dict[str, Any], loads_file: Path) -> None:
+    def __init__(
+        self, n: int, config: dict[str, Any], loads_file: Path, script: str = WORKER
+    ) -> None:
         self.loads_file = loads_file
         config = {**config, "loads_file": str(loads_file)}
-        self.workers = [Worker(config) for _ in range(n)]
+        self.workers = [Worker(config | {"index": i}, script) for i in range(n)]
+        self._ready = False
 
-    def start(self, timeout: float = 30.0, lead: float = 0.2) -> float:
+    def start(self, timeout: float = 30.0, lead: float = 0.2, *more: str) -> float:
         deadline = time.monotonic() + timeout
-        for worker in self.workers:
-            worker.wait_ready(deadline - time.monotonic())
+        if not self._ready:
+            for worker in self.workers:
+                worker.wait_ready(deadline - time.monotonic())
+            self._ready = True
         t0 = time.monotonic() + lead
         for worker in self.workers:
-            worker.start(t0)
+            worker.start(t0, *more)
         return t0
 
-    def reports(self, timeout: float, workers: list[Worker] | None = None) -> list[dict[str, Any]]:
+    def reports(
+        self, timeout: float, workers: list[Worker] | None = None, last: bool = True
+    ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
-        return [w.report(deadline - time.monotonic()) for w in workers or self.workers]
+        return [w.report(deadline - time.monotonic(), last) for w in workers or self.workers]
 
     def by_pid(self, pid: int) -> Worker:
         return next(w for w in self.workers if w.pid == pid)

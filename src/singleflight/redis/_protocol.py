@@ -73,7 +73,10 @@ class Script:
 #   {1, epoch}         lead: the lease is ours; epoch is this key's fencing epoch
 #   {2, holder, pttl}  wait for holder's completion, at most pttl ms
 # A retried ACQUIRE whose first reply was lost finds its own token in the lease
-# and leads, rather than waiting on itself for a whole lease.
+# and leads, rather than waiting on itself for a whole lease.  A waiter counts
+# itself in fence.w, which each leader starts at 1: so HINCRBY answering 1
+# means the fence was missing (a foreign lease), and only then does it need
+# the extra PEXPIRE that keeps every key expiring.
 _ACQUIRE = """
 if ARGV[4] == '1' then
   local v = redis.call('GET', KEYS[1])
@@ -81,7 +84,7 @@ if ARGV[4] == '1' then
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local ep = redis.call('HINCRBY', KEYS[3], 'ep', 1)
-  redis.call('HSET', KEYS[3], 'tok', ARGV[1], 'w', 0)
+  redis.call('HSET', KEYS[3], 'tok', ARGV[1], 'w', 1)
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
   return {1, ep}
 end
@@ -89,8 +92,8 @@ local holder = redis.call('GET', KEYS[2])
 if holder == ARGV[1] then
   return {1, tonumber(redis.call('HGET', KEYS[3], 'ep') or 0)}
 end
-if redis.call('HEXISTS', KEYS[3], 'tok') == 1 then
-  redis.call('HINCRBY', KEYS[3], 'w', 1)
+if redis.call('HINCRBY', KEYS[3], 'w', 1) == 1 then
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
 end
 return {2, holder, redis.call('PTTL', KEYS[2])}
 """
@@ -120,11 +123,15 @@ return 0
 #   {3, 0}  already completed (a retried COMPLETE whose first reply was lost)
 # The token check is the fence: Redis holds the result, so a leader that lost
 # its lease can never overwrite a newer one.  Status a (abandon) stores nothing.
+# While the fence names our token the lease is ours or gone (only ACQUIRE sets
+# another, and it renames the fence in the same script), so DEL needs no check.
+# A forgotten flight's lease may be somebody else's by now: left alone.
 _COMPLETE = """
 local f = redis.call('HMGET', KEYS[1], 'tok', 'det', 'w')
 local code = 1
 if f[1] == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'tok', 'w')
+  redis.call('DEL', KEYS[3])
   if ARGV[2] == 'o' and tonumber(ARGV[4]) > 0 then
     redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
   end
@@ -136,11 +143,10 @@ elseif redis.call('EXISTS', KEYS[4]) == 1 then
 else
   return {0, 0}
 end
-if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 redis.call('XADD', KEYS[4], '*', 's', ARGV[2], 'v', ARGV[3])
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
 if code == 2 then return {2, 0} end
-return {1, tonumber(f[3] or 0)}
+return {1, math.max(0, tonumber(f[3] or 1) - 1)}
 """
 
 # FORGET(res, lease, fence; only_unshared)
@@ -149,7 +155,7 @@ return {1, tonumber(f[3] or 0)}
 #   Returns 0 (and does nothing) when only_unshared is 1 and somebody waited.
 _FORGET = """
 local f = redis.call('HMGET', KEYS[3], 'tok', 'w')
-if ARGV[1] == '1' and f[2] and tonumber(f[2]) > 0 then return 0 end
+if ARGV[1] == '1' and f[2] and tonumber(f[2]) > 1 then return 0 end
 redis.call('DEL', KEYS[1])
 if f[1] then
   redis.call('HDEL', KEYS[3], 'tok', 'w')
