@@ -108,6 +108,14 @@ class SyncSide:
         ).start()
         return future
 
+    def submit_result(self, key: Any, loader: Loader) -> Future[Result[Any]]:
+        """do_result from a new thread."""
+        future: Future[Result[Any]] = Future()
+        threading.Thread(
+            target=lambda: future.set_result(self.call_result(key, loader)), daemon=True
+        ).start()
+        return future
+
     def forget(self, key: Any) -> None:
         self.group.forget(key)
 
@@ -152,6 +160,9 @@ class AsyncSide:
 
     def submit(self, key: Any, loader: Loader) -> Future[Outcome]:
         return asyncio.run_coroutine_threadsafe(self._call(key, loader), self.loop)
+
+    def submit_result(self, key: Any, loader: Loader) -> Future[Result[Any]]:
+        return asyncio.run_coroutine_threadsafe(self.group.do_result(key, loader.coro), self.loop)
 
     def forget(self, key: Any) -> None:
         async def forget() -> None:

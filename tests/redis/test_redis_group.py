@@ -55,14 +55,17 @@ def test_result_is_shared_through_redis(sides: Any, server: RedisServer) -> None
     a, b = sides(server.port), sides(server.port)
     gate = threading.Event()
     loader = Loader("v", gate=gate)
-    leader = a.submit("k", loader)
+    leader = a.submit_result("k", loader)
     _wait_for(lambda: loader.runs == 1)
-    waiter = b.submit("k", loader)
+    waiter = b.submit_result("k", loader)
     _wait_for(lambda: b.stats()["waits"] >= 1)
     gate.set()
-    assert leader.result(10).value == waiter.result(10).value == "v"
-    # Both results are shared: one was given to another process, one taken from it.
-    assert a.call_result("k", loader).shared  # a hit now: the value came through Redis
+    given, taken = leader.result(10), waiter.result(10)
+    # Alone in their processes, both results are shared: one given, one taken.
+    assert (given.value, given.error, given.shared) == ("v", None, True)
+    assert (taken.value, taken.error, taken.shared) == ("v", None, True)
+    hit = a.call_result("k", loader)  # from the stored result
+    assert (hit.value, hit.shared) == ("v", True)
     assert loader.runs == 1
 
 
@@ -350,6 +353,43 @@ def _wait_for(condition: Any, timeout: float = 10.0) -> None:
 # -- sync-only and async-only details ---------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["async"])
+def test_async_do_future_contains_and_len_like_async_group(sides: Any, server: RedisServer) -> None:
+    import asyncio
+
+    a = sides(server.port)
+    group = a.group
+    gate = threading.Event()
+    loader = Loader("v", gate=gate)
+
+    async def scenario() -> list[Any]:
+        futures = [group.do_future("k", loader.coro) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert "k" in group and len(group) == 1
+        futures[0].cancel()  # one caller stops waiting; the flight goes on
+        gate.set()
+        values = [await f for f in futures[1:]]
+        assert "k" not in group and len(group) == 0
+        with pytest.raises(TypeError, match="callable"):
+            await group.do("k", "not callable")
+
+        async def reenter() -> Any:
+            return await group.do("r", reenter)
+
+        with pytest.raises(RuntimeError, match="its own key"):
+            await group.do("r", reenter)
+
+        def not_async() -> str:
+            return "plain"
+
+        with pytest.raises(TypeError, match="async function"):
+            await group.do("plain", not_async)
+        return values
+
+    assert a.run(scenario()) == ["v", "v"]
+    assert loader.runs == 1
+
+
 @pytest.mark.parametrize("mode", ["sync"])
 def test_sync_do_future_and_errors_like_group(sides: Any, server: RedisServer) -> None:
     a = sides(server.port)
@@ -357,10 +397,12 @@ def test_sync_do_future_and_errors_like_group(sides: Any, server: RedisServer) -
     gate = threading.Event()
     loader = Loader("v", gate=gate)
     futures = [group.do_future("k", loader.sync) for _ in range(3)]
+    assert "k" in group and len(group) == 1
     futures[0].cancel()  # one caller stops waiting; the flight goes on
     gate.set()
     assert [f.result(10) for f in futures[1:]] == ["v", "v"]
     assert loader.runs == 1
+    _wait_for(lambda: len(group) == 0)
     with pytest.raises(TypeError, match="callable"):
         group.do("k", "not callable")  # type: ignore[arg-type]
 
@@ -500,7 +542,7 @@ def test_own_clients_have_bounded_timeouts_and_no_retry(server: RedisServer) -> 
         user, namespace="n", lease=1.0, redis_timeout=0.25, max_wait=10
     )
     commands, blocking = group._commands, group._blocking
-    for client, read_timeout in ((commands, 0.25), (blocking, 1.0 + 0.05 + 0.25)):
+    for client, read_timeout in ((commands, 0.25), (blocking, 1.0 + 0.02 + 0.25)):
         kwargs = client.connection_pool.connection_kwargs
         assert kwargs["socket_timeout"] == pytest.approx(read_timeout)
         assert kwargs["socket_connect_timeout"] == 0.25

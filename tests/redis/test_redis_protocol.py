@@ -46,20 +46,20 @@ def test_hit_lead_and_wait_replies() -> None:
     p = plan()
     assert p.acquired([2, b"T" * 32, 2500], 100.0) == proto.READ
     assert p.stream == "sf:{ns:k}:done:" + "T" * 32
-    assert p.block_ms == 2550  # the holder's remaining lease plus slack
+    assert p.block_ms == 2520  # the holder's remaining lease plus slack
     assert p.waited is True
 
 
 def test_wait_slice_is_bounded_by_the_lease_and_the_deadline() -> None:
     p = plan(lease=1.0, max_wait=30)
     p.acquired([2, b"T", 60_000], 100.0)  # another group's longer lease
-    assert p.block_ms == 1050
+    assert p.block_ms == 1020
     p = plan(max_wait=2.0)
     p.acquired([2, b"T", 2900], 101.5)  # 0.5 s left before the deadline
     assert p.block_ms == 500
     p = plan()
     p.acquired([2, b"T", -1], 100.0)  # a lease without expiry: wait one lease
-    assert p.block_ms == 3050
+    assert p.block_ms == 3020
 
 
 def test_a_vanished_holder_means_ask_again_with_a_new_token() -> None:
@@ -165,6 +165,14 @@ def test_breaker_opens_after_threshold_then_lets_one_probe_through() -> None:
     assert breaker.opens == 1
 
 
+def test_a_probe_that_never_reports_is_replaced_after_a_cooldown() -> None:
+    breaker = Breaker(threshold=1, cooldown=1.0)
+    breaker.failure(0.0)
+    assert breaker.allow(1.0)  # the probe's caller is then interrupted: no report
+    assert not breaker.allow(1.5)
+    assert breaker.allow(2.0)
+
+
 def test_an_open_breaker_stops_retries() -> None:
     breaker = Breaker(threshold=1, cooldown=5.0)
     p = plan(breaker=breaker)
@@ -223,7 +231,7 @@ def test_keys_and_namespaces() -> None:
 def test_settings_units_and_validation() -> None:
     s = Settings(lease=0.5, result_ttl=0, max_wait=2)
     assert (s.lease_ms, s.result_ttl_ms, s.renew_interval) == (500, 0, pytest.approx(0.5 / 3))
-    assert s.blocking_timeout == pytest.approx(0.55 + 0.5)
+    assert s.blocking_timeout == pytest.approx(0.52 + 0.5)
     assert Settings(result_ttl=0.0001).result_ttl_ms == 1  # PX 0 would be an error
     with pytest.raises(ValueError, match="fence_ttl"):
         Settings(lease=60, fence_ttl=30)
@@ -272,7 +280,7 @@ def test_plan_invariants(steps: list[tuple[tuple[str, Any], float]], policy: str
         assert op == p.op
         assert op in final | {proto.ACQUIRE, proto.READ, proto.SLEEP}
         if op == proto.READ:
-            assert 1 <= p.block_ms <= 1050
+            assert 1 <= p.block_ms <= 1020
             assert now + p.block_ms / 1000 <= p.deadline + 0.001
         if op in (proto.ACQUIRE, proto.READ):
             assert now < p.deadline

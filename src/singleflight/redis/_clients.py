@@ -8,7 +8,7 @@ and TLS settings:
 
 * *commands*: ``socket_timeout = socket_connect_timeout = redis_timeout``;
 * *blocking reads* (``XREAD BLOCK``): ``socket_timeout`` = the longest wait
-  slice (``lease`` + 50 ms) + ``redis_timeout``, so a read the server never
+  slice (``lease`` + 20 ms) + ``redis_timeout``, so a read the server never
   answers still ends;
 
 both with redis-py's retry switched off (``Retry(NoBackoff(), 0)``): the group

@@ -263,7 +263,7 @@ class Settings:
         breaker_threshold: int = 5,
         breaker_cooldown: float = 2.0,
         fence_ttl: float = 600.0,
-        slack: float = 0.05,
+        slack: float = 0.02,
     ) -> None:
         self.lease = _seconds("lease", lease)
         if self.lease < 0.01:
@@ -351,17 +351,26 @@ class Breaker:
     ``threshold`` failed operations in a row open it: calls then skip Redis
     (and apply the error policy at once) for ``cooldown`` seconds.  Then one
     call is let through as a probe; its success closes the breaker, its failure
-    opens it for another cooldown.  Thread-safe.
+    opens it for another cooldown.  A probe that never reports (its caller was
+    interrupted) is replaced after another cooldown.  Thread-safe.
     """
 
-    __slots__ = ("_cooldown", "_failures", "_lock", "_opened_at", "_probing", "_threshold", "opens")
+    __slots__ = (
+        "_cooldown",
+        "_failures",
+        "_lock",
+        "_opened_at",
+        "_probe_at",
+        "_threshold",
+        "opens",
+    )
 
     def __init__(self, threshold: int, cooldown: float) -> None:
         self._threshold = threshold
         self._cooldown = cooldown
         self._failures = 0
         self._opened_at: float | None = None
-        self._probing = False
+        self._probe_at: float | None = None
         self._lock = threading.Lock()
         self.opens = 0
 
@@ -369,7 +378,7 @@ class Breaker:
     def state(self) -> str:
         if self._opened_at is None:
             return CLOSED_STATE
-        return HALF_OPEN_STATE if self._probing else OPEN_STATE
+        return HALF_OPEN_STATE if self._probe_at is not None else OPEN_STATE
 
     def allow(self, now: float) -> bool:
         """Whether a new flight may use Redis now (claims the probe when half-open)."""
@@ -378,29 +387,31 @@ class Breaker:
         with self._lock:
             if self._opened_at is None:
                 return True
-            if self._probing or now < self._opened_at + self._cooldown:
+            since = self._opened_at if self._probe_at is None else self._probe_at
+            if now < since + self._cooldown:
                 return False
-            self._probing = True
+            self._probe_at = now
             return True
 
     def is_open(self) -> bool:
-        return self._opened_at is not None and not self._probing
+        return self._opened_at is not None and self._probe_at is None
 
     def success(self) -> None:
         if self._failures or self._opened_at is not None:
             with self._lock:
                 self._failures = 0
                 self._opened_at = None
-                self._probing = False
+                self._probe_at = None
 
     def failure(self, now: float) -> bool:
         """Count a failed operation; true if this failure opened the breaker."""
         with self._lock:
             self._failures += 1
-            if self._probing or (self._opened_at is None and self._failures >= self._threshold):
+            probing = self._probe_at is not None
+            if probing or (self._opened_at is None and self._failures >= self._threshold):
                 opened = self._opened_at is None
                 self._opened_at = now
-                self._probing = False
+                self._probe_at = None
                 if opened:
                     self.opens += 1
                 return opened

@@ -219,7 +219,7 @@ def _abandon_at_exit() -> None:
                     ],
                 )
             except RedisError:
-                pass
+                break  # Redis is not answering: do not hold up the exit for each lease
 
 
 class RedisGroup(Generic[K, V]):
@@ -480,6 +480,11 @@ class RedisGroup(Generic[K, V]):
                     counters.add("redis_errors")
                     plan.failed(exc, is_transient(exc), _monotonic())
                     continue
+                except BaseException:
+                    # Interrupted (KeyboardInterrupt): the script may have run
+                    # and made us leader; give the lease back, don't sit on it.
+                    self._complete(plan, proto.ABANDONED, b"")
+                    raise
                 plan.acquired(reply, _monotonic())
             elif op == proto.READ:
                 counters.add("waits")
