@@ -316,7 +316,7 @@ def test_bad_keys_and_functions_are_refused_before_anything_runs(
 ) -> None:
     a = sides(server.port)
     loader = Loader()
-    for key in (["unhashable"], ("a", "tuple"), 1.5, None, b"bytes"):
+    for key in (["unhashable"], ("a", object()), ("nan", float("nan")), 1.5, None, b"bytes"):
         outcome = a.call(key, loader).error
         assert isinstance(outcome, TypeError), key
         assert "key=" in str(outcome) or "hashable" in str(outcome)
@@ -332,6 +332,15 @@ def test_int_and_str_keys_are_the_same_redis_key(sides: Any, server: RedisServer
     a = sides(server.port)
     assert a.call(42, Loader("v")).value == "v"
     assert a.call("42", Loader("unused")).value == "v"
+
+
+def test_tuple_keys_become_json_arrays(sides: Any, server: RedisServer) -> None:
+    a = sides(server.port)
+    assert a.call(("user", 42, None, (1.5, True)), Loader("v")).value == "v"
+    client = server.client()
+    assert client.exists('sf:{test:["user",42,null,[1.5,true]]}:res') == 1
+    client.close()
+    assert a.call(("user", "42"), Loader("w")).value == "w"  # "42" and 42 differ in tuples
 
 
 def _raises(call: Any) -> BaseException | None:
@@ -600,3 +609,47 @@ def test_group_made_before_fork_works_in_the_child(sides: Any, server: RedisServ
     assert receive.recv() == ("child", "None", 0, 1)
     process.join(10)
     assert process.exitcode == 0
+
+
+def test_a_forgotten_leader_learns_it_lost_the_lease(sides: Any, server: RedisServer) -> None:
+    a, b = sides(server.port, lease=0.3), sides(server.port, lease=0.3)
+    seen: list[bool] = []
+    gate = threading.Event()
+
+    class Watcher(Loader):
+        def _exit(self) -> Any:
+            flight = current_flight()
+            assert flight is not None
+            seen.append(flight.lost)
+            return super()._exit()
+
+    first = a.submit("k", Watcher("old", seconds=0.35, gate=gate))
+    client = server.client()
+    _wait_for(lambda: client.exists("sf:{test:k}:lease") == 1)
+    client.close()
+    b.forget("k")
+    gate.set()  # the loader now runs past at least one renewal (every 0.1 s)
+    assert first.result(10).value == "old"
+    assert seen == [True]
+    assert a.stats()["lost_leases"] == 1
+
+
+@pytest.mark.parametrize("mode", ["async"])
+def test_a_loader_blocking_the_loop_past_its_lease_resurrects_it(
+    sides: Any, server: RedisServer
+) -> None:
+    import asyncio
+
+    a = sides(server.port, lease=0.3)
+
+    async def blocking() -> str:
+        time.sleep(0.5)  # blocks the loop: the watchdog task cannot renew; the lease lapses
+        await asyncio.sleep(0.2)  # the watchdog runs again: nobody took the key
+        return "v"
+
+    assert a.run(a.group.do("k", blocking)) == "v"
+    stats = a.stats()
+    assert (stats["resurrections"], stats["fenced"], stats["lost_leases"]) == (1, 0, 0)
+    client = server.client()
+    assert client.get("sf:{test:k}:res") == b'j1:"v"'
+    client.close()

@@ -6,6 +6,7 @@ drivers hold one :class:`GroupCore` each and differ only in how they wait.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -77,14 +78,29 @@ def current_flight() -> FlightInfo | None:
 
 
 def _default_key(key: object) -> str:
-    if type(key) is str:
-        return key
-    if type(key) is int:
+    """str keys as they are, int keys in decimal, tuples of those (and of float,
+    bool, None, tuples) as compact JSON arrays: ``("user", 42)`` -> ``["user",42]``."""
+    kind = type(key)
+    if kind is str:
+        return key  # type: ignore[return-value]
+    if kind is int:
         return str(key)
+    if kind is tuple:
+        try:
+            return json.dumps(
+                key, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_no_json
+            )
+        except (TypeError, ValueError):
+            pass
     raise TypeError(
-        f"Redis groups take str or int keys; got {type(key).__name__} {key!r}. "
-        "Pass key=<function returning a str> to map other keys (tuples, say) to Redis keys"
+        f"Redis groups take str or int keys, or tuples of str, int, float, bool and None; "
+        f"got {kind.__name__} {key!r}. Pass key=<function returning a str> to map other keys "
+        "to Redis keys"
     )
+
+
+def _no_json(value: object) -> object:
+    raise TypeError(type(value).__name__)
 
 
 def describe(error: BaseException | None) -> str:

@@ -255,7 +255,8 @@ class RedisGroup(Generic[K, V]):
         :class:`SignedPickleCodec`.  A payload that fails to decode is a miss.
     ``key``
         A function turning the caller's key into a str for Redis; by default
-        str and int keys are accepted (``42`` and ``"42"`` are the same key).
+        str and int keys, and tuples of str, int, float, bool and None, are
+        accepted (``42`` and ``"42"`` are the same key).
     ``redis_timeout`` (0.5 s)
         Socket connect and read timeout of each Redis command.
     ``retry_budget`` (0.5 s)
@@ -344,7 +345,7 @@ class RedisGroup(Generic[K, V]):
         under ``"open"`` the loader runs locally instead.
         :class:`PayloadTooLargeError` / :class:`CodecError` when the value
         cannot be encoded (in every caller of the flight).  ``TypeError`` for a
-        key that is unhashable or not str/int (without ``key=``), or a
+        key that is unhashable or of another type (without ``key=``), or a
         non-callable ``fn``, before anything runs; ``RuntimeError`` for a
         loader calling ``do`` on its own key.
 
