@@ -653,3 +653,27 @@ def test_a_loader_blocking_the_loop_past_its_lease_resurrects_it(
     client = server.client()
     assert client.get("sf:{test:k}:res") == b'j1:"v"'
     client.close()
+
+
+@pytest.mark.parametrize("mode", ["async"])
+def test_async_forget_is_ordered_before_the_next_flight_and_aclose(
+    sides: Any, server: RedisServer
+) -> None:
+    a = sides(server.port)
+    group = a.group
+    assert a.call("k", Loader("old")).value == "old"
+
+    async def forget_then_load() -> Any:
+        group.forget("k")  # synchronous: the Redis part runs in a task...
+        return await group.do("k", Loader("new").coro)  # ...which this flight waits for
+
+    assert a.run(forget_then_load()) == "new"
+
+    async def forget_then_close() -> None:
+        group.forget("k")
+        await group.aclose()  # waits for the forget to reach Redis
+
+    a.run(forget_then_close())
+    client = server.client()
+    assert client.exists("sf:{test:k}:res") == 0
+    client.close()

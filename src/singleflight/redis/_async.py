@@ -380,12 +380,16 @@ class AsyncRedisGroup(Generic[K, V]):
     async def aclose(self) -> None:
         """Stop the running loop's watchdog and close the group's clients in this loop.
 
-        Loaders still running keep their leases until they end or the leases
-        lapse.  The caller's own client is not closed.
+        Waits briefly for forgets and abandons still being sent.  Loaders still
+        running keep their leases until they end or the leases lapse.  The
+        caller's own client is not closed.
         """
         state = self._states.pop(get_running_loop(), None)
         if state is None:
             return
+        pending = [*state.forgets.values(), *state.background]
+        if pending:  # forgets and abandons in flight: let them reach Redis first
+            await asyncio.wait(pending, timeout=self._core.settings.redis_timeout * 2)
         await state.watchdog.stop()
         if self._configure:
             await state.commands.aclose()
