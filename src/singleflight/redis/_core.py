@@ -43,8 +43,9 @@ class FlightInfo:
     after its last flight), so a store downstream can refuse writes carrying
     an epoch older than one it has seen.  ``lost`` turns true once the
     watchdog learns that the lease is gone (another process took over, or the
-    key was forgotten): the loader may stop early, since its completion will
-    be fenced and its value reach only its own process's callers.
+    key was forgotten): the loader may stop early, since its value will not
+    be stored (a completion after a takeover is fenced and reaches only this
+    process's callers; after a forget, only the flight's own waiters).
     """
 
     __slots__ = ("_held", "key")
