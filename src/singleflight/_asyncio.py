@@ -123,7 +123,8 @@ class _AsyncFlight(Flight):
                     future.set_exception(error)
                 except InvalidStateError:
                     continue
-                # A caller cancelled right after this never looks at it.
+                # Like Go's DoChan channel, a future its caller dropped (or was
+                # cancelled just after this) is no error to log.
                 future._log_traceback = False
 
 
@@ -187,9 +188,7 @@ class AsyncGroup(Generic[K, V]):
         flight, future = self._enter(key, fn, args, kwargs)
         del args, kwargs  # the loader has them; a parked caller need not keep them
         if flight is None:
-            if future.cancelled():
-                raise AbortedError(key, "its loader task was cancelled")
-            return future.result()  # type: ignore[no-any-return]
+            return _outcome(key, future)  # type: ignore[no-any-return]
         try:
             return await future  # type: ignore[no-any-return]
         except CancelledError:
@@ -242,6 +241,7 @@ class AsyncGroup(Generic[K, V]):
                 future.set_result(_outcome(key, task))
             except Exception as exc:
                 future.set_exception(exc)
+                future._log_traceback = False  # as for every waiter: see _AsyncFlight.__call__
         else:
             future.add_done_callback(partial(self._leave, flight), context=_NO_CONTEXT)
         return future
@@ -272,8 +272,9 @@ class AsyncGroup(Generic[K, V]):
         return any(key in table for table in self._tables_of_caller())
 
     def __len__(self) -> int:
-        """The number of keys in flight, over every event loop."""
+        """The number of keys in flight, over every event loop that is not closed."""
         with self._tables_lock:
+            self._prune_closed()
             return sum(len(table) for table in self._tables.values())
 
     def __repr__(self) -> str:
@@ -325,7 +326,7 @@ class AsyncGroup(Generic[K, V]):
             returned = fn(*args, **kwargs)
             task = _new_task(returned, loop=loop)
         except BaseException as exc:
-            task = _launch_failed(table, key, loop, fn, returned, exc)
+            task = _launch_failed(table, key, loop, fn, returned, exc)  # type: ignore[assignment]
         if task.done():
             # Finished without suspending: no waiter can exist, so no flight
             # record is needed.  Release the key unless the loader forgot it.
@@ -358,12 +359,22 @@ class AsyncGroup(Generic[K, V]):
         with self._tables_lock:
             table = self._tables.get(loop)
             if table is None:
-                for other in [other for other in self._tables if other.is_closed()]:
-                    # A loop closed with flights still pending can never finish them.
-                    del self._tables[other]
+                self._prune_closed()
                 table = self._tables[loop] = {}
             self._current = (weakref.ref(loop), table)
         return table
+
+    def _prune_closed(self) -> None:
+        """Drop the tables of closed loops (the tables lock is held).
+
+        A loop closed with flights still pending can never finish them, and its
+        table would keep it alive: its flights hold tasks that hold the loop.
+        """
+        for loop in [loop for loop in self._tables if loop.is_closed()]:
+            del self._tables[loop]
+        current_loop = self._current[0]()
+        if current_loop is not None and current_loop.is_closed():
+            self._current = (_dead_ref, {})
 
     def _tables_of_caller(self) -> list[_Table]:
         """The running loop's table, or every table when called outside a loop."""
@@ -371,6 +382,7 @@ class AsyncGroup(Generic[K, V]):
             loop = get_running_loop()
         except RuntimeError:
             with self._tables_lock:
+                self._prune_closed()
                 return list(self._tables.values())
         with self._tables_lock:
             table = self._tables.get(loop)
@@ -378,9 +390,16 @@ class AsyncGroup(Generic[K, V]):
 
 
 def _outcome(key: object, task: asyncio.Future[Any]) -> Any:
-    """The outcome of a loader task that finished while it was being started."""
+    """The outcome of a loader task that finished while it was being started.
+
+    The same as its waiters would get: the value, the loader's Exception, or
+    AbortedError for a task that ended cancelled or by another BaseException.
+    """
     if task.cancelled():
         raise AbortedError(key, "its loader task was cancelled")
+    exc = task.exception()
+    if exc is not None:
+        raise waiter_error(key, exc).with_traceback(exc.__traceback__)
     return task.result()
 
 
@@ -395,13 +414,15 @@ def _launch_failed(
     fn: object,
     returned: object,
     exc: BaseException,
-) -> Task[Any]:
+) -> asyncio.Future[Any]:
     """``fn`` raised, or returned something a task cannot run.
 
-    An awaitable that is not a coroutine gets a coroutine awaiting it.  Anything
-    else fails the new flight, which nobody can have joined yet: the key is
-    released and the error raised (``TypeError`` naming ``fn`` when it returned
-    no awaitable).
+    An awaitable that is not a coroutine gets a coroutine awaiting it.  A result
+    that is not awaitable is a usage error: ``TypeError`` naming ``fn`` is raised.
+    An :class:`Exception` raised by ``fn`` itself is the flight's outcome, as if
+    its coroutine had raised it: a finished future holding it is returned.  Any
+    other ``BaseException`` is raised.  Nobody can have joined yet, so the key
+    is simply released.
     """
     if isinstance(exc, TypeError) and returned is not None:
         if isawaitable(returned):
@@ -412,4 +433,8 @@ def _launch_failed(
         )
     if table.get(key) is _STARTING:
         del table[key]
+    if returned is None and isinstance(exc, Exception):
+        failed: asyncio.Future[Any] = Future(loop=loop)
+        failed.set_exception(exc)
+        return failed
     raise exc

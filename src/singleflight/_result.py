@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Generic, TypeVar
 
 __all__ = ["AbortedError", "Result"]
@@ -23,11 +24,18 @@ class Result(Generic[V_co]):
     value: V_co | None
     error: Exception | None
     shared: bool
+    # error's traceback when the Result was made: unwrap() raises with it, so
+    # an error shared by many results does not gain frames each time.
+    _tb: TracebackType | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.error is not None:
+            object.__setattr__(self, "_tb", self.error.__traceback__)
 
     def unwrap(self) -> V_co:
         """Return ``value``, or raise ``error`` if the call failed."""
         if self.error is not None:
-            raise self.error
+            raise self.error.with_traceback(self._tb)
         return self.value  # type: ignore[return-value]
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, InvalidStateError
+from functools import partial
 from threading import get_ident
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from . import _flight
 from ._flight import Flight, reentry_error, remove, waiter_error
-from ._result import Result
+from ._result import AbortedError, Result
 
 __all__ = ["Group"]
 
@@ -223,7 +224,8 @@ class Group(Generic[K, V]):
                         daemon=True,
                     ).start()
                 else:
-                    self._executor.submit(self._run, key, call, fn, args, kwargs)
+                    work = self._executor.submit(self._run, key, call, fn, args, kwargs)
+                    work.add_done_callback(partial(self._dropped, key, call))
             except BaseException as exc:
                 self._settle(key, call, None, exc, fn)
                 raise
@@ -304,6 +306,11 @@ class Group(Generic[K, V]):
             self._settle(key, call, None, exc, fn)
             return
         self._settle(key, call, value, None, fn)
+
+    def _dropped(self, key: K, call: _Call, work: Future[None]) -> None:
+        """The executor cancelled a flight's work before it ran: end the flight for its callers."""
+        if work.cancelled():
+            self._settle(key, call, None, AbortedError(key, "the executor dropped its work"), None)
 
     def _settle(
         self, key: K, call: _Call, value: Any, exc: BaseException | None, fn: object
