@@ -1,0 +1,61 @@
+"""Coalescing across processes and machines on Redis (or Valkey).
+
+Install with ``pip install 'pysingleflight[redis]'``::
+
+    from singleflight.redis import RedisGroup, AsyncRedisGroup
+
+    users = RedisGroup(redis.Redis(), namespace="users")
+    user = users.do("user:42", load_user, 42)        # one load across every process
+
+    ausers = AsyncRedisGroup(redis.asyncio.Redis(), namespace="users")
+    user = await ausers.do("user:42", fetch_user, 42)
+
+Each process coalesces its own callers first (a :class:`singleflight.Group` /
+:class:`singleflight.AsyncGroup` in front), then one Lua script per key
+decides who leads across processes.  Waiters block on the leader's completion
+stream (``XREAD BLOCK``) rather than polling; leases are short and renewed by a
+watchdog; completions are fenced.  See the README's "Redis" section.
+"""
+
+try:
+    import redis as _redis
+except ImportError as exc:  # pragma: no cover - exercised without redis-py installed
+    raise ImportError(
+        "singleflight.redis needs redis-py: pip install 'pysingleflight[redis]'"
+    ) from exc
+
+if int(_redis.__version__.split(".")[0]) < 5:  # pragma: no cover
+    raise ImportError(
+        f"singleflight.redis needs redis-py >= 5 (found {_redis.__version__}): "
+        "pip install 'pysingleflight[redis]'"
+    )
+
+from ._async import AsyncRedisGroup
+from ._core import FlightInfo, current_flight
+from ._errors import LoaderError, RedisCoalescingError, RedisUnavailableError, WaitTimeoutError
+from ._sync import RedisGroup
+from .codecs import (
+    Codec,
+    CodecError,
+    JsonCodec,
+    MsgpackCodec,
+    PayloadTooLargeError,
+    SignedPickleCodec,
+)
+
+__all__ = [
+    "AsyncRedisGroup",
+    "Codec",
+    "CodecError",
+    "FlightInfo",
+    "JsonCodec",
+    "LoaderError",
+    "MsgpackCodec",
+    "PayloadTooLargeError",
+    "RedisCoalescingError",
+    "RedisGroup",
+    "RedisUnavailableError",
+    "SignedPickleCodec",
+    "WaitTimeoutError",
+    "current_flight",
+]

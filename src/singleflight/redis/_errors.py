@@ -1,0 +1,59 @@
+"""The exceptions of the Redis tier, and which Redis errors are worth a retry."""
+
+from __future__ import annotations
+
+from redis import exceptions as _rx
+
+__all__ = [
+    "LoaderError",
+    "RedisCoalescingError",
+    "RedisUnavailableError",
+    "WaitTimeoutError",
+    "is_transient",
+]
+
+
+class RedisCoalescingError(Exception):
+    """Base of the errors a Redis group raises for its own reasons (not the loader's)."""
+
+
+class LoaderError(Exception):
+    """The loader raised in another process; its type name and message, never the object.
+
+    Raised in callers that waited on a leader in another process.  Callers in
+    the leader's own process get the loader's exception itself.  ``type_name``
+    is the qualified name of the original exception's class (``"ValueError"``,
+    ``"myapp.errors.NotFound"``); ``message`` is its ``str()``, cut to 2,000
+    characters.  Errors are never cached: the next call loads again.
+    """
+
+    def __init__(self, key: object, type_name: str, message: str) -> None:
+        super().__init__(f"the loader of key {key!r} raised {type_name}: {message}")
+        self.key = key
+        self.type_name = type_name
+        self.message = message
+
+
+class RedisUnavailableError(RedisCoalescingError, ConnectionError):
+    """Redis failed (or the circuit breaker is open) under ``on_redis_error="closed"``.
+
+    The Redis error is ``__cause__`` when there is one.
+    """
+
+
+class WaitTimeoutError(RedisCoalescingError, TimeoutError):
+    """``max_wait`` elapsed while waiting on another process, under ``on_redis_error="closed"``."""
+
+
+# Errors a retry can cure: a dropped or refused connection, a timeout, a
+# server still loading its data, a replica promoted under us.
+_TRANSIENT = (_rx.ConnectionError, _rx.TimeoutError, _rx.ReadOnlyError, _rx.TryAgainError)
+
+
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, _TRANSIENT):
+        return True
+    # Cluster and failover states that pass (as plain ResponseErrors).
+    return isinstance(error, _rx.ResponseError) and str(error).startswith(
+        ("MASTERDOWN", "CLUSTERDOWN", "LOADING")
+    )

@@ -1,0 +1,754 @@
+"""The Redis coordination protocol, without I/O: scripts, keys and every decision.
+
+Nothing here touches a socket, a thread or an event loop.  The drivers
+(``_sync.py``, ``_async.py``) send what a :class:`Plan` asks for, hand the
+replies back, and do what it says next; the same plan serves both.  Time is
+always passed in (``time.monotonic()`` seconds), so every rule here can be
+tested with made-up clocks.
+
+Keys of one flight share a hash tag, so they live in one Redis Cluster slot
+and one script may touch them all::
+
+    sf:{<namespace>:<key>}:res           the result, PX result_ttl (late joiners)
+    sf:{<namespace>:<key>}:lease         the leader's token, PX lease (liveness)
+    sf:{<namespace>:<key>}:fence         hash {tok, ep, w, det}: who may complete
+    sf:{<namespace>:<key>}:done:<token>  stream with one completion record
+
+The first ``}`` of a key ends the hash tag, so even a user key containing
+``}`` gives every key of its flight the same tag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+from typing import Any
+
+__all__ = [
+    "ABANDONED",
+    "ACQUIRE",
+    "ACQUIRE_SCRIPT",
+    "COMPLETE_SCRIPT",
+    "ERROR",
+    "FAIL",
+    "FORGET_SCRIPT",
+    "HIT",
+    "LEAD",
+    "LOCAL",
+    "OK",
+    "READ",
+    "RENEW_SCRIPT",
+    "REMOTE_ERROR",
+    "SLEEP",
+    "Breaker",
+    "Completion",
+    "Counters",
+    "Held",
+    "Keys",
+    "Plan",
+    "RetryBudget",
+    "Renewals",
+    "Script",
+    "Settings",
+    "new_token",
+]
+
+PREFIX = "sf"
+
+
+class Script:
+    """A Lua script and its SHA1, for EVALSHA with an EVAL fallback after NOSCRIPT."""
+
+    __slots__ = ("name", "sha", "source")
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+# ACQUIRE(res, lease, fence; token, lease_ms, fence_ttl_ms, use_hit)
+#   {0, payload}       hit: a result is stored
+#   {1, epoch}         lead: the lease is ours; epoch is this key's fencing epoch
+#   {2, holder, pttl}  wait for holder's completion, at most pttl ms
+# A retried ACQUIRE whose first reply was lost finds its own token in the lease
+# and leads, rather than waiting on itself for a whole lease.  A waiter counts
+# itself in fence.w, which each leader starts at 1: so HINCRBY answering 1
+# means the fence was missing (a foreign lease), and only then does it need
+# the extra PEXPIRE that keeps every key expiring.
+_ACQUIRE = """
+if ARGV[4] == '1' then
+  local v = redis.call('GET', KEYS[1])
+  if v then return {0, v} end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local ep = redis.call('HINCRBY', KEYS[3], 'ep', 1)
+  redis.call('HSET', KEYS[3], 'tok', ARGV[1], 'w', 1)
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+  return {1, ep}
+end
+local holder = redis.call('GET', KEYS[2])
+if holder == ARGV[1] then
+  return {1, tonumber(redis.call('HGET', KEYS[3], 'ep') or 0)}
+end
+if redis.call('HINCRBY', KEYS[3], 'w', 1) == 1 then
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
+return {2, holder, redis.call('PTTL', KEYS[2])}
+"""
+
+# RENEW(lease, fence; token, lease_ms, fence_ttl_ms)
+#   1 renewed; 2 resurrected (the lease had lapsed and nobody took it);
+#   0 lost (another leader, or the flight was forgotten or completed)
+_RENEW = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return 1
+end
+if not cur and redis.call('HGET', KEYS[2], 'tok') == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return 2
+end
+return 0
+"""
+
+# COMPLETE(fence, res, lease, done; token, status, payload, result_ttl_ms, done_ttl_ms)
+#   {1, w}  completed: stored (status o) and announced; w > 0 if anyone waited
+#   {2, 0}  the flight had been forgotten: announced to its waiters, not stored
+#   {0, 0}  fenced: another leader owns the key now; nothing written
+#   {3, 0}  already completed (a retried COMPLETE whose first reply was lost)
+# The token check is the fence: Redis holds the result, so a leader that lost
+# its lease can never overwrite a newer one.  Status a (abandon) stores nothing.
+# While the fence names our token the lease is ours or gone (only ACQUIRE sets
+# another, and it renames the fence in the same script), so DEL needs no check.
+# A forgotten flight's lease may be somebody else's by now: left alone.
+_COMPLETE = """
+local f = redis.call('HMGET', KEYS[1], 'tok', 'det', 'w')
+local code = 1
+if f[1] == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'tok', 'w')
+  redis.call('DEL', KEYS[3])
+  if ARGV[2] == 'o' and tonumber(ARGV[4]) > 0 then
+    redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+  end
+elseif f[2] == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'det')
+  code = 2
+elseif redis.call('EXISTS', KEYS[4]) == 1 then
+  return {3, 0}
+else
+  return {0, 0}
+end
+redis.call('XADD', KEYS[4], '*', 's', ARGV[2], 'v', ARGV[3])
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
+if code == 2 then return {2, 0} end
+return {1, math.max(0, tonumber(f[3] or 1) - 1)}
+"""
+
+# FORGET(res, lease, fence; only_unshared)
+#   Drops the stored result and detaches the running flight: new callers lead
+#   a new one, while the old leader's completion still reaches its own waiters.
+#   Returns 0 (and does nothing) when only_unshared is 1 and somebody waited.
+_FORGET = """
+local f = redis.call('HMGET', KEYS[3], 'tok', 'w')
+if ARGV[1] == '1' and f[2] and tonumber(f[2]) > 1 then return 0 end
+redis.call('DEL', KEYS[1])
+if f[1] then
+  redis.call('HDEL', KEYS[3], 'tok', 'w')
+  redis.call('HSET', KEYS[3], 'det', f[1])
+  if redis.call('GET', KEYS[2]) == f[1] then redis.call('DEL', KEYS[2]) end
+end
+return 1
+"""
+
+ACQUIRE_SCRIPT = Script("acquire", _ACQUIRE)
+RENEW_SCRIPT = Script("renew", _RENEW)
+COMPLETE_SCRIPT = Script("complete", _COMPLETE)
+FORGET_SCRIPT = Script("forget", _FORGET)
+
+# Completion statuses, as written in the done stream's ``s`` field.
+OK = "o"
+ERROR = "e"
+ABANDONED = "a"
+
+
+def new_token() -> str:
+    """A fresh 128-bit leader token: one per ACQUIRE, never shared between flights."""
+    return secrets.token_hex(16)
+
+
+class Keys:
+    """The Redis keys of one flight."""
+
+    __slots__ = ("base", "fence", "lease", "res")
+
+    def __init__(self, namespace: str, key: str) -> None:
+        self.base = base = f"{PREFIX}:{{{namespace}:{key}}}"
+        self.res = base + ":res"
+        self.lease = base + ":lease"
+        self.fence = base + ":fence"
+
+    def done(self, token: str) -> str:
+        return f"{self.base}:done:{token}"
+
+
+def check_namespace(namespace: object) -> str:
+    if not isinstance(namespace, str) or not namespace:
+        raise TypeError(f"namespace must be a non-empty str; got {namespace!r}")
+    bad = [c for c in namespace if c in "{}" or not c.isprintable() or c.isspace()]
+    if bad:
+        raise ValueError(
+            f"namespace {namespace!r} must not contain braces, spaces or control characters "
+            f"(found {''.join(sorted(set(bad)))!r}): braces would break the cluster hash tag"
+        )
+    return namespace
+
+
+# -- settings ----------------------------------------------------------------------
+
+
+def _seconds(name: str, value: object, *, zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds; got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    if value < 0 or (value == 0 and not zero):
+        limit = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name} must be {limit} seconds; got {value!r}")
+    return float(value)
+
+
+def _ms(seconds: float) -> int:
+    """Whole milliseconds for PX, never 0 for a positive duration (PX 0 is an error)."""
+    return max(1, round(seconds * 1000)) if seconds > 0 else 0
+
+
+class Settings:
+    """A group's validated options, in the units the scripts and plans use."""
+
+    __slots__ = (
+        "backoff_base",
+        "backoff_cap",
+        "breaker_cooldown",
+        "breaker_threshold",
+        "done_ttl_ms",
+        "fence_ttl_ms",
+        "lease",
+        "lease_ms",
+        "max_payload",
+        "max_wait",
+        "policy",
+        "redis_timeout",
+        "renew_interval",
+        "result_ttl",
+        "result_ttl_ms",
+        "retry_budget",
+        "slack_ms",
+    )
+
+    def __init__(
+        self,
+        *,
+        lease: float = 3.0,
+        result_ttl: float = 5.0,
+        max_wait: float = 30.0,
+        on_redis_error: str = "open",
+        redis_timeout: float = 0.5,
+        retry_budget: float = 0.5,
+        max_payload: int = 1 << 20,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 2.0,
+        fence_ttl: float = 600.0,
+        slack: float = 0.02,
+    ) -> None:
+        self.lease = _seconds("lease", lease)
+        if self.lease < 0.01:
+            raise ValueError(f"lease must be at least 0.01 seconds; got {lease!r}")
+        self.result_ttl = _seconds("result_ttl", result_ttl, zero=True)
+        self.max_wait = _seconds("max_wait", max_wait)
+        if on_redis_error not in ("open", "closed"):
+            raise ValueError(
+                f'on_redis_error must be "open" (run the loader locally) or "closed" '
+                f"(raise RedisUnavailableError); got {on_redis_error!r}"
+            )
+        self.policy = on_redis_error
+        self.redis_timeout = _seconds("redis_timeout", redis_timeout)
+        self.retry_budget = _seconds("retry_budget", retry_budget, zero=True)
+        if isinstance(max_payload, bool) or not isinstance(max_payload, int) or max_payload < 1:
+            raise ValueError(f"max_payload must be a positive number of bytes; got {max_payload!r}")
+        self.max_payload = max_payload
+        if (
+            isinstance(breaker_threshold, bool)
+            or not isinstance(breaker_threshold, int)
+            or breaker_threshold < 1
+        ):
+            raise ValueError(f"breaker_threshold must be an int >= 1; got {breaker_threshold!r}")
+        self.breaker_threshold = breaker_threshold
+        self.breaker_cooldown = _seconds("breaker_cooldown", breaker_cooldown, zero=True)
+        fence_ttl = _seconds("fence_ttl", fence_ttl)
+        if fence_ttl < self.lease:
+            raise ValueError(f"fence_ttl ({fence_ttl}) must be at least the lease ({self.lease})")
+        self.lease_ms = _ms(self.lease)
+        self.result_ttl_ms = _ms(self.result_ttl)
+        self.fence_ttl_ms = _ms(fence_ttl)
+        self.slack_ms = _ms(_seconds("slack", slack, zero=True))
+        # A completion record only has to outlive the gap between a waiter's
+        # ACQUIRE and its XREAD; a waiter that still misses it waits out one
+        # lease slice and asks again.
+        self.done_ttl_ms = self.lease_ms + self.slack_ms + 1000
+        self.renew_interval = self.lease / 3
+        self.backoff_base = 0.01
+        self.backoff_cap = 0.1
+
+    @property
+    def blocking_timeout(self) -> float:
+        """Socket timeout for XREAD BLOCK: the longest slice plus one command's time."""
+        return (self.lease_ms + self.slack_ms) / 1000 + self.redis_timeout
+
+
+# -- retries and the circuit breaker ----------------------------------------------------
+
+
+class RetryBudget:
+    """Backoff between retries of one operation, within a time budget and a deadline.
+
+    The budget starts at the first failure and is reset by a success: a flight
+    rides out a short Redis restart but never waits past its deadline for one.
+    """
+
+    __slots__ = ("_backoff", "_settings", "_until")
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._until: float | None = None
+        self._backoff = settings.backoff_base
+
+    def delay(self, now: float, deadline: float) -> float | None:
+        """Seconds to sleep before the next attempt, or None when the budget is spent."""
+        if self._until is None:
+            self._until = min(now + self._settings.retry_budget, deadline)
+        delay = self._backoff
+        if now + delay > self._until:
+            return None
+        self._backoff = min(delay * 2, self._settings.backoff_cap)
+        return delay
+
+    def reset(self) -> None:
+        self._until = None
+        self._backoff = self._settings.backoff_base
+
+
+CLOSED_STATE, OPEN_STATE, HALF_OPEN_STATE = "closed", "open", "half-open"
+
+
+class Breaker:
+    """A circuit breaker over Redis operations, shared by all flights of a group.
+
+    ``threshold`` failed operations in a row open it: calls then skip Redis
+    (and apply the error policy at once) for ``cooldown`` seconds.  Then one
+    call is let through as a probe; its success closes the breaker, its failure
+    opens it for another cooldown.  A probe that never reports (its caller was
+    interrupted) is replaced after another cooldown.  Thread-safe.
+    """
+
+    __slots__ = (
+        "_cooldown",
+        "_failures",
+        "_lock",
+        "_opened_at",
+        "_probe_at",
+        "_threshold",
+        "opens",
+    )
+
+    def __init__(self, threshold: int, cooldown: float) -> None:
+        self._threshold = threshold
+        self._cooldown = cooldown
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probe_at: float | None = None
+        self._lock = threading.Lock()
+        self.opens = 0
+
+    @property
+    def state(self) -> str:
+        if self._opened_at is None:
+            return CLOSED_STATE
+        return HALF_OPEN_STATE if self._probe_at is not None else OPEN_STATE
+
+    def allow(self, now: float) -> bool:
+        """Whether a new flight may use Redis now (claims the probe when half-open)."""
+        if self._opened_at is None:  # the common case, without the lock
+            return True
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            since = self._opened_at if self._probe_at is None else self._probe_at
+            if now < since + self._cooldown:
+                return False
+            self._probe_at = now
+            return True
+
+    def is_open(self) -> bool:
+        return self._opened_at is not None and self._probe_at is None
+
+    def success(self) -> None:
+        if self._failures or self._opened_at is not None:
+            with self._lock:
+                self._failures = 0
+                self._opened_at = None
+                self._probe_at = None
+
+    def failure(self, now: float) -> bool:
+        """Count a failed operation; true if this failure opened the breaker."""
+        with self._lock:
+            self._failures += 1
+            probing = self._probe_at is not None
+            if probing or (self._opened_at is None and self._failures >= self._threshold):
+                opened = self._opened_at is None
+                self._opened_at = now
+                self._probe_at = None
+                if opened:
+                    self.opens += 1
+                return opened
+            return False
+
+
+# -- the caller's state machine ----------------------------------------------------------
+
+# What a plan asks its driver to do next (Plan.op).
+ACQUIRE = 1  # run ACQUIRE_SCRIPT with acquire_keys() / acquire_args()
+READ = 2  # XREAD BLOCK block_ms STREAMS stream 0-0
+SLEEP = 3  # sleep delay seconds, then call resume()
+HIT = 4  # decode payload and return it (on a decode error: call bad_payload())
+REMOTE_ERROR = 5  # decode payload as an error record and raise it
+LEAD = 6  # run the loader as leader with token and epoch
+LOCAL = 7  # run the loader locally, without Redis (policy "open")
+FAIL = 8  # raise error (policy "closed")
+
+# Why a plan went LOCAL or FAIL (Plan.reason).
+REASON_UNAVAILABLE = "unavailable"
+REASON_CIRCUIT_OPEN = "circuit open"
+REASON_TIMEOUT = "timeout"
+
+
+class Plan:
+    """What one process does, as the local leader of a key, to get its value through Redis.
+
+    ``deadline = now + max_wait``.  ACQUIRE answers hit, lead, or wait on
+    holder T; a wait is one XREAD BLOCK on T's completion stream, bounded by
+    the lease's remaining time, after which the plan asks again (and takes
+    over if T died).  Redis errors are retried within the retry budget, then
+    the error policy applies, as it does at the deadline.
+    """
+
+    __slots__ = (
+        "_after_sleep",
+        "_breaker",
+        "_retry",
+        "block_ms",
+        "deadline",
+        "delay",
+        "epoch",
+        "error",
+        "keys",
+        "op",
+        "payload",
+        "reason",
+        "settings",
+        "stream",
+        "token",
+        "use_hit",
+        "waited",
+    )
+
+    def __init__(self, settings: Settings, keys: Keys, breaker: Breaker, now: float) -> None:
+        self.settings = settings
+        self.keys = keys
+        self._breaker = breaker
+        self._retry = RetryBudget(settings)
+        self.deadline = now + settings.max_wait
+        self.token = new_token()
+        self.use_hit = True
+        self.waited = False  # true once it waited on another leader (a lead then is a takeover)
+        self.epoch = 0
+        self.payload = b""
+        self.stream = ""
+        self.block_ms = 0
+        self.delay = 0.0
+        self.error: BaseException | None = None
+        self.reason = ""
+        self._after_sleep = ACQUIRE
+        if breaker.allow(now):
+            self.op = ACQUIRE
+        else:
+            self.op = self._unusable(REASON_CIRCUIT_OPEN, None)
+
+    # -- requests --
+
+    def acquire_keys(self) -> list[str]:
+        keys = self.keys
+        return [keys.res, keys.lease, keys.fence]
+
+    def acquire_args(self) -> list[str | int]:
+        s = self.settings
+        return [self.token, s.lease_ms, s.fence_ttl_ms, "1" if self.use_hit else "0"]
+
+    def complete_keys(self) -> list[str]:
+        keys = self.keys
+        return [keys.fence, keys.res, keys.lease, keys.done(self.token)]
+
+    def complete_args(self, status: str, payload: bytes) -> list[str | int | bytes]:
+        s = self.settings
+        return [self.token, status, payload, s.result_ttl_ms, s.done_ttl_ms]
+
+    # -- replies --
+
+    def acquired(self, reply: Any, now: float) -> int:
+        """Take ACQUIRE's reply; returns (and sets) the next op."""
+        self._succeeded()
+        kind = int(reply[0])
+        if kind == 0:
+            self.payload = reply[1]
+            self.op = HIT
+        elif kind == 1:
+            self.epoch = int(reply[1]) if len(reply) > 1 and reply[1] is not None else 0
+            self.op = LEAD
+        else:
+            holder = reply[1] if len(reply) > 1 else None
+            pttl = int(reply[2]) if len(reply) > 2 and reply[2] is not None else -2
+            if holder is None or pttl == -2:  # the lease ended between SET NX and GET
+                return self._again(now)
+            s = self.settings
+            if pttl < 0:  # a lease without expiry was not set by us; wait one lease
+                pttl = s.lease_ms
+            remaining = int((self.deadline - now) * 1000)
+            if remaining <= 0:
+                return self._give_up()
+            if isinstance(holder, bytes):
+                holder = holder.decode("ascii", "replace")
+            self.stream = self.keys.done(holder)
+            self.block_ms = max(1, min(pttl + s.slack_ms, s.lease_ms + s.slack_ms, remaining))
+            self.waited = True
+            self.op = READ
+        return self.op
+
+    def read(self, reply: Any, now: float) -> int:
+        """Take XREAD's reply (empty when the slice ended); returns the next op."""
+        self._succeeded()
+        record = _first_record(reply)
+        if record is None:
+            return self._again(now)
+        status = record.get(b"s")
+        payload = record.get(b"v", b"")
+        if status == b"o":
+            self.payload = payload
+            self.op = HIT
+        elif status == b"e":
+            self.payload = payload
+            self.op = REMOTE_ERROR
+        else:  # abandoned (or unknown): the holder gave up, ask again at once
+            return self._again(now)
+        return self.op
+
+    def bad_payload(self, now: float) -> int:
+        """The payload did not decode: a miss.  Ask again, ignoring the stored result."""
+        self.use_hit = False
+        return self._again(now)
+
+    def failed(self, error: BaseException, transient: bool, now: float) -> int:
+        """A Redis operation failed: sleep and retry, or apply the error policy."""
+        if transient and not self._breaker.is_open():
+            delay = self._retry.delay(now, self.deadline)
+            if delay is not None:
+                self.delay = delay
+                self._after_sleep = ACQUIRE  # after a failed read too: state may be lost
+                self.op = SLEEP
+                return SLEEP
+        self._breaker.failure(now)
+        return self._unusable(REASON_UNAVAILABLE, error)
+
+    def resume(self, now: float) -> int:
+        """The sleep is over."""
+        if now >= self.deadline:
+            return self._give_up()
+        self.op = self._after_sleep
+        return self.op
+
+    # -- internals --
+
+    def _succeeded(self) -> None:
+        self._retry.reset()
+        self._breaker.success()
+
+    def _again(self, now: float) -> int:
+        if now >= self.deadline:
+            return self._give_up()
+        self.token = new_token()
+        self.op = ACQUIRE
+        return ACQUIRE
+
+    def _give_up(self) -> int:
+        return self._unusable(REASON_TIMEOUT, None)
+
+    def _unusable(self, reason: str, error: BaseException | None) -> int:
+        self.reason = reason
+        self.error = error
+        self.op = LOCAL if self.settings.policy == "open" else FAIL
+        return self.op
+
+
+def _first_record(reply: Any) -> dict[bytes, bytes] | None:
+    """The fields of the first entry of an XREAD reply, or None if it has none."""
+    if not reply:
+        return None
+    if isinstance(reply, dict):  # RESP3 shape: {stream: [[id, fields]]}
+        entries = next(iter(reply.values()))
+        entries = entries[0] if entries and isinstance(entries[0], list) else entries
+    else:  # RESP2: [[stream, [(id, fields)]]]
+        entries = reply[0][1]
+    if not entries:
+        return None
+    fields = entries[0][1]
+    if isinstance(fields, dict):
+        return fields
+    return dict(zip(fields[::2], fields[1::2], strict=False))
+
+
+class Completion:
+    """COMPLETE's reply, decoded."""
+
+    __slots__ = ("code", "waiters")
+
+    COMPLETED, DETACHED, FENCED, ALREADY = 1, 2, 0, 3
+
+    def __init__(self, reply: Any) -> None:
+        self.code = int(reply[0])
+        self.waiters = int(reply[1]) if len(reply) > 1 and reply[1] is not None else 0
+
+    @property
+    def fenced(self) -> bool:
+        return self.code == self.FENCED
+
+
+# -- the watchdog's bookkeeping -------------------------------------------------------------
+
+RENEWED, RESURRECTED, LOST = 1, 2, 0
+
+
+class Held:
+    """A lease this process holds while its loader runs (one per leading flight).
+
+    It belongs to the flight, never to a thread: a token is never shared.
+    """
+
+    __slots__ = ("due", "epoch", "keys", "lost", "token")
+
+    def __init__(self, keys: Keys, token: str, epoch: int) -> None:
+        self.keys = keys
+        self.token = token
+        self.epoch = epoch
+        self.due = 0.0
+        self.lost = False
+
+    def renew_keys(self) -> list[str]:
+        return [self.keys.lease, self.keys.fence]
+
+
+class Renewals:
+    """Which held leases are due for renewal, and when the watchdog should wake next.
+
+    Renewal runs every ``lease / 3``: two renewals can fail before a lease
+    lapses.  A failed renewal is retried sooner.  Not thread-safe: the sync
+    watchdog guards it with its lock.
+    """
+
+    __slots__ = ("held", "interval", "retry_interval")
+
+    def __init__(self, settings: Settings) -> None:
+        self.interval = settings.renew_interval
+        self.retry_interval = min(self.interval, 0.1)
+        self.held: dict[str, Held] = {}
+
+    def add(self, held: Held, now: float) -> None:
+        held.due = now + self.interval
+        self.held[held.token] = held
+
+    def remove(self, held: Held) -> None:
+        self.held.pop(held.token, None)
+
+    def due(self, now: float) -> list[Held]:
+        return [h for h in self.held.values() if h.due <= now]
+
+    def next_wake(self, now: float) -> float | None:
+        """Seconds until the next renewal is due, or None when nothing is held."""
+        if not self.held:
+            return None
+        return max(0.0, min(h.due for h in self.held.values()) - now)
+
+    def renewed(self, held: Held, code: int, now: float) -> None:
+        if code == LOST:
+            held.lost = True
+            self.remove(held)
+        else:
+            held.due = now + self.interval
+
+    def failed(self, held: Held, now: float) -> None:
+        held.due = now + self.retry_interval
+
+
+# -- counters ---------------------------------------------------------------------------------
+
+
+class Counters:
+    """What a group has done, for metrics.  Thread-safe increments."""
+
+    __slots__ = (
+        "_lock",
+        "fenced",
+        "hits",
+        "leads",
+        "local_runs",
+        "lost_leases",
+        "redis_errors",
+        "remote_errors",
+        "resurrections",
+        "takeovers",
+        "timeouts",
+        "unavailable",
+        "untrusted_payloads",
+        "waits",
+    )
+
+    FIELDS = (
+        "hits",
+        "leads",
+        "takeovers",
+        "waits",
+        "fenced",
+        "lost_leases",
+        "resurrections",
+        "remote_errors",
+        "local_runs",
+        "unavailable",
+        "timeouts",
+        "redis_errors",
+        "untrusted_payloads",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {name: getattr(self, name) for name in self.FIELDS}
