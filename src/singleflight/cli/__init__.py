@@ -1,0 +1,87 @@
+"""The ``singleflight`` command (``python -m singleflight``): ``demo`` and ``bench``.
+
+Importing this package imports only the standard library; the demo's
+dependencies (the ``demo`` extra) are imported when the demo runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+# The modules the demo extra brings, and what the demo says when one is missing.
+_DEMO_MODULES = frozenset({"rich", "matplotlib", "psycopg", "redis", "numpy", "PIL"})
+
+
+def _fail(message: str, code: int) -> int:
+    print(message, file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 failed, 2 bad usage)."""
+    from ._args import UsageError, parse
+
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        return _fail(str(exc), 2)
+    try:
+        if args.command == "bench":
+            return _bench(args)
+        return _demo(args)
+    except KeyboardInterrupt:
+        return _fail(f"singleflight {args.command}: interrupted", 130)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchError, run_bench
+
+    try:
+        return run_bench(
+            args.only,
+            quick=args.quick,
+            as_json=args.json,
+            repo=args.repo,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
+    except BenchError as exc:
+        return _fail(f"singleflight bench: {exc}", 1)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from . import demo
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _DEMO_MODULES:
+            raise
+        return _fail(
+            f"singleflight demo needs the demo extra ({exc.name} is missing): "
+            "pip install 'pysingleflight[demo]'",
+            1,
+        )
+    cfg = demo.DemoConfig(
+        clients=args.clients,
+        duration=args.duration,
+        ttl=args.ttl,
+        keys=args.keys,
+        zipf=args.zipf,
+        think=args.think,
+        rows=args.rows,
+        seed=args.seed,
+        modes=args.modes,
+        use_asyncio=args.use_asyncio,
+        dsn=args.dsn,
+        db_file=args.db_file,
+        redis=args.redis,
+        processes=args.processes,
+        out=None if args.no_chart else args.out,
+        json_out=args.json_out,
+    )
+    try:
+        return demo.main(cfg)
+    except demo.DemoError as exc:
+        return _fail(f"singleflight demo: {exc}", 1)

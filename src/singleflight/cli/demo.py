@@ -1,0 +1,549 @@
+"""``python -m singleflight demo``: a real stampede against a real database, measured.
+
+For each mode (see :mod:`.modes`), ``clients`` threads (or asyncio tasks, or
+threads in ``processes`` worker processes) start cold and together, then for
+``duration`` seconds each one asks for a user profile (keys drawn from a Zipf
+distribution over the ``keys`` hottest users), waits ``think`` seconds, and
+asks again.  Cache entries live ``ttl`` seconds, so every ``ttl`` the hot keys
+expire while every client is asking for them.
+
+The database counts the queries it executed (see :mod:`.db`); the clients
+time each request.  Then a table per mode (queries, duplicate queries, peak
+queries/s at expiry, latency percentiles, errors) and a PNG chart of database
+queries per second over time, one line per mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import chart
+from .db import Database, DatabaseError, PostgresDatabase, SqliteDatabase, attach, new_run_id
+from .measure import ModeSummary, ZipfKeys, summarize
+from .modes import build_async, build_sync, mode_title
+
+__all__ = ["DemoConfig", "DemoError", "run_demo"]
+
+
+class DemoError(Exception):
+    """The demo cannot run as asked; the message is one line for the user."""
+
+
+@dataclass(slots=True)
+class DemoConfig:
+    """The demo's settings (the command line's options, validated)."""
+
+    clients: int = 64
+    duration: float = 12.0
+    ttl: float = 3.0
+    keys: int = 100
+    zipf: float = 1.1
+    think: float = 0.01  # seconds
+    rows: int = 100_000
+    seed: int = 1
+    modes: list[str] = field(default_factory=lambda: ["naive", "group", "loading"])
+    use_asyncio: bool = False
+    dsn: str | None = None
+    db_file: Path | None = None
+    redis: str | None = None
+    processes: int = 1
+    out: Path | None = Path("singleflight-demo.png")
+    json_out: Path | None = None
+    bucket: float = 0.25  # seconds per point of the chart
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """What one client saw: each request's latency, and its errors."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    last_error: str = ""
+
+    def failed(self, exc: Exception) -> None:
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+@dataclass(slots=True)
+class RawRun:
+    """One mode's run before it is summarized (picklable: workers send it back)."""
+
+    latencies: list[float]
+    errors: int
+    last_error: str
+    log: list[tuple[float, float, int]]  # (started, finished, key) of each executed query
+
+
+def hot_keys(cfg: DemoConfig) -> list[int]:
+    """The user ids the clients ask for, hottest first: spread over the table."""
+    return random.Random(cfg.seed).sample(range(1, cfg.rows + 1), cfg.keys)
+
+
+# -- one process: threads or tasks ---------------------------------------------------------
+
+Ticker = Callable[[int, int], None]  # (requests so far, queries so far)
+
+
+def _merge(stats: list[ClientStats], log: list[tuple[float, float, int]]) -> RawRun:
+    last = next((s.last_error for s in stats if s.last_error), "")
+    return RawRun(
+        latencies=[lat for s in stats for lat in s.latencies],
+        errors=sum(s.errors for s in stats),
+        last_error=last,
+        log=log,
+    )
+
+
+def run_threads(
+    cfg: DemoConfig,
+    mode: str,
+    db: Database,
+    run: str,
+    clients: range,
+    start_at: Callable[[], float],
+    tick: Ticker,
+) -> RawRun:
+    """Run ``mode`` with one thread per client index in ``clients``.
+
+    The threads start together once ``start_at()`` (which may wait) returns
+    the origin, a ``time.monotonic()`` reading; each stops asking at
+    ``origin + duration``.
+    """
+    service = build_sync(mode, db.profile, cfg.ttl, cfg.redis, f"singleflight-demo:{run}:{mode}")
+    pick = ZipfKeys(hot_keys(cfg), cfg.zipf)
+    stats = [ClientStats() for _ in clients]
+    go = threading.Event()
+    origin = 0.0
+
+    def client(index: int, mine: ClientStats) -> None:
+        rng = random.Random(cfg.seed * 100_003 + index)
+        go.wait()
+        deadline = origin + cfg.duration
+        get, clock, latencies = service.get, time.perf_counter, mine.latencies
+        while time.monotonic() < deadline:
+            key = pick(rng)
+            started = clock()
+            try:
+                get(key)
+            except Exception as exc:
+                mine.failed(exc)
+            latencies.append(clock() - started)
+            time.sleep(rng.expovariate(1 / cfg.think) if cfg.think else 0)
+
+    threads = [
+        threading.Thread(target=client, args=(i, s), name=f"demo-client-{i}", daemon=True)
+        for i, s in zip(clients, stats, strict=True)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        origin = start_at()
+        db.begin(run, origin)
+        go.set()
+        while any(thread.is_alive() for thread in threads):
+            tick(sum(len(s.latencies) for s in stats), db.executed())
+            threads[0].join(0.1) if threads[0].is_alive() else time.sleep(0.1)
+        tick(sum(len(s.latencies) for s in stats), db.executed())
+    finally:
+        go.set()
+        for thread in threads:
+            thread.join()
+        service.close()
+    result = _merge(stats, db.log() if db.counts_in_process else [])
+    db.close()
+    return result
+
+
+def run_tasks(
+    cfg: DemoConfig,
+    mode: str,
+    db: Database,
+    run: str,
+    clients: range,
+    start_at: Callable[[], float],
+    tick: Ticker,
+) -> RawRun:
+    """Run ``mode`` with one asyncio task per client index, on a new event loop.
+
+    The driver is blocking, so queries run on a thread pool as large as the
+    number of clients (what ``asyncio.to_thread`` does, without its small
+    default pool capping the stampede).
+    """
+    return asyncio.run(_run_tasks(cfg, mode, db, run, clients, start_at, tick))
+
+
+async def _run_tasks(
+    cfg: DemoConfig,
+    mode: str,
+    db: Database,
+    run: str,
+    clients: range,
+    start_at: Callable[[], float],
+    tick: Ticker,
+) -> RawRun:
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(len(clients) + 4, thread_name_prefix="demo-query")
+
+    async def query(key: int) -> dict[str, Any]:
+        return await loop.run_in_executor(pool, db.profile, key)
+
+    service = build_async(mode, query, cfg.ttl, cfg.redis, f"singleflight-demo:{run}:{mode}")
+    pick = ZipfKeys(hot_keys(cfg), cfg.zipf)
+    stats = [ClientStats() for _ in clients]
+    go = asyncio.Event()
+    origin = 0.0
+
+    async def client(index: int, mine: ClientStats) -> None:
+        rng = random.Random(cfg.seed * 100_003 + index)
+        await go.wait()
+        deadline = origin + cfg.duration
+        get, clock, latencies = service.get, time.perf_counter, mine.latencies
+        while time.monotonic() < deadline:
+            key = pick(rng)
+            started = clock()
+            try:
+                await get(key)
+            except Exception as exc:
+                mine.failed(exc)
+            latencies.append(clock() - started)
+            await asyncio.sleep(rng.expovariate(1 / cfg.think) if cfg.think else 0)
+
+    tasks = [asyncio.create_task(client(i, s)) for i, s in zip(clients, stats, strict=True)]
+    try:
+        origin = await loop.run_in_executor(pool, start_at)
+        await loop.run_in_executor(pool, db.begin, run, origin)
+        go.set()
+        while not all(task.done() for task in tasks):
+            executed = await loop.run_in_executor(pool, db.executed)
+            tick(sum(len(s.latencies) for s in stats), executed)
+            await asyncio.wait(tasks, timeout=0.1)
+        tick(sum(len(s.latencies) for s in stats), db.executed())
+    finally:
+        go.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await service.aclose()
+        pool.shutdown(wait=True)
+    result = _merge(stats, db.log() if db.counts_in_process else [])
+    db.close()
+    return result
+
+
+# -- several processes ------------------------------------------------------------------------
+
+
+def _worker(
+    cfg: DemoConfig,
+    mode: str,
+    spec: tuple[str, str, int],
+    run: str,
+    clients: range,
+    origin: float,
+    counters: Any,
+    slot: int,
+    results: Any,
+) -> None:
+    """A worker process: run its share of the clients from ``origin``, send back the run."""
+    try:
+        db = attach(spec)
+
+        def start_at() -> float:
+            time.sleep(max(0.0, origin - time.monotonic()))
+            return origin
+
+        def tick(requests: int, queries: int) -> None:
+            counters[2 * slot] = requests
+            counters[2 * slot + 1] = queries
+
+        runner = run_tasks if cfg.use_asyncio else run_threads
+        raw = runner(cfg, mode, db, run, clients, start_at, tick)
+        results.put((slot, raw, None))
+    except BaseException as exc:
+        results.put((slot, None, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+
+
+def run_processes(cfg: DemoConfig, mode: str, db: Database, run: str, tick: Ticker) -> RawRun:
+    """Run ``mode`` in ``cfg.processes`` worker processes sharing the clients."""
+    context = multiprocessing.get_context("spawn")
+    counters = context.Array("q", 2 * cfg.processes, lock=False)
+    results = context.Queue()
+    shares = [range(i, cfg.clients, cfg.processes) for i in range(cfg.processes)]
+    # Spawning takes a while: every worker waits for one origin, set late enough.
+    origin = time.monotonic() + 1.5 + 0.3 * cfg.processes
+    workers = [
+        context.Process(
+            target=_worker,
+            args=(cfg, mode, db.spec(), run, share, origin, counters, slot, results),
+            name=f"singleflight-demo-worker-{slot}",
+        )
+        for slot, share in enumerate(shares)
+    ]
+    for worker in workers:
+        worker.start()
+    time.sleep(max(0.0, origin - time.monotonic()))
+    db.begin(run, origin)
+    raws: dict[int, RawRun] = {}
+    failure = ""
+    deadline = origin + cfg.duration + 60.0
+    try:
+        while len(raws) < len(workers) and not failure:
+            requests = sum(counters[0::2])
+            queries = sum(counters[1::2]) if db.counts_in_process else db.executed()
+            tick(requests, queries)
+            try:
+                slot, raw, error = results.get(timeout=0.1)
+            except Exception:  # queue.Empty
+                if time.monotonic() > deadline:
+                    failure = "worker processes did not finish"
+                elif any(not w.is_alive() and w.exitcode for w in workers):
+                    failure = "a worker process died"
+                continue
+            if error is not None:
+                failure = f"worker process {slot} failed: {error}"
+            else:
+                raws[slot] = raw
+    finally:
+        for worker in workers:
+            worker.join(5)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    if failure:
+        raise DemoError(failure)
+    merged = list(raws.values())
+    log = [e for r in merged for e in r.log] if db.counts_in_process else db.log()
+    last = next((r.last_error for r in merged if r.last_error), "")
+    return RawRun(
+        latencies=[lat for r in merged for lat in r.latencies],
+        errors=sum(r.errors for r in merged),
+        last_error=last,
+        log=sorted(log),
+    )
+
+
+# -- the whole demo -----------------------------------------------------------------------------
+
+
+def open_database(cfg: DemoConfig, scratch: Path) -> Database:
+    if cfg.dsn is not None:
+        db = PostgresDatabase(cfg.dsn, cfg.rows)
+        free = db.max_clients()
+        needed = cfg.clients + 8 * cfg.processes
+        if needed > free:
+            db.close()
+            raise DemoError(
+                f"{cfg.clients} clients need about {needed} PostgreSQL connections and the "
+                f"server has {free} free (max_connections): use --clients {max(1, free - 8)}"
+            )
+        return db
+    return SqliteDatabase(cfg.db_file or scratch / "singleflight-demo.db", cfg.rows)
+
+
+def _check_redis(url: str) -> None:
+    try:
+        import redis
+    except ImportError as exc:
+        raise DemoError(
+            "cross-process mode needs the Redis tier: pip install 'pysingleflight[redis]'"
+        ) from exc
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise DemoError(f"cannot reach Redis at {url}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        client.close()
+
+
+def _describe(cfg: DemoConfig, db: Database) -> str:
+    if cfg.processes > 1:
+        who = f"{cfg.clients} clients ({'tasks' if cfg.use_asyncio else 'threads'}) in "
+        who += f"{cfg.processes} processes"
+    else:
+        who = f"{cfg.clients} {'asyncio tasks' if cfg.use_asyncio else 'threads'}"
+    return (
+        f"{db.label}\n{who}, Zipf(s={cfg.zipf:g}) over {cfg.keys:,} hot users, "
+        f"{cfg.think * 1000:g} ms think time; cache TTL {cfg.ttl:g} s; {cfg.duration:g} s per mode"
+    )
+
+
+def latency(seconds: float) -> str:
+    """A latency for the table: µs below a millisecond, ms below a second, else s."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+TABLE_NOTES = """\
+duplicates: queries that started while a query of the same key was still running
+at once: the most queries running at the same moment
+peak q/s: the most DB queries per second, in {width:g} ms buckets, after the first half TTL
+          (that is, at expiries rather than at the cold start)
+p50/p99/max: latency of a request, as its client saw it"""
+
+
+def render_table(summaries: list[ModeSummary], width: float) -> Table:
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title="Queries the database executed, and request latency",
+        title_justify="left",
+    )
+    table.add_column("mode")
+    for name in ("requests", "DB queries", "duplicates", "at once", "peak q/s"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for name in ("p50", "p99", "max", "errors"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for s in summaries:
+        table.add_row(
+            s.title,
+            f"{s.requests:,}",
+            f"{s.queries:,}",
+            f"{s.duplicates:,}",
+            f"{s.most_at_once:,}",
+            f"{s.peak_qps:,.0f}",
+            latency(s.p50),
+            latency(s.p99),
+            latency(s.max),
+            f"{s.errors:,}",
+        )
+    return table
+
+
+def _verdict(summaries: list[ModeSummary]) -> str:
+    by_mode = {s.mode: s for s in summaries}
+    naive = by_mode.get("naive")
+    lines = []
+    for s in summaries:
+        if s is naive or naive is None or s.queries == 0:
+            continue
+        lines.append(
+            f"{s.title}: {naive.queries / s.queries:.1f}x fewer database queries than "
+            f"{naive.title}, {s.duplicates:,} duplicates (naive: {naive.duplicates:,})"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig, out: Console, err: Console) -> list[ModeSummary]:
+    """Run every mode of ``cfg``; print progress to ``err`` and the results to ``out``."""
+    if cfg.redis is not None:
+        _check_redis(cfg.redis)
+    with tempfile.TemporaryDirectory(prefix="singleflight-demo-") as scratch:
+        try:
+            db = open_database(cfg, Path(scratch))
+        except DatabaseError as exc:
+            raise DemoError(str(exc)) from exc
+        try:
+            return _run_modes(cfg, db, out, err)
+        finally:
+            if isinstance(db, PostgresDatabase):
+                db.shutdown()
+            else:
+                db.close()
+
+
+def _run_modes(cfg: DemoConfig, db: Database, out: Console, err: Console) -> list[ModeSummary]:
+    out.print(_describe(cfg, db), highlight=False)
+    summaries: list[ModeSummary] = []
+    raws: dict[str, RawRun] = {}
+    columns = (
+        TextColumn("{task.description:<42}"),
+        BarColumn(bar_width=24),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[requests]:>9,} requests  {task.fields[queries]:>7,} DB queries"),
+    )
+    with Progress(*columns, console=err, disable=not err.is_terminal) as progress:
+        for mode in cfg.modes:
+            title = mode_title(mode, cfg.redis is not None, cfg.use_asyncio)
+            task = progress.add_task(title, total=cfg.duration, requests=0, queries=0)
+            if not err.is_terminal:
+                err.print(f"running {title} for {cfg.duration:g} s ...", highlight=False)
+            started = time.monotonic()
+
+            def tick(
+                requests: int, queries: int, task: Any = task, started: float = started
+            ) -> None:
+                elapsed = min(time.monotonic() - started, cfg.duration)
+                progress.update(task, completed=elapsed, requests=requests, queries=queries)
+
+            run = new_run_id()
+            try:
+                if cfg.processes > 1:
+                    raw = run_processes(cfg, mode, db, run, tick)
+                else:
+                    runner = run_tasks if cfg.use_asyncio else run_threads
+                    raw = runner(cfg, mode, db, run, range(cfg.clients), time.monotonic, tick)
+                    if not db.counts_in_process:
+                        raw.log = db.log()
+            finally:
+                db.end()
+            progress.update(task, completed=cfg.duration)
+            summary = summarize(
+                mode,
+                title,
+                raw.latencies,
+                raw.errors,
+                raw.log,
+                duration=cfg.duration,
+                ttl=cfg.ttl,
+                width=cfg.bucket,
+            )
+            if raw.last_error:
+                err.print(f"{title}: {raw.errors:,} errors, the last: {raw.last_error}")
+            summaries.append(summary)
+            raws[mode] = raw
+    out.print(render_table(summaries, cfg.bucket))
+    out.print(TABLE_NOTES.format(width=cfg.bucket * 1000), style="dim", highlight=False)
+    verdict = _verdict(summaries)
+    if verdict:
+        out.print(verdict, highlight=False)
+    if cfg.out is not None:
+        chart.write(cfg.out, summaries, cfg, subtitle=_describe(cfg, db).splitlines()[-1])
+        out.print(f"chart: {cfg.out}", highlight=False)
+    if cfg.json_out is not None:
+        _write_json(cfg.json_out, cfg, summaries, raws)
+    return summaries
+
+
+def _write_json(
+    path: Path, cfg: DemoConfig, summaries: list[ModeSummary], raws: dict[str, RawRun]
+) -> None:
+    config = asdict(cfg)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in config.items()}
+    config.pop("dsn", None)  # may hold a password
+    document = {
+        "config": config,
+        "modes": [
+            asdict(s) | {"log": raws[s.mode].log, "last_error": raws[s.mode].last_error}
+            for s in summaries
+        ],
+    }
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(document))
+    tmp.replace(path)
+
+
+def main(cfg: DemoConfig) -> int:
+    out = Console(width=None if sys.stdout.isatty() else 132)
+    err = Console(stderr=True)
+    run_demo(cfg, out, err)
+    return 0

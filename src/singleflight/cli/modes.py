@@ -1,0 +1,323 @@
+"""The ways of serving a read that the demo compares, for threads and for asyncio.
+
+Each mode answers ``get(user_id)`` from a cache in front of the database query:
+
+``naive``
+    Cache-aside by hand: look in a TTL dict; on a miss, query and store.  Every
+    caller that misses queries, so a hot key that expires is queried by every
+    client that asks for it before the first query returns: the stampede.
+``group``
+    The same TTL dict, with the misses going through a :class:`~singleflight.Group`
+    (:class:`~singleflight.AsyncGroup`); the loader looks in the cache again
+    (groupcache's second look: a caller that missed just before the last flight
+    wrote back must not query again), queries, and writes back.  One query per
+    key per expiry, in this process.
+``redis``
+    The same with a :class:`~singleflight.redis.RedisGroup` behind it: one
+    query per key per expiry across every process (``--redis``).
+``loading``
+    :class:`~singleflight.LoadingCache` (:class:`~singleflight.AsyncLoadingCache`)
+    with ``ttl``, ``stale`` (serve the old value while one background refresh
+    runs) and ``early_refresh`` (refresh hot keys before they expire); with
+    ``--redis`` its loader goes through a RedisGroup.
+
+The TTL dict has no jitter: it is the cache people write by hand.  The
+loading cache keeps its default jitter (±10%).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .. import AsyncGroup, AsyncLoadingCache, Group, LoadingCache
+
+__all__ = [
+    "MODES",
+    "AsyncMode",
+    "Mode",
+    "build_async",
+    "build_sync",
+    "mode_title",
+]
+
+Profile = dict[str, Any]
+Query = Callable[[int], Profile]
+AsyncQuery = Callable[[int], Awaitable[Profile]]
+
+MODES: dict[str, str] = {
+    "naive": "naive cache-aside",
+    "group": "cache + Group",
+    "redis": "cache + RedisGroup",
+    "loading": "LoadingCache",
+}
+
+
+def mode_title(mode: str, redis: bool = False, asyncio: bool = False) -> str:
+    """The name a mode has in the table and the chart."""
+    if mode == "group" and asyncio:
+        return "cache + AsyncGroup"
+    if mode == "redis" and asyncio:
+        return "cache + AsyncRedisGroup"
+    if mode == "loading":
+        name = "AsyncLoadingCache" if asyncio else "LoadingCache"
+        return f"{name} + RedisGroup" if redis else f"{name} (stale, early refresh)"
+    return MODES[mode]
+
+
+class TtlDict:
+    """``key -> (value, expires_at)``: the hand-written cache of the first three modes."""
+
+    __slots__ = ("_data", "_ttl")
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._data: dict[int, tuple[Profile, float]] = {}
+
+    def fresh(self, key: int) -> Profile | None:
+        entry = self._data.get(key)
+        if entry is not None and time.monotonic() < entry[1]:
+            return entry[0]
+        return None
+
+    def set(self, key: int, value: Profile) -> None:
+        self._data[key] = (value, time.monotonic() + self._ttl)
+
+
+# -- threads -----------------------------------------------------------------------------
+
+
+class Mode:
+    """A way of answering ``get(user_id)``, for threads."""
+
+    def get(self, key: int) -> Profile:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the mode holds (background refreshes, Redis connections)."""
+
+
+class _Naive(Mode):
+    def __init__(self, query: Query, ttl: float) -> None:
+        self._query = query
+        self._cache = TtlDict(ttl)
+
+    def get(self, key: int) -> Profile:
+        value = self._cache.fresh(key)
+        if value is None:
+            value = self._query(key)
+            self._cache.set(key, value)
+        return value
+
+
+class _Coalesced(Mode):
+    """TTL dict in front, a group behind; ``group`` is a Group or a RedisGroup."""
+
+    def __init__(self, query: Query, ttl: float, group: Any, closing: Callable[[], None]) -> None:
+        self._query = query
+        self._cache = TtlDict(ttl)
+        self._group = group
+        self._closing = closing
+
+    def _load(self, key: int) -> Profile:
+        value = self._cache.fresh(key)
+        if value is None:
+            value = self._query(key)
+            self._cache.set(key, value)  # written before the flight ends
+        return value
+
+    def get(self, key: int) -> Profile:
+        value = self._cache.fresh(key)
+        if value is None:
+            value = self._group.do(key, self._load, key)
+            assert value is not None
+            if self._cache.fresh(key) is None:  # a value loaded by another process
+                self._cache.set(key, value)
+        return value
+
+    def close(self) -> None:
+        self._closing()
+
+
+class _Loading(Mode):
+    def __init__(self, load: Query, ttl: float, closing: Callable[[], None]) -> None:
+        self._cache: LoadingCache[int, Profile] = LoadingCache(
+            load, ttl=ttl, stale=ttl, early_refresh=1.0
+        )
+        self._closing = closing
+
+    def get(self, key: int) -> Profile:
+        return self._cache.get(key)
+
+    def close(self) -> None:
+        self._cache.close()
+        self._closing()
+
+
+def _nothing() -> None:
+    return None
+
+
+def _redis_group(redis_url: str, namespace: str, ttl: float) -> tuple[Any, Callable[[], None]]:
+    import redis
+
+    from ..redis import RedisGroup
+
+    client = redis.Redis.from_url(redis_url)
+    # A process whose copy expires a little after another's takes that
+    # process's result from Redis rather than querying again.
+    group: RedisGroup[int, Profile] = RedisGroup(client, namespace=namespace, result_ttl=ttl / 2)
+
+    def closing() -> None:
+        group.close()
+        client.close()
+
+    return group, closing
+
+
+def build_sync(
+    mode: str, query: Query, ttl: float, redis_url: str | None = None, namespace: str = ""
+) -> Mode:
+    """The mode named ``mode`` in front of ``query``."""
+    if mode == "naive":
+        return _Naive(query, ttl)
+    if mode == "group":
+        return _Coalesced(query, ttl, Group(), _nothing)
+    if mode == "redis":
+        assert redis_url is not None
+        group, closing = _redis_group(redis_url, namespace, ttl)
+        return _Coalesced(query, ttl, group, closing)
+    if mode == "loading":
+        if redis_url is None:
+            return _Loading(query, ttl, _nothing)
+        group, closing = _redis_group(redis_url, namespace, ttl)
+
+        def load(key: int) -> Profile:
+            return group.do(key, query, key)  # type: ignore[no-any-return]
+
+        return _Loading(load, ttl, closing)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+# -- asyncio -----------------------------------------------------------------------------
+
+
+class AsyncMode:
+    """A way of answering ``await get(user_id)``, for asyncio tasks."""
+
+    async def get(self, key: int) -> Profile:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release what the mode holds (background refreshes, Redis connections)."""
+
+
+async def _anothing() -> None:
+    return None
+
+
+class _AsyncNaive(AsyncMode):
+    def __init__(self, query: AsyncQuery, ttl: float) -> None:
+        self._query = query
+        self._cache = TtlDict(ttl)
+
+    async def get(self, key: int) -> Profile:
+        value = self._cache.fresh(key)
+        if value is None:
+            value = await self._query(key)
+            self._cache.set(key, value)
+        return value
+
+
+class _AsyncCoalesced(AsyncMode):
+    def __init__(
+        self,
+        query: AsyncQuery,
+        ttl: float,
+        group: Any,
+        closing: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._query = query
+        self._cache = TtlDict(ttl)
+        self._group = group
+        self._closing = closing
+
+    async def _load(self, key: int) -> Profile:
+        value = self._cache.fresh(key)
+        if value is None:
+            value = await self._query(key)
+            self._cache.set(key, value)
+        return value
+
+    async def get(self, key: int) -> Profile:
+        value = self._cache.fresh(key)
+        if value is None:
+            value = await self._group.do(key, self._load, key)
+            assert value is not None
+            if self._cache.fresh(key) is None:
+                self._cache.set(key, value)
+        return value
+
+    async def aclose(self) -> None:
+        await self._closing()
+
+
+class _AsyncLoading(AsyncMode):
+    def __init__(
+        self, load: AsyncQuery, ttl: float, closing: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._cache: AsyncLoadingCache[int, Profile] = AsyncLoadingCache(
+            load, ttl=ttl, stale=ttl, early_refresh=1.0
+        )
+        self._closing = closing
+
+    async def get(self, key: int) -> Profile:
+        return await self._cache.get(key)
+
+    async def aclose(self) -> None:
+        await self._cache.aclose()
+        await self._closing()
+
+
+def _async_redis_group(
+    redis_url: str, namespace: str, ttl: float
+) -> tuple[Any, Callable[[], Awaitable[None]]]:
+    import redis.asyncio
+
+    from ..redis import AsyncRedisGroup
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    group: AsyncRedisGroup[int, Profile] = AsyncRedisGroup(
+        client, namespace=namespace, result_ttl=ttl / 2
+    )
+
+    async def closing() -> None:
+        await group.aclose()
+        await client.aclose()
+
+    return group, closing
+
+
+def build_async(
+    mode: str, query: AsyncQuery, ttl: float, redis_url: str | None = None, namespace: str = ""
+) -> AsyncMode:
+    """The mode named ``mode`` in front of ``query``, for the running event loop."""
+    if mode == "naive":
+        return _AsyncNaive(query, ttl)
+    if mode == "group":
+        return _AsyncCoalesced(query, ttl, AsyncGroup(), _anothing)
+    if mode == "redis":
+        assert redis_url is not None
+        group, closing = _async_redis_group(redis_url, namespace, ttl)
+        return _AsyncCoalesced(query, ttl, group, closing)
+    if mode == "loading":
+        if redis_url is None:
+            return _AsyncLoading(query, ttl, _anothing)
+        agroup, aclosing = _async_redis_group(redis_url, namespace, ttl)
+
+        async def load(key: int) -> Profile:
+            return await agroup.do(key, query, key)  # type: ignore[no-any-return]
+
+        return _AsyncLoading(load, ttl, aclosing)
+    raise ValueError(f"unknown mode {mode!r}")
