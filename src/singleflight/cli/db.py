@@ -132,7 +132,12 @@ class Database:
         """Forget the current run's records (the server's too)."""
 
     def close(self) -> None:
+        """Close the per-thread connections (the database stays usable)."""
         raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Close every connection, for good."""
+        self.close()
 
     def spec(self) -> tuple[str, str, int]:
         """``(kind, where, rows)``, enough for :func:`attach` in another process."""
@@ -289,10 +294,10 @@ _FILL = f"""
 INSERT INTO {_SCHEMA}.users
 SELECT i,
        (ARRAY['{"','".join(_FIRST_NAMES)}'])
-           [1 + abs(hashtext('n' || i)) % {len(_FIRST_NAMES)}] || ' ' || i,
+           [1 + mod(abs(hashtext('n' || i)), {len(_FIRST_NAMES)})] || ' ' || i,
        'user' || i || '@example.com',
-       (ARRAY['{"','".join(COUNTRIES)}'])[1 + abs(hashtext('c' || i)) % {len(COUNTRIES)}],
-       abs(hashtext('s' || i)) % 1000000
+       (ARRAY['{"','".join(COUNTRIES)}'])[1 + mod(abs(hashtext('c' || i)), {len(COUNTRIES)})],
+       mod(abs(hashtext('s' || i)), 1000000)
   FROM generate_series(1, %s) AS i
 """
 

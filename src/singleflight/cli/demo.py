@@ -19,6 +19,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import queue
 import random
 import sys
 import tempfile
@@ -35,7 +36,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import chart
 from .db import Database, DatabaseError, PostgresDatabase, SqliteDatabase, attach, new_run_id
 from .measure import ModeSummary, ZipfKeys, summarize
 from .modes import build_async, build_sync, mode_title
@@ -132,6 +132,7 @@ def run_threads(
     pick = ZipfKeys(hot_keys(cfg), cfg.zipf)
     stats = [ClientStats() for _ in clients]
     go = threading.Event()
+    stop = threading.Event()  # set early only when the run is interrupted
     origin = 0.0
 
     def client(index: int, mine: ClientStats) -> None:
@@ -139,7 +140,7 @@ def run_threads(
         go.wait()
         deadline = origin + cfg.duration
         get, clock, latencies = service.get, time.perf_counter, mine.latencies
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not stop.is_set():
             key = pick(rng)
             started = clock()
             try:
@@ -147,7 +148,7 @@ def run_threads(
             except Exception as exc:
                 mine.failed(exc)
             latencies.append(clock() - started)
-            time.sleep(rng.expovariate(1 / cfg.think) if cfg.think else 0)
+            stop.wait(rng.expovariate(1 / cfg.think) if cfg.think else 0)
 
     threads = [
         threading.Thread(target=client, args=(i, s), name=f"demo-client-{i}", daemon=True)
@@ -161,9 +162,10 @@ def run_threads(
         go.set()
         while any(thread.is_alive() for thread in threads):
             tick(sum(len(s.latencies) for s in stats), db.executed())
-            threads[0].join(0.1) if threads[0].is_alive() else time.sleep(0.1)
+            time.sleep(0.1)
         tick(sum(len(s.latencies) for s in stats), db.executed())
     finally:
+        stop.set()
         go.set()
         for thread in threads:
             thread.join()
@@ -238,7 +240,8 @@ async def _run_tasks(
             await asyncio.wait(tasks, timeout=0.1)
         tick(sum(len(s.latencies) for s in stats), db.executed())
     finally:
-        go.set()
+        for task in tasks:  # still running only if the run was interrupted
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await service.aclose()
         pool.shutdown(wait=True)
@@ -256,85 +259,116 @@ def _worker(
     spec: tuple[str, str, int],
     run: str,
     clients: range,
-    origin: float,
-    counters: Any,
     slot: int,
-    results: Any,
+    counters: Any,
+    go: Any,
+    origin: Any,
+    messages: Any,
 ) -> None:
-    """A worker process: run its share of the clients from ``origin``, send back the run."""
+    """A worker process: set up its share of the clients, say it is ready, start at the
+    origin the parent sets, and send back the run (or the error)."""
     try:
         db = attach(spec)
 
         def start_at() -> float:
-            time.sleep(max(0.0, origin - time.monotonic()))
-            return origin
+            messages.put(("ready", slot, None))
+            if not go.wait(START_TIMEOUT):
+                raise DemoError("the parent process never started the run")
+            time.sleep(max(0.0, origin.value - time.monotonic()))
+            return float(origin.value)
 
         def tick(requests: int, queries: int) -> None:
             counters[2 * slot] = requests
             counters[2 * slot + 1] = queries
 
         runner = run_tasks if cfg.use_asyncio else run_threads
-        raw = runner(cfg, mode, db, run, clients, start_at, tick)
-        results.put((slot, raw, None))
+        try:
+            messages.put(("done", slot, runner(cfg, mode, db, run, clients, start_at, tick)))
+        finally:
+            db.shutdown()
     except BaseException as exc:
-        results.put((slot, None, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+        messages.put(("failed", slot, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+
+
+START_TIMEOUT = 60.0  # seconds worker processes may take to start
 
 
 def run_processes(cfg: DemoConfig, mode: str, db: Database, run: str, tick: Ticker) -> RawRun:
-    """Run ``mode`` in ``cfg.processes`` worker processes sharing the clients."""
+    """Run ``mode`` in ``cfg.processes`` worker processes sharing the clients.
+
+    Each worker starts its clients, then waits; once all are ready the parent
+    sets one origin and they all start at it.  A worker that fails or dies
+    ends the run with :class:`DemoError`; the others are stopped.
+    """
     context = multiprocessing.get_context("spawn")
     counters = context.Array("q", 2 * cfg.processes, lock=False)
-    results = context.Queue()
-    shares = [range(i, cfg.clients, cfg.processes) for i in range(cfg.processes)]
-    # Spawning takes a while: every worker waits for one origin, set late enough.
-    origin = time.monotonic() + 1.5 + 0.3 * cfg.processes
+    go = context.Event()
+    origin = context.Value("d", 0.0, lock=False)
+    messages = context.Queue()
     workers = [
         context.Process(
             target=_worker,
-            args=(cfg, mode, db.spec(), run, share, origin, counters, slot, results),
+            args=(
+                cfg,
+                mode,
+                db.spec(),
+                run,
+                range(slot, cfg.clients, cfg.processes),
+                slot,
+                counters,
+                go,
+                origin,
+                messages,
+            ),
             name=f"singleflight-demo-worker-{slot}",
+            daemon=True,
         )
-        for slot, share in enumerate(shares)
+        for slot in range(cfg.processes)
     ]
-    for worker in workers:
-        worker.start()
-    time.sleep(max(0.0, origin - time.monotonic()))
-    db.begin(run, origin)
+    ready: set[int] = set()
     raws: dict[int, RawRun] = {}
-    failure = ""
-    deadline = origin + cfg.duration + 60.0
+    deadline = time.monotonic() + START_TIMEOUT
     try:
-        while len(raws) < len(workers) and not failure:
-            requests = sum(counters[0::2])
-            queries = sum(counters[1::2]) if db.counts_in_process else db.executed()
-            tick(requests, queries)
-            try:
-                slot, raw, error = results.get(timeout=0.1)
-            except Exception:  # queue.Empty
-                if time.monotonic() > deadline:
-                    failure = "worker processes did not finish"
-                elif any(not w.is_alive() and w.exitcode for w in workers):
-                    failure = "a worker process died"
-                continue
-            if error is not None:
-                failure = f"worker process {slot} failed: {error}"
-            else:
-                raws[slot] = raw
-    finally:
         for worker in workers:
-            worker.join(5)
+            worker.start()
+        while len(raws) < len(workers):
+            if go.is_set():
+                requests = sum(counters[0::2])
+                queries = sum(counters[1::2]) if db.counts_in_process else db.executed()
+                tick(requests, queries)
+            try:
+                kind, slot, payload = messages.get(timeout=0.1)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise DemoError("worker processes did not finish in time") from None
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise DemoError(f"worker process {dead[0].name} died") from None
+                continue
+            if kind == "failed":
+                raise DemoError(f"worker process {slot} failed: {payload}")
+            if kind == "done":
+                raws[slot] = payload
+                continue
+            ready.add(slot)
+            if len(ready) == len(workers):
+                origin.value = time.monotonic() + 0.05
+                db.begin(run, origin.value)
+                go.set()
+                deadline = origin.value + cfg.duration + START_TIMEOUT
+    finally:
+        go.set()
+        for worker in workers:
+            worker.join(10 if not raws else 5)
             if worker.is_alive():
                 worker.kill()
                 worker.join()
-    if failure:
-        raise DemoError(failure)
     merged = list(raws.values())
     log = [e for r in merged for e in r.log] if db.counts_in_process else db.log()
-    last = next((r.last_error for r in merged if r.last_error), "")
     return RawRun(
         latencies=[lat for r in merged for lat in r.latencies],
         errors=sum(r.errors for r in merged),
-        last_error=last,
+        last_error=next((r.last_error for r in merged if r.last_error), ""),
         log=sorted(log),
     )
 
@@ -348,7 +382,7 @@ def open_database(cfg: DemoConfig, scratch: Path) -> Database:
         free = db.max_clients()
         needed = cfg.clients + 8 * cfg.processes
         if needed > free:
-            db.close()
+            db.shutdown()
             raise DemoError(
                 f"{cfg.clients} clients need about {needed} PostgreSQL connections and the "
                 f"server has {free} free (max_connections): use --clients {max(1, free - 8)}"
@@ -455,10 +489,7 @@ def run_demo(cfg: DemoConfig, out: Console, err: Console) -> list[ModeSummary]:
         try:
             return _run_modes(cfg, db, out, err)
         finally:
-            if isinstance(db, PostgresDatabase):
-                db.shutdown()
-            else:
-                db.close()
+            db.shutdown()
 
 
 def _run_modes(cfg: DemoConfig, db: Database, out: Console, err: Console) -> list[ModeSummary]:
@@ -517,6 +548,8 @@ def _run_modes(cfg: DemoConfig, db: Database, out: Console, err: Console) -> lis
     if verdict:
         out.print(verdict, highlight=False)
     if cfg.out is not None:
+        from . import chart  # matplotlib takes a while to import: only where it is used
+
         chart.write(cfg.out, summaries, cfg, subtitle=_describe(cfg, db).splitlines()[-1])
         out.print(f"chart: {cfg.out}", highlight=False)
     if cfg.json_out is not None:

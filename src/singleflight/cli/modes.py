@@ -62,7 +62,8 @@ def mode_title(mode: str, redis: bool = False, asyncio: bool = False) -> str:
         return "cache + AsyncRedisGroup"
     if mode == "loading":
         name = "AsyncLoadingCache" if asyncio else "LoadingCache"
-        return f"{name} + RedisGroup" if redis else f"{name} (stale, early refresh)"
+        group = "AsyncRedisGroup" if asyncio else "RedisGroup"
+        return f"{name} + {group}" if redis else f"{name} (stale, early refresh)"
     return MODES[mode]
 
 
