@@ -37,15 +37,18 @@ def _is_repo(path: Path) -> bool:
     ).is_file()
 
 
-def find_repo(explicit: Path | None = None, cwd: Path | None = None) -> Path:
+def find_repo(
+    explicit: Path | None = None, cwd: Path | None = None, package: Path | None = None
+) -> Path:
     """The checkout holding ``benchmarks/``: ``explicit``, else the working directory or
-    one of its parents, else the checkout this package was installed from (editable)."""
+    one of its parents, else the checkout holding ``package`` (this file: found when the
+    package is installed from a checkout, editable)."""
     if explicit is not None:
         if _is_repo(explicit):
             return explicit
         raise BenchError(f"--repo {explicit}: no benchmarks/bench_core.py there")
     here = (cwd or Path.cwd()).resolve()
-    package = Path(__file__).resolve()
+    package = (package or Path(__file__)).resolve()
     for candidate in (here, *here.parents, *package.parents):
         if _is_repo(candidate):
             return candidate
@@ -68,7 +71,13 @@ def parse_figures(stdout: str) -> list[Figure]:
 
 
 def _number(value: float, unit: str) -> str:
-    return f"{value:.3g} {unit}".rstrip()
+    if abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.3g}"
+    return f"{text} {unit}".rstrip()
 
 
 def render(results: Sequence[tuple[str, list[Figure]]]) -> str:
