@@ -55,6 +55,9 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     try:
         from . import demo
+
+        if not args.no_chart:
+            from . import chart  # noqa: F401  (matplotlib: missing is told now, not after the run)
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in _DEMO_MODULES:
             raise
