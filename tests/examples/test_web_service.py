@@ -1,0 +1,191 @@
+"""examples/web_service: the real ASGI server on 127.0.0.1, driven over HTTP.
+
+uvicorn runs the example app in a child process on a free port, with a SQLite file of
+its own; bursts of concurrent requests come from threads released together.  The query
+count is SQLite's own (its trace callback, read over GET /stats): one per user per TTL
+window, however many requests the burst holds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "web_service"
+TTL = 4.0  # long enough for a burst to end well inside one window, even on a slow machine
+USERS = 5
+REQUESTS = 200
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.url = url
+        self.process = process
+        self.log = log
+
+    def queries(self) -> int:
+        response = httpx.get(f"{self.url}/stats", timeout=5)
+        response.raise_for_status()
+        return int(response.json()["db_queries"])
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    port = _free_port()
+    log = tmp_path / "server.log"
+    env = os.environ | {
+        "WEB_SERVICE_DB": str(tmp_path / "users.db"),
+        "WEB_SERVICE_ROWS": "20000",
+        "WEB_SERVICE_TTL": str(TTL),
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(EXAMPLE),
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited at start:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{url}/stats", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not answer in 30 s:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield Server(url, process, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    if "Traceback" in log.read_text():
+        pytest.fail(f"the server logged an error:\n{log.read_text()}")
+
+
+def burst(url: str, requests: int = REQUESTS, threads: int = 40) -> list[tuple[int, int, object]]:
+    """``requests`` GETs of /users/1../users/USERS from ``threads`` threads released together;
+    (user id, status, body) of each."""
+    start = threading.Barrier(threads)
+    results: list[tuple[int, int, object]] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            start.wait(timeout=30)
+            for i in range(index, requests, threads):
+                user_id = 1 + i % USERS
+                response = http.get(f"/users/{user_id}")
+                with lock:
+                    results.append((user_id, response.status_code, response.json()))
+
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not any(worker.is_alive() for worker in workers)
+    assert len(results) == requests
+    for user_id, status, body in results:
+        assert status == 200, body
+        assert isinstance(body, dict) and body["id"] == user_id
+    return results
+
+
+def wait_for_queries(server: Server, expected: int, timeout: float = 5.0) -> None:
+    """Wait until the count reaches ``expected`` (background refreshes), then check that
+    it stays there."""
+    deadline = time.monotonic() + timeout
+    while server.queries() < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert server.queries() == expected
+
+
+@pytest.mark.timeout(120)
+def test_one_query_per_user_per_ttl_window_under_bursts(server: Server) -> None:
+    # 1. A cold burst, sent by the example's own load script.
+    sent = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE / "load.py"), "--url", server.url,
+         "--requests", str(REQUESTS), "--users", str(USERS), "--concurrency", "50"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    returned = time.monotonic()
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(
+        rf"round 1: {REQUESTS} requests for {USERS} users in \d+\.\d\d s "
+        rf"\({REQUESTS} x 200\) -> {USERS} database queries\n",
+        done.stdout,
+    ), done.stdout
+    assert server.queries() == USERS
+    # Entries live TTL +-10%: none of the burst's expires before this, all after that.
+    first_expiry = sent + 0.9 * TTL
+    last_expiry = returned + 1.1 * TTL
+
+    # 2. Another burst in the same window: answered from the cache, no query.
+    results = burst(server.url)
+    assert time.monotonic() < first_expiry, "the burst outlasted the TTL window"
+    assert server.queries() == USERS
+    by_user: dict[int, object] = {}
+    for user_id, _, body in results:  # every request for a user got the same profile
+        assert by_user.setdefault(user_id, body) == body
+
+    # 3. Once every entry has expired: one query per user again, however many requests.
+    time.sleep(max(0.0, last_expiry + 0.2 - time.monotonic()))
+    burst(server.url)
+    wait_for_queries(server, 2 * USERS)
+
+
+@pytest.mark.timeout(60)
+def test_unknown_and_malformed_users(server: Server) -> None:
+    missing = httpx.get(f"{server.url}/users/999999", timeout=5)
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "no user 999999"}
+    again = httpx.get(f"{server.url}/users/999999", timeout=5)
+    assert again.status_code == 404
+    assert server.queries() == 1  # "not found" is cached too
+    malformed = httpx.get(f"{server.url}/users/abc", timeout=5)
+    assert malformed.status_code == 400
+    assert server.queries() == 1
+
+
+@pytest.mark.timeout(60)
+def test_load_script_says_when_the_service_is_down() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE / "load.py"), "--url", f"http://127.0.0.1:{_free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert "load.py: cannot reach the service" in done.stderr
+    assert "Traceback" not in done.stderr
