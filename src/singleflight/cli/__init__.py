@@ -68,6 +68,7 @@ def _demo(args: argparse.Namespace) -> int:
         )
     cfg = demo.DemoConfig(
         clients=args.clients,
+        clients_fixed=args.clients_fixed,
         duration=args.duration,
         ttl=args.ttl,
         keys=args.keys,

@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--clients",
         type=_positive_int(2_000),
-        default=64,
-        help="concurrent clients, all processes together (default: 64)",
+        default=None,
+        help="concurrent clients, all processes together (default: 200, or fewer if "
+        "PostgreSQL has fewer free connections)",
     )
     load.add_argument(
         "--duration",
@@ -165,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--keys",
         type=_positive_int(1_000_000),
-        default=100,
-        help="hot users the clients ask for, with Zipf-distributed popularity (default: 100)",
+        default=50,
+        help="hot users the clients ask for, with Zipf-distributed popularity (default: 50)",
     )
     load.add_argument(
         "--zipf",
@@ -314,6 +315,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
             "singleflight demo: --processes above 1 shows cross-process coalescing and "
             "needs --redis URL"
         )
+    args.clients_fixed = args.clients is not None
+    if args.clients is None:
+        args.clients = 200
     if args.clients < args.processes:
         raise UsageError(
             f"singleflight demo: --clients {args.clients} is fewer than "

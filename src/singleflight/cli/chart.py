@@ -44,18 +44,10 @@ def write(path: Path, summaries: list[ModeSummary], cfg: DemoConfig, subtitle: s
                 "linewidth": 2.0 if s.mode == "naive" else 1.6,
             }
             # A step per bucket: what was counted, not an interpolation.
-            rate_ax.stairs(s.rates, edges, baseline=None, label=s.title, **style)
+            label = f"{s.title}: {s.queries:,} queries"
+            rate_ax.stairs(s.rates, edges, baseline=None, label=label, **style)
             totals = list(itertools.accumulate(rate * width for rate in s.rates))
             total_ax.stairs(totals, edges, baseline=None, **style)
-            total_ax.annotate(
-                f"{s.queries:,}",
-                (cfg.duration, s.queries),
-                xytext=(4, 0),
-                textcoords="offset points",
-                va="center",
-                fontsize=9,
-                color=style["color"],
-            )
         expiries = [k * cfg.ttl for k in range(1, math.ceil(cfg.duration / cfg.ttl))]
         for ax in (rate_ax, total_ax):
             for t in expiries:
@@ -75,7 +67,7 @@ def write(path: Path, summaries: list[ModeSummary], cfg: DemoConfig, subtitle: s
         )
         if subtitle:
             rate_ax.set_title(subtitle, loc="left", fontsize=9, color="#555555")
-        fig.legend(loc="outside lower center", ncols=min(4, len(summaries)), frameon=False)
+        fig.legend(loc="outside lower center", ncols=min(2, len(summaries)), frameon=False)
         fig.savefig(path, format="png")
     finally:
         plt.close(fig)

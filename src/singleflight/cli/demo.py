@@ -51,10 +51,11 @@ class DemoError(Exception):
 class DemoConfig:
     """The demo's settings (the command line's options, validated)."""
 
-    clients: int = 64
+    clients: int = 200
+    clients_fixed: bool = True  # False: the default, which may be cut to fit the server
     duration: float = 12.0
     ttl: float = 3.0
-    keys: int = 100
+    keys: int = 50
     zipf: float = 1.1
     think: float = 0.01  # seconds
     rows: int = 100_000
@@ -67,7 +68,11 @@ class DemoConfig:
     processes: int = 1
     out: Path | None = Path("singleflight-demo.png")
     json_out: Path | None = None
-    bucket: float = 0.25  # seconds per point of the chart
+
+    @property
+    def bucket(self) -> float:
+        """Seconds per point of the chart and of the peak rate: a sixth of the TTL."""
+        return min(1.0, max(0.05, self.ttl / 6))
 
 
 @dataclass(slots=True)
@@ -379,14 +384,17 @@ def run_processes(cfg: DemoConfig, mode: str, db: Database, run: str, tick: Tick
 def open_database(cfg: DemoConfig, scratch: Path) -> Database:
     if cfg.dsn is not None:
         db = PostgresDatabase(cfg.dsn, cfg.rows)
-        free = db.max_clients()
-        needed = cfg.clients + 8 * cfg.processes
-        if needed > free:
-            db.shutdown()
-            raise DemoError(
-                f"{cfg.clients} clients need about {needed} PostgreSQL connections and the "
-                f"server has {free} free (max_connections): use --clients {max(1, free - 8)}"
-            )
+        # Each client thread holds a connection (so does each refresh thread).
+        spare = db.max_clients() - 8 * cfg.processes
+        if cfg.clients > spare:
+            if cfg.clients_fixed or spare < max(2, cfg.processes):
+                db.shutdown()
+                raise DemoError(
+                    f"{cfg.clients} clients need about {cfg.clients + 8 * cfg.processes} "
+                    f"PostgreSQL connections and the server has {spare + 8 * cfg.processes} "
+                    f"free (max_connections): use --clients {max(1, spare)}"
+                )
+            cfg.clients = spare  # the default, cut to what the server allows
         return db
     return SqliteDatabase(cfg.db_file or scratch / "singleflight-demo.db", cfg.rows)
 
@@ -421,6 +429,8 @@ def _describe(cfg: DemoConfig, db: Database) -> str:
 
 def latency(seconds: float) -> str:
     """A latency for the table: µs below a millisecond, ms below a second, else s."""
+    if seconds < 1e-5:
+        return f"{seconds * 1e6:.1f} µs"
     if seconds < 1e-3:
         return f"{seconds * 1e6:.0f} µs"
     if seconds < 1:
@@ -482,10 +492,17 @@ def run_demo(cfg: DemoConfig, out: Console, err: Console) -> list[ModeSummary]:
     if cfg.redis is not None:
         _check_redis(cfg.redis)
     with tempfile.TemporaryDirectory(prefix="singleflight-demo-") as scratch:
+        asked = cfg.clients
         try:
             db = open_database(cfg, Path(scratch))
         except DatabaseError as exc:
             raise DemoError(str(exc)) from exc
+        if cfg.clients < asked:
+            err.print(
+                f"PostgreSQL has connections for {cfg.clients} clients: running "
+                f"{cfg.clients} rather than {asked} (--clients to choose)",
+                highlight=False,
+            )
         try:
             return _run_modes(cfg, db, out, err)
         finally:
@@ -563,6 +580,7 @@ def _write_json(
     config = asdict(cfg)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in config.items()}
     config.pop("dsn", None)  # may hold a password
+    config["bucket"] = cfg.bucket
     document = {
         "config": config,
         "modes": [
@@ -576,7 +594,7 @@ def _write_json(
 
 
 def main(cfg: DemoConfig) -> int:
-    out = Console(width=None if sys.stdout.isatty() else 132)
+    out = Console(width=None if sys.stdout.isatty() else 150)
     err = Console(stderr=True)
     run_demo(cfg, out, err)
     return 0
