@@ -161,7 +161,9 @@ class SqliteDatabase(Database):
 
     counts_in_process = True
 
-    def __init__(self, path: Path, rows: int, *, create: bool = True) -> None:
+    def __init__(
+        self, path: Path, rows: int, *, create: bool = True, label: str | None = None
+    ) -> None:
         self.path = path
         self.rows = rows
         self._sql = PROFILE_SQL.format(users="users", param="?")
@@ -174,7 +176,7 @@ class SqliteDatabase(Database):
             self._build()
         elif not path.is_file():
             raise DatabaseError(f"SQLite file {path} does not exist")
-        self.label = f"SQLite file {path} ({rows:,} users)"
+        self.label = f"{label or f'SQLite file {path}'} ({rows:,} users)"
 
     def _build(self) -> None:
         try:

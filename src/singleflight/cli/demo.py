@@ -396,7 +396,11 @@ def open_database(cfg: DemoConfig, scratch: Path) -> Database:
                 )
             cfg.clients = spare  # the default, cut to what the server allows
         return db
-    return SqliteDatabase(cfg.db_file or scratch / "singleflight-demo.db", cfg.rows)
+    if cfg.db_file is not None:
+        return SqliteDatabase(cfg.db_file, cfg.rows)
+    return SqliteDatabase(
+        scratch / "singleflight-demo.db", cfg.rows, label="SQLite file in a temporary directory"
+    )
 
 
 def _check_redis(url: str) -> None:
