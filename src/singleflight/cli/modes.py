@@ -132,7 +132,6 @@ class _Coalesced(Mode):
         value = self._cache.fresh(key)
         if value is None:
             value = self._group.do(key, self._load, key)
-            assert value is not None
             if self._cache.fresh(key) is None:  # a value loaded by another process
                 self._cache.set(key, value)
         return value
@@ -255,7 +254,6 @@ class _AsyncCoalesced(AsyncMode):
         value = self._cache.fresh(key)
         if value is None:
             value = await self._group.do(key, self._load, key)
-            assert value is not None
             if self._cache.fresh(key) is None:
                 self._cache.set(key, value)
         return value
