@@ -21,7 +21,7 @@ and :func:`coalesce`, which shares in-flight calls of a function without caching
 """
 
 from ._asyncio import AsyncGroup
-from ._result import AbortedError, Result, TooManyFlights
+from ._result import AbortedError, Result, TooManyFlights, WaitTimeout
 from ._threads import Group
 from .cache import AsyncLoadingCache, CacheStats, LoadingCache
 from .events import GroupStats
@@ -37,6 +37,7 @@ __all__ = [
     "LoadingCache",
     "Result",
     "TooManyFlights",
+    "WaitTimeout",
     "cached",
     "coalesce",
 ]

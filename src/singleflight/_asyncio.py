@@ -87,9 +87,11 @@ class _LoopState:
     __slots__ = (
         "aborted",
         "errors",
+        "finalizer",
         "flights",
-        "group",
+        "hook",
         "joins",
+        "name",
         "rejected",
         "shared",
         "slot_waiters",
@@ -98,14 +100,29 @@ class _LoopState:
         "wait_seconds",
     )
 
-    def __init__(self, group: AsyncGroup[Any, Any]) -> None:
+    def __init__(self, name: str, hook: EventHook | None) -> None:
         self.table: dict[Any, _AsyncFlight] = {}
-        self.group = group
+        # The group's name and hook, not the group: a state outliving its
+        # group (in a finalizer) must not keep it alive.
+        self.name = name
+        self.hook = hook
+        self.finalizer: weakref.finalize[Any, Any] | None = None
         self.flights = self.joins = self.shared = self.errors = self.aborted = 0
         self.timeouts = self.rejected = 0
         self.wait_seconds = 0.0
         # Callers waiting for a slot under max_flights with on_limit="wait".
         self.slot_waiters: list[asyncio.Future[None]] = []
+
+    def add_to(self, totals: _LoopState) -> None:
+        """Fold these counters into ``totals`` (a loop is gone; its counts are not)."""
+        totals.flights += self.flights
+        totals.joins += self.joins
+        totals.shared += self.shared
+        totals.errors += self.errors
+        totals.aborted += self.aborted
+        totals.timeouts += self.timeouts
+        totals.rejected += self.rejected
+        totals.wait_seconds += self.wait_seconds
 
     def free_slot(self) -> None:
         """A flight left the table: let the first caller waiting for a slot retry."""
@@ -177,7 +194,7 @@ class _AsyncFlight(Flight):
             state.wait_seconds += (self.dups - self.left) * perf_counter() - self.joined_at
         if state.slot_waiters:
             state.free_slot()
-        hook = state.group._on_event
+        hook = state.hook
         if hook is not None:
             self.emit_end(hook, error, cause)
         waiters = self.waiters
@@ -204,7 +221,7 @@ class _AsyncFlight(Flight):
     def emit_end(
         self, hook: EventHook, error: Exception | None, cause: BaseException | None
     ) -> None:
-        name = self.state.group.name
+        name = self.state.name
         duration = perf_counter() - self.started
         callers = self.dups + 1
         if error is None:
@@ -265,6 +282,7 @@ class AsyncGroup(Generic[K, V]):
         "_max_flights",
         "_on_event",
         "_on_limit",
+        "_retired",
         "_slow",
         "_states",
         "_states_lock",
@@ -303,13 +321,16 @@ class AsyncGroup(Generic[K, V]):
         self._states: weakref.WeakKeyDictionary[AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
-        self._states_lock = threading.Lock()
+        # Reentrant: a loop collected while it is held runs _retire(), which takes it.
+        self._states_lock = threading.RLock()
         # The last loop used and its state, read as one tuple so that threads
         # running different loops never pair one loop with another's state.
         self._current: tuple[Callable[[], AbstractEventLoop | None], _LoopState] = (
             _dead_ref,
-            _LoopState(self),
+            _LoopState(name, on_event),
         )
+        # The counters of loops that are gone, so that stats() never goes back.
+        self._retired = _LoopState(name, on_event)
 
     async def do(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
@@ -622,8 +643,10 @@ class AsyncGroup(Generic[K, V]):
             self._leave(flight, future)
             raise
         except TimeoutError:
-            if not future.cancelled():
-                raise  # the loader's own TimeoutError (loader_timeout, say)
+            if future.done() and not future.cancelled():
+                # The outcome arrived in the same loop step as the timeout (or
+                # it is the loader's own TimeoutError): it is this caller's.
+                return future.result()
             self._leave(flight, future)
             self._timed_out(key, self._timeout)
 
@@ -660,7 +683,7 @@ class AsyncGroup(Generic[K, V]):
         """The group's counters, summed over its event loops (see GroupStats)."""
         with self._states_lock:
             self._prune_closed()
-            states = list(self._states.values())
+            states = [*self._states.values(), self._retired]
         return GroupStats(
             calls=sum(s.flights + s.joins for s in states),
             flights=sum(s.flights for s in states),
@@ -685,7 +708,8 @@ class AsyncGroup(Generic[K, V]):
             state = self._states.get(loop)
             if state is None:
                 self._prune_closed()
-                state = self._states[loop] = _LoopState(self)
+                state = self._states[loop] = _LoopState(self.name, self._on_event)
+                state.finalizer = weakref.finalize(loop, _retire, weakref.ref(self), state)
             self._current = (weakref.ref(loop), state)
         return state
 
@@ -697,10 +721,12 @@ class AsyncGroup(Generic[K, V]):
         Their counters go with them.
         """
         for loop in [loop for loop in self._states if loop.is_closed()]:
-            del self._states[loop]
+            state = self._states.pop(loop)
+            if state.finalizer is not None and state.finalizer.detach() is not None:
+                state.add_to(self._retired)
         current_loop = self._current[0]()
         if current_loop is not None and current_loop.is_closed():
-            self._current = (_dead_ref, _LoopState(self))
+            self._current = (_dead_ref, self._retired)
 
     def _states_of_caller(self) -> list[_LoopState]:
         """The running loop's state, or every state when called outside a loop."""
@@ -713,6 +739,14 @@ class AsyncGroup(Generic[K, V]):
         with self._states_lock:
             state = self._states.get(loop)
         return [] if state is None else [state]
+
+
+def _retire(group_ref: weakref.ref[AsyncGroup[Any, Any]], state: _LoopState) -> None:
+    """A loop was collected: keep its counters in its group's totals."""
+    group = group_ref()
+    if group is not None:
+        with group._states_lock:
+            state.add_to(group._retired)
 
 
 def _mark_retrieved(task: asyncio.Future[Any]) -> None:

@@ -8,6 +8,7 @@ critical sections and the loader itself.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, InvalidStateError
@@ -515,17 +516,16 @@ class Group(Generic[K, V]):
         """do_future() on a full group in "wait" mode: the call, made from a thread of its own."""
         try:
             call = self._call(key, fn, args, kwargs)
-        except Exception as exc:
-            future.set_exception(exc)
-            return
         except BaseException as exc:
-            future.set_exception(waiter_error(key, exc))
+            with contextlib.suppress(InvalidStateError):  # the caller cancelled its future
+                future.set_exception(waiter_error(key, exc))
             return
-        if call.error is None:
-            future.set_result(call.value)
-        else:
-            future._tb = call.tb
-            future.set_exception(call.error)
+        with contextlib.suppress(InvalidStateError):
+            if call.error is None:
+                future.set_result(call.value)
+            else:
+                future._tb = call.tb
+                future.set_exception(call.error)
 
     def _start(
         self,
