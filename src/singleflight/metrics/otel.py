@@ -43,6 +43,7 @@ the leader's span, siblings of the flight span.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -123,35 +124,22 @@ class OtelHook:
 
         self._then = then
         self._lock = threading.Lock()
-        self._watched = Watchlist()
         # (group name, flight id) -> the open flight span.  An id is unique while
         # its flight is alive, and every event of a flight is emitted while it is.
         self._spans: dict[tuple[str, int], Span] = {}
         meter = metrics.get_meter(_SCOPE, __version__, meter_provider)
         self._tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider)
+        # A histogram asked for twice is the same one; observable instruments are
+        # not (the second one's callbacks would be dropped): one set per provider.
         self._durations = meter.create_histogram(
             "singleflight.flight.duration", unit="s", description="How long flights ran."
         )
-        for name, field, unit, doc in _GROUP_COUNTERS:
-            meter.create_observable_counter(
-                name, [self._callback("group", field)], unit=unit, description=doc
-            )
-        meter.create_observable_gauge(
-            "singleflight.in_flight",
-            [self._callback("group", "in_flight")],
-            unit="{key}",
-            description="Keys in flight now.",
-        )
-        for name, field, unit, doc in _CACHE_COUNTERS:
-            meter.create_observable_counter(
-                name, [self._callback("cache", field)], unit=unit, description=doc
-            )
-        meter.create_observable_gauge(
-            "singleflight.cache.size",
-            [self._callback("cache", "size")],
-            unit="{entry}",
-            description="Entries held now.",
-        )
+        provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+        with _observers_lock:
+            observer = _observers.get(provider)
+            if observer is None:
+                observer = _observers[provider] = _Observer(meter)
+        self._observer = observer
 
     def observe(self, obj: object, *, name: str | None = None) -> OtelHook:
         """Report the ``stats()`` of a group or cache, labelled ``name``; returns self.
@@ -160,14 +148,12 @@ class OtelHook:
         ``TypeError`` for an object without ``stats()`` or a name; ``ValueError``
         when another live object of its kind is observed under that name.
         """
-        with self._lock:
-            self._watched.add(obj, name)
+        self._observer.add(obj, name)
         return self
 
     def forget(self, obj: object) -> bool:
         """Stop reporting ``obj``'s stats; False if it was not observed."""
-        with self._lock:
-            return self._watched.remove(obj)
+        return self._observer.remove(obj)
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, FlightStarted):
@@ -223,6 +209,46 @@ class OtelHook:
             span.set_status(Status(StatusCode.ERROR, "aborted"))
         span.end()
 
+
+class _Observer:
+    """The observable instruments of one meter provider and the objects they read.
+
+    Shared by every :class:`OtelHook` of that provider, so that names are
+    unique per provider whichever hook observed the object.
+    """
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self._lock = threading.Lock()
+        self._watched = Watchlist()
+        for name, field, unit, doc in _GROUP_COUNTERS:
+            meter.create_observable_counter(
+                name, [self._callback("group", field)], unit=unit, description=doc
+            )
+        meter.create_observable_gauge(
+            "singleflight.in_flight",
+            [self._callback("group", "in_flight")],
+            unit="{key}",
+            description="Keys in flight now.",
+        )
+        for name, field, unit, doc in _CACHE_COUNTERS:
+            meter.create_observable_counter(
+                name, [self._callback("cache", field)], unit=unit, description=doc
+            )
+        meter.create_observable_gauge(
+            "singleflight.cache.size",
+            [self._callback("cache", "size")],
+            unit="{entry}",
+            description="Entries held now.",
+        )
+
+    def add(self, obj: object, name: str | None) -> None:
+        with self._lock:
+            self._watched.add(obj, name)
+
+    def remove(self, obj: object) -> bool:
+        with self._lock:
+            return self._watched.remove(obj)
+
     def _callback(
         self, kind: str, field: str
     ) -> Callable[[CallbackOptions], Iterable[Observation]]:
@@ -231,6 +257,7 @@ class OtelHook:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             with self._lock:
                 live = self._watched.live()
+            # stats() takes the object's own lock: never while holding ours.
             return [
                 Observation(getattr(stats, field), {attribute: item.name})
                 for item, stats in read(live)
@@ -238,6 +265,10 @@ class OtelHook:
             ]
 
         return observe
+
+
+_observers: weakref.WeakKeyDictionary[MeterProvider, _Observer] = weakref.WeakKeyDictionary()
+_observers_lock = threading.Lock()
 
 
 def instrument(
