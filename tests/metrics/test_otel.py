@@ -221,3 +221,21 @@ def test_missing_api_names_the_extra_and_core_imports_neither() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=True
     ).stdout
     assert "pip install 'pysingleflight[otel]'" in out
+
+
+def test_chain_hands_every_event_to_each_hook_even_after_one_raises() -> None:
+    from singleflight.metrics import chain
+
+    seen: list[str] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("exporter down")
+
+    def mine(event: Event) -> None:
+        seen.append(type(event).__name__)
+
+    group: Group[str, int] = Group(on_event=chain(None, broken, mine))
+    assert group.do("k", lambda: 1) == 1
+    assert seen == ["FlightStarted", "FlightFinished"]
+    with pytest.raises(TypeError, match="must be callable"):
+        chain(mine, 3)  # type: ignore[arg-type]
