@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, TypeVar
 
-__all__ = ["AbortedError", "Result", "TooManyFlights"]
+__all__ = ["AbortedError", "Result", "TooManyFlights", "WaitTimeout"]
 
 V_co = TypeVar("V_co", covariant=True)
 
@@ -68,3 +68,18 @@ class TooManyFlights(Exception):
         )
         self.key = key
         self.limit = limit
+
+
+class WaitTimeout(TimeoutError):
+    """This caller stopped waiting at its ``timeout``; the flight goes on for the others.
+
+    A ``TimeoutError``, so ``except TimeoutError`` catches it; a flight that
+    failed by ``loader_timeout`` raises a plain ``TimeoutError`` instead.
+    """
+
+    def __init__(self, key: object, timeout: float | None) -> None:
+        super().__init__(
+            f"gave up waiting for key {key!r} after timeout={timeout}s; "
+            "its flight goes on for the other callers"
+        )
+        self.key = key

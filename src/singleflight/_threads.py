@@ -19,7 +19,7 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 from . import _flight
 from ._flight import Flight, check_options, reentry_error, remove, waiter_error
-from ._result import AbortedError, Result, TooManyFlights
+from ._result import AbortedError, Result, TooManyFlights, WaitTimeout
 from .events import (
     EventHook,
     FlightAborted,
@@ -59,6 +59,7 @@ class _Call(Flight):
         "value",
         "waiting",
     )
+    value: Any
     error: Exception | None
     tb: TracebackType | None
     # Set by the first joiner: the joiners still waiting and the sum of their
@@ -68,9 +69,8 @@ class _Call(Flight):
     started: float  # set only when an on_event hook needs durations
 
     def __init__(self, owner: int | None) -> None:
+        # value and error are set when the call ends, before anyone reads them.
         self.dups = 0
-        self.value: Any = None
-        self.error = None
         self.event: threading.Event | None = None
         self.futures: list[_CallFuture[Any]] | None = None
         self.owner = owner
@@ -241,10 +241,11 @@ class Group(Generic[K, V]):
             if current is not call and current is not None:
                 calls[key] = current
             # dups is final: joiners only join under the lock while the entry is present.
-            if call.dups:
+            if dups := call.dups:
                 self._wait_seconds += call.waiting * perf_counter() - call.joined_at
-        if call.dups:
+        if dups:
             call.value = value
+            call.error = None
             _publish(call)
         return value
 
@@ -592,10 +593,9 @@ class Group(Generic[K, V]):
                 self._wait_seconds += call.waiting * perf_counter() - call.joined_at
             if self._slot_waiters:
                 self._slot.notify()
-        if error is None:
-            call.value = value
-        else:
-            call.error = error
+        call.value = value
+        call.error = error
+        if error is not None:
             call.tb = error.__traceback__
         _publish(call)
         hook = self._on_event
@@ -616,8 +616,5 @@ def _event_of(call: _Call) -> threading.Event:
     return call.event
 
 
-def _timeout_error(key: object, timeout: float | None) -> TimeoutError:
-    return TimeoutError(
-        f"gave up waiting for key {key!r} after timeout={timeout}s; "
-        "its flight goes on for the other callers"
-    )
+def _timeout_error(key: object, timeout: float | None) -> WaitTimeout:
+    return WaitTimeout(key, timeout)
