@@ -439,17 +439,7 @@ class AsyncRedisGroup(Generic[K, V]):
             elif op == proto.READ:
                 counters.add("waits")
                 try:
-                    reply = await _command(
-                        state.blocking,
-                        "XREAD",
-                        "COUNT",
-                        1,
-                        "BLOCK",
-                        plan.block_ms,
-                        "STREAMS",
-                        plan.stream,
-                        "0-0",
-                    )
+                    reply = await _command(state.blocking, *plan.read_command())
                 except RedisError as exc:
                     core.redis_error(plan, exc)
                     continue

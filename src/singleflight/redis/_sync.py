@@ -472,17 +472,7 @@ class RedisGroup(Generic[K, V]):
             elif op == proto.READ:
                 counters.add("waits")
                 try:
-                    reply = _command(
-                        self._blocking,
-                        "XREAD",
-                        "COUNT",
-                        1,
-                        "BLOCK",
-                        plan.block_ms,
-                        "STREAMS",
-                        plan.stream,
-                        "0-0",
-                    )
+                    reply = _command(self._blocking, *plan.read_command())
                 except RedisError as exc:
                     core.redis_error(plan, exc)
                     continue
