@@ -25,14 +25,12 @@ from ._base import (
     DEFAULT_MAXSIZE,
     CacheBase,
     assemble,
-    bad_key,
-    check_key,
     logger,
     served,
     wanted_keys,
 )
 from ._policy import Entry
-from ._store import JOIN, REFRESH, SERVE
+from ._store import JOIN, SERVE
 
 __all__ = ["AsyncLoadingCache"]
 
@@ -252,38 +250,23 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         stop the load (others may have joined it).  ``TypeError`` for an
         unhashable key.
         """
-        check_key(key)
-        with self._lock:
-            seen = self._store.force(key)
-        if self._forget is not None:
-            self._forget(key)
+        seen = self._force(key)
         try:
             return await self._group.do(key, self._lead, key, seen, None, False)  # type: ignore[no-any-return]
         finally:
-            with self._lock:
-                self._store.cancel_force(key)
+            self._unforce(key)
 
     # -- the slow paths ------------------------------------------------------------------
 
     async def _get(self, key: K, thunk: Callable[[], Awaitable[V]] | None) -> V:
         """A read that is not a plain hit; ``thunk`` loads the key (default ``load(key)``)."""
-        try:
-            hash(key)
-        except TypeError:
-            raise bad_key(key) from None
-        with self._lock:
-            action, entry, batch = self._store.lookup(key, self._clock(), not self._closed)
+        action, found, batch = self._read(key, thunk)
         if action == SERVE:
-            assert entry is not None
-            return entry.outcome()  # type: ignore[no-any-return]
-        if action == REFRESH:
-            assert entry is not None
-            self._start_refresh(key, entry, thunk)
-            return entry.value  # type: ignore[no-any-return]
+            return found  # type: ignore[no-any-return]
         if action == JOIN:
             await batch.wait(key)
             return self._batch_value(key, batch)
-        return await self._load_key(key, entry, thunk)
+        return await self._load_key(key, found, thunk)
 
     async def _load_key(
         self, key: K, seen: Entry | None, thunk: Callable[[], Awaitable[V]] | None
@@ -305,8 +288,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         background: bool,
     ) -> V:
         """The load a group flight runs: check the cache again, then load and write back."""
-        with self._lock:
-            ready, batch, token = self._store.begin_load(key, seen, self._clock())
+        ready, batch, token = self._begin_load(key, seen)
         if ready is not None:
             return ready.outcome()  # type: ignore[no-any-return]
         if batch is not None:
@@ -328,8 +310,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         finally:
             if task is not None:
                 self._background_loads.discard(task)
-        with self._lock:
-            self._store.finish_load(key, token, value, started, clock())
+        self._finish_load(key, token, value, started)
         return value
 
     def _batch_value(self, key: K, batch: _Batch) -> V:
@@ -354,11 +335,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             if not inspect.isawaitable(awaitable):
                 raise _not_awaitable(self._load_many, awaitable)
             values = await awaitable
-            if not isinstance(values, Mapping):
-                raise TypeError(
-                    f"load_many must return a mapping of key to value; "
-                    f"{self._load_many!r} returned {type(values).__name__}"
-                )
+            self._check_values(values)
         except Exception as exc:
             self._batch_failed(batch, tokens, exc, started)
             return _BatchOutcome(None, exc)
