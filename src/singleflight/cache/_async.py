@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from .._asyncio import AsyncGroup
 from .._result import AbortedError
+from ..events import EventHook
 from ._base import (
     DEFAULT_MAXSIZE,
     CacheBase,
@@ -116,6 +117,13 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
 
     __slots__ = ("_background_loads", "_tasks")
 
+    def __new__(cls, *args: Any, on_event: EventHook | None = None, **kwargs: Any) -> Any:
+        # A cache with on_event reads through _read() only, where events are
+        # told; the plain hit path in get() stays free of the check.
+        if on_event is not None and cls is AsyncLoadingCache:
+            cls = _ObservedAsyncLoadingCache
+        return super().__new__(cls)
+
     def __init__(
         self,
         load: Callable[[K], Awaitable[V]],
@@ -135,6 +143,8 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         group: AsyncGroup[K, V] | None = None,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
+        name: str = "default",
+        on_event: EventHook | None = None,
     ) -> None:
         if group is not None and not inspect.iscoroutinefunction(getattr(group, "do", None)):
             raise TypeError(
@@ -154,6 +164,8 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             group=AsyncGroup() if group is None else group,
             clock=clock,
             random=random,
+            name=name,
+            on_event=on_event,
         )
         # Refresh and batch tasks, and the loader tasks of loads a refresh
         # started: what aclose() cancels.
@@ -419,3 +431,12 @@ async def _wait(task: asyncio.Future[Any]) -> None:
     """Wait for ``task`` to end without cancelling it if the waiter is cancelled."""
     if not task.done():
         await asyncio.wait((task,))
+
+
+class _ObservedAsyncLoadingCache(AsyncLoadingCache[K, V]):
+    """An AsyncLoadingCache made with ``on_event``: every read is told, hits included."""
+
+    __slots__ = ()
+
+    async def get(self, key: K) -> V:
+        return await self._get(key, None)

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Generic, TypeVar, cast
 
+from ..events import CacheHit, CacheMiss, EventHook, RefreshStarted, StaleServed, emit
 from ._policy import Entry, Policy
 from ._store import REFRESH, SERVE, CacheStats, Plan, Store
 
@@ -96,11 +97,13 @@ class CacheBase(Generic[K, V]):
         "_data",
         "_forget",
         "_group",
+        "_hook",
         "_load",
         "_load_many",
         "_lock",
         "_policy",
         "_store",
+        "name",
     )
 
     def __init__(
@@ -119,7 +122,15 @@ class CacheBase(Generic[K, V]):
         group: Any,
         clock: Callable[[], float],
         random: Callable[[], float],
+        name: str = "default",
+        on_event: EventHook | None = None,
     ) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str; got {name!r}")
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be a callable taking one event; got {on_event!r}")
+        self.name = name
+        self._hook = on_event
         if not callable(load):
             raise TypeError(f"load must be callable; got {type(load).__name__} {load!r}")
         if load_many is not None and not callable(load_many):
@@ -231,8 +242,11 @@ class CacheBase(Generic[K, V]):
             hash(key)
         except TypeError:
             raise bad_key(key) from None
+        now = self._clock()
         with self._lock:
-            action, entry, batch = self._store.lookup(key, self._clock(), not self._closed)
+            action, entry, batch = self._store.lookup(key, now, not self._closed)
+        if self._hook is not None:
+            self._observe(key, action, entry, now)
         if action == SERVE:
             assert entry is not None
             return SERVE, entry.outcome(), None
@@ -277,8 +291,26 @@ class CacheBase(Generic[K, V]):
 
     def _stand_in(self, key: K) -> Entry | None:
         """The old entry a caller gets when its load failed, if stale-if-error allows."""
+        now = self._clock()
         with self._lock:
-            return self._store.stand_in(key, self._clock())
+            entry = self._store.stand_in(key, now)
+        if entry is not None and self._hook is not None:
+            emit(self._hook, StaleServed(self.name, key, now - entry.expires_at))
+        return entry
+
+    def _observe(self, key: K, action: int, entry: Entry | None, now: float) -> None:
+        """Tell on_event what a read became (a cache made with on_event reads only this way)."""
+        assert self._hook is not None
+        if action in (SERVE, REFRESH):
+            assert entry is not None
+            if now < entry.expires_at:
+                emit(self._hook, CacheHit(self.name, key))
+            else:
+                emit(self._hook, StaleServed(self.name, key, now - entry.expires_at))
+            if action == REFRESH:
+                emit(self._hook, RefreshStarted(self.name, key, now < entry.expires_at))
+        else:
+            emit(self._hook, CacheMiss(self.name, key))
 
     def _load_failed(self, key: K, token: int, error: BaseException, started: float) -> None:
         with self._lock:

@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from .._flight import waiter_error
 from .._threads import Group
+from ..events import EventHook
 from ._base import (
     DEFAULT_MAXSIZE,
     CacheBase,
@@ -112,6 +113,13 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
     __slots__ = ("_executor", "_refresh_workers")
 
+    def __new__(cls, *args: Any, on_event: EventHook | None = None, **kwargs: Any) -> Any:
+        # A cache with on_event reads through _read() only, where events are
+        # told; the plain hit path in get() stays free of the check.
+        if on_event is not None and cls is LoadingCache:
+            cls = _ObservedLoadingCache
+        return super().__new__(cls)
+
     def __init__(
         self,
         load: Callable[[K], V],
@@ -132,11 +140,13 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
         refresh_workers: int = 4,
+        name: str = "default",
+        on_event: EventHook | None = None,
     ) -> None:
-        for name, fn in (("load", load), ("load_many", load_many)):
+        for option, fn in (("load", load), ("load_many", load_many)):
             if inspect.iscoroutinefunction(fn):
                 raise TypeError(
-                    f"{name}={fn!r} is an async function; LoadingCache calls it from threads. "
+                    f"{option}={fn!r} is an async function; LoadingCache calls it from threads. "
                     "Use AsyncLoadingCache for async loaders."
                 )
         if group is not None and inspect.iscoroutinefunction(getattr(group, "do", None)):
@@ -159,6 +169,8 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
             group=Group() if group is None else group,
             clock=clock,
             random=random,
+            name=name,
+            on_event=on_event,
         )
         self._refresh_workers = refresh_workers
         self._executor: ThreadPoolExecutor | None = None
@@ -386,3 +398,12 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _ObservedLoadingCache(LoadingCache[K, V]):
+    """A LoadingCache made with ``on_event``: every read is told, hits included."""
+
+    __slots__ = ()
+
+    def get(self, key: K) -> V:
+        return self._get(key, None)
