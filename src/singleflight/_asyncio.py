@@ -144,7 +144,17 @@ class _AsyncFlight(Flight):
     done callback: a bound method would cost an object per flight.
     """
 
-    __slots__ = ("fid", "joined_at", "key", "left", "started", "state", "task", "waiters")
+    __slots__ = (
+        "fid",
+        "joined_at",
+        "joiners_left",
+        "key",
+        "left",
+        "started",
+        "state",
+        "task",
+        "waiters",
+    )
     # Set only in a group with options (events, limits, timeouts): its start
     # time and its id in events.
     started: float
@@ -157,6 +167,7 @@ class _AsyncFlight(Flight):
         self.task = task
         self.waiters: asyncio.Future[Any] | list[asyncio.Future[Any]] | None = None
         self.left = 0
+        self.joiners_left = 0
         self.joined_at = 0.0
 
     def add_waiter(self, loop: AbstractEventLoop) -> asyncio.Future[Any]:
@@ -191,7 +202,7 @@ class _AsyncFlight(Flight):
             else:
                 state.errors += 1
         if self.dups:
-            state.wait_seconds += (self.dups - self.left) * perf_counter() - self.joined_at
+            state.wait_seconds += (self.dups - self.joiners_left) * perf_counter() - self.joined_at
         if state.slot_waiters:
             state.free_slot()
         hook = state.hook
@@ -235,6 +246,10 @@ class _AsyncFlight(Flight):
 # In a table while a new flight's task is starting eagerly.  Only the loader
 # itself can run then, so any call that finds it is the loader re-entering.
 _STARTING = _AsyncFlight(None, None, None)  # type: ignore[arg-type]
+
+
+# What fn "returned" while it has not returned yet (None is a possible return).
+_NOTHING: Any = object()
 
 
 def _dead_ref() -> None:
@@ -410,13 +425,15 @@ class AsyncGroup(Generic[K, V]):
         The future holds the value, the loader's :class:`Exception`, or
         :class:`AbortedError`.  ``TypeError`` and ``RuntimeError`` as for :meth:`do`.
         """
-        if self._slow and self._max_flights is not None and self._on_limit == "wait":
+        try:
+            flight, future = self._enter(key, fn, args, kwargs)
+        except _NoSlot as no_slot:
             # Waiting for a slot must not block: the call runs in a task of its
             # own, which is this caller's future (cancelling it is leaving).
+            no_slot.slot.cancel()
             call = get_running_loop().create_task(self.do(key, fn, *args, **kwargs))
             call.add_done_callback(_mark_retrieved, context=_NO_CONTEXT)
             return call
-        flight, future = self._enter(key, fn, args, kwargs)
         if flight is None:
             # Finished while starting: the caller still gets a future of its own.
             task = future
@@ -519,14 +536,26 @@ class AsyncGroup(Generic[K, V]):
         # Hold the key while the task starts, so that a loader calling do() on
         # its own key is told so instead of waiting on itself.
         table[key] = _STARTING
-        returned = None
+        returned: Any = _NOTHING
         try:
             returned = fn(*args, **kwargs)
             if self._loader_timeout is not None:
                 returned = _with_deadline(returned, fn, self._loader_timeout, key)
             task = _new_task(returned, loop=loop)
         except BaseException as exc:
-            task = _launch_failed(table, key, loop, fn, returned, exc)  # type: ignore[assignment]
+            try:
+                task = _launch_failed(table, key, loop, fn, returned, exc)  # type: ignore[assignment]
+            except BaseException as raised:
+                if isinstance(raised, Exception):
+                    state.errors += 1
+                else:
+                    state.aborted += 1
+                if mark is not None:  # the flight was told as started: tell its end
+                    failed: Future[Any] = Future(loop=loop)
+                    failed.set_exception(raised)
+                    self._ended_while_starting(state, key, failed, mark)
+                    failed.exception()
+                raise
         if task.done():
             # Finished without suspending: no waiter can exist, so no flight
             # record is needed.  Release the key unless the loader forgot it.
@@ -559,6 +588,13 @@ class AsyncGroup(Generic[K, V]):
             if self._on_event is not None:
                 emit(self._on_event, Rejected(self.name, key, len(state.table)))
             raise TooManyFlights(key, self._max_flights)
+        if state.slot_waiters:
+            # Callers of this key waiting for a slot can join it now; the
+            # others look again and wait on.
+            waiting, state.slot_waiters = state.slot_waiters, []
+            for slot in waiting:
+                if not slot.done():
+                    slot.set_result(None)
         fid = next(_flight_ids)
         if self._on_event is not None:
             emit(self._on_event, FlightStarted(self.name, key, fid))
@@ -623,8 +659,16 @@ class AsyncGroup(Generic[K, V]):
                 try:
                     async with asyncio.timeout_at(deadline):
                         await no_slot.slot
-                except TimeoutError:
-                    self._timed_out(key, self._timeout or 0.0)
+                except BaseException as exc:
+                    slot = no_slot.slot
+                    if slot.done() and not slot.cancelled():
+                        # Woken for a slot in the very step it left: pass it on.
+                        self._state_here().free_slot()
+                    else:
+                        slot.cancel()
+                    if isinstance(exc, TimeoutError):
+                        self._timed_out(key, self._timeout or 0.0)
+                    raise
 
     async def _wait(self, key: K, flight: _AsyncFlight | None, future: asyncio.Future[Any]) -> Any:
         """Wait for this caller's outcome, at most ``timeout`` seconds."""
@@ -663,11 +707,12 @@ class AsyncGroup(Generic[K, V]):
         flight.left += 1
         waiters = flight.waiters
         waiting = len(waiters) if isinstance(waiters, list) else 1
-        if flight.dups and flight.left <= flight.dups:
+        first = waiters[0] if isinstance(waiters, list) else waiters
+        if future is not first and flight.dups > flight.joiners_left:
             # A joiner left: its join time is not known here, so it is taken
             # as the average of those still waiting (wait_seconds is a sum).
-            outstanding = flight.dups - flight.left + 1
-            average = flight.joined_at / outstanding
+            average = flight.joined_at / (flight.dups - flight.joiners_left)
+            flight.joiners_left += 1
             flight.joined_at -= average
             flight.state.wait_seconds += perf_counter() - average
         task = flight.task
@@ -800,7 +845,7 @@ def _launch_failed(
     other ``BaseException`` is raised.  Nobody can have joined yet, so the key
     is simply released.
     """
-    if isinstance(exc, TypeError) and returned is not None:
+    if isinstance(exc, TypeError) and returned is not _NOTHING:
         if isawaitable(returned):
             return _new_task(_await(returned), loop=loop)
         exc = TypeError(
@@ -809,7 +854,7 @@ def _launch_failed(
         )
     if table.get(key) is _STARTING:
         del table[key]
-    if returned is None and isinstance(exc, Exception):
+    if returned is _NOTHING and isinstance(exc, Exception):
         failed: asyncio.Future[Any] = Future(loop=loop)
         failed.set_exception(exc)
         return failed

@@ -400,6 +400,9 @@ class Group(Generic[K, V]):
         """Register a new flight of ``key`` (the lock is held)."""
         self._calls[key] = call = _Call(owner)
         self._flights += 1
+        if self._slot_waiters:
+            # Callers of this key waiting for a slot can join it now.
+            self._slot.notify_all()
         if self._on_event is not None:
             call.started = perf_counter()
         return call
@@ -440,14 +443,17 @@ class Group(Generic[K, V]):
         stopped a loader run in this thread.
         """
         hook = self._on_event
-        deadline = None if self._timeout is None else monotonic() + self._timeout
+        begun = monotonic()
+        deadline = None if self._timeout is None else begun + self._timeout
+        slot_timed_out = False
         with self._lock:
             call = self._lookup(key)
             while call is None and self._full() and self._on_limit == "wait":
                 remaining = None if deadline is None else deadline - monotonic()
                 if remaining is not None and remaining <= 0:
                     self._timeouts += 1
-                    raise _timeout_error(key, self._timeout)
+                    slot_timed_out = True
+                    break
                 self._slot_waiters += 1
                 try:
                     self._slot.wait(remaining)
@@ -455,7 +461,7 @@ class Group(Generic[K, V]):
                     self._slot_waiters -= 1
                 call = self._lookup(key)
             full = call is None and self._full()
-            if full:
+            if slot_timed_out or full:
                 pass
             elif call is None:
                 lead = True
@@ -469,6 +475,10 @@ class Group(Generic[K, V]):
             else:
                 lead = False
                 event = self._join(key, call, fn)
+        if slot_timed_out:
+            if hook is not None:
+                emit(hook, TimedOut(self.name, key, monotonic() - begun))
+            raise _timeout_error(key, self._timeout)
         if full:
             raise self._reject(key)
         assert call is not None
