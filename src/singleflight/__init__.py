@@ -21,9 +21,10 @@ and :func:`coalesce`, which shares in-flight calls of a function without caching
 """
 
 from ._asyncio import AsyncGroup
-from ._result import AbortedError, Result
+from ._result import AbortedError, Result, TooManyFlights, WaitTimeout
 from ._threads import Group
 from .cache import AsyncLoadingCache, CacheStats, LoadingCache
+from .events import GroupStats
 from .func import cached, coalesce
 
 __all__ = [
@@ -32,8 +33,11 @@ __all__ = [
     "AsyncLoadingCache",
     "CacheStats",
     "Group",
+    "GroupStats",
     "LoadingCache",
     "Result",
+    "TooManyFlights",
+    "WaitTimeout",
     "cached",
     "coalesce",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import sys
 import threading
 import weakref
@@ -27,14 +28,27 @@ from asyncio import (
     current_task,
     get_running_loop,
 )
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from inspect import isawaitable
-from typing import Any, Generic, ParamSpec, TypeVar
+from time import perf_counter
+from typing import Any, Generic, Literal, NoReturn, ParamSpec, TypeVar
 
 from . import _flight
-from ._flight import Flight, reentry_error, remove, waiter_error
-from ._result import AbortedError, Result
+from ._flight import Flight, check_options, check_seconds, reentry_error, remove, waiter_error
+from ._result import AbortedError, Result, TooManyFlights, WaitTimeout
+from .events import (
+    EventHook,
+    FlightAborted,
+    FlightFailed,
+    FlightFinished,
+    FlightStarted,
+    GroupStats,
+    Joined,
+    Rejected,
+    TimedOut,
+    emit,
+)
 
 __all__ = ["AsyncGroup"]
 
@@ -59,7 +73,64 @@ else:  # pragma: no cover - exercised on 3.11 only
 # context saves a copy_context() per flight.
 _NO_CONTEXT = contextvars.Context()
 
-_Table = dict[Any, "_AsyncFlight"]
+# Flight ids in events (a flight's record may not exist when it starts).
+_flight_ids = itertools.count(1)
+
+
+class _LoopState:
+    """One event loop's flights of a group, and its counters.
+
+    Only that loop's thread touches it, so the counters need no lock;
+    ``AsyncGroup.stats()`` adds them up over the loops.
+    """
+
+    __slots__ = (
+        "aborted",
+        "errors",
+        "finalizer",
+        "flights",
+        "hook",
+        "joins",
+        "name",
+        "rejected",
+        "shared",
+        "slot_waiters",
+        "table",
+        "timeouts",
+        "wait_seconds",
+    )
+
+    def __init__(self, name: str, hook: EventHook | None) -> None:
+        self.table: dict[Any, _AsyncFlight] = {}
+        # The group's name and hook, not the group: a state outliving its
+        # group (in a finalizer) must not keep it alive.
+        self.name = name
+        self.hook = hook
+        self.finalizer: weakref.finalize[Any, Any] | None = None
+        self.flights = self.joins = self.shared = self.errors = self.aborted = 0
+        self.timeouts = self.rejected = 0
+        self.wait_seconds = 0.0
+        # Callers waiting for a slot under max_flights with on_limit="wait".
+        self.slot_waiters: list[asyncio.Future[None]] = []
+
+    def add_to(self, totals: _LoopState) -> None:
+        """Fold these counters into ``totals`` (a loop is gone; its counts are not)."""
+        totals.flights += self.flights
+        totals.joins += self.joins
+        totals.shared += self.shared
+        totals.errors += self.errors
+        totals.aborted += self.aborted
+        totals.timeouts += self.timeouts
+        totals.rejected += self.rejected
+        totals.wait_seconds += self.wait_seconds
+
+    def free_slot(self) -> None:
+        """A flight left the table: let the first caller waiting for a slot retry."""
+        while self.slot_waiters:
+            waiter = self.slot_waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
 
 class _AsyncFlight(Flight):
@@ -68,19 +139,36 @@ class _AsyncFlight(Flight):
     ``waiters`` is the first caller's future, or a list once a second one waits
     (most flights have one caller).  ``left`` counts the callers that stopped
     waiting, for ``cancel_abandoned``; counting those (rare) rather than the
-    callers still waiting keeps the join path free of it.  The flight is its task's done callback:
-    a bound method would cost an object per flight.
+    callers still waiting keeps the join path free of it.  ``joined_at`` sums
+    the joiners' join times, for ``wait_seconds``.  The flight is its task's
+    done callback: a bound method would cost an object per flight.
     """
 
-    __slots__ = ("key", "left", "table", "task", "waiters")
+    __slots__ = (
+        "fid",
+        "joined_at",
+        "joiners_left",
+        "key",
+        "left",
+        "started",
+        "state",
+        "task",
+        "waiters",
+    )
+    # Set only in a group with options (events, limits, timeouts): its start
+    # time and its id in events.
+    started: float
+    fid: int
 
-    def __init__(self, table: _Table, key: object, task: Task[Any]) -> None:
+    def __init__(self, state: _LoopState, key: object, task: Task[Any]) -> None:
         self.dups = 0
-        self.table = table
+        self.state = state
         self.key = key
         self.task = task
         self.waiters: asyncio.Future[Any] | list[asyncio.Future[Any]] | None = None
         self.left = 0
+        self.joiners_left = 0
+        self.joined_at = 0.0
 
     def add_waiter(self, loop: AbstractEventLoop) -> asyncio.Future[Any]:
         future: Future[Any] = Future(loop=loop)
@@ -95,17 +183,31 @@ class _AsyncFlight(Flight):
 
     def __call__(self, task: asyncio.Future[Any]) -> None:
         """The loader task is done: remove the flight, then hand its outcome to every waiter."""
-        remove(self.table, self.key, self)
+        state = self.state
+        remove(state.table, self.key, self)
         value = None
         error: Exception | None = None
+        cause: BaseException | None = None
         if task.cancelled():
             error = AbortedError(self.key, "its loader task was cancelled")
         else:
-            exc = task.exception()
-            if exc is None:
+            cause = task.exception()
+            if cause is None:
                 value = task.result()
             else:
-                error = waiter_error(self.key, exc)
+                error = waiter_error(self.key, cause)
+        if error is not None:
+            if isinstance(error, AbortedError):
+                state.aborted += 1
+            else:
+                state.errors += 1
+        if self.dups:
+            state.wait_seconds += (self.dups - self.joiners_left) * perf_counter() - self.joined_at
+        if state.slot_waiters:
+            state.free_slot()
+        hook = state.hook
+        if hook is not None:
+            self.emit_end(hook, error, cause)
         waiters = self.waiters
         if waiters is None:
             return
@@ -127,10 +229,27 @@ class _AsyncFlight(Flight):
                 # cancelled just after this) is no error to log.
                 future._log_traceback = False
 
+    def emit_end(
+        self, hook: EventHook, error: Exception | None, cause: BaseException | None
+    ) -> None:
+        name = self.state.name
+        duration = perf_counter() - self.started
+        callers = self.dups + 1
+        if error is None:
+            emit(hook, FlightFinished(name, self.key, self.fid, duration, callers))
+        elif isinstance(error, AbortedError):
+            emit(hook, FlightAborted(name, self.key, self.fid, duration, callers, cause))
+        else:
+            emit(hook, FlightFailed(name, self.key, self.fid, duration, callers, error))
+
 
 # In a table while a new flight's task is starting eagerly.  Only the loader
 # itself can run then, so any call that finds it is the loader re-entering.
-_STARTING = _AsyncFlight({}, None, None)  # type: ignore[arg-type]
+_STARTING = _AsyncFlight(None, None, None)  # type: ignore[arg-type]
+
+
+# What fn "returned" while it has not returned yet (None is a possible return).
+_NOTHING: Any = object()
 
 
 def _dead_ref() -> None:
@@ -141,30 +260,92 @@ async def _await(awaitable: Awaitable[V]) -> V:
     return await awaitable
 
 
+class _NoSlot(Exception):
+    """Internal: max_flights is reached and the caller is to wait on ``slot``."""
+
+    def __init__(self, slot: asyncio.Future[None]) -> None:
+        self.slot = slot
+
+
 class AsyncGroup(Generic[K, V]):
     """Coalesces concurrent calls that share a key into one execution, for asyncio.
 
     ``fn`` is an async function (or any callable returning an awaitable); it is
     called as ``fn(*args, **kwargs)`` and runs in a task of its own, never in a
-    caller's task.  With ``cancel_abandoned=False`` (the default, as in Go) a
-    loader runs on when every caller has left; with ``True`` it is cancelled
-    once its last caller has left.
+    caller's task.  Options:
+
+    * ``cancel_abandoned``: ``False`` (the default, as in Go) lets a loader run
+      on when every caller has left; ``True`` cancels it once its last caller left.
+    * ``name``, ``on_event``: as for :class:`~singleflight.Group`.
+    * ``max_flights``, ``on_limit``: at most this many keys in flight per event
+      loop; a call for a new key beyond it raises :class:`TooManyFlights`
+      (``"raise"``) or waits for a flight to end (``"wait"``).  Joins are never refused.
+    * ``timeout``: seconds a caller waits at most; then it alone raises
+      ``TimeoutError`` (per call, ``asyncio.timeout()`` around the await does the same).
+    * ``loader_timeout``: seconds a loader may run; then its task is cancelled
+      and the flight fails for everyone with ``TimeoutError``.
 
     Calls are grouped per running event loop: calls from different loops never
     join each other.
     """
 
-    __slots__ = ("__weakref__", "_cancel_abandoned", "_current", "_tables", "_tables_lock")
+    __slots__ = (
+        "__weakref__",
+        "_cancel_abandoned",
+        "_current",
+        "_loader_timeout",
+        "_max_flights",
+        "_on_event",
+        "_on_limit",
+        "_retired",
+        "_slow",
+        "_states",
+        "_states_lock",
+        "_timeout",
+        "name",
+    )
 
-    def __init__(self, *, cancel_abandoned: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        cancel_abandoned: bool = False,
+        name: str = "default",
+        on_event: EventHook | None = None,
+        max_flights: int | None = None,
+        on_limit: Literal["raise", "wait"] = "raise",
+        timeout: float | None = None,
+        loader_timeout: float | None = None,
+    ) -> None:
+        check_options(name, on_event, max_flights, on_limit, timeout)
+        check_seconds("loader_timeout", loader_timeout)
         self._cancel_abandoned = cancel_abandoned
-        self._tables: weakref.WeakKeyDictionary[AbstractEventLoop, _Table] = (
+        self.name = name
+        self._on_event = on_event
+        self._max_flights = max_flights
+        self._on_limit = on_limit
+        self._timeout = timeout
+        self._loader_timeout = loader_timeout
+        # Limits, timeouts and events take the general path; without them the
+        # short one.
+        self._slow = (
+            on_event is not None
+            or max_flights is not None
+            or timeout is not None
+            or loader_timeout is not None
+        )
+        self._states: weakref.WeakKeyDictionary[AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
-        self._tables_lock = threading.Lock()
-        # The last loop used and its table, read as one tuple so that threads
-        # running different loops never pair one loop with another's table.
-        self._current: tuple[Callable[[], AbstractEventLoop | None], _Table] = (_dead_ref, {})
+        # Reentrant: a loop collected while it is held runs _retire(), which takes it.
+        self._states_lock = threading.RLock()
+        # The last loop used and its state, read as one tuple so that threads
+        # running different loops never pair one loop with another's state.
+        self._current: tuple[Callable[[], AbstractEventLoop | None], _LoopState] = (
+            _dead_ref,
+            _LoopState(name, on_event),
+        )
+        # The counters of loops that are gone, so that stats() never goes back.
+        self._retired = _LoopState(name, on_event)
 
     async def do(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
@@ -185,10 +366,13 @@ class AsyncGroup(Generic[K, V]):
         last caller has left, the loader is cancelled if the group was made with
         ``cancel_abandoned=True`` and runs on otherwise.
         """
+        if self._slow:
+            flight, future = await self._admit(key, fn, args, kwargs)
+            return await self._wait(key, flight, future)  # type: ignore[no-any-return]
         flight, future = self._enter(key, fn, args, kwargs)
         del args, kwargs  # the loader has them; a parked caller need not keep them
         if flight is None:
-            return _outcome(key, future)  # type: ignore[no-any-return]
+            return self._outcome(key, future)  # type: ignore[no-any-return]
         try:
             return await future  # type: ignore[no-any-return]
         except CancelledError:
@@ -205,11 +389,20 @@ class AsyncGroup(Generic[K, V]):
         ``CancelledError`` in it, with the same effect on the flight as for
         :meth:`do`; ``TypeError`` and ``RuntimeError`` are raised as by :meth:`do`.
         """
+        if self._slow:
+            flight, future = await self._admit(key, fn, args, kwargs)
+            try:
+                value = await self._wait(key, flight, future)
+            except WaitTimeout:
+                raise
+            except Exception as exc:
+                return Result(None, exc, flight is not None and flight.dups > 0)
+            return Result(value, None, flight is not None and flight.dups > 0)
         flight, future = self._enter(key, fn, args, kwargs)
         del args, kwargs
         try:
             if flight is None:
-                value = _outcome(key, future)
+                value = self._outcome(key, future)
             else:
                 try:
                     value = await future
@@ -232,13 +425,21 @@ class AsyncGroup(Generic[K, V]):
         The future holds the value, the loader's :class:`Exception`, or
         :class:`AbortedError`.  ``TypeError`` and ``RuntimeError`` as for :meth:`do`.
         """
-        flight, future = self._enter(key, fn, args, kwargs)
+        try:
+            flight, future = self._enter(key, fn, args, kwargs)
+        except _NoSlot as no_slot:
+            # Waiting for a slot must not block: the call runs in a task of its
+            # own, which is this caller's future (cancelling it is leaving).
+            no_slot.slot.cancel()
+            call = get_running_loop().create_task(self.do(key, fn, *args, **kwargs))
+            call.add_done_callback(_mark_retrieved, context=_NO_CONTEXT)
+            return call
         if flight is None:
             # Finished while starting: the caller still gets a future of its own.
             task = future
             future = task.get_loop().create_future()
             try:
-                future.set_result(_outcome(key, task))
+                future.set_result(self._outcome(key, task))
             except Exception as exc:
                 future.set_exception(exc)
                 future._log_traceback = False  # as for every waiter: see _AsyncFlight.__call__
@@ -253,8 +454,10 @@ class AsyncGroup(Generic[K, V]):
         outcome, and when it ends it does not remove the newer flight.  Acts on
         the running loop's flights; called outside an event loop, on every loop's.
         """
-        for table in self._tables_of_caller():
-            _flight.forget(table, key)
+        for state in self._states_of_caller():
+            _flight.forget(state.table, key)
+            if state.slot_waiters:
+                state.free_slot()
 
     def forget_unshared(self, key: K) -> bool:
         """Forget ``key`` only if nobody joined its flight.
@@ -263,19 +466,21 @@ class AsyncGroup(Generic[K, V]):
         Acts on the running loop's flights (outside a loop, on every loop's).
         """
         forgotten = True
-        for table in self._tables_of_caller():
-            forgotten = _flight.forget_unshared(table, key) and forgotten
+        for state in self._states_of_caller():
+            forgotten = _flight.forget_unshared(state.table, key) and forgotten
+            if state.slot_waiters:
+                state.free_slot()
         return forgotten
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is in flight in the running loop (outside a loop: in any loop)."""
-        return any(key in table for table in self._tables_of_caller())
+        return any(key in state.table for state in self._states_of_caller())
 
     def __len__(self) -> int:
         """The number of keys in flight, over every event loop that is not closed."""
-        with self._tables_lock:
+        with self._states_lock:
             self._prune_closed()
-            return sum(len(table) for table in self._tables.values())
+            return sum(len(state.table) for state in self._states.values())
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} in_flight={len(self)}>"
@@ -295,11 +500,13 @@ class AsyncGroup(Generic[K, V]):
         loader finished while it was being started, no flight and the finished
         loader task (its entry already gone).  Being a plain function, its frame
         is gone once it returns: the coroutines that call it stay small while
-        they wait.
+        they wait.  Raises TooManyFlights (or, internally, _NoSlot) when
+        ``max_flights`` is reached.
         """
         loop = get_running_loop()
         current = self._current
-        table = current[1] if current[0]() is loop else self._table_of(loop)
+        state = current[1] if current[0]() is loop else self._state_of(loop)
+        table = state.table
         try:
             flight = table.get(key)
         except TypeError:
@@ -307,7 +514,13 @@ class AsyncGroup(Generic[K, V]):
         if flight is not None:
             if flight is _STARTING or flight.task is current_task(loop):
                 raise reentry_error(key)
+            if not flight.dups:
+                state.shared += 1
             flight.dups += 1
+            state.joins += 1
+            flight.joined_at += perf_counter()
+            if self._on_event is not None:
+                emit(self._on_event, Joined(self.name, key, flight.fid))
             # add_waiter() written out: with many callers on one key this is the hot path.
             future: Future[Any] = Future(loop=loop)
             waiters = flight.waiters
@@ -318,27 +531,174 @@ class AsyncGroup(Generic[K, V]):
             else:
                 flight.waiters = [waiters, future]
             return flight, future
+        mark = self._admit_lead(state, key) if self._slow else None
+        state.flights += 1
         # Hold the key while the task starts, so that a loader calling do() on
         # its own key is told so instead of waiting on itself.
         table[key] = _STARTING
-        returned = None
+        returned: Any = _NOTHING
         try:
             returned = fn(*args, **kwargs)
+            if self._loader_timeout is not None:
+                returned = _with_deadline(returned, fn, self._loader_timeout, key)
             task = _new_task(returned, loop=loop)
         except BaseException as exc:
-            task = _launch_failed(table, key, loop, fn, returned, exc)  # type: ignore[assignment]
+            try:
+                task = _launch_failed(table, key, loop, fn, returned, exc)  # type: ignore[assignment]
+            except BaseException as raised:
+                if isinstance(raised, Exception):
+                    state.errors += 1
+                else:
+                    state.aborted += 1
+                if mark is not None:  # the flight was told as started: tell its end
+                    failed: Future[Any] = Future(loop=loop)
+                    failed.set_exception(raised)
+                    self._ended_while_starting(state, key, failed, mark)
+                    failed.exception()
+                raise
         if task.done():
             # Finished without suspending: no waiter can exist, so no flight
             # record is needed.  Release the key unless the loader forgot it.
             if table.get(key) is _STARTING:
                 del table[key]
+            if mark is not None:
+                self._ended_while_starting(state, key, task, mark)
             return None, task
-        flight = _AsyncFlight(table, key, task)
+        flight = _AsyncFlight(state, key, task)
+        if mark is not None:
+            flight.started, flight.fid = mark
         if table.get(key) is _STARTING:
             table[key] = flight
         # else the loader forgot its key while starting; the flight runs unlisted.
         task.add_done_callback(flight, context=_NO_CONTEXT)
         return flight, flight.add_waiter(loop)
+
+    def _admit_lead(self, state: _LoopState, key: K) -> tuple[float, int]:
+        """A new flight is about to start: apply max_flights, tell on_event.
+
+        Returns the start time (for the flight's duration) and the flight's id
+        in events (the record does not exist yet).
+        """
+        if self._max_flights is not None and len(state.table) >= self._max_flights:
+            if self._on_limit == "wait":
+                slot: asyncio.Future[None] = Future(loop=get_running_loop())
+                state.slot_waiters.append(slot)
+                raise _NoSlot(slot)
+            state.rejected += 1
+            if self._on_event is not None:
+                emit(self._on_event, Rejected(self.name, key, len(state.table)))
+            raise TooManyFlights(key, self._max_flights)
+        if state.slot_waiters:
+            # Callers of this key waiting for a slot can join it now; the
+            # others look again and wait on.
+            waiting, state.slot_waiters = state.slot_waiters, []
+            for slot in waiting:
+                if not slot.done():
+                    slot.set_result(None)
+        fid = next(_flight_ids)
+        if self._on_event is not None:
+            emit(self._on_event, FlightStarted(self.name, key, fid))
+        return perf_counter(), fid
+
+    def _ended_while_starting(
+        self, state: _LoopState, key: K, task: asyncio.Future[Any], mark: tuple[float, int]
+    ) -> None:
+        """Events and slots for a flight that finished inside its start (no record was made)."""
+        if state.slot_waiters:
+            state.free_slot()
+        hook = self._on_event
+        if hook is None:
+            return
+        started, fid = mark
+        duration = perf_counter() - started
+        if task.cancelled():
+            emit(hook, FlightAborted(self.name, key, fid, duration, 1, None))
+        elif (exc := task.exception()) is None:
+            emit(hook, FlightFinished(self.name, key, fid, duration, 1))
+        elif isinstance(exc, Exception):
+            emit(hook, FlightFailed(self.name, key, fid, duration, 1, exc))
+        else:
+            emit(hook, FlightAborted(self.name, key, fid, duration, 1, exc))
+
+    def _outcome(self, key: object, task: asyncio.Future[Any]) -> Any:
+        """The outcome of a loader task that finished while it was being started.
+
+        The same as its waiters would get: the value, the loader's Exception, or
+        AbortedError for a task that ended cancelled or by another BaseException.
+        """
+        if task.cancelled():
+            self._state_here().aborted += 1
+            raise AbortedError(key, "its loader task was cancelled")
+        exc = task.exception()
+        if exc is not None:
+            error = waiter_error(key, exc)
+            state = self._state_here()
+            if error is exc:
+                state.errors += 1
+            else:
+                state.aborted += 1
+            raise error.with_traceback(exc.__traceback__)
+        return task.result()
+
+    async def _admit(
+        self,
+        key: K,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[_AsyncFlight | None, asyncio.Future[Any]]:
+        """_enter(), waiting for a slot while max_flights is reached (on_limit="wait").
+
+        Raises WaitTimeout if no slot frees within ``timeout``.
+        """
+        deadline = None if self._timeout is None else get_running_loop().time() + self._timeout
+        while True:
+            try:
+                return self._enter(key, fn, args, kwargs)
+            except _NoSlot as no_slot:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await no_slot.slot
+                except BaseException as exc:
+                    slot = no_slot.slot
+                    if slot.done() and not slot.cancelled():
+                        # Woken for a slot in the very step it left: pass it on.
+                        self._state_here().free_slot()
+                    else:
+                        slot.cancel()
+                    if isinstance(exc, TimeoutError):
+                        self._timed_out(key, self._timeout or 0.0)
+                    raise
+
+    async def _wait(self, key: K, flight: _AsyncFlight | None, future: asyncio.Future[Any]) -> Any:
+        """Wait for this caller's outcome, at most ``timeout`` seconds."""
+        if flight is None:
+            return self._outcome(key, future)
+        if self._timeout is None:
+            try:
+                return await future
+            except CancelledError:
+                self._leave(flight, future)
+                raise
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await future
+        except CancelledError:
+            self._leave(flight, future)
+            raise
+        except TimeoutError:
+            if future.done() and not future.cancelled():
+                # The outcome arrived in the same loop step as the timeout (or
+                # it is the loader's own TimeoutError): it is this caller's.
+                return future.result()
+            self._leave(flight, future)
+            self._timed_out(key, self._timeout)
+
+    def _timed_out(self, key: K, waited: float) -> NoReturn:
+        self._state_here().timeouts += 1
+        if self._on_event is not None:
+            emit(self._on_event, TimedOut(self.name, key, waited))
+        raise WaitTimeout(key, self._timeout)
 
     def _leave(self, flight: _AsyncFlight, future: asyncio.Future[Any]) -> None:
         """A caller stopped waiting: with ``cancel_abandoned``, the last one cancels the loader."""
@@ -347,60 +707,121 @@ class AsyncGroup(Generic[K, V]):
         flight.left += 1
         waiters = flight.waiters
         waiting = len(waiters) if isinstance(waiters, list) else 1
+        first = waiters[0] if isinstance(waiters, list) else waiters
+        if future is not first and flight.dups > flight.joiners_left:
+            # A joiner left: its join time is not known here, so it is taken
+            # as the average of those still waiting (wait_seconds is a sum).
+            average = flight.joined_at / (flight.dups - flight.joiners_left)
+            flight.joiners_left += 1
+            flight.joined_at -= average
+            flight.state.wait_seconds += perf_counter() - average
         task = flight.task
         if flight.left >= waiting and self._cancel_abandoned and not task.done():
             # Forget first: a caller arriving after this starts a new flight
             # instead of joining one that is being cancelled.
-            remove(flight.table, flight.key, flight)
+            remove(flight.state.table, flight.key, flight)
+            if flight.state.slot_waiters:
+                flight.state.free_slot()
             task.cancel()
 
-    def _table_of(self, loop: AbstractEventLoop) -> _Table:
-        """The flights of ``loop`` (the slow path, taken when the loop changes)."""
-        with self._tables_lock:
-            table = self._tables.get(loop)
-            if table is None:
+    def stats(self) -> GroupStats:
+        """The group's counters, summed over its event loops (see GroupStats)."""
+        with self._states_lock:
+            self._prune_closed()
+            states = [*self._states.values(), self._retired]
+        return GroupStats(
+            calls=sum(s.flights + s.joins for s in states),
+            flights=sum(s.flights for s in states),
+            joins=sum(s.joins for s in states),
+            shared=sum(s.shared for s in states),
+            errors=sum(s.errors for s in states),
+            aborted=sum(s.aborted for s in states),
+            timeouts=sum(s.timeouts for s in states),
+            rejected=sum(s.rejected for s in states),
+            in_flight=sum(len(s.table) for s in states),
+            wait_seconds=sum(s.wait_seconds for s in states),
+        )
+
+    def _state_here(self) -> _LoopState:
+        loop = get_running_loop()
+        current = self._current
+        return current[1] if current[0]() is loop else self._state_of(loop)
+
+    def _state_of(self, loop: AbstractEventLoop) -> _LoopState:
+        """The state of ``loop`` (the slow path, taken when the loop changes)."""
+        with self._states_lock:
+            state = self._states.get(loop)
+            if state is None:
                 self._prune_closed()
-                table = self._tables[loop] = {}
-            self._current = (weakref.ref(loop), table)
-        return table
+                state = self._states[loop] = _LoopState(self.name, self._on_event)
+                state.finalizer = weakref.finalize(loop, _retire, weakref.ref(self), state)
+            self._current = (weakref.ref(loop), state)
+        return state
 
     def _prune_closed(self) -> None:
-        """Drop the tables of closed loops (the tables lock is held).
+        """Drop the states of closed loops (the states lock is held).
 
         A loop closed with flights still pending can never finish them, and its
-        table would keep it alive: its flights hold tasks that hold the loop.
+        state would keep it alive: its flights hold tasks that hold the loop.
+        Their counters go with them.
         """
-        for loop in [loop for loop in self._tables if loop.is_closed()]:
-            del self._tables[loop]
+        for loop in [loop for loop in self._states if loop.is_closed()]:
+            state = self._states.pop(loop)
+            if state.finalizer is not None and state.finalizer.detach() is not None:
+                state.add_to(self._retired)
         current_loop = self._current[0]()
         if current_loop is not None and current_loop.is_closed():
-            self._current = (_dead_ref, {})
+            self._current = (_dead_ref, self._retired)
 
-    def _tables_of_caller(self) -> list[_Table]:
-        """The running loop's table, or every table when called outside a loop."""
+    def _states_of_caller(self) -> list[_LoopState]:
+        """The running loop's state, or every state when called outside a loop."""
         try:
             loop = get_running_loop()
         except RuntimeError:
-            with self._tables_lock:
+            with self._states_lock:
                 self._prune_closed()
-                return list(self._tables.values())
-        with self._tables_lock:
-            table = self._tables.get(loop)
-        return [] if table is None else [table]
+                return list(self._states.values())
+        with self._states_lock:
+            state = self._states.get(loop)
+        return [] if state is None else [state]
 
 
-def _outcome(key: object, task: asyncio.Future[Any]) -> Any:
-    """The outcome of a loader task that finished while it was being started.
+def _retire(group_ref: weakref.ref[AsyncGroup[Any, Any]], state: _LoopState) -> None:
+    """A loop was collected: keep its counters in its group's totals."""
+    group = group_ref()
+    if group is not None:
+        with group._states_lock:
+            state.add_to(group._retired)
 
-    The same as its waiters would get: the value, the loader's Exception, or
-    AbortedError for a task that ended cancelled or by another BaseException.
-    """
-    if task.cancelled():
-        raise AbortedError(key, "its loader task was cancelled")
-    exc = task.exception()
-    if exc is not None:
-        raise waiter_error(key, exc).with_traceback(exc.__traceback__)
-    return task.result()
+
+def _mark_retrieved(task: asyncio.Future[Any]) -> None:
+    """A do_future() task its caller may drop: its error is no error to log."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _deadline(awaitable: Awaitable[V], seconds: float, key: object) -> V:
+    """Run a loader under ``loader_timeout``: past it, the flight fails with TimeoutError."""
+    try:
+        async with asyncio.timeout(seconds) as scope:
+            return await awaitable
+    except TimeoutError:
+        if scope.expired():
+            raise TimeoutError(
+                f"the loader of key {key!r} ran past loader_timeout={seconds}s"
+            ) from None
+        raise
+
+
+def _with_deadline(
+    returned: object, fn: object, seconds: float, key: object
+) -> Coroutine[Any, Any, Any]:
+    if not isawaitable(returned):
+        raise TypeError(
+            f"AsyncGroup needs fn to be an async function or to return an awaitable; "
+            f"{fn!r} returned {type(returned).__name__}"
+        )
+    return _deadline(returned, seconds, key)
 
 
 def _bad_key(key: object) -> TypeError:
@@ -408,7 +829,7 @@ def _bad_key(key: object) -> TypeError:
 
 
 def _launch_failed(
-    table: _Table,
+    table: dict[Any, _AsyncFlight],
     key: object,
     loop: AbstractEventLoop,
     fn: object,
@@ -424,7 +845,7 @@ def _launch_failed(
     other ``BaseException`` is raised.  Nobody can have joined yet, so the key
     is simply released.
     """
-    if isinstance(exc, TypeError) and returned is not None:
+    if isinstance(exc, TypeError) and returned is not _NOTHING:
         if isawaitable(returned):
             return _new_task(_await(returned), loop=loop)
         exc = TypeError(
@@ -433,7 +854,7 @@ def _launch_failed(
         )
     if table.get(key) is _STARTING:
         del table[key]
-    if returned is None and isinstance(exc, Exception):
+    if returned is _NOTHING and isinstance(exc, Exception):
         failed: asyncio.Future[Any] = Future(loop=loop)
         failed.set_exception(exc)
         return failed

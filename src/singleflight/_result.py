@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, TypeVar
 
-__all__ = ["AbortedError", "Result"]
+__all__ = ["AbortedError", "Result", "TooManyFlights", "WaitTimeout"]
 
 V_co = TypeVar("V_co", covariant=True)
 
@@ -51,4 +51,35 @@ class AbortedError(Exception):
 
     def __init__(self, key: object, reason: str) -> None:
         super().__init__(f"the flight for key {key!r} ended without a result: {reason}")
+        self.key = key
+
+
+class TooManyFlights(Exception):
+    """A call for a new key found ``max_flights`` flights open (``on_limit="raise"``).
+
+    Joining a flight in progress is never refused; only starting one is.  Nothing
+    ran and nothing was registered: the caller may retry, or shed the request.
+    """
+
+    def __init__(self, key: object, limit: int) -> None:
+        super().__init__(
+            f"cannot start a flight for key {key!r}: {limit} flights are already in progress "
+            f"(max_flights={limit}); joins of those are still accepted"
+        )
+        self.key = key
+        self.limit = limit
+
+
+class WaitTimeout(TimeoutError):
+    """This caller stopped waiting at its ``timeout``; the flight goes on for the others.
+
+    A ``TimeoutError``, so ``except TimeoutError`` catches it; a flight that
+    failed by ``loader_timeout`` raises a plain ``TimeoutError`` instead.
+    """
+
+    def __init__(self, key: object, timeout: float | None) -> None:
+        super().__init__(
+            f"gave up waiting for key {key!r} after timeout={timeout}s; "
+            "its flight goes on for the other callers"
+        )
         self.key = key

@@ -8,17 +8,31 @@ critical sections and the loader itself.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, InvalidStateError
 from functools import partial
 from threading import get_ident
+from time import monotonic, perf_counter
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 from . import _flight
-from ._flight import Flight, reentry_error, remove, waiter_error
-from ._result import AbortedError, Result
+from ._flight import Flight, check_options, reentry_error, remove, waiter_error
+from ._result import AbortedError, Result, TooManyFlights, WaitTimeout
+from .events import (
+    EventHook,
+    FlightAborted,
+    FlightFailed,
+    FlightFinished,
+    FlightStarted,
+    GroupStats,
+    Joined,
+    Rejected,
+    TimedOut,
+    emit,
+)
 
 __all__ = ["Group"]
 
@@ -35,14 +49,29 @@ class _Call(Flight):
     with it each time keeps the shared exception's traceback from growing.
     """
 
-    __slots__ = ("error", "event", "futures", "owner", "tb", "value")
+    __slots__ = (
+        "error",
+        "event",
+        "futures",
+        "joined_at",
+        "owner",
+        "started",
+        "tb",
+        "value",
+        "waiting",
+    )
+    value: Any
     error: Exception | None
     tb: TracebackType | None
+    # Set by the first joiner: the joiners still waiting and the sum of their
+    # join times, so their total wait is known at the end without a lock per wake.
+    waiting: int
+    joined_at: float
+    started: float  # set only when an on_event hook needs durations
 
     def __init__(self, owner: int | None) -> None:
+        # value and error are set when the call ends, before anyone reads them.
         self.dups = 0
-        self.value: Any = None
-        self.error = None
         self.event: threading.Event | None = None
         self.futures: list[_CallFuture[Any]] | None = None
         self.owner = owner
@@ -96,20 +125,76 @@ def _bad_key(key: object) -> TypeError:
 class Group(Generic[K, V]):
     """Coalesces concurrent calls that share a key into one execution, for threads.
 
-    ``Group()`` needs no arguments.  ``executor`` (optional) runs the loaders of
-    :meth:`do_future`; by default each such flight gets a daemon thread of its own.
+    ``Group()`` needs no arguments.  Options:
+
+    * ``executor``: runs the loaders of :meth:`do_future` (and of every flight
+      when ``timeout`` is set); by default each such flight gets a daemon thread.
+    * ``name``: labels the group's events and metrics.
+    * ``on_event``: a callable given each :mod:`singleflight.events` event.
+    * ``max_flights``: at most this many keys in flight; a call for a new key
+      beyond it raises :class:`TooManyFlights` (``on_limit="raise"``) or waits
+      for a flight to end (``on_limit="wait"``).  Joins are never refused.
+    * ``timeout``: seconds a caller waits at most; then it alone raises
+      ``TimeoutError`` and the flight goes on for the others.  So that the first
+      caller can leave too, every flight's loader then runs on the executor.
 
     A group is not a cache: a flight's entry is removed before any of its callers
     sees the result, so a call made after that starts a new flight.  Nothing about
     a finished flight is kept.
     """
 
-    __slots__ = ("__weakref__", "_calls", "_executor", "_lock")
+    __slots__ = (
+        "__weakref__",
+        "_aborted",
+        "_calls",
+        "_errors",
+        "_executor",
+        "_flights",
+        "_joins",
+        "_lock",
+        "_max_flights",
+        "_on_event",
+        "_on_limit",
+        "_rejected",
+        "_shared",
+        "_slot",
+        "_slot_waiters",
+        "_slow",
+        "_timeout",
+        "_timeouts",
+        "_wait_seconds",
+        "name",
+    )
 
-    def __init__(self, *, executor: Executor | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        executor: Executor | None = None,
+        name: str = "default",
+        on_event: EventHook | None = None,
+        max_flights: int | None = None,
+        on_limit: Literal["raise", "wait"] = "raise",
+        timeout: float | None = None,
+    ) -> None:
+        check_options(name, on_event, max_flights, on_limit, timeout)
+        if executor is not None and not callable(getattr(executor, "submit", None)):
+            raise TypeError(f"executor must be a concurrent.futures.Executor; got {executor!r}")
         self._lock = threading.Lock()
         self._calls: dict[K, _Call] = {}
         self._executor = executor
+        self.name = name
+        self._on_event = on_event
+        self._max_flights = max_flights
+        self._on_limit = on_limit
+        self._timeout = timeout
+        # Limits, timeouts and events take the general path; without them, do()
+        # keeps its short one.
+        self._slow = on_event is not None or max_flights is not None or timeout is not None
+        self._slot = threading.Condition(self._lock)
+        self._slot_waiters = 0
+        self._flights = self._joins = self._shared = self._errors = self._aborted = 0
+        self._timeouts = self._rejected = 0
+        self._wait_seconds = 0.0
 
     def do(self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs) -> V:
         """Run ``fn(*args, **kwargs)`` as the flight of ``key``, or join the one in flight.
@@ -126,6 +211,8 @@ class Group(Generic[K, V]):
         itself).  A waiting ``do`` cannot be cancelled; use :meth:`do_future` to
         stop waiting without stopping the flight.
         """
+        if self._slow:
+            return _outcome(self._call(key, fn, args, kwargs))  # type: ignore[no-any-return]
         calls = self._calls
         # The lead path below is _enter() and _settle() written out: every call
         # of do() takes it, and a method call is a third of its cost.
@@ -136,6 +223,7 @@ class Group(Generic[K, V]):
                 raise _bad_key(key) from None
             if call is None:
                 calls[key] = call = _Call(get_ident())
+                self._flights += 1
                 event = None
             else:
                 event = self._join(key, call, fn)
@@ -145,7 +233,7 @@ class Group(Generic[K, V]):
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
-            self._settle(key, call, None, exc, fn)
+            self._settle(key, call, None, exc)
             raise
         with self._lock:
             # Remove the entry before anyone can see the value (Go 8fcdb60), and
@@ -153,9 +241,12 @@ class Group(Generic[K, V]):
             current = calls.pop(key, None)
             if current is not call and current is not None:
                 calls[key] = current
-        # dups is final: joiners only join under the lock while the entry is present.
-        if call.dups:
+            # dups is final: joiners only join under the lock while the entry is present.
+            if dups := call.dups:
+                self._wait_seconds += call.waiting * perf_counter() - call.joined_at
+        if dups:
             call.value = value
+            call.error = None
             _publish(call)
         return value
 
@@ -170,6 +261,9 @@ class Group(Generic[K, V]):
         raised, as are ``TypeError`` for an unhashable key and ``RuntimeError``
         for a re-entrant call.
         """
+        if self._slow:
+            call = self._call(key, fn, args, kwargs)
+            return Result(call.value, call.error, call.dups > 0)
         call, event = self._enter(key, fn)
         try:
             if event is not None:
@@ -179,9 +273,9 @@ class Group(Generic[K, V]):
                 try:
                     value = fn(*args, **kwargs)
                 except BaseException as exc:
-                    self._settle(key, call, None, exc, fn)
+                    self._settle(key, call, None, exc)
                     raise
-                self._settle(key, call, value, None, fn)
+                self._settle(key, call, value, None)
         except Exception as exc:
             return Result(None, exc, call.dups > 0)
         return Result(value, None, call.dups > 0)
@@ -200,35 +294,33 @@ class Group(Generic[K, V]):
         the work (every caller that joined meanwhile gets it too).
         """
         future: _CallFuture[V] = _CallFuture()
+        hook = self._on_event
         with self._lock:
-            try:
-                call = self._calls.get(key)
-            except TypeError:
-                raise _bad_key(key) from None
-            lead = call is None
-            if call is None:
-                self._calls[key] = call = _Call(None)
-            else:
-                call.dups += 1
-            if call.futures is None:
-                call.futures = [future]
-            else:
-                call.futures.append(future)
-        if lead:
-            try:
-                if self._executor is None:
-                    threading.Thread(
-                        target=self._run,
-                        args=(key, call, fn, args, kwargs),
-                        name=f"singleflight {key!r}",
-                        daemon=True,
-                    ).start()
+            call = self._lookup(key)
+            full = call is None and self._full()
+            if not full:
+                lead = call is None
+                if call is None:
+                    call = self._lead(key, None)
                 else:
-                    work = self._executor.submit(self._run, key, call, fn, args, kwargs)
-                    work.add_done_callback(partial(self._dropped, key, call))
-            except BaseException as exc:
-                self._settle(key, call, None, exc, fn)
-                raise
+                    self._join(key, call, fn)
+                if call.futures is None:
+                    call.futures = [future]
+                else:
+                    call.futures.append(future)
+        if full:
+            if self._on_limit == "raise":
+                raise self._reject(key)
+            # Wait for a slot on a thread of its own: do_future never blocks.
+            threading.Thread(
+                target=self._call_into, args=(future, key, fn, args, kwargs), daemon=True
+            ).start()
+            return future
+        assert call is not None
+        if hook is not None:
+            emit(hook, (FlightStarted if lead else Joined)(self.name, key, id(call)))
+        if lead:
+            self._start(key, call, fn, args, kwargs)
         return future
 
     def forget(self, key: K) -> None:
@@ -240,6 +332,8 @@ class Group(Generic[K, V]):
         """
         with self._lock:
             _flight.forget(self._calls, key)
+            if self._slot_waiters:
+                self._slot.notify()
 
     def forget_unshared(self, key: K) -> bool:
         """Forget ``key`` only if nobody joined its flight.
@@ -248,7 +342,26 @@ class Group(Generic[K, V]):
         flight is shared (it is then left alone).
         """
         with self._lock:
-            return _flight.forget_unshared(self._calls, key)
+            forgotten = _flight.forget_unshared(self._calls, key)
+            if self._slot_waiters:
+                self._slot.notify()
+            return forgotten
+
+    def stats(self) -> GroupStats:
+        """The group's counters (see :class:`singleflight.events.GroupStats`)."""
+        with self._lock:
+            return GroupStats(
+                calls=self._flights + self._joins,
+                flights=self._flights,
+                joins=self._joins,
+                shared=self._shared,
+                errors=self._errors,
+                aborted=self._aborted,
+                timeouts=self._timeouts,
+                rejected=self._rejected,
+                in_flight=len(self._calls),
+                wait_seconds=self._wait_seconds,
+            )
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
@@ -264,29 +377,193 @@ class Group(Generic[K, V]):
 
     # -- the slow paths --------------------------------------------------------------
 
+    def _lookup(self, key: K) -> _Call | None:
+        try:
+            return self._calls.get(key)
+        except TypeError:
+            raise _bad_key(key) from None
+
+    def _full(self) -> bool:
+        return self._max_flights is not None and len(self._calls) >= self._max_flights
+
+    def _reject(self, key: K) -> TooManyFlights:
+        """Count a refused call; its event goes out once the lock is released."""
+        with self._lock:
+            self._rejected += 1
+            in_flight = len(self._calls)
+        if self._on_event is not None:
+            emit(self._on_event, Rejected(self.name, key, in_flight))
+        assert self._max_flights is not None
+        return TooManyFlights(key, self._max_flights)
+
+    def _lead(self, key: K, owner: int | None) -> _Call:
+        """Register a new flight of ``key`` (the lock is held)."""
+        self._calls[key] = call = _Call(owner)
+        self._flights += 1
+        if self._slot_waiters:
+            # Callers of this key waiting for a slot can join it now.
+            self._slot.notify_all()
+        if self._on_event is not None:
+            call.started = perf_counter()
+        return call
+
     def _enter(self, key: K, fn: object) -> tuple[_Call, threading.Event | None]:
         """Lead (no event) or join (the event to wait on) the flight of ``key``."""
         with self._lock:
-            try:
-                call = self._calls.get(key)
-            except TypeError:
-                raise _bad_key(key) from None
+            call = self._lookup(key)
             if call is None:
-                self._calls[key] = call = _Call(get_ident())
-                return call, None
+                return self._lead(key, get_ident()), None
             return call, self._join(key, call, fn)
 
-    @staticmethod
-    def _join(key: object, call: _Call, fn: object) -> threading.Event:
+    def _join(self, key: object, call: _Call, fn: object) -> threading.Event:
         """Join ``call`` (the group's lock is held) and return the event to wait on."""
         if call.owner == get_ident():
             raise reentry_error(key)
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {type(fn).__name__} {fn!r}")
+        if call.dups == 0:
+            self._shared += 1
+            call.waiting = 0
+            call.joined_at = 0.0
         call.dups += 1
+        self._joins += 1
+        call.waiting += 1
+        call.joined_at += perf_counter()
         if call.event is None:
             call.event = threading.Event()
         return call.event
+
+    def _call(
+        self, key: K, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> _Call:
+        """The general path of do() and do_result(): limits, timeouts, events.
+
+        Returns the finished call; raises TooManyFlights, TimeoutError (this
+        caller alone leaves), the usage errors, or the BaseException that
+        stopped a loader run in this thread.
+        """
+        hook = self._on_event
+        begun = monotonic()
+        deadline = None if self._timeout is None else begun + self._timeout
+        slot_timed_out = False
+        with self._lock:
+            call = self._lookup(key)
+            while call is None and self._full() and self._on_limit == "wait":
+                remaining = None if deadline is None else deadline - monotonic()
+                if remaining is not None and remaining <= 0:
+                    self._timeouts += 1
+                    slot_timed_out = True
+                    break
+                self._slot_waiters += 1
+                try:
+                    self._slot.wait(remaining)
+                finally:
+                    self._slot_waiters -= 1
+                call = self._lookup(key)
+            full = call is None and self._full()
+            if slot_timed_out or full:
+                pass
+            elif call is None:
+                lead = True
+                call = self._lead(key, get_ident() if deadline is None else None)
+                # With a timeout the loader runs elsewhere and this caller waits
+                # like a joiner, so that it can leave.
+                event = None if deadline is None else _event_of(call)
+                if event is not None:
+                    call.waiting = 0
+                    call.joined_at = 0.0
+            else:
+                lead = False
+                event = self._join(key, call, fn)
+        if slot_timed_out:
+            if hook is not None:
+                emit(hook, TimedOut(self.name, key, monotonic() - begun))
+            raise _timeout_error(key, self._timeout)
+        if full:
+            raise self._reject(key)
+        assert call is not None
+        if hook is not None:
+            emit(hook, (FlightStarted if lead else Joined)(self.name, key, id(call)))
+        if lead and deadline is None:
+            try:
+                value = fn(*args, **kwargs)
+            except BaseException as exc:
+                self._settle(key, call, None, exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return call
+            self._settle(key, call, value, None)
+            return call
+        if lead:
+            self._start(key, call, fn, args, kwargs)
+        assert event is not None
+        started = perf_counter()
+        if not event.wait(None if deadline is None else max(0.0, deadline - monotonic())):
+            self._timed_out(key, call, lead, started)
+        return call
+
+    def _timed_out(self, key: K, call: _Call, lead: bool, started: float) -> None:
+        """This caller's timeout passed: count it, leave the flight, raise TimeoutError."""
+        waited = perf_counter() - started
+        with self._lock:
+            self._timeouts += 1
+            if not lead:  # a joiner's wait is counted now rather than at the end
+                call.waiting -= 1
+                call.joined_at -= started
+                self._wait_seconds += waited
+        if self._on_event is not None:
+            emit(self._on_event, TimedOut(self.name, key, waited))
+        raise _timeout_error(key, self._timeout)
+
+    def _call_into(
+        self,
+        future: _CallFuture[Any],
+        key: K,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """do_future() on a full group in "wait" mode: the call, made from a thread of its own."""
+        try:
+            call = self._call(key, fn, args, kwargs)
+        except BaseException as exc:
+            with contextlib.suppress(InvalidStateError):  # the caller cancelled its future
+                future.set_exception(waiter_error(key, exc))
+            return
+        with contextlib.suppress(InvalidStateError):
+            if call.error is None:
+                future.set_result(call.value)
+            else:
+                future._tb = call.tb
+                future.set_exception(call.error)
+
+    def _start(
+        self,
+        key: K,
+        call: _Call,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Run a flight's loader on the executor, or on a daemon thread of its own.
+
+        If the executor refuses the work, the flight ends with its error for
+        every caller that joined meanwhile, and the error is raised here.
+        """
+        try:
+            if self._executor is None:
+                threading.Thread(
+                    target=self._run,
+                    args=(key, call, fn, args, kwargs),
+                    name=f"singleflight {key!r}",
+                    daemon=True,
+                ).start()
+            else:
+                work = self._executor.submit(self._run, key, call, fn, args, kwargs)
+                work.add_done_callback(partial(self._dropped, key, call))
+        except BaseException as exc:
+            self._settle(key, call, None, exc)
+            raise
 
     def _run(
         self,
@@ -296,31 +573,58 @@ class Group(Generic[K, V]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        """Run a :meth:`do_future` flight's loader on a worker thread."""
+        """Run a flight's loader on a worker thread."""
         call.owner = get_ident()
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
-            # Every caller holds a future that now carries the outcome; nothing
-            # is left for the worker thread to report.
-            self._settle(key, call, None, exc, fn)
+            # Every caller waits on the call itself; nothing is left for the
+            # worker thread to report.
+            self._settle(key, call, None, exc)
             return
-        self._settle(key, call, value, None, fn)
+        self._settle(key, call, value, None)
 
     def _dropped(self, key: K, call: _Call, work: Future[None]) -> None:
         """The executor cancelled a flight's work before it ran: end the flight for its callers."""
         if work.cancelled():
-            self._settle(key, call, None, AbortedError(key, "the executor dropped its work"), None)
+            self._settle(key, call, None, AbortedError(key, "the executor dropped its work"))
 
-    def _settle(
-        self, key: K, call: _Call, value: Any, exc: BaseException | None, fn: object
-    ) -> None:
+    def _settle(self, key: K, call: _Call, value: Any, exc: BaseException | None) -> None:
         """End ``call``: remove it from the table, then hand its outcome to every waiter."""
+        error = None if exc is None else waiter_error(key, exc)
+        aborted = isinstance(error, AbortedError)
         with self._lock:
             remove(self._calls, key, call)
-        if exc is None:
-            call.value = value
-        else:
-            call.error = error = waiter_error(key, exc)
+            if aborted:
+                self._aborted += 1
+            elif error is not None:
+                self._errors += 1
+            if call.dups:
+                self._wait_seconds += call.waiting * perf_counter() - call.joined_at
+            if self._slot_waiters:
+                self._slot.notify()
+        call.value = value
+        call.error = error
+        if error is not None:
             call.tb = error.__traceback__
         _publish(call)
+        hook = self._on_event
+        if hook is not None:
+            duration = perf_counter() - call.started
+            callers = call.dups + 1
+            if error is None:
+                emit(hook, FlightFinished(self.name, key, id(call), duration, callers))
+            elif aborted:
+                emit(hook, FlightAborted(self.name, key, id(call), duration, callers, exc))
+            else:
+                emit(hook, FlightFailed(self.name, key, id(call), duration, callers, error))
+
+
+def _event_of(call: _Call) -> threading.Event:
+    if call.event is None:
+        call.event = threading.Event()
+    return call.event
+
+
+def _timeout_error(key: object, timeout: float | None) -> WaitTimeout:
+    return WaitTimeout(key, timeout)

@@ -21,18 +21,17 @@ from typing import Any, Generic, TypeVar
 
 from .._asyncio import AsyncGroup
 from .._result import AbortedError
+from ..events import EventHook
 from ._base import (
     DEFAULT_MAXSIZE,
     CacheBase,
     assemble,
-    bad_key,
-    check_key,
     logger,
     served,
     wanted_keys,
 )
 from ._policy import Entry
-from ._store import JOIN, REFRESH, SERVE
+from ._store import JOIN, SERVE
 
 __all__ = ["AsyncLoadingCache"]
 
@@ -118,6 +117,13 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
 
     __slots__ = ("_background_loads", "_tasks")
 
+    def __new__(cls, *args: Any, on_event: EventHook | None = None, **kwargs: Any) -> Any:
+        # A cache with on_event reads through _read() only, where events are
+        # told; the plain hit path in get() stays free of the check.
+        if on_event is not None and cls is AsyncLoadingCache:
+            cls = _ObservedAsyncLoadingCache
+        return super().__new__(cls)
+
     def __init__(
         self,
         load: Callable[[K], Awaitable[V]],
@@ -137,6 +143,8 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         group: AsyncGroup[K, V] | None = None,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
+        name: str = "default",
+        on_event: EventHook | None = None,
     ) -> None:
         if group is not None and not inspect.iscoroutinefunction(getattr(group, "do", None)):
             raise TypeError(
@@ -156,6 +164,8 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             group=AsyncGroup() if group is None else group,
             clock=clock,
             random=random,
+            name=name,
+            on_event=on_event,
         )
         # Refresh and batch tasks, and the loader tasks of loads a refresh
         # started: what aclose() cancels.
@@ -252,38 +262,23 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         stop the load (others may have joined it).  ``TypeError`` for an
         unhashable key.
         """
-        check_key(key)
-        with self._lock:
-            seen = self._store.force(key)
-        if self._forget is not None:
-            self._forget(key)
+        seen = self._force(key)
         try:
             return await self._group.do(key, self._lead, key, seen, None, False)  # type: ignore[no-any-return]
         finally:
-            with self._lock:
-                self._store.cancel_force(key)
+            self._unforce(key)
 
     # -- the slow paths ------------------------------------------------------------------
 
     async def _get(self, key: K, thunk: Callable[[], Awaitable[V]] | None) -> V:
         """A read that is not a plain hit; ``thunk`` loads the key (default ``load(key)``)."""
-        try:
-            hash(key)
-        except TypeError:
-            raise bad_key(key) from None
-        with self._lock:
-            action, entry, batch = self._store.lookup(key, self._clock(), not self._closed)
+        action, found, batch = self._read(key, thunk)
         if action == SERVE:
-            assert entry is not None
-            return entry.outcome()  # type: ignore[no-any-return]
-        if action == REFRESH:
-            assert entry is not None
-            self._start_refresh(key, entry, thunk)
-            return entry.value  # type: ignore[no-any-return]
+            return found  # type: ignore[no-any-return]
         if action == JOIN:
             await batch.wait(key)
             return self._batch_value(key, batch)
-        return await self._load_key(key, entry, thunk)
+        return await self._load_key(key, found, thunk)
 
     async def _load_key(
         self, key: K, seen: Entry | None, thunk: Callable[[], Awaitable[V]] | None
@@ -305,8 +300,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         background: bool,
     ) -> V:
         """The load a group flight runs: check the cache again, then load and write back."""
-        with self._lock:
-            ready, batch, token = self._store.begin_load(key, seen, self._clock())
+        ready, batch, token = self._begin_load(key, seen)
         if ready is not None:
             return ready.outcome()  # type: ignore[no-any-return]
         if batch is not None:
@@ -328,8 +322,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         finally:
             if task is not None:
                 self._background_loads.discard(task)
-        with self._lock:
-            self._store.finish_load(key, token, value, started, clock())
+        self._finish_load(key, token, value, started)
         return value
 
     def _batch_value(self, key: K, batch: _Batch) -> V:
@@ -354,11 +347,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             if not inspect.isawaitable(awaitable):
                 raise _not_awaitable(self._load_many, awaitable)
             values = await awaitable
-            if not isinstance(values, Mapping):
-                raise TypeError(
-                    f"load_many must return a mapping of key to value; "
-                    f"{self._load_many!r} returned {type(values).__name__}"
-                )
+            self._check_values(values)
         except Exception as exc:
             self._batch_failed(batch, tokens, exc, started)
             return _BatchOutcome(None, exc)
@@ -442,3 +431,12 @@ async def _wait(task: asyncio.Future[Any]) -> None:
     """Wait for ``task`` to end without cancelling it if the waiter is cancelled."""
     if not task.done():
         await asyncio.wait((task,))
+
+
+class _ObservedAsyncLoadingCache(AsyncLoadingCache[K, V]):
+    """An AsyncLoadingCache made with ``on_event``: every read is told, hits included."""
+
+    __slots__ = ()
+
+    async def get(self, key: K) -> V:
+        return await self._get(key, None)

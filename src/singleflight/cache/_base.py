@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Generic, TypeVar, cast
 
+from ..events import CacheHit, CacheMiss, EventHook, RefreshStarted, StaleServed, emit
 from ._policy import Entry, Policy
-from ._store import CacheStats, Plan, Store
+from ._store import REFRESH, SERVE, CacheStats, Plan, Store
 
 __all__ = ["CacheBase", "assemble", "bad_key", "check_key", "logger", "served", "wanted_keys"]
 
@@ -96,11 +97,13 @@ class CacheBase(Generic[K, V]):
         "_data",
         "_forget",
         "_group",
+        "_hook",
         "_load",
         "_load_many",
         "_lock",
         "_policy",
         "_store",
+        "name",
     )
 
     def __init__(
@@ -119,7 +122,15 @@ class CacheBase(Generic[K, V]):
         group: Any,
         clock: Callable[[], float],
         random: Callable[[], float],
+        name: str = "default",
+        on_event: EventHook | None = None,
     ) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str; got {name!r}")
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be a callable taking one event; got {on_event!r}")
+        self.name = name
+        self._hook = on_event
         if not callable(load):
             raise TypeError(f"load must be callable; got {type(load).__name__} {load!r}")
         if load_many is not None and not callable(load_many):
@@ -217,12 +228,89 @@ class CacheBase(Generic[K, V]):
         state = " closed" if self._closed else ""
         return f"<{type(self).__name__} size={len(self)} load={self._load!r}{state}>"
 
-    # -- helpers for the drivers ------------------------------------------------------
+    # -- helpers for the drivers: the steps of a read that do not wait -------------------
+
+    def _read(self, key: K, thunk: Any) -> tuple[int, Any, Any]:
+        """A read that is not a plain hit, as far as it goes without waiting.
+
+        ``(SERVE, value, None)`` when an entry answers it (starting its
+        background refresh if one is due), ``(JOIN, None, batch)`` to wait for
+        a batch load, ``(LOAD, seen, None)`` to load.  Raises a cached
+        not-found error; ``TypeError`` for an unhashable key.
+        """
+        try:
+            hash(key)
+        except TypeError:
+            raise bad_key(key) from None
+        now = self._clock()
+        with self._lock:
+            action, entry, batch = self._store.lookup(key, now, not self._closed)
+        if self._hook is not None:
+            self._observe(key, action, entry, now)
+        if action == SERVE:
+            assert entry is not None
+            return SERVE, entry.outcome(), None
+        if action == REFRESH:
+            assert entry is not None
+            self._start_refresh(key, entry, thunk)
+            return SERVE, entry.value, None
+        return action, entry, batch
+
+    def _start_refresh(self, key: K, entry: Entry, thunk: Any) -> None:
+        """Refresh ``entry`` in the background (the driver's way); it answers meanwhile."""
+        raise NotImplementedError
+
+    def _force(self, key: K) -> Entry | None:
+        """Start a forced reload of ``key`` (:meth:`refresh`): the entry it replaces."""
+        check_key(key)
+        with self._lock:
+            seen = self._store.force(key)
+        if self._forget is not None:
+            self._forget(key)
+        return seen
+
+    def _unforce(self, key: K) -> None:
+        with self._lock:
+            self._store.cancel_force(key)
+
+    def _begin_load(self, key: K, seen: Entry | None) -> tuple[Entry | None, Any, int]:
+        with self._lock:
+            return self._store.begin_load(key, seen, self._clock())
+
+    def _finish_load(self, key: K, token: int, value: Any, started: float) -> None:
+        with self._lock:
+            self._store.finish_load(key, token, value, started, self._clock())
+
+    def _check_values(self, values: object) -> None:
+        """``TypeError`` unless ``load_many`` returned a mapping."""
+        if not isinstance(values, Mapping):
+            raise TypeError(
+                f"load_many must return a mapping of key to value; "
+                f"{self._load_many!r} returned {type(values).__name__}"
+            )
 
     def _stand_in(self, key: K) -> Entry | None:
         """The old entry a caller gets when its load failed, if stale-if-error allows."""
+        now = self._clock()
         with self._lock:
-            return self._store.stand_in(key, self._clock())
+            entry = self._store.stand_in(key, now)
+        if entry is not None and self._hook is not None:
+            emit(self._hook, StaleServed(self.name, key, now - entry.expires_at))
+        return entry
+
+    def _observe(self, key: K, action: int, entry: Entry | None, now: float) -> None:
+        """Tell on_event what a read became (a cache made with on_event reads only this way)."""
+        assert self._hook is not None
+        if action in (SERVE, REFRESH):
+            assert entry is not None
+            if now < entry.expires_at:
+                emit(self._hook, CacheHit(self.name, key))
+            else:
+                emit(self._hook, StaleServed(self.name, key, now - entry.expires_at))
+            if action == REFRESH:
+                emit(self._hook, RefreshStarted(self.name, key, now < entry.expires_at))
+        else:
+            emit(self._hook, CacheMiss(self.name, key))
 
     def _load_failed(self, key: K, token: int, error: BaseException, started: float) -> None:
         with self._lock:

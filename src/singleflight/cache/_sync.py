@@ -22,18 +22,17 @@ from typing import Any, Generic, TypeVar
 
 from .._flight import waiter_error
 from .._threads import Group
+from ..events import EventHook
 from ._base import (
     DEFAULT_MAXSIZE,
     CacheBase,
     assemble,
-    bad_key,
-    check_key,
     logger,
     served,
     wanted_keys,
 )
 from ._policy import Entry
-from ._store import JOIN, REFRESH, SERVE
+from ._store import JOIN, SERVE
 
 __all__ = ["LoadingCache"]
 
@@ -114,6 +113,13 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
     __slots__ = ("_executor", "_refresh_workers")
 
+    def __new__(cls, *args: Any, on_event: EventHook | None = None, **kwargs: Any) -> Any:
+        # A cache with on_event reads through _read() only, where events are
+        # told; the plain hit path in get() stays free of the check.
+        if on_event is not None and cls is LoadingCache:
+            cls = _ObservedLoadingCache
+        return super().__new__(cls)
+
     def __init__(
         self,
         load: Callable[[K], V],
@@ -134,11 +140,13 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
         refresh_workers: int = 4,
+        name: str = "default",
+        on_event: EventHook | None = None,
     ) -> None:
-        for name, fn in (("load", load), ("load_many", load_many)):
+        for option, fn in (("load", load), ("load_many", load_many)):
             if inspect.iscoroutinefunction(fn):
                 raise TypeError(
-                    f"{name}={fn!r} is an async function; LoadingCache calls it from threads. "
+                    f"{option}={fn!r} is an async function; LoadingCache calls it from threads. "
                     "Use AsyncLoadingCache for async loaders."
                 )
         if group is not None and inspect.iscoroutinefunction(getattr(group, "do", None)):
@@ -161,6 +169,8 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
             group=Group() if group is None else group,
             clock=clock,
             random=random,
+            name=name,
+            on_event=on_event,
         )
         self._refresh_workers = refresh_workers
         self._executor: ThreadPoolExecutor | None = None
@@ -246,37 +256,22 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         here and the current entry is kept as it is.  ``TypeError`` for an
         unhashable key.
         """
-        check_key(key)
-        with self._lock:
-            seen = self._store.force(key)
-        if self._forget is not None:
-            self._forget(key)
+        seen = self._force(key)
         try:
             return self._group.do(key, self._lead, key, seen, None)  # type: ignore[no-any-return]
         finally:
-            with self._lock:
-                self._store.cancel_force(key)
+            self._unforce(key)
 
     # -- the slow paths ------------------------------------------------------------------
 
     def _get(self, key: K, thunk: Callable[[], V] | None) -> V:
         """A read that is not a plain hit; ``thunk`` loads the key (default ``load(key)``)."""
-        try:
-            hash(key)
-        except TypeError:
-            raise bad_key(key) from None
-        with self._lock:
-            action, entry, batch = self._store.lookup(key, self._clock(), not self._closed)
+        action, found, batch = self._read(key, thunk)
         if action == SERVE:
-            assert entry is not None
-            return entry.outcome()  # type: ignore[no-any-return]
-        if action == REFRESH:
-            assert entry is not None
-            self._start_refresh(key, entry, thunk)
-            return entry.value  # type: ignore[no-any-return]
+            return found  # type: ignore[no-any-return]
         if action == JOIN:
             return self._from_batch(key, batch)
-        return self._load_key(key, entry, thunk)
+        return self._load_key(key, found, thunk)
 
     def _load_key(self, key: K, seen: Entry | None, thunk: Callable[[], V] | None) -> V:
         """Load ``key`` through the group; on failure the old entry may stand in."""
@@ -290,8 +285,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
     def _lead(self, key: K, seen: Entry | None, thunk: Callable[[], V] | None) -> V:
         """The load a group flight runs: check the cache again, then load and write back."""
-        with self._lock:
-            ready, batch, token = self._store.begin_load(key, seen, self._clock())
+        ready, batch, token = self._begin_load(key, seen)
         if ready is not None:
             return ready.outcome()  # type: ignore[no-any-return]
         if batch is not None:
@@ -304,8 +298,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         except BaseException as exc:
             self._load_failed(key, token, exc, started)
             raise
-        with self._lock:
-            self._store.finish_load(key, token, value, started, clock())
+        self._finish_load(key, token, value, started)
         return value
 
     def _from_batch(self, key: K, batch: _Batch) -> V:
@@ -328,11 +321,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         started = clock()
         try:
             values = self._load_many(list(keys))
-            if not isinstance(values, Mapping):
-                raise TypeError(
-                    f"load_many must return a mapping of key to value; "
-                    f"{self._load_many!r} returned {type(values).__name__}"
-                )
+            self._check_values(values)
         except BaseException as exc:
             self._end_batch(batch, tokens, None, exc, started)
             if not isinstance(exc, Exception):
@@ -409,3 +398,12 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _ObservedLoadingCache(LoadingCache[K, V]):
+    """A LoadingCache made with ``on_event``: every read is told, hits included."""
+
+    __slots__ = ()
+
+    def get(self, key: K) -> V:
+        return self._get(key, None)

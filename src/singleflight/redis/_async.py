@@ -24,8 +24,7 @@ from .._asyncio import AsyncGroup
 from .._result import Result
 from . import _protocol as proto
 from ._clients import configure_async
-from ._core import _CURRENT, FlightInfo, GroupCore, describe, log
-from ._errors import RedisUnavailableError, is_transient
+from ._core import _CURRENT, RETRY, FlightInfo, GroupCore, describe, log, note_waiters, with_shared
 from ._protocol import Completion, Held, Keys, Plan, Renewals, RetryBudget, Script, Settings
 from .codecs import Codec, CodecError
 
@@ -67,14 +66,8 @@ async def _with_budget(
         try:
             reply = await call()
         except RedisError as exc:
-            core.counters.add("redis_errors")
-            now = _monotonic()
-            delay = None
-            if is_transient(exc) and not core.breaker.is_open():
-                delay = budget.delay(now, deadline)
+            delay = core.retry_delay(budget, what, keys, exc, deadline)
             if delay is None:
-                core.breaker.failure(now)
-                core.redis_failed(what, keys, exc)
                 raise
             await asyncio.sleep(delay)
             continue
@@ -147,7 +140,6 @@ class _Watchdog:
             due = renewals.due(now)
             codes = await self._renew(due)
             now = _monotonic()
-            counters = self._core.counters
             for held, code in zip(due, codes, strict=True):
                 if held.token not in renewals.held:
                     continue  # its loader finished meanwhile
@@ -155,11 +147,7 @@ class _Watchdog:
                     renewals.failed(held, now)
                     continue
                 renewals.renewed(held, code, now)
-                if code == proto.LOST:
-                    counters.add("lost_leases")
-                    log.info("lost the lease of %s (epoch %d)", held.keys.base, held.epoch)
-                elif code == proto.RESURRECTED:
-                    counters.add("resurrections")
+                self._core.renewed(held, code)
 
     async def _renew(self, due: list[Held]) -> list[int | None]:
         """RENEW every due lease in one round trip; None where it failed."""
@@ -275,8 +263,7 @@ class AsyncRedisGroup(Generic[K, V]):
         abandoned in Redis so another process takes over at once; local
         waiters get :class:`AbortedError`.
         """
-        text = self._core.redis_key(key)
-        _check_callable(fn)
+        text = self._core.checked(key, fn)
         return await self._local.do(key, self._fly, key, text, fn, args, kwargs, None)
 
     async def do_result(
@@ -287,13 +274,10 @@ class AsyncRedisGroup(Generic[K, V]):
         ``shared`` as for :meth:`RedisGroup.do_result`.  Cancellation, and
         ``TypeError`` / ``RuntimeError``, as for :meth:`do`.
         """
-        text = self._core.redis_key(key)
-        _check_callable(fn)
+        text = self._core.checked(key, fn)
         cell = [False]
         result = await self._local.do_result(key, self._fly, key, text, fn, args, kwargs, cell)
-        if cell[0] and not result.shared:
-            return Result(result.value, result.error, True)
-        return result
+        return with_shared(result, cell)
 
     def do_future(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
@@ -302,8 +286,7 @@ class AsyncRedisGroup(Generic[K, V]):
 
         As :meth:`AsyncGroup.do_future`: each caller's future is its own.
         """
-        text = self._core.redis_key(key)
-        _check_callable(fn)
+        text = self._core.checked(key, fn)
         return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, None)
 
     def forget(self, key: K) -> None:
@@ -445,8 +428,7 @@ class AsyncRedisGroup(Generic[K, V]):
                         plan.acquire_args(),
                     )
                 except RedisError as exc:
-                    counters.add("redis_errors")
-                    plan.failed(exc, is_transient(exc), _monotonic())
+                    core.redis_error(plan, exc)
                     continue
                 except CancelledError:
                     # The script may have run and made us leader: give the
@@ -457,47 +439,18 @@ class AsyncRedisGroup(Generic[K, V]):
             elif op == proto.READ:
                 counters.add("waits")
                 try:
-                    reply = await _command(
-                        state.blocking,
-                        "XREAD",
-                        "COUNT",
-                        1,
-                        "BLOCK",
-                        plan.block_ms,
-                        "STREAMS",
-                        plan.stream,
-                        "0-0",
-                    )
+                    reply = await _command(state.blocking, *plan.read_command())
                 except RedisError as exc:
-                    counters.add("redis_errors")
-                    plan.failed(exc, is_transient(exc), _monotonic())
+                    core.redis_error(plan, exc)
                     continue
                 plan.read(reply, _monotonic())
             elif op == proto.SLEEP:
                 await asyncio.sleep(plan.delay)
                 plan.resume(_monotonic())
-            elif op == proto.HIT:
-                try:
-                    value: V = core.decode(keys, plan.payload)
-                except CodecError as error:
-                    core.untrusted(keys, error)
-                    plan.bad_payload(_monotonic())
-                    continue
-                counters.add("hits")
-                if cell is not None:
-                    cell[0] = True
-                return value
-            elif op == proto.REMOTE_ERROR:
-                try:
-                    remote = core.remote_error(key, keys, plan.payload)
-                except CodecError as error:
-                    core.untrusted(keys, error)
-                    plan.bad_payload(_monotonic())
-                    continue
-                counters.add("remote_errors")
-                if cell is not None:
-                    cell[0] = True
-                raise remote
+            elif op == proto.HIT or op == proto.REMOTE_ERROR:
+                value: V = core.received(key, plan, cell)
+                if value is not RETRY:
+                    return value
             elif op == proto.LEAD:
                 return await self._lead(state, key, plan, fn, args, kwargs, cell)
             elif op == proto.LOCAL:
@@ -518,11 +471,7 @@ class AsyncRedisGroup(Generic[K, V]):
     ) -> V:
         """Run the loader holding the lease, then complete (or abandon) the flight in Redis."""
         core = self._core
-        counters = core.counters
-        counters.add("leads")
-        if plan.waited:
-            counters.add("takeovers")
-        held = Held(plan.keys, plan.token, plan.epoch)
+        held = core.lead(plan)
         watchdog = state.watchdog
         watchdog.hold(held)
         context = _CURRENT.set(FlightInfo(key, held))
@@ -533,8 +482,7 @@ class AsyncRedisGroup(Generic[K, V]):
             completion = await self._complete(
                 state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
             )
-            if cell is not None and completion is not None and completion.waiters:
-                cell[0] = True
+            note_waiters(cell, completion)
             raise
         except BaseException:
             # Cancelled (or stopped): abandon so others take over at once.  In
@@ -555,8 +503,7 @@ class AsyncRedisGroup(Generic[K, V]):
             await self._complete(state, plan, proto.ERROR, core.error_payload(plan.keys, exc))
             raise
         completion = await self._complete(state, plan, proto.OK, payload)
-        if cell is not None and completion is not None and completion.waiters:
-            cell[0] = True
+        note_waiters(cell, completion)
         return value
 
     async def _complete(
@@ -575,11 +522,7 @@ class AsyncRedisGroup(Generic[K, V]):
             )
         except RedisError:
             return None
-        completion = Completion(reply)
-        if completion.fenced:
-            core.counters.add("fenced")
-            log.info("completion of %s (epoch %d) fenced", plan.keys.base, plan.epoch)
-        return completion
+        return core.completed(plan, reply)
 
     async def _forget_remote(
         self, state: _LoopState, key: K, text: str, only_unshared: bool, *, quiet: bool
@@ -587,11 +530,7 @@ class AsyncRedisGroup(Generic[K, V]):
         core = self._core
         keys = core.keys(text)
         closed = core.settings.policy == "closed" and not quiet
-        if not core.breaker.allow(_monotonic()):
-            if closed:
-                raise RedisUnavailableError(
-                    f"cannot forget key {key!r} in Redis: the circuit breaker is open"
-                )
+        if core.forget_skipped(key, closed=closed):
             return True
         try:
             reply = await _with_budget(
@@ -607,10 +546,7 @@ class AsyncRedisGroup(Generic[K, V]):
                 deadline=_monotonic() + core.settings.retry_budget,
             )
         except RedisError as exc:
-            if closed:
-                raise RedisUnavailableError(
-                    f"cannot forget key {key!r} in Redis: {describe(exc)}"
-                ) from exc
+            core.forget_failed(key, exc, closed=closed)
             return True
         return bool(reply)
 
@@ -625,8 +561,3 @@ async def _call(
             f"{fn!r} returned {type(returned).__name__}"
         )
     return await returned
-
-
-def _check_callable(fn: object) -> None:
-    if not callable(fn):
-        raise TypeError(f"fn must be callable; got {type(fn).__name__} {fn!r}")

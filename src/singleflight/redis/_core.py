@@ -10,25 +10,47 @@ import json
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
+from time import monotonic as _monotonic
 from typing import Any, Generic, TypeVar
 
-from ._errors import LoaderError, RedisUnavailableError, WaitTimeoutError
+from .._result import Result
+from ._errors import LoaderError, RedisUnavailableError, WaitTimeoutError, is_transient
 from ._protocol import (
+    HIT,
+    LOST,
     REASON_CIRCUIT_OPEN,
     REASON_TIMEOUT,
+    RESURRECTED,
     Breaker,
+    Completion,
     Counters,
     Held,
     Keys,
     Plan,
+    RetryBudget,
     Settings,
     check_namespace,
 )
 from .codecs import Codec, CodecError, JsonCodec, PayloadTooLargeError
 
-__all__ = ["FlightInfo", "GroupCore", "current_flight", "describe", "log"]
+__all__ = [
+    "RETRY",
+    "FlightInfo",
+    "GroupCore",
+    "check_callable",
+    "current_flight",
+    "describe",
+    "log",
+    "note_waiters",
+    "with_shared",
+]
 
 K = TypeVar("K")
+V = TypeVar("V")
+
+# What GroupCore.received returns when the payload did not decode and the plan
+# has moved on: the driver goes round its loop again.
+RETRY: Any = object()
 
 log = logging.getLogger("singleflight.redis")
 
@@ -148,6 +170,12 @@ class GroupCore(Generic[K]):
 
     # -- keys --
 
+    def checked(self, key: K, fn: object) -> str:
+        """The caller's key as a str, with ``fn`` checked callable: a call's checks."""
+        text = self.redis_key(key)
+        check_callable(fn)
+        return text
+
     def redis_key(self, key: K) -> str:
         """The caller's key as a str, checked before anything runs."""
         text = self.to_str(key)
@@ -208,6 +236,96 @@ class GroupCore(Generic[K]):
         self.counters.add("untrusted_payloads")
         log.warning("payload of %s read as a miss: %s", keys.base, error)
 
+    # -- the drivers' steps that do no I/O (each driver awaits or blocks around them) --
+
+    def redis_error(self, plan: Plan, error: BaseException) -> None:
+        """ACQUIRE or READ failed: count it and let the plan choose its next op."""
+        self.counters.add("redis_errors")
+        plan.failed(error, is_transient(error), _monotonic())
+
+    def received(self, key: object, plan: Plan, cell: list[bool] | None) -> Any:
+        """HIT / REMOTE_ERROR: the value the plan's payload holds, or raise the
+        :class:`LoaderError` it records; counted, and ``cell`` marked shared.
+
+        RETRY when the payload does not decode: it is logged as untrusted and
+        the plan has moved on (it asks again, as on a miss).
+        """
+        keys = plan.keys
+        hit = plan.op == HIT
+        try:
+            outcome = (
+                self.decode(keys, plan.payload)
+                if hit
+                else self.remote_error(key, keys, plan.payload)
+            )
+        except CodecError as error:
+            self.untrusted(keys, error)
+            plan.bad_payload(_monotonic())
+            return RETRY
+        self.counters.add("hits" if hit else "remote_errors")
+        if cell is not None:
+            cell[0] = True
+        if hit:
+            return outcome
+        raise outcome
+
+    def lead(self, plan: Plan) -> Held:
+        """LEAD: count it (a takeover if the plan waited first); the lease to hold."""
+        self.counters.add("leads")
+        if plan.waited:
+            self.counters.add("takeovers")
+        return Held(plan.keys, plan.token, plan.epoch)
+
+    def completed(self, plan: Plan, reply: Any) -> Completion:
+        """COMPLETE's reply; a fenced completion is counted and logged."""
+        completion = Completion(reply)
+        if completion.fenced:
+            self.counters.add("fenced")
+            log.info("completion of %s (epoch %d) fenced", plan.keys.base, plan.epoch)
+        return completion
+
+    def retry_delay(
+        self, budget: RetryBudget, what: str, keys: Keys, error: BaseException, deadline: float
+    ) -> float | None:
+        """A budgeted Redis operation failed: how long to wait before trying again,
+        or None to give up (the breaker has then counted it, and it is logged)."""
+        self.counters.add("redis_errors")
+        now = _monotonic()
+        delay = None
+        if is_transient(error) and not self.breaker.is_open():
+            delay = budget.delay(now, deadline)
+        if delay is None:
+            self.breaker.failure(now)
+            self.redis_failed(what, keys, error)
+        return delay
+
+    def renewed(self, held: Held, code: int | None) -> None:
+        """Count a lease renewal's news: the lease lost, or resurrected."""
+        if code == LOST:
+            self.counters.add("lost_leases")
+            log.info("lost the lease of %s (epoch %d)", held.keys.base, held.epoch)
+        elif code == RESURRECTED:
+            self.counters.add("resurrections")
+
+    def forget_skipped(self, key: object, *, closed: bool) -> bool:
+        """Whether a forget must leave Redis alone (the breaker is open).
+        ``closed``: raise :class:`RedisUnavailableError` instead."""
+        if self.breaker.allow(_monotonic()):
+            return False
+        if closed:
+            raise RedisUnavailableError(
+                f"cannot forget key {key!r} in Redis: the circuit breaker is open"
+            )
+        return True
+
+    def forget_failed(self, key: object, error: BaseException, *, closed: bool) -> None:
+        """A forget's Redis call failed past the budget.  ``closed``: raise
+        :class:`RedisUnavailableError` (else the failure has been logged)."""
+        if closed:
+            raise RedisUnavailableError(
+                f"cannot forget key {key!r} in Redis: {describe(error)}"
+            ) from error
+
     # -- outcomes --
 
     def failure(self, key: object, plan: Plan) -> Exception:
@@ -247,6 +365,24 @@ class GroupCore(Generic[K]):
         stats["breaker_opens"] = self.breaker.opens
         stats["breaker"] = self.breaker.state
         return stats
+
+
+def check_callable(fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"fn must be callable; got {type(fn).__name__} {fn!r}")
+
+
+def note_waiters(cell: list[bool] | None, completion: Completion | None) -> None:
+    """Mark ``cell`` shared when other processes waited for the completed flight."""
+    if cell is not None and completion is not None and completion.waiters:
+        cell[0] = True
+
+
+def with_shared(result: Result[V], cell: list[bool]) -> Result[V]:
+    """``result``, marked shared when the flight's value also went through Redis."""
+    if cell[0] and not result.shared:
+        return Result(result.value, result.error, True)
+    return result
 
 
 def _error_context(keys: Keys) -> bytes:

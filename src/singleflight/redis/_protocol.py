@@ -422,7 +422,7 @@ class Breaker:
 
 # What a plan asks its driver to do next (Plan.op).
 ACQUIRE = 1  # run ACQUIRE_SCRIPT with acquire_keys() / acquire_args()
-READ = 2  # XREAD BLOCK block_ms STREAMS stream 0-0
+READ = 2  # XREAD BLOCK block_ms STREAMS stream 0-0: read_command()
 SLEEP = 3  # sleep delay seconds, then call resume()
 HIT = 4  # decode payload and return it (on a decode error: call bad_payload())
 REMOTE_ERROR = 5  # decode payload as an error record and raise it
@@ -497,6 +497,10 @@ class Plan:
     def acquire_args(self) -> list[str | int]:
         s = self.settings
         return [self.token, s.lease_ms, s.fence_ttl_ms, "1" if self.use_hit else "0"]
+
+    def read_command(self) -> list[str | int]:
+        """READ's command: wait up to block_ms for the first entry of the holder's stream."""
+        return ["XREAD", "COUNT", 1, "BLOCK", self.block_ms, "STREAMS", self.stream, "0-0"]
 
     def complete_keys(self) -> list[str]:
         keys = self.keys

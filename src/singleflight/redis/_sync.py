@@ -24,8 +24,7 @@ from .._result import Result
 from .._threads import Group
 from . import _protocol as proto
 from ._clients import configure_sync
-from ._core import _CURRENT, FlightInfo, GroupCore, describe, log
-from ._errors import RedisUnavailableError, is_transient
+from ._core import _CURRENT, RETRY, FlightInfo, GroupCore, describe, log, note_waiters, with_shared
 from ._protocol import Completion, Held, Keys, Plan, Renewals, RetryBudget, Script, Settings
 from .codecs import Codec, CodecError
 
@@ -60,14 +59,8 @@ def _with_budget(
         try:
             reply = call()
         except RedisError as exc:
-            core.counters.add("redis_errors")
-            now = _monotonic()
-            delay = None
-            if is_transient(exc) and not core.breaker.is_open():
-                delay = budget.delay(now, deadline)
+            delay = core.retry_delay(budget, what, keys, exc, deadline)
             if delay is None:
-                core.breaker.failure(now)
-                core.redis_failed(what, keys, exc)
                 raise
             time.sleep(delay)
             continue
@@ -184,13 +177,8 @@ class _Watchdog:
         return [None if isinstance(r, Exception) else int(r) for r in replies]
 
     def _count(self, due: list[Held], codes: list[int | None]) -> None:
-        counters = self._core.counters
         for held, code in zip(due, codes, strict=True):
-            if code == proto.LOST:
-                counters.add("lost_leases")
-                log.info("lost the lease of %s (epoch %d)", held.keys.base, held.epoch)
-            elif code == proto.RESURRECTED:
-                counters.add("resurrections")
+            self._core.renewed(held, code)
 
 
 _WATCHDOGS: weakref.WeakSet[_Watchdog] = weakref.WeakSet()
@@ -353,8 +341,7 @@ class RedisGroup(Generic[K, V]):
         after its process's flight started, plus the loader's own time when
         it runs here.  A waiting ``do`` cannot be cancelled; use :meth:`do_future`.
         """
-        text = self._core.redis_key(key)
-        _check_callable(fn)
+        text = self._core.checked(key, fn)
         return self._local.do(key, self._fly, key, text, fn, args, kwargs, None)
 
     def do_result(
@@ -369,13 +356,10 @@ class RedisGroup(Generic[K, V]):
         or given to one that waited).  ``TypeError`` and ``RuntimeError`` are
         raised as by :meth:`do`.
         """
-        text = self._core.redis_key(key)
-        _check_callable(fn)
+        text = self._core.checked(key, fn)
         cell = [False]
         result = self._local.do_result(key, self._fly, key, text, fn, args, kwargs, cell)
-        if cell[0] and not result.shared:
-            return Result(result.value, result.error, True)
-        return result
+        return with_shared(result, cell)
 
     def do_future(
         self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs
@@ -386,8 +370,7 @@ class RedisGroup(Generic[K, V]):
         may cancel or wait on with a timeout without affecting the flight.
         The future holds what :meth:`do` would return or raise.
         """
-        text = self._core.redis_key(key)
-        _check_callable(fn)
+        text = self._core.checked(key, fn)
         return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, None)
 
     def forget(self, key: K) -> None:
@@ -478,8 +461,7 @@ class RedisGroup(Generic[K, V]):
                         plan.acquire_args(),
                     )
                 except RedisError as exc:
-                    counters.add("redis_errors")
-                    plan.failed(exc, is_transient(exc), _monotonic())
+                    core.redis_error(plan, exc)
                     continue
                 except BaseException:
                     # Interrupted (KeyboardInterrupt): the script may have run
@@ -490,47 +472,18 @@ class RedisGroup(Generic[K, V]):
             elif op == proto.READ:
                 counters.add("waits")
                 try:
-                    reply = _command(
-                        self._blocking,
-                        "XREAD",
-                        "COUNT",
-                        1,
-                        "BLOCK",
-                        plan.block_ms,
-                        "STREAMS",
-                        plan.stream,
-                        "0-0",
-                    )
+                    reply = _command(self._blocking, *plan.read_command())
                 except RedisError as exc:
-                    counters.add("redis_errors")
-                    plan.failed(exc, is_transient(exc), _monotonic())
+                    core.redis_error(plan, exc)
                     continue
                 plan.read(reply, _monotonic())
             elif op == proto.SLEEP:
                 time.sleep(plan.delay)
                 plan.resume(_monotonic())
-            elif op == proto.HIT:
-                try:
-                    value: V = core.decode(keys, plan.payload)
-                except CodecError as error:
-                    core.untrusted(keys, error)
-                    plan.bad_payload(_monotonic())
-                    continue
-                counters.add("hits")
-                if cell is not None:
-                    cell[0] = True
-                return value
-            elif op == proto.REMOTE_ERROR:
-                try:
-                    remote = core.remote_error(key, keys, plan.payload)
-                except CodecError as error:
-                    core.untrusted(keys, error)
-                    plan.bad_payload(_monotonic())
-                    continue
-                counters.add("remote_errors")
-                if cell is not None:
-                    cell[0] = True
-                raise remote
+            elif op == proto.HIT or op == proto.REMOTE_ERROR:
+                value: V = core.received(key, plan, cell)
+                if value is not RETRY:
+                    return value
             elif op == proto.LEAD:
                 return self._lead(key, plan, fn, args, kwargs, cell)
             elif op == proto.LOCAL:
@@ -550,11 +503,7 @@ class RedisGroup(Generic[K, V]):
     ) -> V:
         """Run the loader holding the lease, then complete (or abandon) the flight in Redis."""
         core = self._core
-        counters = core.counters
-        counters.add("leads")
-        if plan.waited:
-            counters.add("takeovers")
-        held = Held(plan.keys, plan.token, plan.epoch)
+        held = core.lead(plan)
         watchdog = self._watchdog
         watchdog.hold(held)
         context = _CURRENT.set(FlightInfo(key, held))
@@ -563,8 +512,7 @@ class RedisGroup(Generic[K, V]):
         except Exception as exc:
             watchdog.release(held)
             completion = self._complete(plan, proto.ERROR, core.error_payload(plan.keys, exc))
-            if cell is not None and completion is not None and completion.waiters:
-                cell[0] = True
+            note_waiters(cell, completion)
             raise
         except BaseException:
             # KeyboardInterrupt, SystemExit: abandon so others take over at once.
@@ -580,8 +528,7 @@ class RedisGroup(Generic[K, V]):
             self._complete(plan, proto.ERROR, core.error_payload(plan.keys, exc))
             raise
         completion = self._complete(plan, proto.OK, payload)
-        if cell is not None and completion is not None and completion.waiters:
-            cell[0] = True
+        note_waiters(cell, completion)
         return value
 
     def _complete(self, plan: Plan, status: str, payload: bytes) -> Completion | None:
@@ -599,20 +546,13 @@ class RedisGroup(Generic[K, V]):
             )
         except RedisError:
             return None
-        completion = Completion(reply)
-        if completion.fenced:
-            core.counters.add("fenced")
-            log.info("completion of %s (epoch %d) fenced", plan.keys.base, plan.epoch)
-        return completion
+        return core.completed(plan, reply)
 
     def _forget_remote(self, key: K, text: str, *, only_unshared: bool) -> bool:
         core = self._core
         keys = core.keys(text)
-        if not core.breaker.allow(_monotonic()):
-            if core.settings.policy == "closed":
-                raise RedisUnavailableError(
-                    f"cannot forget key {key!r} in Redis: the circuit breaker is open"
-                )
+        closed = core.settings.policy == "closed"
+        if core.forget_skipped(key, closed=closed):
             return True
         try:
             reply = _with_budget(
@@ -628,14 +568,6 @@ class RedisGroup(Generic[K, V]):
                 deadline=_monotonic() + core.settings.retry_budget,
             )
         except RedisError as exc:
-            if core.settings.policy == "closed":
-                raise RedisUnavailableError(
-                    f"cannot forget key {key!r} in Redis: {describe(exc)}"
-                ) from exc
+            core.forget_failed(key, exc, closed=closed)
             return True
         return bool(reply)
-
-
-def _check_callable(fn: object) -> None:
-    if not callable(fn):
-        raise TypeError(f"fn must be callable; got {type(fn).__name__} {fn!r}")

@@ -1,0 +1,836 @@
+"""Tests of AnyIOGroup: the AsyncGroup contract, on asyncio and on trio.
+
+Every test runs on both backends (anyio's pytest plugin, ``anyio_backend``
+params) with real tasks, under ``anyio.fail_after`` and a pytest-timeout mark,
+so a hang fails instead of blocking.  Overlap between callers is made with
+``anyio.Event`` gates, and callers are known to have entered the group by its
+counters (``stats().calls``), not by sleeps.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import gc
+import random
+import subprocess
+import sys
+import textwrap
+import weakref
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from singleflight import AbortedError, Result
+from singleflight.anyio import AnyIOGroup
+from singleflight.events import (
+    Event,
+    FlightAborted,
+    FlightFailed,
+    FlightFinished,
+    FlightStarted,
+    Joined,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(15)]
+
+WAIT = 5.0  # seconds any single test may take on its own clock
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+class Token:
+    """A loader's value: compared by identity, and weakly referenceable."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Token({self.name!r})"
+
+
+class Boom(Exception):
+    """A loader's failure."""
+
+
+class Stop(BaseException):
+    """A BaseException that is not an Exception."""
+
+
+class Loader:
+    """An async loader that counts its calls, records its task, and waits on ``gate``."""
+
+    def __init__(
+        self,
+        name: str = "v",
+        *,
+        gate: anyio.Event | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        self.value = Token(name)
+        self.gate = gate
+        self.error = error
+        self.calls = 0
+        self.args: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.task_ids: list[int] = []
+        self.started = anyio.Event()
+        self.finished = anyio.Event()
+        self.cancelled = anyio.Event()
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Token:
+        self.calls += 1
+        self.args.append((args, kwargs))
+        self.task_ids.append(anyio.get_current_task().id)  # first line: before any await
+        self.started.set()
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            else:
+                await anyio.sleep(0)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.set()
+            raise
+        self.finished.set()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Caller:
+    """One caller of ``entry``, in a cancel scope of its own; records what it saw."""
+
+    def __init__(self, g: AnyIOGroup[Any, Any], key: Any, fn: Any, entry: str = "do") -> None:
+        self.g, self.key, self.fn, self.entry = g, key, fn, entry
+        self.scope = anyio.CancelScope()
+        self.done = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.result: Result[Any] | None = None
+        self.cancelled = False
+        self.task_id = -1
+
+    async def __call__(self) -> None:
+        self.task_id = anyio.get_current_task().id
+        try:
+            with self.scope:
+                try:
+                    if self.entry == "do":
+                        self.value = await self.g.do(self.key, self.fn)
+                    else:
+                        self.result = await self.g.do_result(self.key, self.fn)
+                except anyio.get_cancelled_exc_class():
+                    self.cancelled = True
+                    raise
+                except Exception as exc:
+                    self.error = exc
+        finally:
+            self.done.set()
+
+    def got(self) -> Any:
+        if self.result is not None:
+            return self.result.value if self.result.error is None else self.result.error
+        return self.value if self.error is None else self.error
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let other tasks run until ``condition`` holds (the test's fail_after bounds it)."""
+    while not condition():
+        await anyio.sleep(0)
+
+
+async def spin(n: int = 5) -> None:
+    for _ in range(n):
+        await anyio.sleep(0)
+
+
+async def enter(tg: Any, g: AnyIOGroup[Any, Any], callers: list[Caller]) -> None:
+    """Start ``callers`` in order, each one in the group before the next starts."""
+    for c in callers:
+        before = g.stats().calls
+        tg.start_soon(c)
+        await until(lambda before=before: g.stats().calls > before)  # type: ignore[misc]
+
+
+# -- one execution, same object, not a cache ---------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["do", "do_result"])
+async def test_one_execution_per_key_same_object_for_all(entry: str) -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Token] = AnyIOGroup()
+        gate = anyio.Event()
+        loader = Loader(gate=gate)
+        callers = [Caller(g, "k", loader, entry if i % 2 else "do") for i in range(20)]
+        async with anyio.create_task_group() as tg:
+            await enter(tg, g, callers)
+            assert "k" in g and len(g) == 1
+            gate.set()
+        assert loader.calls == 1
+        assert all(c.got() is loader.value for c in callers)
+        assert all(c.result.shared for c in callers if c.result is not None)
+        assert len(g) == 0 and "k" not in g
+        s = g.stats()
+        assert (s.calls, s.flights, s.joins, s.shared, s.in_flight) == (20, 1, 19, 1, 0)
+        assert s.wait_seconds > 0
+
+
+async def test_args_and_kwargs_reach_the_loader() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Token] = AnyIOGroup()
+        loader = Loader()
+        assert await g.do("k", loader, 1, 2, x=3) is loader.value
+        assert loader.args == [((1, 2), {"x": 3})]
+
+
+async def test_entry_removed_before_any_caller_sees_result() -> None:
+    """Every caller, when it gets the value, finds the key gone: a new call starts a new flight."""
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Token] = AnyIOGroup()
+        gate = anyio.Event()
+        loader = Loader(gate=gate)
+        seen: list[bool] = []
+
+        async def call() -> None:
+            v = await g.do("k", loader)
+            seen.append("k" in g)
+            assert v is loader.value
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(call)
+            await until(lambda: g.stats().calls == 5)
+            gate.set()
+        assert seen == [False] * 5 and loader.calls == 1
+        later = Loader("later")
+        assert await g.do("k", later) is later.value and later.calls == 1
+        assert len(g) == 0
+
+
+@pytest.mark.parametrize("entry", ["do", "do_result"])
+async def test_sequential_calls_are_not_cached(entry: str) -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Any] = AnyIOGroup()
+        a, b = Loader("a"), Loader("b")
+        ra = await getattr(g, entry)("k", a)
+        rb = await getattr(g, entry)("k", b)
+        if entry == "do_result":
+            assert ra == Result(a.value, None, False) and rb == Result(b.value, None, False)
+        else:
+            assert (ra, rb) == (a.value, b.value)
+        assert a.calls == b.calls == 1
+
+
+async def test_shared_flag_false_alone_true_with_a_joiner() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Token] = AnyIOGroup()
+        alone = await g.do_result("k", Loader())
+        assert alone.shared is False
+        gate = anyio.Event()
+        loader = Loader(gate=gate)
+        callers = [Caller(g, "k", loader, "do_result") for _ in range(2)]
+        async with anyio.create_task_group() as tg:
+            await enter(tg, g, callers)
+            gate.set()
+        for c in callers:
+            assert c.result == Result(loader.value, None, True)
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+async def test_loader_exception_is_the_same_object_for_every_caller() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Token] = AnyIOGroup()
+        gate = anyio.Event()
+        boom = Boom("x")
+        loader = Loader(gate=gate, error=boom)
+        callers = [Caller(g, "k", loader, "do" if i % 2 else "do_result") for i in range(6)]
+        async with anyio.create_task_group() as tg:
+            await enter(tg, g, callers)
+            gate.set()
+        assert all(c.got() is boom for c in callers)
+        assert all(c.result.shared for c in callers if c.result is not None)
+        # Re-raised with the loader's traceback each time: it does not grow per caller.
+        assert len(list(_frames(boom.__traceback__))) <= 6
+        assert g.stats().errors == 1 and len(g) == 0
+        # The key is usable again after a failure.
+        assert await g.do("k", Loader("ok")) is not None
+
+
+def _frames(tb: Any) -> Any:
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
+@pytest.mark.parametrize("how", ["base_exception", "cancelled"])
+async def test_loader_ending_by_base_exception_or_cancelled_gives_aborted_error(how: str) -> None:
+    with anyio.fail_after(WAIT):
+        events: list[Event] = []
+        g: AnyIOGroup[str, Token] = AnyIOGroup(on_event=events.append)
+        gate = anyio.Event()
+
+        async def loader() -> Token:
+            await gate.wait()
+            if how == "base_exception":
+                raise Stop
+            # End with the backend's own cancellation exception, caught from an inner scope.
+            caught: BaseException | None = None
+            with anyio.CancelScope() as inner:
+                inner.cancel()
+                try:
+                    await anyio.sleep(1)
+                except anyio.get_cancelled_exc_class() as exc:
+                    caught = exc
+            assert caught is not None
+            raise caught
+
+        callers = [Caller(g, "k", loader, "do" if i % 2 else "do_result") for i in range(4)]
+        async with anyio.create_task_group() as tg:
+            await enter(tg, g, callers)
+            gate.set()
+        errors = [c.got() for c in callers]
+        assert all(isinstance(e, AbortedError) and e.key == "k" for e in errors)
+        assert len({id(e) for e in errors}) == 1
+        cause = errors[0].__cause__
+        if how == "base_exception":
+            assert isinstance(cause, Stop)
+        else:
+            assert isinstance(cause, anyio.get_cancelled_exc_class())
+        assert not any(c.cancelled for c in callers)
+        assert g.stats().aborted == 1 and len(g) == 0
+        assert isinstance(events[-1], FlightAborted) and events[-1].cause is cause
+
+
+async def test_unhashable_key_type_error_before_anything_runs() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[Any, Token] = AnyIOGroup()
+        loader = Loader()
+        for key in ([1], {"a": 1}, {1}):
+            with pytest.raises(TypeError, match="hashable"):
+                await g.do(key, loader)
+            with pytest.raises(TypeError, match="hashable"):
+                await g.do_result(key, loader)
+        assert loader.calls == 0 and len(g) == 0 and g.stats().calls == 0
+
+
+async def test_bad_fn_type_errors() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Any] = AnyIOGroup()
+        with pytest.raises(TypeError, match="fn must be an async function"):
+            await g.do("k", 42)  # type: ignore[arg-type]
+
+        def sync() -> int:
+            return 1
+
+        with pytest.raises(TypeError, match="returned int"):
+            await g.do("k", sync)  # type: ignore[arg-type]
+        assert len(g) == 0
+
+
+async def test_bad_options() -> None:
+    with pytest.raises(TypeError, match="name"):
+        AnyIOGroup(name=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="on_event"):
+        AnyIOGroup(on_event=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cancel_abandoned"):
+        AnyIOGroup(cancel_abandoned="yes")  # type: ignore[arg-type]
+
+
+async def test_loader_calling_own_key_gets_runtime_error_naming_it() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Any] = AnyIOGroup()
+
+        async def inner() -> int:
+            return 1
+
+        async def reentrant() -> str:
+            with pytest.raises(RuntimeError, match="'self-key'"):
+                await g.do("self-key", inner)
+            with pytest.raises(RuntimeError, match="'self-key'"):
+                await g.do_result("self-key", inner)
+            # Other keys are fine from the loader.
+            assert await g.do("other", inner) == 1
+            return "outer"
+
+        assert await g.do("self-key", reentrant) == "outer"
+        assert len(g) == 0
+
+
+# -- the loader's own task, and cancellation ------------------------------------------------
+
+
+async def test_loader_runs_in_its_own_task_and_sees_leaders_context() -> None:
+    with anyio.fail_after(WAIT):
+        var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+        var.set("leader")
+        g: AnyIOGroup[str, Any] = AnyIOGroup()
+        seen: list[str] = []
+        loader = Loader()
+
+        async def fn() -> Token:
+            seen.append(var.get())
+            return await loader()
+
+        me = anyio.get_current_task().id
+        assert await g.do("k", fn) is loader.value
+        assert loader.task_ids and loader.task_ids[0] != me
+        assert seen == ["leader"]
+
+
+@pytest.mark.parametrize("cancel_abandoned", [False, True])
+@pytest.mark.parametrize("victim", [0, 1])
+async def test_cancelling_one_caller_leaves_the_others_alone(
+    victim: int, cancel_abandoned: bool
+) -> None:
+    """The leader (0) or a joiner (1) is cancelled: it alone raises the backend's cancellation."""
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=cancel_abandoned)
+        gate = anyio.Event()
+        loader = Loader(gate=gate)
+        callers = [Caller(g, "k", loader, "do" if i % 2 else "do_result") for i in range(3)]
+        async with anyio.create_task_group() as tg:
+            await enter(tg, g, callers)
+            callers[victim].scope.cancel()
+            await callers[victim].done.wait()
+            assert not loader.cancelled.is_set() and "k" in g
+            gate.set()
+        assert callers[victim].cancelled and callers[victim].scope.cancelled_caught
+        assert callers[victim].got() is None
+        for i, c in enumerate(callers):
+            if i != victim:
+                assert not c.cancelled and c.got() is loader.value
+        assert loader.calls == 1 and not loader.cancelled.is_set()
+        assert loader.task_ids[0] not in {c.task_id for c in callers}
+
+
+async def test_move_on_after_leaves_the_flight_for_the_others() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=True)
+        gate = anyio.Event()
+        loader = Loader(gate=gate)
+        got: list[Any] = []
+
+        async def patient() -> None:
+            got.append(await g.do("k", loader))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(patient)
+            await until(lambda: g.stats().calls == 1)
+            with anyio.move_on_after(0.01) as scope:
+                await g.do("k", loader)
+            assert scope.cancelled_caught
+            gate.set()
+        assert got == [loader.value] and not loader.cancelled.is_set()
+
+
+async def test_all_callers_cancelled_default_loader_runs_on() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Token] = AnyIOGroup()
+        gate = anyio.Event()
+        loader = Loader(gate=gate)
+        callers = [Caller(g, "k", loader) for _ in range(3)]
+        async with anyio.create_task_group() as tg:
+            await enter(tg, g, callers)
+            for c in callers:
+                c.scope.cancel()
+        assert all(c.cancelled for c in callers)
+        await spin()
+        assert "k" in g and not loader.cancelled.is_set()
+        gate.set()
+        await loader.finished.wait()
+        await until(lambda: len(g) == 0)
+        assert not loader.cancelled.is_set() and g.stats().aborted == 0
+
+
+async def test_cancel_abandoned_cancels_loader_when_last_caller_leaves_not_before() -> None:
+    with anyio.fail_after(WAIT):
+        events: list[Event] = []
+        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=True, on_event=events.append)
+        gate = anyio.Event()
+        loader = Loader(gate=gate)
+        callers = [Caller(g, "k", loader) for _ in range(3)]
+        async with anyio.create_task_group() as tg:
+            await enter(tg, g, callers)
+            await loader.started.wait()
+            for c in callers[:-1]:
+                c.scope.cancel()
+                await c.done.wait()
+                await spin()
+                assert not loader.cancelled.is_set() and "k" in g
+            callers[-1].scope.cancel()
+            await callers[-1].done.wait()
+            # The key is released at once: a new call starts a new flight.
+            assert "k" not in g
+        await loader.cancelled.wait()
+        await until(lambda: g.stats().aborted == 1)
+        assert len(g) == 0 and not loader.finished.is_set()
+        assert isinstance(events[-1], FlightAborted) and events[-1].callers == 3
+        assert await g.do("k", Loader("new")) is not loader.value
+
+
+async def test_cancel_abandoned_before_the_loader_ran_aborts_it() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=True)
+        loader = Loader()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await g.do("k", loader)
+        assert scope.cancelled_caught
+        await until(lambda: g.stats().aborted == 1)
+        # On trio the cancellation reaches the caller at once and the loader is
+        # never called; on asyncio the loader task may take its first step first.
+        assert not loader.finished.is_set() and len(g) == 0
+        assert loader.calls == 0 or loader.cancelled.is_set()
+
+
+# -- forget ----------------------------------------------------------------------------------
+
+
+async def test_forget_starts_a_new_flight_and_old_one_never_removes_it() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Token] = AnyIOGroup()
+        gate1, gate2 = anyio.Event(), anyio.Event()
+        first, second = Loader("1", gate=gate1, error=Boom("old")), Loader("2", gate=gate2)
+        c1 = Caller(g, "k", first)
+        c2 = Caller(g, "k", second)
+        c3 = Caller(g, "k", Loader("never"))
+        async with anyio.create_task_group() as tg:
+            await enter(tg, g, [c1])
+            g.forget("k")
+            assert "k" not in g
+            g.forget("absent")  # no-op
+            await enter(tg, g, [c2])
+            gate1.set()  # the old flight fails and ends...
+            await c1.done.wait()
+            assert "k" in g  # ...without removing the newer one
+            await enter(tg, g, [c3])  # joins the newer flight
+            gate2.set()
+        assert isinstance(c1.got(), Boom)
+        assert c2.got() is second.value and c3.got() is second.value
+        assert first.calls == second.calls == 1 and len(g) == 0
+
+
+async def test_forget_unshared() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Token] = AnyIOGroup()
+        assert g.forget_unshared("absent") is True
+        gate = anyio.Event()
+        loader = Loader(gate=gate)
+        lone = Caller(g, "lone", loader)
+        shared = [Caller(g, "shared", loader) for _ in range(2)]
+        async with anyio.create_task_group() as tg:
+            await enter(tg, g, [lone, *shared])
+            assert g.forget_unshared("shared") is False and "shared" in g
+            assert g.forget_unshared("lone") is True and "lone" not in g
+            gate.set()
+        assert lone.got() is loader.value and all(c.got() is loader.value for c in shared)
+        assert len(g) == 0
+
+
+async def test_forget_from_inside_the_loader() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Any] = AnyIOGroup()
+        inner = Loader("inner")
+
+        async def fn() -> Any:
+            g.forget("k")
+            # The key is free: this is a new flight, not a re-entry.
+            return await g.do("k", inner)
+
+        assert await g.do("k", fn) is inner.value
+        assert len(g) == 0
+
+
+# -- references, runs, events ----------------------------------------------------------------
+
+
+async def test_finished_group_holds_no_references() -> None:
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, Any] = AnyIOGroup()
+        refs: list[weakref.ref[Any]] = []
+        for error in (None, Boom("e"), Stop()):
+            gate = anyio.Event()
+            loader = Loader(gate=gate, error=error)
+            callers = [Caller(g, f"k{error!r}", loader, "do_result") for _ in range(3)]
+            async with anyio.create_task_group() as tg:
+                await enter(tg, g, callers)
+                gate.set()
+            refs.append(weakref.ref(callers[0].got()))
+            del callers, loader, error, gate
+        await spin()
+        gc.collect()
+        assert len(g) == 0
+        assert [r() for r in refs] == [None] * len(refs)
+
+
+async def test_events_and_stats() -> None:
+    with anyio.fail_after(WAIT):
+        events: list[Event] = []
+        g: AnyIOGroup[str, Token] = AnyIOGroup(name="users", on_event=events.append)
+        gate = anyio.Event()
+        loader = Loader(gate=gate)
+        callers = [Caller(g, "k", loader) for _ in range(3)]
+        async with anyio.create_task_group() as tg:
+            await enter(tg, g, callers)
+            gate.set()
+        with pytest.raises(Boom):
+            await g.do("bad", Loader(error=Boom()))
+        kinds = [type(e) for e in events]
+        assert kinds == [FlightStarted, Joined, Joined, FlightFinished, FlightStarted, FlightFailed]
+        assert {e.group for e in events} == {"users"}  # type: ignore[union-attr]
+        assert len({e.flight for e in events[:4]}) == 1  # type: ignore[union-attr]
+        finished = events[3]
+        assert isinstance(finished, FlightFinished) and finished.callers == 3
+        assert isinstance(events[5], FlightFailed) and isinstance(events[5].error, Boom)
+        s = g.stats()
+        assert (s.calls, s.flights, s.joins, s.shared, s.errors, s.aborted) == (4, 2, 2, 1, 1, 0)
+        assert "users" in repr(g)
+
+
+async def test_hook_that_raises_is_logged_not_propagated(caplog: pytest.LogCaptureFixture) -> None:
+    with anyio.fail_after(WAIT):
+
+        def hook(event: Event) -> None:
+            raise ValueError("broken exporter")
+
+        g: AnyIOGroup[str, Token] = AnyIOGroup(on_event=hook)
+        loader = Loader()
+        assert await g.do("k", loader) is loader.value
+        assert "broken exporter" in caplog.text
+
+
+def test_one_group_across_sequential_runs_of_both_backends() -> None:
+    g: AnyIOGroup[str, Token] = AnyIOGroup()
+
+    async def main() -> None:
+        with anyio.fail_after(WAIT):
+            loader = Loader()
+            assert await g.do("k", loader) is loader.value
+
+    for backend in ("asyncio", "trio", "asyncio", "trio"):
+        anyio.run(main, backend=backend)
+    assert len(g) == 0 and g.stats().flights == 4
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_run_ending_with_a_flight_pending_leaves_nothing_behind(backend: str) -> None:
+    """The run ends while a loader waits: the loader is cancelled and the flight ends aborted."""
+    g: AnyIOGroup[str, Token] = AnyIOGroup()
+    seen: list[Loader] = []
+
+    async def main() -> None:
+        with anyio.fail_after(WAIT):
+            loader = Loader(gate=anyio.Event())  # never set
+            seen.append(loader)
+            with anyio.move_on_after(0.01):
+                await g.do("k", loader)
+            assert "k" in g
+
+    anyio.run(main, backend=backend)
+    gc.collect()
+    assert seen[0].cancelled.is_set() and not seen[0].finished.is_set()
+    assert len(g) == 0 and g.stats().aborted == 1
+
+
+@pytest.mark.timeout(15)
+def test_trio_run_ending_gives_a_shielded_waiter_aborted_error() -> None:
+    """Trio cancels system tasks when the main task exits: a waiter that outlives it is told."""
+    import trio
+
+    g: AnyIOGroup[str, Token] = AnyIOGroup()
+    got: list[Any] = []
+
+    async def waiter(loader: Loader) -> None:
+        with trio.CancelScope(shield=True), trio.fail_after(WAIT):
+            got.append(await g.do_result("k", loader))
+
+    async def main() -> None:
+        loader = Loader(gate=anyio.Event())  # never set
+        trio.lowlevel.spawn_system_task(waiter, loader)
+        with trio.fail_after(WAIT):
+            await loader.started.wait()
+
+    trio.run(main)
+    assert len(got) == 1 and isinstance(got[0].error, AbortedError)
+    assert isinstance(got[0].error.__cause__, trio.Cancelled)
+    assert len(g) == 0
+
+
+def test_outside_any_event_loop() -> None:
+    g: AnyIOGroup[str, Token] = AnyIOGroup()
+    assert len(g) == 0 and "k" not in g and g.forget_unshared("k") is True
+    g.forget("k")
+    coro = g.do("k", Loader)
+    with pytest.raises(RuntimeError, match="asyncio event loop or trio"):
+        coro.send(None)
+    coro.close()
+
+
+def test_import_without_anyio_says_what_to_install() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["anyio"] = None  # as if it were not installed
+        try:
+            import singleflight.anyio
+        except ImportError as exc:
+            print(exc)
+        else:
+            print("imported")
+        import singleflight
+        print(singleflight.Group.__name__)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    assert "pysingleflight[anyio]" in out and "imported" not in out
+    assert out.strip().endswith("Group")
+
+
+# -- stress ----------------------------------------------------------------------------------
+
+STRESS_KEYS = [f"k{i}" for i in range(6)]
+
+
+async def _stress(seed: int, cancel_abandoned: bool, n: int) -> Counter[str]:
+    rng = random.Random(seed)
+    g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=cancel_abandoned)
+    flight_no = iter(range(10**9))
+    values: dict[int, Token] = {}
+    running: Counter[str] = Counter()
+    problems: list[str] = []
+    counts: Counter[str] = Counter()
+    per_flight: Counter[int] = Counter()
+
+    def make(key: str, behaviour: str, delay: float) -> Callable[[], Awaitable[Token]]:
+        async def fn() -> Token:
+            fid = next(flight_no)
+            counts["loader"] += 1
+            running[key] += 1
+            # An abandoned loader may still be unwinding when the next flight starts.
+            if running[key] > 1 and "forget" not in key and not cancel_abandoned:
+                problems.append(f"two loaders at once for {key}")
+            try:
+                try:
+                    await anyio.sleep(delay)
+                except anyio.get_cancelled_exc_class():
+                    counts["loader_cancelled"] += 1
+                    raise
+                if behaviour == "raise":
+                    raise Boom(key, fid)
+                if behaviour == "abort":
+                    raise Stop
+                if key.startswith("alone-"):
+                    counts["abandoned_finished"] += 1
+                token = Token(f"{key}#{fid}")
+                token.key = key  # type: ignore[attr-defined]
+                token.fid = fid  # type: ignore[attr-defined]
+                values[fid] = token
+                return token
+            finally:
+                running[key] -= 1
+
+        return fn
+
+    async def caller(i: int) -> None:
+        await anyio.sleep(rng.uniform(0, 0.05))
+        key = rng.choice([*STRESS_KEYS, "forget-a", "forget-b"])
+        if key.startswith("forget") and rng.random() < 0.3:
+            (g.forget if rng.random() < 0.5 else g.forget_unshared)(key)
+        behaviour = rng.choices(["ok", "raise", "abort"], [10, 4, 2])[0]
+        delay = rng.uniform(0, 0.01)
+        entry = rng.choice(["do", "do_result"])
+        cancel = rng.choice([None, None, "scope", "move_on_after"])
+        if i % 25 == 0:  # a sure abandonment: a lone caller that leaves long before its loader
+            key, behaviour, delay, cancel = f"alone-{i}", "ok", 0.05, "move_on_after"
+        fn = make(key, behaviour, delay)
+        got: Any = None
+        with anyio.CancelScope() as scope:
+            if cancel == "scope":
+                async with anyio.create_task_group() as tg:
+
+                    async def killer() -> None:
+                        await anyio.sleep(rng.uniform(0, 0.003))
+                        scope.cancel()
+
+                    tg.start_soon(killer)
+                    got = await _call(g, entry, key, fn)
+                    tg.cancel_scope.cancel()
+            elif cancel == "move_on_after":
+                with anyio.move_on_after(0.001 if i % 25 == 0 else rng.uniform(0, 0.003)) as inner:
+                    got = await _call(g, entry, key, fn)
+                if inner.cancelled_caught:
+                    counts["cancelled"] += 1
+                    return
+            else:
+                got = await _call(g, entry, key, fn)
+        if scope.cancelled_caught:
+            counts["cancelled"] += 1
+            return
+        if isinstance(got, Result):
+            counts["shared"] += got.shared
+            got = got.value if got.error is None else got.error
+        if isinstance(got, Token):
+            if got.key != key or values.get(got.fid) is not got:  # type: ignore[attr-defined]
+                problems.append(f"wrong value {got!r} for {key}")
+            per_flight[got.fid] += 1  # type: ignore[attr-defined]
+            counts["value"] += 1
+        elif isinstance(got, Boom):
+            if got.args[0] != key:
+                problems.append(f"wrong error {got!r} for {key}")
+            counts["error"] += 1
+        elif isinstance(got, AbortedError):
+            if got.key != key:
+                problems.append(f"wrong abort {got!r} for {key}")
+            counts["aborted"] += 1
+        else:
+            problems.append(f"unexpected outcome {got!r}")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(caller, i)
+    await until(lambda: len(g) == 0 and sum(running.values()) == 0)
+    assert problems == []
+    assert not any(k in g for k in STRESS_KEYS)
+    s = g.stats()
+    assert s.calls == n and s.flights >= counts["loader"]
+    counts["never_started"] = s.flights - counts["loader"]  # abandoned before their first step
+    counts["flights"] = s.flights
+    counts["coalesced"] = max(per_flight.values(), default=0)
+    return counts
+
+
+async def _call(g: AnyIOGroup[str, Token], entry: str, key: str, fn: Any) -> Any:
+    try:
+        if entry == "do":
+            return await g.do(key, fn)
+        return await g.do_result(key, fn)
+    except (Boom, AbortedError) as exc:
+        return exc
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("cancel_abandoned", [False, True])
+async def test_stress_random_cancellations_and_errors(seed: int, cancel_abandoned: bool) -> None:
+    with anyio.fail_after(30):
+        counts = await _stress(seed, cancel_abandoned, 400)
+    assert counts["value"] and counts["error"] and counts["aborted"] and counts["cancelled"]
+    assert counts["shared"] and counts["coalesced"] >= 2
+    assert counts["flights"] < 400
+    if cancel_abandoned:
+        assert counts["loader_cancelled"] + counts["never_started"] > 0
+    else:
+        assert counts["loader_cancelled"] == counts["never_started"] == 0
+        assert counts["abandoned_finished"] >= 400 // 25
