@@ -197,6 +197,7 @@ def test_unobserved_group_still_traces_and_bad_options_fail(otel: Otel) -> None:
     hook = otel.hook()
     with pytest.raises(TypeError, match="pass name="):
         cache: LoadingCache[int, int] = LoadingCache(lambda k: k)
+        cache.name = None  # type: ignore[assignment]  # an object without a usable name
         try:
             hook.observe(cache)
         finally:

@@ -156,6 +156,7 @@ def test_bad_registrations_say_what_to_do() -> None:
     with pytest.raises(TypeError, match="stats"):
         register(object(), registry=registry)
     cache: LoadingCache[int, int] = LoadingCache(lambda k: k)
+    cache.name = None  # type: ignore[assignment]  # an object without a usable name
     try:
         with pytest.raises(TypeError, match="pass name="):
             register(cache, registry=registry)

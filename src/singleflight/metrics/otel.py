@@ -10,7 +10,7 @@ A group's ``on_event`` is fixed when it is made, so the hook comes first::
     users = Group(name="users", on_event=otel)
     otel.observe(users)                          # counters read from users.stats()
 
-    otel.observe(user_cache, name="users")       # caches have no name of their own
+    otel.observe(user_cache)                     # labelled by the cache's name=
 
     # keeping a hook of your own as well:
     orders = Group(name="orders", on_event=instrument(then=my_hook))

@@ -7,7 +7,7 @@
 
     users = Group(name="users")
     register(users)                       # into prometheus_client.REGISTRY
-    register(user_cache, name="users")    # a cache has no name of its own
+    register(user_cache)                  # labelled by the cache's name=
     start_http_server(9100)
 
 Nothing is counted on the call path: the collector asks each registered object
@@ -95,8 +95,8 @@ class SingleflightCollector(Collector):
     def add(self, obj: object, *, name: str | None = None) -> None:
         """Export the ``stats()`` of a group or cache, labelled ``name``.
 
-        ``name`` defaults to the group's ``name``; caches have none, so it is
-        required for them.  ``TypeError`` for an object without ``stats()`` or
+        ``name`` defaults to the object's own ``name`` (groups and caches take
+        ``name=``).  ``TypeError`` for an object without ``stats()`` or
         without a name; ``ValueError`` when another live object of its kind is
         already exported under that name (their series would collide).  Adding
         the same object again under the same name does nothing.
