@@ -49,12 +49,12 @@ def assert_one_query_per_key_per_expiry(mode: dict[str, Any], ttl: float, keys: 
     for key, runs in queries.items():
         for (_, previous_end), (start, _) in itertools.pairwise(runs):
             assert start >= previous_end + ttl - 1e-6, (mode["mode"], key, runs)
-    # The hottest keys are asked for all the time: each one is loaded again at every
-    # expiry, so the burst at expiry was served by exactly one query.
+    # The hottest key is asked for all the time: it is loaded again in the window right
+    # after each expiry, so the burst at that expiry was served by exactly one query.
     hottest = max(queries.values(), key=len)
     assert len(hottest) >= 2, hottest
     for (_, previous_end), (start, _) in itertools.pairwise(hottest):
-        assert start < previous_end + ttl + 0.25, hottest
+        assert start < previous_end + 2 * ttl, hottest
 
 
 def assert_stampede_then_none(document: dict[str, Any]) -> None:
