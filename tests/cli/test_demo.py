@@ -67,7 +67,10 @@ def assert_stampede_then_none(document: dict[str, Any]) -> None:
     # the stampede: keys queried many times at once
     assert naive["duplicates"] >= 10, naive["duplicates"]
     assert naive["queries"] >= 2 * group["queries"], (naive["queries"], group["queries"])
-    assert naive["most_at_once"] > 6
+    # Several queries ran at once (how many depends on the machine's load: a busy
+    # 2-core CI machine measured 5 in asyncio mode); the duplicates above are the
+    # stampede's measure.
+    assert naive["most_at_once"] >= 3
     # coalesced: never two queries of a key at once; exactly one per key per expiry
     assert group["duplicates"] == 0
     assert loading["duplicates"] == 0
