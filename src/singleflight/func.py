@@ -21,6 +21,7 @@ from ._threads import Group
 from .cache._async import AsyncLoadingCache
 from .cache._base import DEFAULT_MAXSIZE
 from .cache._sync import LoadingCache
+from .events import EventHook
 from .keys import KeyBuilder
 
 __all__ = ["cached", "coalesce"]
@@ -180,6 +181,8 @@ def cached(
     group: Any = None,
     clock: Callable[[], float] = time.monotonic,
     random: Callable[[], float] = _random.random,
+    name: str | None = None,
+    on_event: EventHook | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -202,6 +205,8 @@ def cached(
     group: Any = None,
     clock: Callable[[], float] = time.monotonic,
     random: Callable[[], float] = _random.random,
+    name: str | None = None,
+    on_event: EventHook | None = None,
 ) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
     """Put a loading cache in front of the function: the decorator form of
     :class:`~singleflight.LoadingCache` (sync functions) and
@@ -215,8 +220,11 @@ def cached(
     The wrapper carries ``cache`` (the cache, for ``stats()``, ``clear()``,
     ``close()``/``aclose()``), ``cache_key(*args, **kwargs)`` (the key a call
     would use) and ``invalidate(*args, **kwargs)`` (drop that call's entry).
-    Errors, cancellation and the handling of methods are as for the cache and
-    for :func:`coalesce`.
+    ``name`` labels the cache's events and metrics (default: the function's
+    qualified name); ``on_event`` receives every read's event, hits included
+    (a wrapper with ``on_event`` reads through the cache rather than through
+    its inlined hit path).  Errors, cancellation and the handling of methods
+    are as for the cache and for :func:`coalesce`.
     """
 
     options: dict[str, Any] = {
@@ -240,11 +248,13 @@ def cached(
             _check_group(group, is_async, fn, "cached")
         build = _key_of(fn, key, None if group is None else _qualified_name(fn))
         raw = build.raw
-        name = _qualified_name(fn)
+        qualname = _qualified_name(fn)
+        options["name"] = qualname if name is None else name
+        options["on_event"] = on_event
 
         def no_loader(cache_key: object) -> Any:
             raise TypeError(
-                f"the cache of @cached {name} loads through the function's arguments; "
+                f"the cache of @cached {qualname} loads through the function's arguments; "
                 "call the function rather than cache.get()"
             )
 
@@ -257,6 +267,17 @@ def cached(
             aget = acache._get
             adata = acache._data
             afn = cast(Callable[..., Awaitable[Any]], fn)
+
+            if on_event is not None:
+
+                @functools.wraps(fn)
+                async def observed_async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    # Every read goes through the cache, which tells on_event.
+                    k = build(args, kwargs)
+                    return await aget(k, functools.partial(afn, *args, **kwargs))
+
+                _expose(observed_async_wrapper, acache, build)
+                return cast(Callable[P, R], observed_async_wrapper)
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -278,6 +299,16 @@ def cached(
         cache: LoadingCache[Any, Any] = LoadingCache(no_loader, **options)
         get = cache._get
         data = cache._data
+
+        if on_event is not None:
+
+            @functools.wraps(fn)
+            def observed_wrapper(*args: Any, **kwargs: Any) -> Any:
+                # Every read goes through the cache, which tells on_event.
+                return get(build(args, kwargs), functools.partial(fn, *args, **kwargs))
+
+            _expose(observed_wrapper, cache, build)
+            return cast(Callable[P, R], observed_wrapper)
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

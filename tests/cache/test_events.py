@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from singleflight import AsyncLoadingCache, LoadingCache
+from singleflight import AsyncLoadingCache, LoadingCache, cached
 from singleflight.events import CacheHit, CacheMiss, Event, RefreshStarted, StaleServed
 
 
@@ -149,3 +149,91 @@ def test_async_cache_events() -> None:
     events = asyncio.run(main())
     assert kinds(events) == ["CacheMiss", "CacheHit", "StaleServed", "RefreshStarted"]
     assert isinstance(events[0], CacheMiss) and events[0].cache == "a"
+
+
+@pytest.mark.timeout(10)
+def test_cached_decorator_tells_every_read_hits_included() -> None:
+    """@cached(on_event=...) reports hits too (its inlined hit path is bypassed), named."""
+    clock = Clock()
+    events: list[Event] = []
+    calls: list[int] = []
+
+    @cached(ttl=10, jitter=0, clock=clock, on_event=events.append)
+    def double(n: int) -> int:
+        calls.append(n)
+        return n * 2
+
+    try:
+        assert double(4) == 8
+        assert double(4) == 8
+        clock.now = 11
+        assert double(4) == 8
+        assert calls == [4, 4]
+        assert kinds(events) == ["CacheMiss", "CacheHit", "CacheMiss"]
+        name = f"{__name__}.test_cached_decorator_tells_every_read_hits_included.<locals>.double"
+        assert all(e.cache == name for e in events)  # type: ignore[union-attr]
+        assert double.cache.stats().hits == 1  # type: ignore[attr-defined]
+    finally:
+        double.cache.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(10)
+def test_cached_decorator_unhashable_arguments_and_name_with_on_event() -> None:
+    """Arguments are frozen into the key as without on_event; name= labels the events."""
+    events: list[Event] = []
+
+    @cached(name="totals", on_event=events.append)
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    try:
+        assert total([1, 2]) == 3
+        assert total([1, 2]) == 3
+        assert kinds(events) == ["CacheMiss", "CacheHit"]
+        assert {e.cache for e in events} == {"totals"}  # type: ignore[union-attr]
+    finally:
+        total.cache.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(10)
+def test_cached_decorator_async_tells_hits() -> None:
+    events: list[Event] = []
+    calls: list[int] = []
+
+    @cached(name="sq", on_event=events.append)
+    async def square(n: int) -> int:
+        calls.append(n)
+        await asyncio.sleep(0)
+        return n * n
+
+    async def main() -> None:
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(*(square(3) for _ in range(5)))
+            assert results == [9] * 5
+            assert await square(3) == 9
+            await square.cache.aclose()  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+    assert calls == [3]
+    assert kinds(events)[-1] == "CacheHit"
+    assert kinds(events).count("CacheMiss") >= 1
+    assert {e.cache for e in events} == {"sq"}  # type: ignore[union-attr]
+
+
+def test_cached_decorator_without_on_event_is_named_after_the_function() -> None:
+    @cached
+    def plain(n: int) -> int:
+        return n
+
+    try:
+        assert plain.cache.name.endswith("<locals>.plain")  # type: ignore[attr-defined]
+    finally:
+        plain.cache.close()  # type: ignore[attr-defined]
+
+
+def test_cached_decorator_rejects_a_bad_hook() -> None:
+    with pytest.raises(TypeError, match="on_event must be a callable"):
+
+        @cached(on_event=42)  # type: ignore[arg-type]
+        def f(n: int) -> int:
+            return n
