@@ -907,6 +907,30 @@ def test_thread_max_flights_wait_blocks_until_a_slot_frees() -> None:
     assert_balanced(rec)
 
 
+def test_thread_do_future_cancelled_while_waiting_for_a_slot_starts_nothing() -> None:
+    """Cancelling a do_future() future that waits for a slot ends that wait: no flight starts."""
+    rec = Recorder()
+    g: Group[str, Token] = Group(max_flights=1, on_limit="wait", on_event=rec)
+    gate = threading.Event()
+    a = TLoader("a", gate=gate)
+    a_future = g.do_future("a", a)
+    a.wait_started()
+
+    c = TLoader("c")
+    c_future = g.do_future("c", c)
+    wait_slot_waiters(g, 1)
+    assert c_future.cancel() and c_future.cancelled()
+    wait_until(lambda: g._slot_waiters == 0)  # the waiting thread was woken and gave up
+
+    gate.set()
+    assert a_future.result(WAIT) is a.value
+    time.sleep(0.05)
+    assert c.calls == 0 and "c" not in g and len(g) == 0
+    s = g.stats()
+    assert (s.flights, s.calls, s.rejected, s.timeouts) == (1, 1, 0, 0)
+    assert_balanced(rec)
+
+
 def test_thread_max_flights_wait_times_out() -> None:
     g: Group[str, Token] = Group(max_flights=1, on_limit="wait", timeout=0.2)
     gate = threading.Event()

@@ -77,6 +77,10 @@ class _Call(Flight):
         self.owner = owner
 
 
+class _Abandoned(Exception):
+    """Internal: a do_future() caller cancelled its future while it waited for a slot."""
+
+
 class _CallFuture(Future[V]):
     """A caller's own future: ``result()`` re-raises a shared exception with the loader's traceback.
 
@@ -434,13 +438,20 @@ class Group(Generic[K, V]):
         return call.event
 
     def _call(
-        self, key: K, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        key: K,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        abandoned: Future[Any] | None = None,
     ) -> _Call:
         """The general path of do() and do_result(): limits, timeouts, events.
 
         Returns the finished call; raises TooManyFlights, TimeoutError (this
         caller alone leaves), the usage errors, or the BaseException that
-        stopped a loader run in this thread.
+        stopped a loader run in this thread.  ``abandoned`` is the future of a
+        do_future() caller waiting for a slot: once it is cancelled the wait
+        ends with _Abandoned, and no flight is started for it.
         """
         hook = self._on_event
         begun = monotonic()
@@ -449,6 +460,8 @@ class Group(Generic[K, V]):
         with self._lock:
             call = self._lookup(key)
             while call is None and self._full() and self._on_limit == "wait":
+                if abandoned is not None and abandoned.cancelled():
+                    raise _Abandoned
                 remaining = None if deadline is None else deadline - monotonic()
                 if remaining is not None and remaining <= 0:
                     self._timeouts += 1
@@ -460,6 +473,8 @@ class Group(Generic[K, V]):
                 finally:
                     self._slot_waiters -= 1
                 call = self._lookup(key)
+            if abandoned is not None and abandoned.cancelled():
+                raise _Abandoned
             full = call is None and self._full()
             if slot_timed_out or full:
                 pass
@@ -523,9 +538,18 @@ class Group(Generic[K, V]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        """do_future() on a full group in "wait" mode: the call, made from a thread of its own."""
+        """do_future() on a full group in "wait" mode: the call, made from a thread of its own.
+
+        Cancelling ``future`` while this waits for a slot ends the wait (the
+        future's done callback wakes the slot waiters) and starts nothing.
+        Once the call has led or joined a flight it waits for it like any
+        caller; the cancelled future just does not take the outcome.
+        """
+        future.add_done_callback(self._wake_slot_waiters)
         try:
-            call = self._call(key, fn, args, kwargs)
+            call = self._call(key, fn, args, kwargs, future)
+        except _Abandoned:
+            return
         except BaseException as exc:
             with contextlib.suppress(InvalidStateError):  # the caller cancelled its future
                 future.set_exception(waiter_error(key, exc))
@@ -536,6 +560,12 @@ class Group(Generic[K, V]):
             else:
                 future._tb = call.tb
                 future.set_exception(call.error)
+
+    def _wake_slot_waiters(self, future: Future[Any]) -> None:
+        if future.cancelled():
+            with self._lock:
+                if self._slot_waiters:
+                    self._slot.notify_all()
 
     def _start(
         self,
