@@ -760,9 +760,48 @@ def test_stats_is_a_snapshot_with_every_counter(h: Harness, clock: FakeClock) ->
         "evictions",
         "size",
         "hit_ratio",
+        "calls",
+        "flights",
+        "joins",
+        "shared",
+        "errors",
+        "aborted",
+        "in_flight",
+        "wait_seconds",
     }
     with pytest.raises(AttributeError):
         stats.hits = 3  # type: ignore[misc]
+
+
+def test_stats_carry_the_group_counters_of_its_loads(h: Harness, clock: FakeClock) -> None:
+    """calls = reads; flights, joins, shared, errors, in_flight, wait_seconds: its group's."""
+    rec = Recorder()
+    gate = rec.hold()
+    cache = h.make(rec, ttl=10.0, clock=clock)
+    readers = [h.start(cache, "get", 1) for _ in range(4)]
+    rec.wait_calls(1)
+    wait_for(lambda: cache.stats().misses == 4 and cache.stats().joins == 3)
+    during = cache.stats()
+    assert (during.in_flight, during.flights, during.calls) == (1, 1, 4)
+    time.sleep(0.02)
+    gate.set()
+    assert [r.result(WAIT) for r in readers] == ["v1"] * 4
+    assert h.get(cache, 1) == "v1"  # a hit: a read, not a group call
+    stats = cache.stats()
+    assert (stats.calls, stats.hits, stats.misses) == (5, 1, 4)
+    assert (stats.flights, stats.joins, stats.shared, stats.in_flight) == (1, 3, 1, 0)
+    assert stats.errors == stats.aborted == 0
+    assert stats.wait_seconds >= 3 * 0.02  # three joiners waited at least that long
+
+    def fail(key: int) -> str:
+        raise ValueError("down")
+
+    rec.fn = fail
+    rec.let_through()
+    with pytest.raises(ValueError, match="down"):
+        h.get(cache, 2)
+    after = cache.stats()
+    assert (after.errors, after.flights, after.calls, after.load_failures) == (1, 2, 6, 1)
 
 
 def test_a_leader_interrupted_by_a_base_exception_does_not_poison_the_key(

@@ -11,9 +11,18 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any, Generic, TypeVar, cast
 
-from ..events import CacheHit, CacheMiss, EventHook, RefreshStarted, StaleServed, emit
+from ..events import (
+    CacheHit,
+    CacheMiss,
+    EventHook,
+    GroupStats,
+    RefreshStarted,
+    StaleServed,
+    emit,
+)
 from ._policy import Entry, Policy
 from ._store import REFRESH, SERVE, CacheStats, Plan, Store
 
@@ -213,7 +222,19 @@ class CacheBase(Generic[K, V]):
         free-threaded build concurrent hits of one key may be undercounted.
         """
         with self._lock:
-            return self._store.stats()
+            stats = self._store.stats()
+        group = _group_stats(self._group)
+        return replace(
+            stats,
+            calls=stats.hits + stats.misses,
+            flights=group.flights,
+            joins=group.joins,
+            shared=group.shared,
+            errors=group.errors,
+            aborted=group.aborted,
+            in_flight=group.in_flight,
+            wait_seconds=group.wait_seconds,
+        )
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` has an entry a read could use without loading.  Not counted as a read."""
@@ -339,3 +360,13 @@ class CacheBase(Generic[K, V]):
                 kept,
                 exc_info=error,
             )
+
+
+_NO_GROUP_STATS = GroupStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0)
+
+
+def _group_stats(group: object) -> GroupStats:
+    """The counters of a cache's group, or zeros for a group that keeps none."""
+    stats = getattr(group, "stats", None)
+    snapshot = stats() if callable(stats) else None
+    return snapshot if isinstance(snapshot, GroupStats) else _NO_GROUP_STATS

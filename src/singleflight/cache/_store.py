@@ -55,6 +55,14 @@ class CacheStats:
     dropped by the size bound or because they expired; ``size`` is the number
     of entries held now; ``hit_ratio`` is ``hits / (hits + misses)`` (0.0
     before the first read).
+
+    The fields every group reports too: ``calls`` is the number of reads
+    (``hits + misses``); ``flights``, ``joins``, ``shared``, ``errors``,
+    ``aborted``, ``in_flight`` and ``wait_seconds`` are those of the cache's
+    group (see :class:`~singleflight.events.GroupStats`): the loads and
+    refreshes made through it and the callers that joined them.  Batch loads
+    (``load_many``) do not go through the group and are counted in ``loads``
+    only; a group shared with other users counts their calls too.
     """
 
     hits: int
@@ -67,6 +75,14 @@ class CacheStats:
     evictions: int
     size: int
     hit_ratio: float
+    calls: int = 0
+    flights: int = 0
+    joins: int = 0
+    shared: int = 0
+    errors: int = 0
+    aborted: int = 0
+    in_flight: int = 0
+    wait_seconds: float = 0.0
 
 
 @dataclass(slots=True)
