@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "web_service"
-TTL = 4.0  # long enough for a burst to end well inside one window, even on a slow machine
+TTL = 8.0  # long enough for a burst to end well inside one window, even on a slow machine
 USERS = 5
 REQUESTS = 200
 
