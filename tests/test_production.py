@@ -27,8 +27,10 @@ import pytest
 from singleflight import (
     AbortedError,
     AsyncGroup,
+    AsyncLoadingCache,
     Group,
     GroupStats,
+    LoadingCache,
     Result,
     TooManyFlights,
     WaitTimeout,
@@ -1580,6 +1582,7 @@ def test_async_non_awaitable_fn_leaves_no_flight_open_in_events(
 BAD_COMMON: list[tuple[str, object]] = [
     ("name", 3),
     ("name", None),
+    ("name", ""),
     ("on_event", 3),
     ("on_event", "print"),
     ("max_flights", 0),
@@ -1610,6 +1613,26 @@ def test_bad_option_is_refused_with_a_message_naming_it(
         cls(**kwargs)
     assert option in str(info.value) and repr(value) in str(info.value)
     assert hook.events == []
+
+
+def test_an_empty_name_is_refused_by_every_group_and_cache() -> None:
+    """A name labels events and metrics: "" would make series nobody can tell apart."""
+    from singleflight.anyio import AnyIOGroup
+
+    makers: list[Callable[[], object]] = [
+        lambda: Group(name=""),
+        lambda: AsyncGroup(name=""),
+        lambda: AnyIOGroup(name=""),
+        lambda: LoadingCache(lambda k: k, ttl=1.0, name=""),
+        lambda: AsyncLoadingCache(_async_identity, ttl=1.0, name=""),
+    ]
+    for make in makers:
+        with pytest.raises(ValueError, match="name must be a non-empty str"):
+            make()
+
+
+async def _async_identity(key: object) -> object:
+    return key
 
 
 @pytest.mark.parametrize("value", [0, -0.5, "1", True, float("nan")])

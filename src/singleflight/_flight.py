@@ -14,6 +14,7 @@ from ._result import AbortedError
 
 __all__ = [
     "Flight",
+    "check_name",
     "check_options",
     "forget",
     "forget_unshared",
@@ -101,8 +102,7 @@ def check_options(
     timeout: object,
 ) -> None:
     """Validate the options every group takes, with errors that say what to pass instead."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str; got {name!r}")
+    check_name(name)
     if on_event is not None and not callable(on_event):
         raise TypeError(f"on_event must be a callable taking one event; got {on_event!r}")
     if max_flights is not None and (
@@ -112,6 +112,17 @@ def check_options(
     if on_limit not in ("raise", "wait"):
         raise ValueError(f'on_limit must be "raise" or "wait"; got {on_limit!r}')
     check_seconds("timeout", timeout)
+
+
+def check_name(name: object) -> None:
+    """A group's or cache's name labels its events and metrics: a non-empty str."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str; got {name!r}")
+    if not name:
+        raise ValueError(
+            f"name must be a non-empty str (it labels events and metrics); got {name!r}: "
+            'pass a name such as name="users"'
+        )
 
 
 def check_seconds(option: str, seconds: object) -> None:

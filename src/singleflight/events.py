@@ -8,6 +8,9 @@ otherwise ignored: a broken metrics exporter must not break loads.
 ``flight`` in an event is an identifier of one flight, equal in its
 ``FlightStarted``, ``Joined`` and final event (to link a joiner's span to its
 leader's, say); it may be reused once the flight is over.
+
+Redis groups (:mod:`singleflight.redis`) tell the same events from their
+process, and two of their own: :class:`RanLocally` and :class:`RedisUnavailable`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ __all__ = [
     "FlightStarted",
     "GroupStats",
     "Joined",
+    "RanLocally",
+    "RedisGroupStats",
+    "RedisUnavailable",
     "RefreshStarted",
     "Rejected",
     "StaleServed",
@@ -64,6 +70,52 @@ class GroupStats:
     def coalesced_ratio(self) -> float:
         """The fraction of calls that joined a flight instead of running the loader."""
         return self.joins / self.calls if self.calls else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RedisGroupStats(GroupStats):
+    """A Redis group's counters in this process: those of every group, then Redis's own.
+
+    The fields of :class:`GroupStats`, as seen from this process:
+    ``flights`` are loader runs here as leader holding the Redis lease (so
+    equal to ``leads``); ``joins`` are calls that got the outcome of another
+    caller's flight, in this process (a local join) or in another one
+    (``hits + remote_errors``: waited for, or found stored); ``shared`` led
+    flights with a joiner here or a waiter elsewhere; ``errors`` and
+    ``aborted`` led flights whose loader raised, or that ended without a
+    result; ``timeouts`` calls that reached ``max_wait``; ``wait_seconds``
+    the time joiners here waited, for a local flight or on Redis.
+    ``rejected`` stays 0 (Redis groups have no ``max_flights``).  Calls that
+    neither led nor joined are ``local_runs`` and, under
+    ``on_redis_error="closed"``, the failed ones (``unavailable``, timeouts).
+
+    Redis's own: ``hits`` (a value from another process's flight),
+    ``leads``, ``takeovers`` (leads after waiting on a leader that vanished),
+    ``waits`` (blocking reads on another process's flight), ``fenced``
+    (completions refused: another leader had taken over), ``lost_leases``,
+    ``resurrections`` (lapsed leases renewed again), ``remote_errors`` (an
+    error from another process's loader), ``local_runs`` (loader runs without
+    Redis, policy "open"), ``unavailable`` (calls failed for Redis, policy
+    "closed"), ``redis_errors`` (failed Redis operations, retries included),
+    ``untrusted_payloads`` (payloads that did not decode, read as misses),
+    ``breaker_opens`` and ``breaker``, the breaker's state now: ``"closed"``,
+    ``"open"`` or ``"half-open"``.
+    """
+
+    hits: int
+    leads: int
+    takeovers: int
+    waits: int
+    fenced: int
+    lost_leases: int
+    resurrections: int
+    remote_errors: int
+    local_runs: int
+    unavailable: int
+    redis_errors: int
+    untrusted_payloads: int
+    breaker_opens: int
+    breaker: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +190,36 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class RanLocally:
+    """A Redis group ran the loader of ``key`` here without the lease (``on_redis_error="open"``).
+
+    ``reason`` is ``"unavailable"`` (Redis failed past the retry budget:
+    ``error``), ``"circuit open"`` (the breaker skips Redis) or ``"timeout"``
+    (``max_wait`` passed; a :class:`TimedOut` came first).  Such a run is no
+    flight of the group: other processes may load the key at the same time.
+    """
+
+    group: str
+    key: object
+    reason: str
+    error: BaseException | None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisUnavailable:
+    """A Redis group under ``on_redis_error="closed"`` raised RedisUnavailableError for ``key``.
+
+    ``reason`` is ``"unavailable"`` (Redis failed past the retry budget:
+    ``error``) or ``"circuit open"``.
+    """
+
+    group: str
+    key: object
+    reason: str
+    error: BaseException | None
+
+
+@dataclass(frozen=True, slots=True)
 class CacheHit:
     """A cache answered ``key`` from a fresh entry."""
 
@@ -179,6 +261,8 @@ Event: TypeAlias = (
     | FlightAborted
     | TimedOut
     | Rejected
+    | RanLocally
+    | RedisUnavailable
     | CacheHit
     | CacheMiss
     | StaleServed

@@ -19,7 +19,7 @@ import redis
 import redis.asyncio
 
 from singleflight import Result
-from singleflight.redis import AsyncRedisGroup, RedisGroup
+from singleflight.redis import AsyncRedisGroup, RedisGroup, RedisGroupStats
 
 __all__ = ["AsyncSide", "Loader", "Outcome", "SyncSide", "make_side"]
 
@@ -122,7 +122,7 @@ class SyncSide:
     def forget_unshared(self, key: Any) -> bool:
         return self.group.forget_unshared(key)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> RedisGroupStats:
         return self.group.stats()
 
     def close(self) -> None:
@@ -176,7 +176,7 @@ class AsyncSide:
 
         return self.run(forget())  # type: ignore[no-any-return]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> RedisGroupStats:
         return self.group.stats()
 
     def close(self) -> None:

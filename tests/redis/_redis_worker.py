@@ -15,6 +15,7 @@ caller's outcome and return time, and the group's stats.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -96,7 +97,7 @@ def run_sync(config: dict[str, Any]) -> dict[str, Any]:
         thread.start()
     for thread in threads:
         thread.join(config.get("join_timeout", 60))
-    return {"pid": os.getpid(), "outcomes": outcomes, "stats": group.stats()}
+    return {"pid": os.getpid(), "outcomes": outcomes, "stats": dataclasses.asdict(group.stats())}
 
 
 async def run_async(config: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +124,7 @@ async def run_async(config: dict[str, Any]) -> dict[str, Any]:
         asyncio.gather(*(caller() for _ in range(config["callers"]))),
         config.get("join_timeout", 60),
     )
-    stats = group.stats()
+    stats = dataclasses.asdict(group.stats())
     await group.aclose()
     await client.aclose()
     return {"pid": os.getpid(), "outcomes": list(outcomes), "stats": stats}

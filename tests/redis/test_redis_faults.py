@@ -52,21 +52,21 @@ def test_redis_down_open_loads_locally_and_the_breaker_opens_then_probes(
     assert (first.value, first.error) == ("local", None)
     assert first.elapsed < 0.1 + 0.5  # retry budget, not redis-py's multi-second retries
     a.call("k", loader)
-    assert a.stats()["breaker"] == "open"
+    assert a.stats().breaker == "open"
     started = time.monotonic()
     for _ in range(20):  # the open breaker skips Redis: no connection attempts, no delay
         assert a.call("k", loader).value == "local"
     assert time.monotonic() - started < 0.5
     stats = a.stats()
-    assert stats["local_runs"] == 22 and stats["breaker_opens"] == 1
+    assert stats.local_runs == 22 and stats.breaker_opens == 1
     # Redis comes back; after the cooldown one call probes it and closes the breaker.
     server = RedisServer(redis_binary, port)
     try:
         server.start()
         time.sleep(0.5)
         assert a.call("k", Loader("coordinated")).value == "coordinated"
-        assert a.stats()["breaker"] == "closed"
-        assert a.stats()["leads"] == 1
+        assert a.stats().breaker == "closed"
+        assert a.stats().leads == 1
     finally:
         server.stop()
 
@@ -94,7 +94,7 @@ def test_restart_mid_flight_every_caller_returns_within_its_deadline(
     leader = a.submit("k", loader)
     _wait_for(lambda: loader.runs == 1)
     waiters = [b.submit("k", loader), c.submit("k", loader)]
-    _wait_for(lambda: b.stats()["waits"] >= 1 and c.stats()["waits"] >= 1)
+    _wait_for(lambda: b.stats().waits >= 1 and c.stats().waits >= 1)
     time.sleep(0.3)
     own_server.restart(downtime)
     outcomes = [f.result(20) for f in (leader, *waiters)]
@@ -123,7 +123,7 @@ def test_client_pause_longer_than_the_deadline(
     leader = a.submit("k", loader)
     _wait_for(lambda: loader.runs == 1)
     waiter = b.submit("k", loader)
-    _wait_for(lambda: b.stats()["waits"] >= 1)
+    _wait_for(lambda: b.stats().waits >= 1)
     admin = own_server.client()
     admin.client_pause(2500, all=True)
     late = c.submit("k", loader)  # arrives during the pause
@@ -149,7 +149,7 @@ def test_max_wait_shorter_than_a_healthy_load(sides: Any, server: RedisServer, p
     else:
         assert isinstance(outcome.error, WaitTimeoutError) and mine.runs == 0
         assert "max_wait=0.3" in str(outcome.error)
-    assert b.stats()["timeouts"] == 1
+    assert b.stats().timeouts == 1
     assert leader.result(10).value == "slow"
 
 
@@ -162,7 +162,7 @@ def test_killed_blocking_connection_the_waiter_recovers(
     leader = a.submit("k", loader)
     _wait_for(lambda: loader.runs == 1)
     waiter = b.submit("k", loader)
-    _wait_for(lambda: b.stats()["waits"] >= 1)
+    _wait_for(lambda: b.stats().waits >= 1)
     admin = own_server.client()
     time.sleep(0.05)
     blocked = [c["id"] for c in admin.client_list() if c["cmd"] == "xread"]
@@ -174,7 +174,7 @@ def test_killed_blocking_connection_the_waiter_recovers(
     admin.close()
     assert leader.result(10).value == waiter.result(10).value == "value"
     assert loader.runs == 1
-    assert b.stats()["redis_errors"] >= 1
+    assert b.stats().redis_errors >= 1
 
 
 def test_script_cache_flushed_mid_flight(sides: Any, own_server: RedisServer) -> None:
@@ -190,4 +190,4 @@ def test_script_cache_flushed_mid_flight(sides: Any, own_server: RedisServer) ->
     assert leader.result(10).value == waiter.result(10).value == "value"
     admin.close()
     assert loader.runs == 1
-    assert a.stats()["lost_leases"] == 0
+    assert a.stats().lost_leases == 0

@@ -42,8 +42,8 @@ def test_one_load_for_concurrent_callers_in_two_processes(sides: Any, server: Re
     assert [o.value for o in outcomes] == [{"n": 1}] * 6
     assert [o.error for o in outcomes] == [None] * 6
     stats = [a.stats(), b.stats()]
-    assert sum(s["leads"] for s in stats) == 1
-    assert sum(s["hits"] for s in stats) == 1  # the other process's one Redis waiter
+    assert sum(s.leads for s in stats) == 1
+    assert sum(s.hits for s in stats) == 1  # the other process's one Redis waiter
     assert server.eternal_keys() == []
     client = server.client()
     assert client.exists("sf:{test:k}:lease") == 0  # released at completion
@@ -58,7 +58,7 @@ def test_result_is_shared_through_redis(sides: Any, server: RedisServer) -> None
     leader = a.submit_result("k", loader)
     _wait_for(lambda: loader.runs == 1)
     waiter = b.submit_result("k", loader)
-    _wait_for(lambda: b.stats()["waits"] >= 1)
+    _wait_for(lambda: b.stats().waits >= 1)
     gate.set()
     given, taken = leader.result(10), waiter.result(10)
     # Alone in their processes, both results are shared: one given, one taken.
@@ -82,7 +82,7 @@ def test_stored_result_serves_late_callers_until_result_ttl(
     loader = Loader([1, "two"])
     assert a.call("k", loader).value == [1, "two"]
     assert b.call("k", loader).value == [1, "two"]
-    assert (loader.runs, b.stats()["hits"]) == (1, 1)
+    assert (loader.runs, b.stats().hits) == (1, 1)
     time.sleep(0.4)
     assert b.call("k", loader).value == [1, "two"]
     assert loader.runs == 2
@@ -108,7 +108,7 @@ def test_loader_error_reaches_remote_waiters_as_loader_error_and_is_not_cached(
     leader = a.submit("k", failing)
     _wait_for(lambda: failing.runs == 1)
     waiter = b.submit("k", failing)
-    _wait_for(lambda: b.stats()["waits"] >= 1)
+    _wait_for(lambda: b.stats().waits >= 1)
     gate.set()
     mine, theirs = leader.result(10).error, waiter.result(10).error
     assert isinstance(mine, KeyError)  # the leader's process gets the exception itself
@@ -154,7 +154,7 @@ def test_forget_unshared(sides: Any, server: RedisServer) -> None:
     first = a.submit("k", loader)
     _wait_for(lambda: loader.runs == 1)
     waiter = b.submit("k", loader)
-    _wait_for(lambda: b.stats()["waits"] >= 1)
+    _wait_for(lambda: b.stats().waits >= 1)
     # Another process waits: RedisGroup answers False; AsyncRedisGroup.forget_unshared
     # is synchronous, so it answers for its own loop (True) and leaves the shared
     # Redis flight alone in the background.
@@ -234,7 +234,7 @@ def test_forged_pickle_in_redis_runs_no_code_and_is_a_miss(
     assert a.call("j", Loader("mine")).value == "mine"
     assert a.call("i", Loader("mine")).value == "mine"
     assert not sentinel.exists()
-    assert a.stats()["untrusted_payloads"] == 3
+    assert a.stats().untrusted_payloads == 3
     # The loaded value replaced the forged one.
     assert a.call("k", Loader("unused")).value == {"safe"}
 
@@ -244,9 +244,9 @@ def test_wrong_codec_payload_is_a_miss(sides: Any, server: RedisServer) -> None:
     jsoned = sides(server.port, namespace="n1")
     assert pickled.call("k", Loader(("a", "tuple"))).value == ("a", "tuple")
     assert jsoned.call("k", Loader(["json"])).value == ["json"]
-    assert jsoned.stats()["untrusted_payloads"] == 1
+    assert jsoned.stats().untrusted_payloads == 1
     assert pickled.call("k", Loader("again")).value == "again"
-    assert pickled.stats()["untrusted_payloads"] == 1
+    assert pickled.stats().untrusted_payloads == 1
 
 
 def test_forged_completion_record_is_a_miss(sides: Any, server: RedisServer) -> None:
@@ -261,8 +261,8 @@ def test_forged_completion_record_is_a_miss(sides: Any, server: RedisServer) -> 
     client.close()
     outcome = a.call("k", Loader("real"))
     assert outcome.value == "real"
-    assert a.stats()["untrusted_payloads"] >= 1
-    assert a.stats()["takeovers"] == 1
+    assert a.stats().untrusted_payloads >= 1
+    assert a.stats().takeovers == 1
 
 
 def test_payload_over_max_payload_is_a_clear_error_everywhere(
@@ -274,7 +274,7 @@ def test_payload_over_max_payload_is_a_clear_error_everywhere(
     leader = a.submit("k", big)
     _wait_for(lambda: big.runs == 1)
     waiter = b.submit("k", big)
-    _wait_for(lambda: b.stats()["waits"] >= 1)
+    _wait_for(lambda: b.stats().waits >= 1)
     gate.set()
     mine, theirs = leader.result(10).error, waiter.result(10).error
     assert isinstance(mine, PayloadTooLargeError)
@@ -305,7 +305,7 @@ def test_msgpack_codec_round_trips_through_redis(sides: Any, server: RedisServer
     value = {"bytes": b"\x00\xff", 1: [1.5, None, True]}
     assert a.call("k", Loader(value)).value == value
     assert b.call("k", Loader("unused")).value == value
-    assert b.stats()["hits"] == 1
+    assert b.stats().hits == 1
 
 
 # -- the Group contract ------------------------------------------------------------------
@@ -440,7 +440,7 @@ def test_sync_interrupted_leader_abandons_and_a_waiter_takes_over_at_once(
     leader.join(10)
     assert outcome.value == "taken over"
     assert time.monotonic() - started < 1.0  # not a 5 s lease
-    assert b.stats()["takeovers"] == 1
+    assert b.stats().takeovers == 1
     assert server.eternal_keys() == []
 
 
@@ -460,7 +460,7 @@ def test_async_cancelled_leader_abandons_and_a_waiter_takes_over_at_once(
     task = a.run(start())
     _wait_for(lambda: slow.runs == 1)
     waiter = b.submit("k", Loader("taken over"))
-    _wait_for(lambda: b.stats()["waits"] >= 1)
+    _wait_for(lambda: b.stats().waits >= 1)
     started = time.monotonic()
     # The only caller leaves; with cancel_abandoned the loader task is cancelled.
     a.loop.call_soon_threadsafe(task.cancel)
@@ -468,7 +468,7 @@ def test_async_cancelled_leader_abandons_and_a_waiter_takes_over_at_once(
     assert outcome.value == "taken over"
     assert time.monotonic() - started < 1.0  # not a 5 s lease
     assert slow.finished == 0
-    assert b.stats()["takeovers"] == 1
+    assert b.stats().takeovers == 1
 
 
 def test_async_group_works_across_event_loops(server: RedisServer) -> None:
@@ -593,7 +593,7 @@ def test_group_made_before_fork_works_in_the_child(sides: Any, server: RedisServ
     def child() -> None:
         loader = Loader("child", seconds=0.8)  # outlives the lease: needs the child's watchdog
         outcome = a.call("k", loader)
-        send.send((outcome.value, repr(outcome.error), a.stats()["lost_leases"], loader.runs))
+        send.send((outcome.value, repr(outcome.error), a.stats().lost_leases, loader.runs))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
@@ -631,7 +631,7 @@ def test_a_forgotten_leader_learns_it_lost_the_lease(sides: Any, server: RedisSe
     gate.set()  # the loader now runs past at least one renewal (every 0.1 s)
     assert first.result(10).value == "old"
     assert seen == [True]
-    assert a.stats()["lost_leases"] == 1
+    assert a.stats().lost_leases == 1
 
 
 @pytest.mark.parametrize("mode", ["async"])
@@ -649,7 +649,7 @@ def test_a_loader_blocking_the_loop_past_its_lease_resurrects_it(
 
     assert a.run(a.group.do("k", blocking)) == "v"
     stats = a.stats()
-    assert (stats["resurrections"], stats["fenced"], stats["lost_leases"]) == (1, 0, 0)
+    assert (stats.resurrections, stats.fenced, stats.lost_leases) == (1, 0, 0)
     client = server.client()
     assert client.get("sf:{test:k}:res") == b'j1:"v"'
     client.close()

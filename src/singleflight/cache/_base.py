@@ -14,6 +14,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Generic, TypeVar, cast
 
+from .._flight import check_name
 from ..events import (
     CacheHit,
     CacheMiss,
@@ -134,8 +135,7 @@ class CacheBase(Generic[K, V]):
         name: str = "default",
         on_event: EventHook | None = None,
     ) -> None:
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str; got {name!r}")
+        check_name(name)
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be a callable taking one event; got {on_event!r}")
         self.name = name

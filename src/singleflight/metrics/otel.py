@@ -25,6 +25,13 @@ What it records:
   ``.misses``, ``.loads``, ``.load_failures``, ``.stale_served``,
   ``.refreshes``, ``.early_refreshes``, ``.evictions`` and the gauge
   ``singleflight.cache.size``, with ``singleflight.cache``.  Objects are held weakly.
+  A Redis group (``singleflight.redis``) adds its own counters
+  ``singleflight.redis.hits``, ``.leads``, ``.takeovers``, ``.waits``,
+  ``.fenced``, ``.lost_leases``, ``.resurrections``, ``.remote_errors``,
+  ``.local_runs``, ``.unavailable``, ``.errors`` (failed Redis operations),
+  ``.untrusted_payloads``, ``.breaker_opens`` and the gauge
+  ``singleflight.redis.breaker_state`` (1 for the breaker's state now, 0 for
+  the others, with the attribute ``singleflight.redis.breaker``).
 * The histogram ``singleflight.flight.duration`` (seconds), with the group and
   ``singleflight.outcome`` (``ok``, ``error`` or ``aborted``), from the events.
 * A span ``singleflight.flight`` per flight, from ``FlightStarted`` (a child of
@@ -55,6 +62,7 @@ from ..events import (
     FlightFinished,
     FlightStarted,
     Joined,
+    RedisGroupStats,
     emit,
 )
 from . import Watchlist, missing, read
@@ -93,6 +101,24 @@ _CACHE_COUNTERS = (
     ("singleflight.cache.early_refreshes", "early_refreshes", "{load}", "Early refreshes."),
     ("singleflight.cache.evictions", "evictions", "{entry}", "Entries dropped."),
 )
+
+# Redis groups only (RedisGroupStats fields), besides the group counters.
+_REDIS_COUNTERS = (
+    ("singleflight.redis.hits", "hits", "{call}", "Values taken from another process's flight."),
+    ("singleflight.redis.leads", "leads", "{flight}", "Loader runs holding the Redis lease."),
+    ("singleflight.redis.takeovers", "takeovers", "{flight}", "Leads after a vanished leader."),
+    ("singleflight.redis.waits", "waits", "{read}", "Blocking reads on another's flight."),
+    ("singleflight.redis.fenced", "fenced", "{flight}", "Completions refused after a takeover."),
+    ("singleflight.redis.lost_leases", "lost_leases", "{flight}", "Leases lost while loading."),
+    ("singleflight.redis.resurrections", "resurrections", "{flight}", "Lapsed leases renewed."),
+    ("singleflight.redis.remote_errors", "remote_errors", "{call}", "Errors of remote loaders."),
+    ("singleflight.redis.local_runs", "local_runs", "{call}", "Loader runs without Redis."),
+    ("singleflight.redis.unavailable", "unavailable", "{call}", "Calls failed for Redis."),
+    ("singleflight.redis.errors", "redis_errors", "{operation}", "Failed Redis operations."),
+    ("singleflight.redis.untrusted_payloads", "untrusted_payloads", "{payload}", "Read as misses."),
+    ("singleflight.redis.breaker_opens", "breaker_opens", "{event}", "Times the breaker opened."),
+)
+_BREAKER_STATES = ("closed", "open", "half-open")
 
 
 def _key_repr(key: object) -> str:
@@ -230,6 +256,16 @@ class _Observer:
             unit="{key}",
             description="Keys in flight now.",
         )
+        for name, field, unit, doc in _REDIS_COUNTERS:
+            meter.create_observable_counter(
+                name, [self._redis_callback(field)], unit=unit, description=doc
+            )
+        meter.create_observable_gauge(
+            "singleflight.redis.breaker_state",
+            [self._breaker_callback],
+            unit="1",
+            description="The Redis circuit breaker's state: 1 for the current one.",
+        )
         for name, field, unit, doc in _CACHE_COUNTERS:
             meter.create_observable_counter(
                 name, [self._callback("cache", field)], unit=unit, description=doc
@@ -265,6 +301,33 @@ class _Observer:
             ]
 
         return observe
+
+    def _redis_stats(self) -> list[tuple[str, RedisGroupStats]]:
+        with self._lock:
+            live = self._watched.live()
+        # stats() takes the object's own lock: never while holding ours.
+        return [
+            (item.name, stats) for item, stats in read(live) if isinstance(stats, RedisGroupStats)
+        ]
+
+    def _redis_callback(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(getattr(stats, field), {"singleflight.group": name})
+                for name, stats in self._redis_stats()
+            ]
+
+        return observe
+
+    def _breaker_callback(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(
+                int(stats.breaker == state),
+                {"singleflight.group": name, "singleflight.redis.breaker": state},
+            )
+            for name, stats in self._redis_stats()
+            for state in _BREAKER_STATES
+        ]
 
 
 _observers: weakref.WeakKeyDictionary[MeterProvider, _Observer] = weakref.WeakKeyDictionary()

@@ -25,6 +25,17 @@ Series (label ``group`` or ``cache``, the object's name):
 ``_load_failures_total``, ``_stale_served_total``, ``_refreshes_total``,
 ``_early_refreshes_total``, ``_evictions_total`` (counters, all prefixed
 ``singleflight_cache``) and ``singleflight_cache_size`` (gauge).
+
+A Redis group (:class:`singleflight.redis.RedisGroup`, ``AsyncRedisGroup``)
+has the group series, counted in this process, and its own counters
+``singleflight_redis_hits_total``, ``_leads_total``, ``_takeovers_total``,
+``_waits_total``, ``_fenced_total``, ``_lost_leases_total``,
+``_resurrections_total``, ``_remote_errors_total``, ``_local_runs_total``,
+``_unavailable_total``, ``_errors_total`` (failed Redis operations),
+``_untrusted_payloads_total``, ``_breaker_opens_total`` (all prefixed
+``singleflight_redis``), and the gauge
+``singleflight_redis_breaker_state{group, state}``: 1 for the breaker's
+state now (``closed``, ``open`` or ``half-open``), 0 for the others.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import weakref
 from collections.abc import Iterable
 
 from ..cache import CacheStats
-from ..events import GroupStats
+from ..events import GroupStats, RedisGroupStats
 from . import Watchlist, missing, read
 
 try:
@@ -70,6 +81,37 @@ _CACHE_SERIES: tuple[tuple[str, str, str, bool], ...] = (
     ("singleflight_cache_evictions", "evictions", "Entries dropped (size or expiry).", True),
     ("singleflight_cache_size", "size", "Entries held now.", False),
 )
+
+# Redis groups only (RedisGroupStats fields), besides the group series.
+_REDIS_SERIES: tuple[tuple[str, str, str, bool], ...] = (
+    ("singleflight_redis_hits", "hits", "Values taken from another process's flight.", True),
+    ("singleflight_redis_leads", "leads", "Loader runs here holding the Redis lease.", True),
+    ("singleflight_redis_takeovers", "takeovers", "Leads after a vanished leader.", True),
+    ("singleflight_redis_waits", "waits", "Blocking reads on another process's flight.", True),
+    ("singleflight_redis_fenced", "fenced", "Completions refused after a takeover.", True),
+    ("singleflight_redis_lost_leases", "lost_leases", "Leases lost while loading.", True),
+    ("singleflight_redis_resurrections", "resurrections", "Lapsed leases renewed.", True),
+    ("singleflight_redis_remote_errors", "remote_errors", "Errors of remote loaders.", True),
+    ("singleflight_redis_local_runs", "local_runs", "Loader runs without Redis.", True),
+    ("singleflight_redis_unavailable", "unavailable", "Calls failed for Redis.", True),
+    ("singleflight_redis_errors", "redis_errors", "Failed Redis operations.", True),
+    (
+        "singleflight_redis_untrusted_payloads",
+        "untrusted_payloads",
+        "Payloads read as misses.",
+        True,
+    ),
+    ("singleflight_redis_breaker_opens", "breaker_opens", "Times the breaker opened.", True),
+)
+_BREAKER_STATES = ("closed", "open", "half-open")
+
+
+def _breaker_family() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "singleflight_redis_breaker_state",
+        "The Redis circuit breaker's state: 1 for the current one.",
+        labels=["group", "state"],
+    )
 
 
 def _families(
@@ -114,10 +156,14 @@ class SingleflightCollector(Collector):
         # without reading any stats.
         yield from _families(_GROUP_SERIES, "group").values()
         yield from _families(_CACHE_SERIES, "cache").values()
+        yield from _families(_REDIS_SERIES, "group").values()
+        yield _breaker_family()
 
     def collect(self) -> Iterable[Metric]:
         groups = _families(_GROUP_SERIES, "group")
         caches = _families(_CACHE_SERIES, "cache")
+        redis = _families(_REDIS_SERIES, "group")
+        breaker = _breaker_family()
         with self._lock:
             self._watched.prune()
             live = self._watched.live()
@@ -131,8 +177,16 @@ class SingleflightCollector(Collector):
                 families = caches
             for field, family in families.items():
                 family.add_metric([item.name], getattr(stats, field))
+            if isinstance(stats, RedisGroupStats):
+                for field, family in redis.items():
+                    family.add_metric([item.name], getattr(stats, field))
+                for state in _BREAKER_STATES:
+                    breaker.add_metric([item.name, state], float(stats.breaker == state))
         yield from groups.values()
         yield from caches.values()
+        if breaker.samples:  # only with a Redis group: others need none of these
+            yield from redis.values()
+            yield breaker
 
 
 # One collector per registry, made and registered on first use.

@@ -30,6 +30,7 @@ if int(_redis.__version__.split(".")[0]) < 5:  # pragma: no cover
         "pip install 'pysingleflight[redis]'"
     )
 
+from ..events import RedisGroupStats
 from ._async import AsyncRedisGroup
 from ._core import FlightInfo, current_flight
 from ._errors import LoaderError, RedisCoalescingError, RedisUnavailableError, WaitTimeoutError
@@ -54,6 +55,7 @@ __all__ = [
     "PayloadTooLargeError",
     "RedisCoalescingError",
     "RedisGroup",
+    "RedisGroupStats",
     "RedisUnavailableError",
     "SignedPickleCodec",
     "WaitTimeoutError",

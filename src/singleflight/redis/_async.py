@@ -22,9 +22,21 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .._asyncio import AsyncGroup
 from .._result import Result
+from ..events import EventHook, RedisGroupStats
 from . import _protocol as proto
 from ._clients import configure_async
-from ._core import _CURRENT, RETRY, FlightInfo, GroupCore, describe, log, note_waiters, with_shared
+from ._core import (
+    _CURRENT,
+    CALLER,
+    RETRY,
+    Caller,
+    FlightInfo,
+    GroupCore,
+    Watch,
+    describe,
+    log,
+    with_shared,
+)
 from ._protocol import Completion, Held, Keys, Plan, Renewals, RetryBudget, Script, Settings
 from .codecs import Codec, CodecError
 
@@ -219,6 +231,8 @@ class AsyncRedisGroup(Generic[K, V]):
         breaker_cooldown: float = 2.0,
         configure_client: bool = True,
         cancel_abandoned: bool = False,
+        name: str | None = None,
+        on_event: EventHook | None = None,
     ) -> None:
         settings = Settings(
             lease=lease,
@@ -232,12 +246,21 @@ class AsyncRedisGroup(Generic[K, V]):
             breaker_cooldown=breaker_cooldown,
         )
         self._core: GroupCore[K] = GroupCore(
-            namespace=namespace, codec=codec, key=key, settings=settings
+            namespace=namespace,
+            codec=codec,
+            key=key,
+            settings=settings,
+            name=name,
+            on_event=on_event,
         )
         configure_async(client, settings, configure_client)  # check the client now
         self._client = client
         self._configure = configure_client
-        self._local: AsyncGroup[K, V] = AsyncGroup(cancel_abandoned=cancel_abandoned)
+        # The local group tells the core of its flights and joins (always: the
+        # counts of led flights come from there, hook or not).
+        self._local: AsyncGroup[K, V] = AsyncGroup(
+            cancel_abandoned=cancel_abandoned, name=self._core.name, on_event=self._core.local_event
+        )
         self._states: weakref.WeakKeyDictionary[AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
@@ -264,7 +287,12 @@ class AsyncRedisGroup(Generic[K, V]):
         waiters get :class:`AbortedError`.
         """
         text = self._core.checked(key, fn)
-        return await self._local.do(key, self._fly, key, text, fn, args, kwargs, None)
+        caller = Caller()
+        token = CALLER.set(caller)
+        try:
+            return await self._local.do(key, self._fly, key, text, fn, args, kwargs, caller)
+        finally:
+            CALLER.reset(token)
 
     async def do_result(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
@@ -275,9 +303,15 @@ class AsyncRedisGroup(Generic[K, V]):
         ``TypeError`` / ``RuntimeError``, as for :meth:`do`.
         """
         text = self._core.checked(key, fn)
-        cell = [False]
-        result = await self._local.do_result(key, self._fly, key, text, fn, args, kwargs, cell)
-        return with_shared(result, cell)
+        caller = Caller()
+        token = CALLER.set(caller)
+        try:
+            result = await self._local.do_result(
+                key, self._fly, key, text, fn, args, kwargs, caller
+            )
+        finally:
+            CALLER.reset(token)
+        return with_shared(result, caller)
 
     def do_future(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
@@ -287,7 +321,12 @@ class AsyncRedisGroup(Generic[K, V]):
         As :meth:`AsyncGroup.do_future`: each caller's future is its own.
         """
         text = self._core.checked(key, fn)
-        return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, None)
+        caller = Caller()
+        token = CALLER.set(caller)
+        try:
+            return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, caller)
+        finally:
+            CALLER.reset(token)
 
     def forget(self, key: K) -> None:
         """Let the next call of ``key``, in any process, start a new flight.
@@ -356,9 +395,14 @@ class AsyncRedisGroup(Generic[K, V]):
     def namespace(self) -> str:
         return self._core.namespace
 
-    def stats(self) -> dict[str, int | str]:
-        """Counters of what this group did in this process, and its breaker's state."""
-        return self._core.stats()
+    @property
+    def name(self) -> str:
+        """The name in the group's events and metrics (by default its namespace)."""
+        return self._core.name
+
+    def stats(self) -> RedisGroupStats:
+        """What this group did in this process, and its breaker's state (see RedisGroupStats)."""
+        return self._core.stats(self._local.stats())
 
     async def aclose(self) -> None:
         """Stop the running loop's watchdog and close the group's clients in this loop.
@@ -406,58 +450,61 @@ class AsyncRedisGroup(Generic[K, V]):
         fn: Callable[..., Awaitable[V]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        cell: list[bool] | None,
+        caller: Caller,
     ) -> V:
         """The local flight's loader task: get the value through Redis, or lead and load it."""
         core = self._core
-        counters = core.counters
         state = self._state(get_running_loop())
         forgetting = state.forgets.get(text)
         if forgetting is not None:
             await asyncio.shield(forgetting)  # never raises: quiet forgets log their errors
         keys = core.keys(text)
         plan = Plan(core.settings, keys, core.breaker, _monotonic())
-        while True:
-            op = plan.op
-            if op == proto.ACQUIRE:
-                try:
-                    reply = await _eval(
-                        state.commands,
-                        proto.ACQUIRE_SCRIPT,
-                        plan.acquire_keys(),
-                        plan.acquire_args(),
-                    )
-                except RedisError as exc:
-                    core.redis_error(plan, exc)
-                    continue
-                except CancelledError:
-                    # The script may have run and made us leader: give the
-                    # lease back rather than keep others waiting a lease.
-                    self._spawn(state, self._complete(state, plan, proto.ABANDONED, b""))
-                    raise
-                plan.acquired(reply, _monotonic())
-            elif op == proto.READ:
-                counters.add("waits")
-                try:
-                    reply = await _command(state.blocking, *plan.read_command())
-                except RedisError as exc:
-                    core.redis_error(plan, exc)
-                    continue
-                plan.read(reply, _monotonic())
-            elif op == proto.SLEEP:
-                await asyncio.sleep(plan.delay)
-                plan.resume(_monotonic())
-            elif op == proto.HIT or op == proto.REMOTE_ERROR:
-                value: V = core.received(key, plan, cell)
-                if value is not RETRY:
-                    return value
-            elif op == proto.LEAD:
-                return await self._lead(state, key, plan, fn, args, kwargs, cell)
-            elif op == proto.LOCAL:
-                core.local_run(key, plan)
-                return await _call(fn, args, kwargs)
-            else:
-                raise core.failure(key, plan)
+        watch = Watch(core, key, caller)
+        try:
+            while True:
+                op = plan.op
+                if op == proto.ACQUIRE:
+                    try:
+                        reply = await _eval(
+                            state.commands,
+                            proto.ACQUIRE_SCRIPT,
+                            plan.acquire_keys(),
+                            plan.acquire_args(),
+                        )
+                    except RedisError as exc:
+                        core.redis_error(plan, exc)
+                        continue
+                    except CancelledError:
+                        # The script may have run and made us leader: give the
+                        # lease back rather than keep others waiting a lease.
+                        self._spawn(state, self._complete(state, plan, proto.ABANDONED, b""))
+                        raise
+                    plan.acquired(reply, _monotonic())
+                elif op == proto.READ:
+                    watch.read()
+                    try:
+                        reply = await _command(state.blocking, *plan.read_command())
+                    except RedisError as exc:
+                        core.redis_error(plan, exc)
+                        continue
+                    plan.read(reply, _monotonic())
+                elif op == proto.SLEEP:
+                    await asyncio.sleep(plan.delay)
+                    plan.resume(_monotonic())
+                elif op == proto.HIT or op == proto.REMOTE_ERROR:
+                    value: V = core.received(key, plan, watch)
+                    if value is not RETRY:
+                        return value
+                elif op == proto.LEAD:
+                    return await self._lead(state, key, plan, fn, args, kwargs, watch)
+                elif op == proto.LOCAL:
+                    core.local_run(key, plan, watch)
+                    return await _call(fn, args, kwargs)
+                else:
+                    raise core.failure(key, plan, watch)
+        finally:
+            watch.stop()  # cancelled while waiting: the wait still counts
 
     async def _lead(
         self,
@@ -467,11 +514,11 @@ class AsyncRedisGroup(Generic[K, V]):
         fn: Callable[..., Awaitable[V]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        cell: list[bool] | None,
+        watch: Watch,
     ) -> V:
         """Run the loader holding the lease, then complete (or abandon) the flight in Redis."""
         core = self._core
-        held = core.lead(plan)
+        held = core.lead(plan, watch)
         watchdog = state.watchdog
         watchdog.hold(held)
         context = _CURRENT.set(FlightInfo(key, held))
@@ -482,7 +529,7 @@ class AsyncRedisGroup(Generic[K, V]):
             completion = await self._complete(
                 state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
             )
-            note_waiters(cell, completion)
+            core.note_waiters(watch, completion)
             raise
         except BaseException:
             # Cancelled (or stopped): abandon so others take over at once.  In
@@ -500,10 +547,13 @@ class AsyncRedisGroup(Generic[K, V]):
         try:
             payload = core.encode(plan.keys, value)
         except CodecError as exc:
-            await self._complete(state, plan, proto.ERROR, core.error_payload(plan.keys, exc))
+            completion = await self._complete(
+                state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
+            )
+            core.note_waiters(watch, completion)
             raise
         completion = await self._complete(state, plan, proto.OK, payload)
-        note_waiters(cell, completion)
+        core.note_waiters(watch, completion)
         return value
 
     async def _complete(

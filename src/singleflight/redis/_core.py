@@ -8,12 +8,30 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from time import monotonic as _monotonic
+from time import perf_counter
 from typing import Any, Generic, TypeVar
 
+from .._flight import check_name
 from .._result import Result
+from ..events import (
+    Event,
+    EventHook,
+    FlightAborted,
+    FlightFailed,
+    FlightFinished,
+    FlightStarted,
+    GroupStats,
+    Joined,
+    RanLocally,
+    RedisGroupStats,
+    RedisUnavailable,
+    TimedOut,
+    emit,
+)
 from ._errors import LoaderError, RedisUnavailableError, WaitTimeoutError, is_transient
 from ._protocol import (
     HIT,
@@ -34,14 +52,16 @@ from ._protocol import (
 from .codecs import Codec, CodecError, JsonCodec, PayloadTooLargeError
 
 __all__ = [
+    "CALLER",
     "RETRY",
+    "Caller",
     "FlightInfo",
     "GroupCore",
+    "Watch",
     "check_callable",
     "current_flight",
     "describe",
     "log",
-    "note_waiters",
     "with_shared",
 ]
 
@@ -100,6 +120,81 @@ def current_flight() -> FlightInfo | None:
     return _CURRENT.get()
 
 
+class Caller:
+    """One call of a Redis group, handed to its local flight's loader when it leads locally.
+
+    ``fid`` is that local flight's id in events, learnt from the local
+    group's ``FlightStarted`` (told in the leading caller's own context, see
+    ``CALLER``); ``shared`` turns true once the flight's outcome also
+    went through Redis (to or from another process), for ``Result.shared``.
+    """
+
+    __slots__ = ("fid", "shared")
+
+    def __init__(self) -> None:
+        self.fid = 0
+        self.shared = False
+
+
+# The call being made in this thread or task, set while it is inside the local
+# group: the local FlightStarted is told in the leading caller's context.
+CALLER: ContextVar[Caller | None] = ContextVar("singleflight_redis_caller", default=None)
+
+
+class _Lead:
+    """A flight this process leads in Redis, from its lead until its local flight ends."""
+
+    __slots__ = ("key", "started", "waiters")
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+        self.started = perf_counter()
+        self.waiters = 0  # callers in other processes that got its outcome
+
+
+class Watch:
+    """The Redis part of one local flight (a driver's ``_fly``): its wait on
+    other processes, and the events and counts of how it ends.
+
+    ``begun`` is when the Redis work started (``max_wait`` runs from there),
+    ``since`` when it began to wait on another process's flight, if it has.
+    Only the thread or task running the flight touches it.
+    """
+
+    __slots__ = ("begun", "caller", "core", "joined", "key", "since")
+
+    def __init__(self, core: GroupCore[Any], key: object, caller: Caller) -> None:
+        self.core = core
+        self.key = key
+        self.caller = caller
+        self.begun = perf_counter()
+        self.since: float | None = None
+        self.joined = False
+
+    def waiting(self) -> None:
+        """The flight waits for (or has found) another process's outcome: tell Joined, once."""
+        if self.since is None:
+            self.since = perf_counter()
+        if not self.joined:
+            self.joined = True
+            core = self.core
+            if core.hook is not None:
+                emit(core.hook, Joined(core.name, self.key, self.caller.fid))
+
+    def read(self) -> None:
+        """A blocking read of another process's completion is about to start."""
+        self.core.counters.add("waits")
+        self.waiting()
+
+    def stop(self) -> None:
+        """The wait is over, however it ended (outcome, lead, fallback, failure,
+        interruption): add it to ``wait_seconds``.  Idempotent."""
+        since = self.since
+        if since is not None:
+            self.since = None
+            self.core.counters.add_wait(perf_counter() - since)
+
+
 def _default_key(key: object) -> str:
     """str keys as they are, int keys in decimal, tuples of those (and of float,
     bool, None, tuples) as compact JSON arrays: ``("user", 42)`` -> ``["user",42]``."""
@@ -143,7 +238,18 @@ def _type_name(exc: BaseException) -> str:
 class GroupCore(Generic[K]):
     """A group's options and the pure parts of its work."""
 
-    __slots__ = ("breaker", "codec", "counters", "namespace", "settings", "to_str")
+    __slots__ = (
+        "_leads",
+        "_leads_lock",
+        "breaker",
+        "codec",
+        "counters",
+        "hook",
+        "name",
+        "namespace",
+        "settings",
+        "to_str",
+    )
 
     def __init__(
         self,
@@ -152,8 +258,20 @@ class GroupCore(Generic[K]):
         codec: Codec | None,
         key: Callable[[K], str] | None,
         settings: Settings,
+        name: str | None = None,
+        on_event: EventHook | None = None,
     ) -> None:
         self.namespace = check_namespace(namespace)
+        if name is None:
+            name = self.namespace
+        check_name(name)
+        self.name = name
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be a callable taking one event; got {on_event!r}")
+        self.hook = on_event
+        # The flights led here, by their local flight's id, until that flight ends.
+        self._leads: dict[int, _Lead] = {}
+        self._leads_lock = threading.Lock()
         if codec is None:
             codec = JsonCodec()
         elif not isinstance(codec, Codec):
@@ -243,13 +361,14 @@ class GroupCore(Generic[K]):
         self.counters.add("redis_errors")
         plan.failed(error, is_transient(error), _monotonic())
 
-    def received(self, key: object, plan: Plan, cell: list[bool] | None) -> Any:
+    def received(self, key: object, plan: Plan, watch: Watch) -> Any:
         """HIT / REMOTE_ERROR: the value the plan's payload holds, or raise the
-        :class:`LoaderError` it records; counted, and ``cell`` marked shared.
+        :class:`LoaderError` it records; counted (a join), and the caller marked shared.
 
         RETRY when the payload does not decode: it is logged as untrusted and
         the plan has moved on (it asks again, as on a miss).
         """
+        watch.waiting()
         keys = plan.keys
         hit = plan.op == HIT
         try:
@@ -262,19 +381,80 @@ class GroupCore(Generic[K]):
             self.untrusted(keys, error)
             plan.bad_payload(_monotonic())
             return RETRY
+        watch.stop()
         self.counters.add("hits" if hit else "remote_errors")
-        if cell is not None:
-            cell[0] = True
+        watch.caller.shared = True
         if hit:
             return outcome
         raise outcome
 
-    def lead(self, plan: Plan) -> Held:
-        """LEAD: count it (a takeover if the plan waited first); the lease to hold."""
+    def lead(self, plan: Plan, watch: Watch) -> Held:
+        """LEAD: count it (a takeover if the plan waited first), tell FlightStarted;
+        the lease to hold.  The flight's end is told when its local flight ends
+        (:meth:`local_event`), when the callers of this process are all known."""
+        watch.stop()
         self.counters.add("leads")
         if plan.waited:
             self.counters.add("takeovers")
+        fid = watch.caller.fid
+        with self._leads_lock:
+            self._leads[fid] = _Lead(watch.key)
+        if self.hook is not None:
+            emit(self.hook, FlightStarted(self.name, watch.key, fid))
         return Held(plan.keys, plan.token, plan.epoch)
+
+    def note_waiters(self, watch: Watch, completion: Completion | None) -> None:
+        """A led flight completed: other processes' waiters got its outcome (if any)."""
+        if completion is None or not completion.waiters:
+            return
+        watch.caller.shared = True
+        with self._leads_lock:
+            lead = self._leads.get(watch.caller.fid)
+            if lead is not None:
+                lead.waiters += completion.waiters
+
+    def local_event(self, event: Event) -> None:
+        """The local group's ``on_event``: what its flights and joins mean for this group.
+
+        ``FlightStarted`` names the local flight the current caller leads
+        (told in that caller's context, before the flight's loader runs);
+        ``Joined`` is a local join, told as it is; the end of a local flight
+        that led in Redis ends that flight: counted, and told with its
+        duration since the lead and its callers here and elsewhere.
+        """
+        if isinstance(event, FlightStarted):
+            caller = CALLER.get()
+            if caller is not None:
+                caller.fid = event.flight
+        elif isinstance(event, Joined):
+            if self.hook is not None:
+                emit(self.hook, event)
+        elif isinstance(event, FlightFinished | FlightFailed | FlightAborted):
+            with self._leads_lock:
+                lead = self._leads.pop(event.flight, None)
+            if lead is not None:
+                self._ended(event, lead)
+
+    def _ended(self, event: FlightFinished | FlightFailed | FlightAborted, lead: _Lead) -> None:
+        counters = self.counters
+        callers = event.callers + lead.waiters
+        if callers > 1:
+            counters.add("shared")
+        if isinstance(event, FlightFailed):
+            counters.add("errors")
+        elif isinstance(event, FlightAborted):
+            counters.add("aborted")
+        hook = self.hook
+        if hook is None:
+            return
+        duration = perf_counter() - lead.started
+        name, key, fid = self.name, lead.key, event.flight
+        if isinstance(event, FlightFinished):
+            emit(hook, FlightFinished(name, key, fid, duration, callers))
+        elif isinstance(event, FlightFailed):
+            emit(hook, FlightFailed(name, key, fid, duration, callers, event.error))
+        else:
+            emit(hook, FlightAborted(name, key, fid, duration, callers, event.cause))
 
     def completed(self, plan: Plan, reply: Any) -> Completion:
         """COMPLETE's reply; a fenced completion is counted and logged."""
@@ -328,16 +508,20 @@ class GroupCore(Generic[K]):
 
     # -- outcomes --
 
-    def failure(self, key: object, plan: Plan) -> Exception:
-        """The exception a FAIL plan raises (policy "closed")."""
+    def failure(self, key: object, plan: Plan, watch: Watch) -> Exception:
+        """The exception a FAIL plan raises (policy "closed"); counted and told."""
         counters = self.counters
+        watch.stop()
         if plan.reason == REASON_TIMEOUT:
             counters.add("timeouts")
+            self._timed_out(key, watch)
             return WaitTimeoutError(
                 f"waited max_wait={self.settings.max_wait}s for key {key!r} "
                 "without a result from the process loading it"
             )
         counters.add("unavailable")
+        if self.hook is not None:
+            emit(self.hook, RedisUnavailable(self.name, key, plan.reason, plan.error))
         if plan.reason == REASON_CIRCUIT_OPEN:
             return RedisUnavailableError(
                 f"Redis is unavailable for key {key!r}: the circuit breaker is open after "
@@ -350,21 +534,53 @@ class GroupCore(Generic[K]):
         error.__cause__ = plan.error
         return error
 
-    def local_run(self, key: object, plan: Plan) -> None:
-        """Account for a LOCAL plan (policy "open")."""
+    def local_run(self, key: object, plan: Plan, watch: Watch) -> None:
+        """Account for a LOCAL plan (policy "open"): counted and told."""
+        watch.stop()
         self.counters.add("local_runs")
         if plan.reason == REASON_TIMEOUT:
             self.counters.add("timeouts")
+            self._timed_out(key, watch)
+        if self.hook is not None:
+            emit(self.hook, RanLocally(self.name, key, plan.reason, plan.error))
         log.debug("running the loader of %r locally: %s %s", key, plan.reason, describe(plan.error))
 
     def redis_failed(self, what: str, keys: Keys, error: BaseException) -> None:
         log.warning("%s of %s failed: %s", what, keys.base, describe(error))
 
-    def stats(self) -> dict[str, int | str]:
-        stats: dict[str, int | str] = dict(self.counters.snapshot())
-        stats["breaker_opens"] = self.breaker.opens
-        stats["breaker"] = self.breaker.state
-        return stats
+    def _timed_out(self, key: object, watch: Watch) -> None:
+        if self.hook is not None:
+            emit(self.hook, TimedOut(self.name, key, perf_counter() - watch.begun))
+
+    def stats(self, local: GroupStats) -> RedisGroupStats:
+        """This group's counters, given its local group's (see RedisGroupStats)."""
+        c, waited = self.counters.snapshot()
+        return RedisGroupStats(
+            calls=local.calls,
+            flights=c["leads"],
+            joins=local.joins + c["hits"] + c["remote_errors"],
+            shared=c["shared"],
+            errors=c["errors"],
+            aborted=c["aborted"],
+            timeouts=c["timeouts"],
+            rejected=local.rejected,
+            in_flight=local.in_flight,
+            wait_seconds=local.wait_seconds + waited,
+            hits=c["hits"],
+            leads=c["leads"],
+            takeovers=c["takeovers"],
+            waits=c["waits"],
+            fenced=c["fenced"],
+            lost_leases=c["lost_leases"],
+            resurrections=c["resurrections"],
+            remote_errors=c["remote_errors"],
+            local_runs=c["local_runs"],
+            unavailable=c["unavailable"],
+            redis_errors=c["redis_errors"],
+            untrusted_payloads=c["untrusted_payloads"],
+            breaker_opens=self.breaker.opens,
+            breaker=self.breaker.state,
+        )
 
 
 def check_callable(fn: object) -> None:
@@ -372,15 +588,9 @@ def check_callable(fn: object) -> None:
         raise TypeError(f"fn must be callable; got {type(fn).__name__} {fn!r}")
 
 
-def note_waiters(cell: list[bool] | None, completion: Completion | None) -> None:
-    """Mark ``cell`` shared when other processes waited for the completed flight."""
-    if cell is not None and completion is not None and completion.waiters:
-        cell[0] = True
-
-
-def with_shared(result: Result[V], cell: list[bool]) -> Result[V]:
+def with_shared(result: Result[V], caller: Caller) -> Result[V]:
     """``result``, marked shared when the flight's value also went through Redis."""
-    if cell[0] and not result.shared:
+    if caller.shared and not result.shared:
         return Result(result.value, result.error, True)
     return result
 

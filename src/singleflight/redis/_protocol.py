@@ -713,6 +713,8 @@ class Counters:
 
     __slots__ = (
         "_lock",
+        "aborted",
+        "errors",
         "fenced",
         "hits",
         "leads",
@@ -721,10 +723,12 @@ class Counters:
         "redis_errors",
         "remote_errors",
         "resurrections",
+        "shared",
         "takeovers",
         "timeouts",
         "unavailable",
         "untrusted_payloads",
+        "wait_seconds",
         "waits",
     )
 
@@ -742,17 +746,26 @@ class Counters:
         "timeouts",
         "redis_errors",
         "untrusted_payloads",
+        "shared",
+        "errors",
+        "aborted",
     )
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         for name in self.FIELDS:
             setattr(self, name, 0)
+        self.wait_seconds = 0.0
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + n)
 
-    def snapshot(self) -> dict[str, int]:
+    def add_wait(self, seconds: float) -> None:
         with self._lock:
-            return {name: getattr(self, name) for name in self.FIELDS}
+            self.wait_seconds += seconds
+
+    def snapshot(self) -> tuple[dict[str, int], float]:
+        """The counts, and the seconds waited, read together."""
+        with self._lock:
+            return {name: getattr(self, name) for name in self.FIELDS}, self.wait_seconds

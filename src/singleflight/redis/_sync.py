@@ -22,9 +22,21 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .._result import Result
 from .._threads import Group
+from ..events import EventHook, RedisGroupStats
 from . import _protocol as proto
 from ._clients import configure_sync
-from ._core import _CURRENT, RETRY, FlightInfo, GroupCore, describe, log, note_waiters, with_shared
+from ._core import (
+    _CURRENT,
+    CALLER,
+    RETRY,
+    Caller,
+    FlightInfo,
+    GroupCore,
+    Watch,
+    describe,
+    log,
+    with_shared,
+)
 from ._protocol import Completion, Held, Keys, Plan, Renewals, RetryBudget, Script, Settings
 from .codecs import Codec, CodecError
 
@@ -260,6 +272,19 @@ class RedisGroup(Generic[K, V]):
         redis-py retry (see the README); False uses ``client`` as given.
     ``executor``
         Runs the loaders of :meth:`do_future`, as for :class:`Group`.
+    ``name`` (the namespace)
+        Labels the group's events and metrics; a non-empty str.
+    ``on_event``
+        A callable given each :mod:`singleflight.events` event, in the thread
+        of the call it concerns: ``FlightStarted`` when this process leads
+        (holding the lease), ``Joined`` when a call waits on another's flight
+        (here, or in another process; also for a stored result), the flight's
+        ``FlightFinished`` / ``FlightFailed`` / ``FlightAborted`` (``callers``
+        counts those here and in other processes), ``TimedOut`` at
+        ``max_wait``, ``RanLocally`` when the loader runs without Redis
+        (policy "open"), ``RedisUnavailable`` when a call fails for Redis
+        (policy "closed").  A hook that raises is logged
+        and ignored.  :meth:`stats` returns the counters.
 
     Guarantee: an efficiency lock.  Duplicate loads can happen when a leader
     stalls past its lease, when Redis restarts or fails over, or under the
@@ -294,6 +319,8 @@ class RedisGroup(Generic[K, V]):
         breaker_cooldown: float = 2.0,
         configure_client: bool = True,
         executor: Executor | None = None,
+        name: str | None = None,
+        on_event: EventHook | None = None,
     ) -> None:
         settings = Settings(
             lease=lease,
@@ -307,11 +334,20 @@ class RedisGroup(Generic[K, V]):
             breaker_cooldown=breaker_cooldown,
         )
         self._core: GroupCore[K] = GroupCore(
-            namespace=namespace, codec=codec, key=key, settings=settings
+            namespace=namespace,
+            codec=codec,
+            key=key,
+            settings=settings,
+            name=name,
+            on_event=on_event,
         )
         self._commands, self._blocking = configure_sync(client, settings, configure_client)
         self._configure = configure_client
-        self._local: Group[K, V] = Group(executor=executor)
+        # The local group tells the core of its flights and joins (always: the
+        # counts of led flights come from there, hook or not).
+        self._local: Group[K, V] = Group(
+            executor=executor, name=self._core.name, on_event=self._core.local_event
+        )
         self._watchdog = _Watchdog(self._core, self._commands)
 
     # -- the Group API ----------------------------------------------------------------
@@ -342,7 +378,12 @@ class RedisGroup(Generic[K, V]):
         it runs here.  A waiting ``do`` cannot be cancelled; use :meth:`do_future`.
         """
         text = self._core.checked(key, fn)
-        return self._local.do(key, self._fly, key, text, fn, args, kwargs, None)
+        caller = Caller()
+        token = CALLER.set(caller)
+        try:
+            return self._local.do(key, self._fly, key, text, fn, args, kwargs, caller)
+        finally:
+            CALLER.reset(token)
 
     def do_result(
         self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs
@@ -357,9 +398,13 @@ class RedisGroup(Generic[K, V]):
         raised as by :meth:`do`.
         """
         text = self._core.checked(key, fn)
-        cell = [False]
-        result = self._local.do_result(key, self._fly, key, text, fn, args, kwargs, cell)
-        return with_shared(result, cell)
+        caller = Caller()
+        token = CALLER.set(caller)
+        try:
+            result = self._local.do_result(key, self._fly, key, text, fn, args, kwargs, caller)
+        finally:
+            CALLER.reset(token)
+        return with_shared(result, caller)
 
     def do_future(
         self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs
@@ -371,7 +416,12 @@ class RedisGroup(Generic[K, V]):
         The future holds what :meth:`do` would return or raise.
         """
         text = self._core.checked(key, fn)
-        return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, None)
+        caller = Caller()
+        token = CALLER.set(caller)
+        try:
+            return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, caller)
+        finally:
+            CALLER.reset(token)
 
     def forget(self, key: K) -> None:
         """Let the next call of ``key``, in any process, start a new flight.
@@ -414,9 +464,14 @@ class RedisGroup(Generic[K, V]):
     def namespace(self) -> str:
         return self._core.namespace
 
-    def stats(self) -> dict[str, int | str]:
-        """Counters of what this group did in this process, and its breaker's state."""
-        return self._core.stats()
+    @property
+    def name(self) -> str:
+        """The name in the group's events and metrics (by default its namespace)."""
+        return self._core.name
+
+    def stats(self) -> RedisGroupStats:
+        """What this group did in this process, and its breaker's state (see RedisGroupStats)."""
+        return self._core.stats(self._local.stats())
 
     def close(self) -> None:
         """Close the group's own Redis connections (not ``client``'s).
@@ -443,54 +498,57 @@ class RedisGroup(Generic[K, V]):
         fn: Callable[..., V],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        cell: list[bool] | None,
+        caller: Caller,
     ) -> V:
         """The local flight's loader: get the value through Redis, or lead and load it."""
         core = self._core
-        counters = core.counters
         keys = core.keys(text)
         plan = Plan(core.settings, keys, core.breaker, _monotonic())
-        while True:
-            op = plan.op
-            if op == proto.ACQUIRE:
-                try:
-                    reply = _eval(
-                        self._commands,
-                        proto.ACQUIRE_SCRIPT,
-                        plan.acquire_keys(),
-                        plan.acquire_args(),
-                    )
-                except RedisError as exc:
-                    core.redis_error(plan, exc)
-                    continue
-                except BaseException:
-                    # Interrupted (KeyboardInterrupt): the script may have run
-                    # and made us leader; give the lease back, don't sit on it.
-                    self._complete(plan, proto.ABANDONED, b"")
-                    raise
-                plan.acquired(reply, _monotonic())
-            elif op == proto.READ:
-                counters.add("waits")
-                try:
-                    reply = _command(self._blocking, *plan.read_command())
-                except RedisError as exc:
-                    core.redis_error(plan, exc)
-                    continue
-                plan.read(reply, _monotonic())
-            elif op == proto.SLEEP:
-                time.sleep(plan.delay)
-                plan.resume(_monotonic())
-            elif op == proto.HIT or op == proto.REMOTE_ERROR:
-                value: V = core.received(key, plan, cell)
-                if value is not RETRY:
-                    return value
-            elif op == proto.LEAD:
-                return self._lead(key, plan, fn, args, kwargs, cell)
-            elif op == proto.LOCAL:
-                core.local_run(key, plan)
-                return fn(*args, **kwargs)
-            else:
-                raise core.failure(key, plan)
+        watch = Watch(core, key, caller)
+        try:
+            while True:
+                op = plan.op
+                if op == proto.ACQUIRE:
+                    try:
+                        reply = _eval(
+                            self._commands,
+                            proto.ACQUIRE_SCRIPT,
+                            plan.acquire_keys(),
+                            plan.acquire_args(),
+                        )
+                    except RedisError as exc:
+                        core.redis_error(plan, exc)
+                        continue
+                    except BaseException:
+                        # Interrupted (KeyboardInterrupt): the script may have run
+                        # and made us leader; give the lease back, don't sit on it.
+                        self._complete(plan, proto.ABANDONED, b"")
+                        raise
+                    plan.acquired(reply, _monotonic())
+                elif op == proto.READ:
+                    watch.read()
+                    try:
+                        reply = _command(self._blocking, *plan.read_command())
+                    except RedisError as exc:
+                        core.redis_error(plan, exc)
+                        continue
+                    plan.read(reply, _monotonic())
+                elif op == proto.SLEEP:
+                    time.sleep(plan.delay)
+                    plan.resume(_monotonic())
+                elif op == proto.HIT or op == proto.REMOTE_ERROR:
+                    value: V = core.received(key, plan, watch)
+                    if value is not RETRY:
+                        return value
+                elif op == proto.LEAD:
+                    return self._lead(key, plan, fn, args, kwargs, watch)
+                elif op == proto.LOCAL:
+                    core.local_run(key, plan, watch)
+                    return fn(*args, **kwargs)
+                else:
+                    raise core.failure(key, plan, watch)
+        finally:
+            watch.stop()  # interrupted while waiting: the wait still counts
 
     def _lead(
         self,
@@ -499,11 +557,11 @@ class RedisGroup(Generic[K, V]):
         fn: Callable[..., V],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        cell: list[bool] | None,
+        watch: Watch,
     ) -> V:
         """Run the loader holding the lease, then complete (or abandon) the flight in Redis."""
         core = self._core
-        held = core.lead(plan)
+        held = core.lead(plan, watch)
         watchdog = self._watchdog
         watchdog.hold(held)
         context = _CURRENT.set(FlightInfo(key, held))
@@ -512,7 +570,7 @@ class RedisGroup(Generic[K, V]):
         except Exception as exc:
             watchdog.release(held)
             completion = self._complete(plan, proto.ERROR, core.error_payload(plan.keys, exc))
-            note_waiters(cell, completion)
+            core.note_waiters(watch, completion)
             raise
         except BaseException:
             # KeyboardInterrupt, SystemExit: abandon so others take over at once.
@@ -525,10 +583,11 @@ class RedisGroup(Generic[K, V]):
         try:
             payload = core.encode(plan.keys, value)
         except CodecError as exc:
-            self._complete(plan, proto.ERROR, core.error_payload(plan.keys, exc))
+            completion = self._complete(plan, proto.ERROR, core.error_payload(plan.keys, exc))
+            core.note_waiters(watch, completion)
             raise
         completion = self._complete(plan, proto.OK, payload)
-        note_waiters(cell, completion)
+        core.note_waiters(watch, completion)
         return value
 
     def _complete(self, plan: Plan, status: str, payload: bytes) -> Completion | None:
