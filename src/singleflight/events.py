@@ -83,9 +83,10 @@ class RedisGroupStats(GroupStats):
     (``hits + remote_errors``: waited for, or found stored); ``shared`` led
     flights with a joiner here or a waiter elsewhere; ``errors`` and
     ``aborted`` led flights whose loader raised, or that ended without a
-    result; ``timeouts`` calls that reached ``max_wait``; ``wait_seconds``
-    the time joiners here waited, for a local flight or on Redis.
-    ``rejected`` stays 0 (Redis groups have no ``max_flights``).  Calls that
+    result; ``timeouts`` calls that reached ``max_wait`` or the group's
+    ``timeout``; ``wait_seconds`` the time joiners here waited, for a local
+    flight or on Redis.  ``rejected`` counts calls refused by
+    ``max_flights`` (with ``on_limit="raise"``).  Calls that
     neither led nor joined are ``local_runs`` and, under
     ``on_redis_error="closed"``, the failed ones (``unavailable``, timeouts).
 

@@ -20,7 +20,7 @@ import redis.asyncio
 from _redis_server import RedisServer, free_port
 from _redis_sides import Loader
 
-from singleflight import AbortedError, GroupStats
+from singleflight import AbortedError, GroupStats, TooManyFlights, WaitTimeout
 from singleflight.events import (
     Event,
     FlightAborted,
@@ -30,6 +30,7 @@ from singleflight.events import (
     Joined,
     RanLocally,
     RedisUnavailable,
+    Rejected,
     TimedOut,
 )
 from singleflight.redis import (
@@ -485,3 +486,80 @@ def test_otel_observes_a_redis_group_and_traces_its_flights(
     assert flights["'bad'"].attributes["singleflight.outcome"] == "error"
     joins = [s for s in spans if s.name == "singleflight.join"]
     assert [j.attributes["singleflight.group"] for j in joins] == ["profiles-b"]
+
+
+# -- max_flights, on_limit and timeout, applied in this process ---------------------------
+
+
+def test_max_flights_refuses_a_new_key_but_never_a_join(sides: Any, server: RedisServer) -> None:
+    events = Recorder()
+    a = sides(server.port, max_flights=1, on_event=events)
+    gate = threading.Event()
+    slow = Loader("v", gate=gate)
+    leader = a.submit("k1", slow)
+    _wait_for(lambda: slow.runs == 1)
+    refused = a.call("k2", Loader("w"))
+    assert isinstance(refused.error, TooManyFlights), refused
+    assert "max_flights=1" in str(refused.error)
+    joiner = a.submit("k1", slow)  # a join of the open flight is never refused
+    _wait_for(lambda: a.stats().joins == 1)
+    gate.set()
+    assert [f.result(10).value for f in (leader, joiner)] == ["v", "v"]
+    assert slow.runs == 1
+    stats = a.stats()
+    assert (stats.rejected, stats.flights, stats.joins, stats.in_flight) == (1, 1, 1, 0)
+    assert a.call("k2", Loader("w")).value == "w"  # the slot is free again
+    rejected = events.of(Rejected)
+    assert len(rejected) == 1 and rejected[0].key == "k2"
+
+
+def test_on_limit_wait_takes_the_slot_when_the_flight_ends(sides: Any, server: RedisServer) -> None:
+    a = sides(server.port, max_flights=1, on_limit="wait")
+    gate = threading.Event()
+    slow = Loader("v", gate=gate)
+    leader = a.submit("k1", slow)
+    _wait_for(lambda: slow.runs == 1)
+    second = Loader("w")
+    waiter = a.submit("k2", second)
+    time.sleep(0.1)
+    assert second.runs == 0 and not waiter.done()  # waits for the slot
+    gate.set()
+    assert (leader.result(10).value, waiter.result(10).value) == ("v", "w")
+    stats = a.stats()
+    assert (stats.rejected, stats.flights, stats.in_flight) == (0, 2, 0)
+
+
+def test_timeout_lets_a_caller_leave_while_the_flight_goes_on(
+    sides: Any, server: RedisServer
+) -> None:
+    events = Recorder()
+    a = sides(server.port, timeout=0.2, on_event=events)
+    b = sides(server.port)
+    gate = threading.Event()
+    slow = Loader("v", gate=gate)
+    left = a.call("k", slow)  # the leader's caller leaves at 0.2 s...
+    assert isinstance(left.error, WaitTimeout) and isinstance(left.error, TimeoutError), left
+    assert 0.15 <= left.elapsed < 10
+    assert slow.runs == 1
+    remote = b.submit("k", slow)  # ...the flight still holds the lease in Redis
+    _wait_for(lambda: b.stats().waits == 1)
+    gate.set()
+    assert remote.result(10).value == "v"
+    assert slow.runs == 1
+    _wait_for(lambda: a.stats().in_flight == 0)
+    stats = a.stats()
+    assert (stats.timeouts, stats.flights) == (1, 1)
+    timed_out = events.of(TimedOut)
+    assert len(timed_out) == 1 and timed_out[0].key == "k"
+
+
+@pytest.mark.parametrize("group_class", [RedisGroup, AsyncRedisGroup])
+def test_bad_limit_options_are_refused(group_class: Any, server: RedisServer) -> None:
+    client = (redis.Redis if group_class is RedisGroup else redis.asyncio.Redis)(port=server.port)
+    for options, message in [
+        ({"max_flights": 0}, "max_flights"),
+        ({"on_limit": "queue"}, "on_limit"),
+        ({"timeout": -1}, "timeout"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            group_class(client, namespace="bad", **options)

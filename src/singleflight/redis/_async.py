@@ -15,7 +15,7 @@ import weakref
 from asyncio import AbstractEventLoop, CancelledError, get_running_loop
 from collections.abc import Awaitable, Callable
 from inspect import isawaitable
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 import redis.asyncio
 from redis.exceptions import NoScriptError, RedisError
@@ -203,7 +203,8 @@ class AsyncRedisGroup(Generic[K, V]):
     ``AsyncRedisGroup(redis.asyncio.Redis(...), namespace="users")``.  The API
     of :class:`singleflight.AsyncGroup` (``do``, ``do_result``, ``do_future``,
     ``forget``, ``forget_unshared``, ``in``, ``len``) plus :meth:`aforget` and
-    :meth:`aclose`; the options of :class:`RedisGroup`, and
+    :meth:`aclose`; the options of :class:`RedisGroup` (``max_flights``,
+    ``on_limit`` and ``timeout`` as for :class:`AsyncGroup`), and
     ``cancel_abandoned`` as for :class:`AsyncGroup`.
 
     The group makes its own Redis clients per event loop (copies of
@@ -233,6 +234,9 @@ class AsyncRedisGroup(Generic[K, V]):
         cancel_abandoned: bool = False,
         name: str | None = None,
         on_event: EventHook | None = None,
+        max_flights: int | None = None,
+        on_limit: Literal["raise", "wait"] = "raise",
+        timeout: float | None = None,
     ) -> None:
         settings = Settings(
             lease=lease,
@@ -259,7 +263,12 @@ class AsyncRedisGroup(Generic[K, V]):
         # The local group tells the core of its flights and joins (always: the
         # counts of led flights come from there, hook or not).
         self._local: AsyncGroup[K, V] = AsyncGroup(
-            cancel_abandoned=cancel_abandoned, name=self._core.name, on_event=self._core.local_event
+            cancel_abandoned=cancel_abandoned,
+            name=self._core.name,
+            on_event=self._core.local_event,
+            max_flights=max_flights,
+            on_limit=on_limit,
+            timeout=timeout,
         )
         self._states: weakref.WeakKeyDictionary[AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()

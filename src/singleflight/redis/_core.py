@@ -29,6 +29,7 @@ from ..events import (
     RanLocally,
     RedisGroupStats,
     RedisUnavailable,
+    Rejected,
     TimedOut,
     emit,
 )
@@ -426,7 +427,7 @@ class GroupCore(Generic[K]):
             caller = CALLER.get()
             if caller is not None:
                 caller.fid = event.flight
-        elif isinstance(event, Joined):
+        elif isinstance(event, Joined | Rejected | TimedOut):
             if self.hook is not None:
                 emit(self.hook, event)
         elif isinstance(event, FlightFinished | FlightFailed | FlightAborted):
@@ -562,7 +563,7 @@ class GroupCore(Generic[K]):
             shared=c["shared"],
             errors=c["errors"],
             aborted=c["aborted"],
-            timeouts=c["timeouts"],
+            timeouts=c["timeouts"] + local.timeouts,
             rejected=local.rejected,
             in_flight=local.in_flight,
             wait_seconds=local.wait_seconds + waited,

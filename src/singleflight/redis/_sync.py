@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 import redis
 from redis.exceptions import NoScriptError, RedisError
@@ -285,6 +285,13 @@ class RedisGroup(Generic[K, V]):
         (policy "open"), ``RedisUnavailable`` when a call fails for Redis
         (policy "closed").  A hook that raises is logged
         and ignored.  :meth:`stats` returns the counters.
+    ``max_flights``, ``on_limit`` (``"raise"``), ``timeout``
+        As for :class:`Group`, applied in this process: at most
+        ``max_flights`` keys in flight here (a new key beyond it raises
+        :class:`TooManyFlights` or waits for a slot), and a caller waits at
+        most ``timeout`` seconds, then alone raises ``WaitTimeout`` while the
+        flight goes on (``Rejected`` and ``TimedOut`` events; counted in
+        ``rejected`` and ``timeouts``).
 
     Guarantee: an efficiency lock.  Duplicate loads can happen when a leader
     stalls past its lease, when Redis restarts or fails over, or under the
@@ -321,6 +328,9 @@ class RedisGroup(Generic[K, V]):
         executor: Executor | None = None,
         name: str | None = None,
         on_event: EventHook | None = None,
+        max_flights: int | None = None,
+        on_limit: Literal["raise", "wait"] = "raise",
+        timeout: float | None = None,
     ) -> None:
         settings = Settings(
             lease=lease,
@@ -346,7 +356,12 @@ class RedisGroup(Generic[K, V]):
         # The local group tells the core of its flights and joins (always: the
         # counts of led flights come from there, hook or not).
         self._local: Group[K, V] = Group(
-            executor=executor, name=self._core.name, on_event=self._core.local_event
+            executor=executor,
+            name=self._core.name,
+            on_event=self._core.local_event,
+            max_flights=max_flights,
+            on_limit=on_limit,
+            timeout=timeout,
         )
         self._watchdog = _Watchdog(self._core, self._commands)
 
