@@ -21,7 +21,8 @@ and :func:`coalesce`, which shares in-flight calls of a function without caching
 """
 
 from ._asyncio import AsyncGroup
-from ._result import AbortedError, Result, TooManyFlights, WaitTimeout
+from ._protocols import AsyncGroupLike, GroupLike
+from ._result import AbortedError, RemoteError, Result, TooManyFlights, WaitTimeout
 from ._threads import Group
 from .cache import AsyncLoadingCache, CacheStats, LoadingCache
 from .events import GroupStats
@@ -30,11 +31,14 @@ from .func import cached, coalesce
 __all__ = [
     "AbortedError",
     "AsyncGroup",
+    "AsyncGroupLike",
     "AsyncLoadingCache",
     "CacheStats",
     "Group",
+    "GroupLike",
     "GroupStats",
     "LoadingCache",
+    "RemoteError",
     "Result",
     "TooManyFlights",
     "WaitTimeout",

@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, TypeVar
 
-__all__ = ["AbortedError", "Result", "TooManyFlights", "WaitTimeout"]
+__all__ = [
+    "AbortedError",
+    "RemoteError",
+    "Result",
+    "TooManyFlights",
+    "WaitTimeout",
+    "type_name",
+]
 
 V_co = TypeVar("V_co", covariant=True)
 
@@ -83,3 +90,25 @@ class WaitTimeout(TimeoutError):
             "its flight goes on for the other callers"
         )
         self.key = key
+
+
+class RemoteError(Exception):
+    """A loader raised in another process; what crossed over is its type's name and message.
+
+    The base of the errors a group sharing flights across processes raises in
+    the processes that waited (:class:`singleflight.redis.LoaderError`), so
+    that code in front of any such group (a loading cache's ``negative=``,
+    its ``get_many``) can recognise the original error by name without
+    importing the group.  ``type_name`` is as :func:`type_name` makes it.
+    """
+
+    type_name: str
+
+
+def type_name(cls: type) -> str:
+    """The name a :class:`RemoteError` carries for an exception of class ``cls``:
+    the bare qualified name for builtins (``"KeyError"``), else
+    ``"module.QualName"`` (``"myapp.errors.NotFound"``)."""
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -14,7 +14,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from singleflight.cache._policy import EARLY, FRESH, MAX_DRAW, MISS, STALE, Policy
+from singleflight import RemoteError
+from singleflight._result import type_name
+from singleflight.cache._policy import (
+    EARLY,
+    FRESH,
+    MAX_DRAW,
+    MISS,
+    STALE,
+    Policy,
+    named_as,
+    not_found,
+)
 from singleflight.cache._store import JOIN, LOAD, REFRESH, SERVE, Store
 
 pytestmark = pytest.mark.timeout(60)
@@ -390,3 +401,139 @@ def test_xfetch_meets_both_outcomes() -> None:
     p = policy(ttl=100.0, jitter=0.0, early_refresh=1.0, random=lambda: 0.99)
     entry = p.value_entry("v", 0.0, 10.0)  # -ln(0.01) * 10 = 46 s ahead
     assert p.xfetch(entry, 60.0) and not p.xfetch(entry, 50.0)
+
+
+# -- outcomes from other processes (groups that cross processes) ------------------------
+
+
+class Remote(RemoteError):
+    """What a group that crosses processes raises for a loader's error elsewhere."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"remote {name}")
+        self.type_name = name
+
+
+class NotFound(LookupError):
+    pass
+
+
+class GoneForGood(NotFound):
+    pass
+
+
+def test_a_remote_error_is_named_as_its_type_or_a_subclass_known_here() -> None:
+    here = f"{__name__}.NotFound"
+    assert type_name(NotFound) == here and type_name(KeyError) == "KeyError"
+    assert named_as(Remote(here), (NotFound,))
+    assert named_as(Remote(f"{__name__}.GoneForGood"), (NotFound,))  # a subclass
+    assert named_as(Remote(f"{__name__}.GoneForGood"), (ValueError, LookupError))
+    assert not named_as(Remote(here), (GoneForGood,))  # not the other way round
+    assert not named_as(Remote("NotFound"), (NotFound,))  # the module is part of the name
+    assert not named_as(Remote("ValueError"), (NotFound,))
+    assert not named_as(RemoteError("no type name"), (NotFound,))
+
+
+def test_not_found_is_a_key_error_here_or_remote() -> None:
+    class GoneKey(KeyError):
+        pass
+
+    assert not_found(KeyError("k")) and not_found(GoneKey("k"))
+    assert not_found(Remote("KeyError"))
+    assert not_found(Remote(type_name(GoneKey)))
+    assert not not_found(Remote("ValueError")) and not not_found(LookupError("k"))
+
+
+def test_negative_caches_a_remote_error_by_name_only() -> None:
+    p = policy(ttl=10.0, jitter=0.0, negative=(NotFound,), negative_ttl=2.0)
+    remote = Remote(type_name(GoneForGood))
+    entry = p.error_entry(remote, 5.0, 0.5)
+    assert entry is not None and entry.negative and entry.error is remote
+    assert entry.expires_at == 7.0
+    assert p.error_entry(Remote("ValueError"), 5.0, 0.5) is None
+    assert policy(ttl=10.0).error_entry(remote, 5.0, 0.5) is None  # negative caching off
+
+
+def test_landed_writes_an_outcome_from_elsewhere_once_without_counting_a_load() -> None:
+    s = store()
+    first, second = s.hold("k", None), s.hold("k", None)
+    assert first == second and s.holders == {first: 2}
+    assert s.landed("k", first, "v", None, 1.0, 3.0)
+    assert not s.landed("k", second, "v", None, 1.0, 3.0)  # written already
+    entry = s.data["k"]
+    assert (entry.value, entry.delta, entry.expires_at) == ("v", 2.0, 13.0)
+    assert (s.loads, s.load_failures, s.leases, s.holders) == (0, 0, {}, {})
+
+
+def test_a_load_run_here_replaces_the_held_lease_and_writes_alone() -> None:
+    s = store()
+    token = s.hold("k", None)
+    _, _, own = s.begin_load("k", None, 1.0)
+    assert own != token
+    assert s.finish_load("k", own, "mine", 1.0, 2.0)
+    assert not s.landed("k", token, "mine", None, 0.0, 2.0)
+    assert s.data["k"].delta == 1.0 and s.loads == 1
+    # A caller joining while that load runs shares its lease and writes nothing either.
+    s.invalidate("k")
+    _, _, own = s.begin_load("k", None, 3.0)
+    joined = s.hold("k", None)
+    assert joined == own and s.holders == {}
+    s.unhold("k", joined)  # it leaves: the load's lease stays
+    assert s.leases == {"k": own}
+
+
+@pytest.mark.parametrize("meanwhile", ["invalidate", "put", "force", "clear"])
+def test_a_held_lease_revoked_meanwhile_writes_nothing(meanwhile: str) -> None:
+    s = store()
+    token = s.hold("k", None)
+    if meanwhile == "put":
+        s.put("k", "newer", 1.0)
+    elif meanwhile == "clear":
+        s.clear()
+    else:
+        getattr(s, meanwhile)("k")
+    assert not s.landed("k", token, "older", None, 0.0, 2.0)
+    assert s.data.get("k") is None or s.data["k"].value == "newer"
+    assert s.holders == {}
+
+
+def test_hold_refuses_when_the_entry_changed_since_the_read() -> None:
+    s = store()
+    s.put("k", "v", 0.0)
+    seen = s.data["k"]
+    assert s.hold("k", None) == 0  # the read saw no entry; one was written since
+    s.put("k", "w", 1.0)
+    assert s.hold("k", seen) == 0
+    assert s.hold("k", s.data["k"]) != 0
+
+
+def test_landed_errors_negative_written_others_release_the_lease() -> None:
+    s = store(stale_if_error=5.0, negative=NotFound, negative_ttl=1.0)
+    s.put("k", "v", 0.0)
+    token = s.hold("k", s.data["k"])
+    assert not s.landed("k", token, None, Remote("ValueError"), 10.0, 11.0)
+    assert s.data["k"].value == "v" and s.leases == {} and s.load_failures == 0
+    token = s.hold("k", s.data["k"])
+    assert s.landed("k", token, None, Remote(type_name(NotFound)), 10.0, 11.0)
+    assert s.data["k"].negative and s.loads == 0
+
+
+def test_the_last_holder_to_leave_releases_a_lease_nothing_wrote_with() -> None:
+    s = store()
+    token = s.hold("k", None)
+    s.hold("k", None)
+    s.unhold("k", token)
+    assert s.leases == {"k": token}
+    s.unhold("k", token)
+    assert (s.leases, s.holders) == ({}, {})
+
+
+def test_landed_releases_its_hold_when_the_negative_predicate_raises() -> None:
+    def broken(value: object) -> bool:
+        raise RuntimeError("predicate")
+
+    s = store(negative=broken, negative_ttl=1.0)
+    token = s.hold("k", None)
+    with pytest.raises(RuntimeError):
+        s.landed("k", token, "v", None, 0.0, 1.0)
+    assert (s.leases, s.holders, s.data) == ({}, {}, {})

@@ -156,7 +156,7 @@ def test_demo_against_postgresql(tmp_path: Path, postgres_dsn: str) -> None:
 @pytest.mark.timeout(180)
 def test_demo_across_processes_with_redis(tmp_path: Path, redis_url: str) -> None:
     """Two worker processes: a Group per process queries each key once per process per
-    expiry; a RedisGroup once for both."""
+    expiry; a RedisGroup once for both, and so does a LoadingCache over one."""
     report = tmp_path / "demo.json"
     done = run_cli(
         "demo",
@@ -166,7 +166,7 @@ def test_demo_across_processes_with_redis(tmp_path: Path, redis_url: str) -> Non
         "--processes",
         "2",
         "--modes",
-        "group,redis",
+        "group,redis,loading",
         "--no-chart",
         "--json",
         str(report),
@@ -184,3 +184,10 @@ def test_demo_across_processes_with_redis(tmp_path: Path, redis_url: str) -> Non
     assert group["queries"] >= 1.5 * redis["queries"], (group["queries"], redis["queries"])
     per_key = collections.Counter(int(key) for _, _, key in group["log"])
     assert all(count >= 2 for count in per_key.values())
+    # A LoadingCache with the RedisGroup as its group= (each process caches what the
+    # other loaded): never two queries of a key at once, fewer than a Group per process.
+    loading = modes["loading"]
+    assert loading["title"] == "LoadingCache + RedisGroup"
+    assert loading["errors"] == 0, loading["last_error"]
+    assert loading["duplicates"] == 0
+    assert loading["queries"] < group["queries"], (loading["queries"], group["queries"])

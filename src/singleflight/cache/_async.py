@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from .._asyncio import AsyncGroup
+from .._protocols import AsyncGroupLike
 from .._result import AbortedError
 from ..events import EventHook
 from ._base import (
@@ -108,7 +109,10 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
     ``jitter``, ``maxsize``, ``stale``, ``stale_if_error``, ``early_refresh``,
     ``negative``, ``negative_ttl``, ``load_many``, ``group``, ``clock``,
     ``random``), with ``load`` and ``load_many`` async and ``group`` an
-    :class:`~singleflight.AsyncGroup` (or anything with the same ``do``).
+    :class:`~singleflight.AsyncGroup` (or anything with the same ``do``, an
+    :class:`~singleflight.AsyncGroupLike`, such as
+    :class:`~singleflight.redis.AsyncRedisGroup`, whose outcomes from other
+    processes are written back as for :class:`~singleflight.LoadingCache`).
     :meth:`get`, :meth:`get_many` and :meth:`refresh` are coroutines;
     :meth:`invalidate`, :meth:`clear`, :meth:`put` and :meth:`stats` are plain
     methods.  Use one event loop at a time: background work belongs to the loop
@@ -140,7 +144,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         | None = None,
         negative_ttl: float | None = None,
         load_many: Callable[[list[K]], Awaitable[Mapping[K, V]]] | None = None,
-        group: AsyncGroup[K, V] | None = None,
+        group: AsyncGroupLike[K, V] | None = None,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
         name: str = "default",
@@ -264,7 +268,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         """
         seen = self._force(key)
         try:
-            return await self._group.do(key, self._lead, key, seen, None, False)  # type: ignore[no-any-return]
+            return await self._through(key, seen, None, False)
         finally:
             self._unforce(key)
 
@@ -285,12 +289,41 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
     ) -> V:
         """Load ``key`` through the group; on failure the old entry may stand in."""
         try:
-            return await self._group.do(key, self._lead, key, seen, thunk, False)  # type: ignore[no-any-return]
+            return await self._through(key, seen, thunk, False)
         except Exception:
             entry = self._stand_in(key)
             if entry is None:
                 raise
             return entry.value  # type: ignore[no-any-return]
+
+    async def _through(
+        self,
+        key: K,
+        seen: Entry | None,
+        thunk: Callable[[], Awaitable[V]] | None,
+        background: bool,
+    ) -> V:
+        """``group.do`` running :meth:`_lead`; an outcome the group brought from another
+        process (``_lead`` did not run here) is written back as ``_lead`` would have.
+
+        Raises what the group raises; cancelling the caller cancels only its
+        wait (the outcome is then written back by another caller of the flight,
+        if any).  A group that stays in this process is called as it is.
+        """
+        token = self._hold(key, seen)
+        if not token:
+            return await self._group.do(key, self._lead, key, seen, thunk, background)  # type: ignore[no-any-return]
+        started = self._clock()
+        try:
+            value = await self._group.do(key, self._lead, key, seen, thunk, background)
+        except Exception as exc:
+            self._landed(key, token, None, exc, started)
+            raise
+        except BaseException:
+            self._unhold(key, token)
+            raise
+        self._landed(key, token, value, None, started)
+        return value  # type: ignore[no-any-return]
 
     async def _lead(
         self,
@@ -382,7 +415,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         self, key: K, entry: Entry, thunk: Callable[[], Awaitable[V]] | None
     ) -> None:
         try:
-            await self._group.do(key, self._lead, key, entry, thunk, True)
+            await self._through(key, entry, thunk, True)
         except Exception:
             # The leader logged it if the cache kept a value; the entry stays
             # until its windows end, and the next read may try again.

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any, Generic, TypeVar, cast
 
 from .._flight import check_name
+from .._protocols import crosses_processes
 from ..events import (
     CacheHit,
     CacheMiss,
@@ -24,7 +25,7 @@ from ..events import (
     StaleServed,
     emit,
 )
-from ._policy import Entry, Policy
+from ._policy import Entry, Policy, not_found
 from ._store import REFRESH, SERVE, CacheStats, Plan, Store
 
 __all__ = ["CacheBase", "assemble", "bad_key", "check_key", "logger", "served", "wanted_keys"]
@@ -71,15 +72,16 @@ def served(plan: Plan[K], outcomes: dict[K, Any], errors: dict[K, BaseException]
 def assemble(
     wanted: list[K], outcomes: dict[K, Any], errors: dict[K, BaseException]
 ) -> dict[K, Any]:
-    """A bulk read's result, in the order asked: keys not found (``KeyError``) are
-    left out; any other error is raised, the first in the order asked."""
+    """A bulk read's result, in the order asked: keys not found (``KeyError``, or a
+    :class:`~singleflight.RemoteError` for one) are left out; any other error is
+    raised, the first in the order asked."""
     result: dict[K, Any] = {}
     for key in wanted:
         if key in outcomes:
             result[key] = outcomes[key]
             continue
         error = errors[key]
-        if not isinstance(error, KeyError):
+        if not not_found(error):
             raise error
     return result
 
@@ -112,6 +114,7 @@ class CacheBase(Generic[K, V]):
         "_load_many",
         "_lock",
         "_policy",
+        "_remote",
         "_store",
         "name",
     )
@@ -175,6 +178,14 @@ class CacheBase(Generic[K, V]):
         self._group = group
         forget = getattr(group, "forget", None)
         self._forget: Callable[[Any], None] | None = forget if callable(forget) else None
+        # Outcomes the group brings from other processes are written back here.
+        self._remote = crosses_processes(group)
+        if self._remote and self._forget is None:
+            raise TypeError(
+                f"group={group!r} crosses processes but has no forget(key) method: without "
+                "it invalidate() cannot keep a load that started before it from being "
+                "written back"
+            )
 
     # -- methods that never wait -----------------------------------------------------
 
@@ -301,6 +312,29 @@ class CacheBase(Generic[K, V]):
     def _finish_load(self, key: K, token: int, value: Any, started: float) -> None:
         with self._lock:
             self._store.finish_load(key, token, value, started, self._clock())
+
+    def _hold(self, key: K, seen: Entry | None) -> int:
+        """Before a group call: the token to write its outcome back with, or 0 for
+        none (a group that stays in this process, or an entry changed since ``seen``)."""
+        if not self._remote:
+            return 0
+        with self._lock:
+            return self._store.hold(key, seen)
+
+    def _landed(
+        self, key: K, token: int, value: Any, error: BaseException | None, started: float
+    ) -> None:
+        """After a group call: write back what it returned (or raised) if it came from
+        another process and nothing revoked ``token`` meanwhile (see ``Store.landed``)."""
+        if token:
+            with self._lock:
+                self._store.landed(key, token, value, error, started, self._clock())
+
+    def _unhold(self, key: K, token: int) -> None:
+        """A group call holding ``token`` ended without an outcome (cancelled, interrupted)."""
+        if token:
+            with self._lock:
+                self._store.unhold(key, token)
 
     def _check_values(self, values: object) -> None:
         """``TypeError`` unless ``load_many`` returned a mapping."""

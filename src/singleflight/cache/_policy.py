@@ -15,6 +15,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, cast
 
+from .._result import RemoteError, type_name
+
 __all__ = [
     "EARLY",
     "FRESH",
@@ -23,6 +25,8 @@ __all__ = [
     "STALE",
     "Entry",
     "Policy",
+    "named_as",
+    "not_found",
 ]
 
 # What a read of an entry should do.
@@ -251,8 +255,17 @@ class Policy:
         )
 
     def error_entry(self, error: BaseException, now: float, delta: float) -> Entry | None:
-        """The entry caching ``error`` as a not-found result, or None if it is not one."""
-        if self.negative_errors and isinstance(error, self.negative_errors):
+        """The entry caching ``error`` as a not-found result, or None if it is not one.
+
+        A :class:`~singleflight.RemoteError` (the loader raised in another
+        process) is one when its type name is that of a ``negative=`` type or
+        of a subclass of one (see :func:`named_as`).
+        """
+        negative_errors = self.negative_errors
+        if negative_errors and (
+            isinstance(error, negative_errors)
+            or (isinstance(error, RemoteError) and named_as(error, negative_errors))
+        ):
             return self._negative_entry(None, error, now, delta)
         return None
 
@@ -321,3 +334,34 @@ class Policy:
     def dead(entry: Entry, now: float) -> bool:
         """Whether nothing can use ``entry`` any more."""
         return now >= entry.keep_until
+
+
+def named_as(error: RemoteError, types: tuple[type[BaseException], ...]) -> bool:
+    """Whether ``error`` stands for an exception of one of ``types``, by name.
+
+    True when its ``type_name`` is the name (:func:`~singleflight._result.type_name`)
+    of one of ``types`` or of a subclass of one defined in this process (the
+    remote class itself is never imported): ``isinstance`` by name, as far as
+    this process knows the class tree.
+    """
+    wanted = getattr(error, "type_name", None)
+    if not isinstance(wanted, str):
+        return False
+    stack: list[type] = list(types)
+    seen: set[type] = set()
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if type_name(cls) == wanted:
+            return True
+        stack.extend(cls.__subclasses__())
+    return False
+
+
+def not_found(error: BaseException) -> bool:
+    """Whether ``error`` means "no such key" to a bulk read: a ``KeyError``, here or remote."""
+    return isinstance(error, KeyError) or (
+        isinstance(error, RemoteError) and named_as(error, (KeyError,))
+    )

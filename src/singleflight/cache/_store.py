@@ -12,6 +12,15 @@ only if the token is still the key's.  ``invalidate``, ``clear``, ``put`` and
 ``refresh`` revoke the key's token, and a newer load replaces it, so a load
 that started before any of those still answers its own callers but never
 writes an outdated value over the cache's state.
+
+Write-back (groups that cross processes): such a group may answer a caller
+with a value loaded in another process, without running the cache's load
+here.  The caller :meth:`Store.hold`\\ s the key's lease before calling the
+group (sharing the lease of a load already in flight, or taking a new one) and
+:meth:`Store.landed` writes the outcome with it afterwards.  A load run here
+replaces the lease when it starts, so its own write is the only one; an
+outcome from elsewhere finds the held lease and the first caller to land
+writes it; an ``invalidate`` or ``put`` meanwhile revokes it, so nobody does.
 """
 
 from __future__ import annotations
@@ -45,13 +54,15 @@ class CacheStats:
 
     ``hits`` are reads answered from the cache, stale ones included;
     ``misses`` are reads that had to wait for a load (or for a batch);
-    ``loads`` are loads that produced an outcome the callers got (not-found
-    results included; a batch counts once), ``load_failures`` loads that raised
-    an :class:`Exception`; ``stale_served`` counts reads answered with an
-    expired value (stale-while-revalidate and stale-if-error); ``refreshes``
-    counts the refreshes of stale entries and the calls of ``refresh()``,
-    ``early_refreshes`` (apart from those) the refreshes XFetch started before
-    expiry; ``evictions`` counts entries
+    ``loads`` are loads run in this process that produced an outcome the
+    callers got (not-found results included; a batch counts once),
+    ``load_failures`` loads run in this process that raised an
+    :class:`Exception` (an outcome a group that crosses processes brought from
+    another one is written back, but counted in neither); ``stale_served``
+    counts reads answered with an expired value (stale-while-revalidate and
+    stale-if-error); ``refreshes`` counts the refreshes of stale entries and
+    the calls of ``refresh()``, ``early_refreshes`` (apart from those) the
+    refreshes XFetch started before expiry; ``evictions`` counts entries
     dropped by the size bound or because they expired; ``size`` is the number
     of entries held now; ``hit_ratio`` is ``hits / (hits + misses)`` (0.0
     before the first read).
@@ -107,6 +118,7 @@ class Store(Generic[K]):
         "early_refreshes",
         "evictions",
         "forced",
+        "holders",
         "leases",
         "load_failures",
         "loads",
@@ -124,6 +136,8 @@ class Store(Generic[K]):
         self.data: OrderedDict[K, Entry] = OrderedDict()
         self.leases: dict[K, int] = {}
         self.forced: set[K] = set()
+        # token -> callers holding it (tokens granted by hold() only).
+        self.holders: dict[int, int] = {}
         # key -> the driver's handle of the batch load that has it in flight.
         self.batches: dict[K, Any] = {}
         self._tokens = count(1)
@@ -315,6 +329,73 @@ class Store(Generic[K]):
                 if missing is not None:
                     self._write(key, missing)
         return kept
+
+    def hold(self, key: K, seen: Entry | None) -> int:
+        """A caller is about to ask a group that crosses processes for ``key``:
+        the token its outcome is written back with (:meth:`landed`), or 0 if
+        ``seen`` (the entry its read found wanting) is no longer the key's
+        entry: something wrote since, and the outcome must not overwrite it.
+
+        Shares the lease of a load already in flight (its callers all get one
+        outcome; the first to land writes it), or takes a new one.
+        """
+        if self.data.get(key) is not seen:
+            return 0
+        token = self.leases.get(key)
+        if token is None:
+            token = self._grant(key)
+            self.holders[token] = 1
+        elif token in self.holders:
+            self.holders[token] += 1
+        return token
+
+    def landed(
+        self,
+        key: K,
+        token: int,
+        value: Any,
+        error: BaseException | None,
+        started: float,
+        now: float,
+    ) -> bool:
+        """The group answered a caller holding ``token`` with ``value`` (or raised ``error``).
+
+        Writes it if the lease still holds: the outcome then came from another
+        process (a load run here replaced the lease when it started).  The
+        entry is made as for a load that started at ``started`` and ended now;
+        an error is written only if it is a not-found result (``negative=``).
+        Counts nothing: ``loads`` and ``load_failures`` are loads run here.
+        True if written.
+        """
+        try:
+            if self.leases.get(key) != token:
+                return False
+            del self.leases[key]
+            if error is None:
+                entry = self.policy.value_entry(value, now, now - started)
+            else:
+                negative = self.policy.error_entry(error, now, now - started)
+                if negative is None:
+                    return False
+                entry = negative
+            self._write(key, entry)
+            return True
+        finally:
+            # Also when negative= (a predicate) raised: the lease is not left held.
+            self.unhold(key, token)
+
+    def unhold(self, key: K, token: int) -> None:
+        """A caller holding ``token`` is done with it.  The last one to leave a lease
+        that nothing wrote with (all of them cancelled) releases it."""
+        holders = self.holders.get(token)
+        if holders is None:
+            return
+        if holders > 1:
+            self.holders[token] = holders - 1
+            return
+        del self.holders[token]
+        if self.leases.get(key) == token:
+            del self.leases[key]
 
     def force(self, key: K) -> Entry | None:
         """An explicit refresh of ``key`` starts: older loads lose their lease and the

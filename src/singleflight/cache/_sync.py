@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from .._flight import waiter_error
+from .._protocols import GroupLike
 from .._threads import Group
 from ..events import EventHook
 from ._base import (
@@ -102,8 +103,15 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
     - ``load_many``: ``load_many(keys) -> dict``; :meth:`get_many` loads its
       misses in one call.
     - ``group``: what coalesces loads (a :class:`~singleflight.Group` by default;
-      anything with the same ``do``).  Its keys are the cache's keys, so give
-      each cache a group of its own.
+      anything with the same ``do``, a :class:`~singleflight.GroupLike`).  Its keys
+      are the cache's keys, so give each cache a group of its own.  With a group
+      that crosses processes (:class:`~singleflight.redis.RedisGroup`), a value
+      another process loaded is written into this cache as a local load's
+      would be (same TTL, jitter and windows, from when it arrived; not if an
+      ``invalidate``/``put``/``refresh`` came meanwhile), a
+      :class:`~singleflight.RemoteError` is cached when ``negative=`` names its
+      type (by name, subclasses known here included) and ``stale_if_error``
+      covers it; ``loads``/``load_failures`` count only loads run here.
     - ``clock``, ``random``: the time source and the uniform [0, 1) source of
       jitter and XFetch, for tests.
     - ``refresh_workers``: threads running background refreshes (default 4).
@@ -136,7 +144,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         | None = None,
         negative_ttl: float | None = None,
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
-        group: Group[K, V] | None = None,
+        group: GroupLike[K, V] | None = None,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
         refresh_workers: int = 4,
@@ -184,7 +192,10 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         never cached, unless ``negative=`` says it means not-found: then it is
         raised again from the cache until ``negative_ttl`` passes).  With
         ``stale_if_error``, a caller whose load failed gets the old value
-        instead.  ``KeyError`` if a batch load that had the key left it out.
+        instead.  With a group that crosses processes, a load that ran
+        elsewhere raises what the group raises for it (a
+        :class:`~singleflight.RemoteError`), under the same rules.
+        ``KeyError`` if a batch load that had the key left it out.
         ``AbortedError`` if the thread running the load was interrupted
         (``KeyboardInterrupt``); that thread itself gets the interrupt.
         ``TypeError`` for an unhashable key.  A waiting ``get`` cannot be
@@ -210,7 +221,9 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         one after another, each coalesced as by :meth:`get`.
 
         Keys that were not found (left out by ``load_many``, or whose loader
-        raised ``KeyError``) are left out of the result.  Any other error of any
+        raised ``KeyError``, here or in another process: a
+        :class:`~singleflight.RemoteError` named ``KeyError``) are left out of
+        the result.  Any other error of any
         key is raised, after every load this call started or joined has ended;
         ``stale_if_error`` applies key by key.  ``TypeError`` for an unhashable key.
         """
@@ -258,7 +271,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         """
         seen = self._force(key)
         try:
-            return self._group.do(key, self._lead, key, seen, None)  # type: ignore[no-any-return]
+            return self._through(key, seen, None)
         finally:
             self._unforce(key)
 
@@ -276,12 +289,35 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
     def _load_key(self, key: K, seen: Entry | None, thunk: Callable[[], V] | None) -> V:
         """Load ``key`` through the group; on failure the old entry may stand in."""
         try:
-            return self._group.do(key, self._lead, key, seen, thunk)  # type: ignore[no-any-return]
+            return self._through(key, seen, thunk)
         except Exception:
             entry = self._stand_in(key)
             if entry is None:
                 raise
             return entry.value  # type: ignore[no-any-return]
+
+    def _through(self, key: K, seen: Entry | None, thunk: Callable[[], V] | None) -> V:
+        """``group.do`` running :meth:`_lead`; an outcome the group brought from another
+        process (``_lead`` did not run here) is written back as ``_lead`` would have.
+
+        Raises what the group raises (an error is written back only as a
+        not-found result); an interrupted wait (``KeyboardInterrupt``) writes
+        nothing.  A group that stays in this process is called as it is.
+        """
+        token = self._hold(key, seen)
+        if not token:
+            return self._group.do(key, self._lead, key, seen, thunk)  # type: ignore[no-any-return]
+        started = self._clock()
+        try:
+            value = self._group.do(key, self._lead, key, seen, thunk)
+        except Exception as exc:
+            self._landed(key, token, None, exc, started)
+            raise
+        except BaseException:
+            self._unhold(key, token)
+            raise
+        self._landed(key, token, value, None, started)
+        return value  # type: ignore[no-any-return]
 
     def _lead(self, key: K, seen: Entry | None, thunk: Callable[[], V] | None) -> V:
         """The load a group flight runs: check the cache again, then load and write back."""
@@ -368,7 +404,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
     def _refresh(self, key: K, entry: Entry, thunk: Callable[[], V] | None) -> None:
         try:
-            self._group.do(key, self._lead, key, entry, thunk)
+            self._through(key, entry, thunk)
         except Exception:
             # The leader logged it if the cache kept a value; the entry stays
             # until its windows end, and the next read may try again.

@@ -19,7 +19,8 @@ Each mode answers ``get(user_id)`` from a cache in front of the database query:
     :class:`~singleflight.LoadingCache` (:class:`~singleflight.AsyncLoadingCache`)
     with ``ttl``, ``stale`` (serve the old value while one background refresh
     runs) and ``early_refresh`` (refresh hot keys before they expire); with
-    ``--redis`` its loader goes through a RedisGroup.
+    ``--redis`` its group is a RedisGroup (``group=``), so a value loaded by
+    one process is cached by every process that waited for it.
 
 The TTL dict has no jitter: it is the cache people write by hand.  The
 loading cache keeps its default jitter (±10%).
@@ -29,9 +30,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import AsyncGroup, AsyncLoadingCache, Group, LoadingCache
+from .. import AsyncGroup, AsyncGroupLike, AsyncLoadingCache, Group, GroupLike, LoadingCache
+
+if TYPE_CHECKING:  # the redis extra is imported only when --redis asks for it
+    from ..redis import AsyncRedisGroup, RedisGroup
 
 __all__ = [
     "MODES",
@@ -141,9 +145,15 @@ class _Coalesced(Mode):
 
 
 class _Loading(Mode):
-    def __init__(self, load: Query, ttl: float, closing: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        load: Query,
+        ttl: float,
+        closing: Callable[[], None],
+        group: GroupLike[int, Profile] | None = None,
+    ) -> None:
         self._cache: LoadingCache[int, Profile] = LoadingCache(
-            load, ttl=ttl, stale=ttl, early_refresh=1.0
+            load, ttl=ttl, stale=ttl, early_refresh=1.0, group=group
         )
         self._closing = closing
 
@@ -159,7 +169,9 @@ def _nothing() -> None:
     return None
 
 
-def _redis_group(redis_url: str, namespace: str, ttl: float) -> tuple[Any, Callable[[], None]]:
+def _redis_group(
+    redis_url: str, namespace: str, ttl: float
+) -> tuple[RedisGroup[int, Profile], Callable[[], None]]:
     import redis
 
     from ..redis import RedisGroup
@@ -192,11 +204,7 @@ def build_sync(
         if redis_url is None:
             return _Loading(query, ttl, _nothing)
         group, closing = _redis_group(redis_url, namespace, ttl)
-
-        def load(key: int) -> Profile:
-            return group.do(key, query, key)  # type: ignore[no-any-return]
-
-        return _Loading(load, ttl, closing)
+        return _Loading(query, ttl, closing, group)
     raise ValueError(f"unknown mode {mode!r}")
 
 
@@ -264,10 +272,14 @@ class _AsyncCoalesced(AsyncMode):
 
 class _AsyncLoading(AsyncMode):
     def __init__(
-        self, load: AsyncQuery, ttl: float, closing: Callable[[], Awaitable[None]]
+        self,
+        load: AsyncQuery,
+        ttl: float,
+        closing: Callable[[], Awaitable[None]],
+        group: AsyncGroupLike[int, Profile] | None = None,
     ) -> None:
         self._cache: AsyncLoadingCache[int, Profile] = AsyncLoadingCache(
-            load, ttl=ttl, stale=ttl, early_refresh=1.0
+            load, ttl=ttl, stale=ttl, early_refresh=1.0, group=group
         )
         self._closing = closing
 
@@ -281,7 +293,7 @@ class _AsyncLoading(AsyncMode):
 
 def _async_redis_group(
     redis_url: str, namespace: str, ttl: float
-) -> tuple[Any, Callable[[], Awaitable[None]]]:
+) -> tuple[AsyncRedisGroup[int, Profile], Callable[[], Awaitable[None]]]:
     import redis.asyncio
 
     from ..redis import AsyncRedisGroup
@@ -314,9 +326,5 @@ def build_async(
         if redis_url is None:
             return _AsyncLoading(query, ttl, _anothing)
         agroup, aclosing = _async_redis_group(redis_url, namespace, ttl)
-
-        async def load(key: int) -> Profile:
-            return await agroup.do(key, query, key)  # type: ignore[no-any-return]
-
-        return _AsyncLoading(load, ttl, aclosing)
+        return _AsyncLoading(query, ttl, aclosing, agroup)
     raise ValueError(f"unknown mode {mode!r}")

@@ -212,6 +212,10 @@ class AsyncRedisGroup(Generic[K, V]):
     group.aclose()`` or ``async with group:`` before the loop ends.
     """
 
+    # Its do() may return a value (or raise a RemoteError) loaded by another
+    # process: a LoadingCache in front writes such outcomes back (see GroupLike).
+    crosses_processes = True
+
     __slots__ = ("__weakref__", "_client", "_configure", "_core", "_local", "_states")
 
     def __init__(

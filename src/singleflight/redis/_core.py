@@ -16,7 +16,7 @@ from time import perf_counter
 from typing import Any, Generic, TypeVar
 
 from .._flight import check_name
-from .._result import Result
+from .._result import Result, type_name
 from ..events import (
     Event,
     EventHook,
@@ -229,13 +229,6 @@ def describe(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _type_name(exc: BaseException) -> str:
-    cls = type(exc)
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 class GroupCore(Generic[K]):
     """A group's options and the pure parts of its work."""
 
@@ -332,7 +325,7 @@ class GroupCore(Generic[K]):
         message = str(exc)
         if len(message) > _MESSAGE_LIMIT:
             message = message[:_MESSAGE_LIMIT] + "..."
-        record = [_type_name(exc), message]
+        record = [type_name(type(exc)), message]
         try:
             return self.codec.encode(_error_context(keys), record)
         except CodecError:  # a codec that cannot carry two strings: send the type alone

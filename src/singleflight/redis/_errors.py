@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from redis import exceptions as _rx
 
+from .._result import RemoteError
+
 __all__ = [
     "LoaderError",
     "RedisCoalescingError",
@@ -17,7 +19,7 @@ class RedisCoalescingError(Exception):
     """Base of the errors a Redis group raises for its own reasons (not the loader's)."""
 
 
-class LoaderError(Exception):
+class LoaderError(RemoteError):
     """The loader raised in another process; its type name and message, never the object.
 
     Raised in callers that waited on a leader in another process.  Callers in

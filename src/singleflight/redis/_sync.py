@@ -298,6 +298,10 @@ class RedisGroup(Generic[K, V]):
     ``"open"`` policy; a stale leader never overwrites a newer result.
     """
 
+    # Its do() may return a value (or raise a RemoteError) loaded by another
+    # process: a LoadingCache in front writes such outcomes back (see GroupLike).
+    crosses_processes = True
+
     __slots__ = (
         "__weakref__",
         "_blocking",

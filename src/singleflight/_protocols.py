@@ -1,0 +1,49 @@
+"""What code in front of a group (a loading cache, ``@cached``) needs of it: the ``do`` method.
+
+:class:`~singleflight.Group`, :class:`~singleflight.redis.RedisGroup` and
+anything else with the same ``do`` is a :class:`GroupLike`;
+:class:`~singleflight.AsyncGroup` and :class:`~singleflight.redis.AsyncRedisGroup`
+are :class:`AsyncGroupLike`.  Besides ``do``, a loading cache uses what a
+group has of these, read with ``getattr``:
+
+``forget(key)``
+    Called by ``invalidate``/``put``/``clear``/``refresh`` so callers after
+    them start a new flight rather than join one that began before.
+``stats()``
+    A :class:`~singleflight.events.GroupStats`, folded into ``CacheStats``.
+``crosses_processes``
+    True when ``do`` may hand back an outcome produced by another process,
+    without calling ``fn`` here: a value loaded elsewhere, or a
+    :class:`~singleflight.RemoteError`.  The cache then writes such outcomes
+    back itself.  Such a group must have ``forget``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, Protocol, TypeVar
+
+__all__ = ["AsyncGroupLike", "GroupLike", "crosses_processes"]
+
+K_contra = TypeVar("K_contra", contravariant=True)
+V = TypeVar("V")
+P = ParamSpec("P")
+
+
+class GroupLike(Protocol[K_contra, V]):
+    """A thread group: ``do(key, fn, *args, **kwargs)`` runs ``fn`` once per key in flight."""
+
+    def do(self, key: K_contra, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs) -> V: ...
+
+
+class AsyncGroupLike(Protocol[K_contra, V]):
+    """An asyncio group: ``await do(key, fn, *args, **kwargs)`` with ``fn`` async."""
+
+    async def do(
+        self, key: K_contra, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> V: ...
+
+
+def crosses_processes(group: object) -> bool:
+    """Whether ``group`` says its ``do`` may return outcomes produced in another process."""
+    return getattr(group, "crosses_processes", False) is True
