@@ -20,6 +20,7 @@ to Redis.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -108,7 +109,7 @@ def _stats(cache: Any, group: Any, behaviour: Behaviour) -> dict[str, Any]:
     return {
         "loader_calls": behaviour.calls,
         "group_calls": group.calls,
-        "group": group.stats(),
+        "group": dataclasses.asdict(group.stats()),
         "cache": {
             name: getattr(stats, name)
             for name in ("hits", "misses", "loads", "load_failures", "stale_served", "size")
