@@ -1395,6 +1395,32 @@ def test_async_timeout_sole_leader_with_cancel_abandoned() -> None:
     run(main())
 
 
+@pytest.mark.parametrize("use_do_result", [False, True])
+def test_async_timeout_is_one_deadline_for_the_slot_and_the_outcome(use_do_result: bool) -> None:
+    """A caller that waited most of its timeout for a slot has only the rest for the outcome."""
+    g: AsyncGroup[str, Token] = AsyncGroup(max_flights=1, on_limit="wait", timeout=1.0)
+
+    async def main() -> None:
+        gate = asyncio.Event()
+        holder = await spawn(g.do("a", ALoader("a", gate=gate)))
+        b = ALoader("b", gate=asyncio.Event())  # never set
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        call = g.do_result("b", b) if use_do_result else g.do("b", b)
+        caller = await spawn(call)
+        await asyncio.sleep(0.8)
+        assert b.calls == 0  # still waiting for the slot
+        gate.set()  # the slot frees at ~0.8 s; b's flight starts, then b times out
+        await settle(holder, caller)
+        took = loop.time() - begun
+        assert isinstance(caller.exception(), WaitTimeout) and b.calls == 1
+        # A fresh timeout after the slot wait would make it ~1.8 s.
+        assert 0.99 <= took < 1.6, took
+        assert g.stats().timeouts == 1
+
+    run(main())
+
+
 def test_async_do_result_timeout_raises_but_loader_timeout_error_is_a_result() -> None:
     g: AsyncGroup[str, Token] = AsyncGroup(timeout=0.2)
 

@@ -367,8 +367,9 @@ class AsyncGroup(Generic[K, V]):
         ``cancel_abandoned=True`` and runs on otherwise.
         """
         if self._slow:
-            flight, future = await self._admit(key, fn, args, kwargs)
-            return await self._wait(key, flight, future)  # type: ignore[no-any-return]
+            deadline = self._deadline()
+            flight, future = await self._admit(key, fn, args, kwargs, deadline)
+            return await self._wait(key, flight, future, deadline)  # type: ignore[no-any-return]
         flight, future = self._enter(key, fn, args, kwargs)
         del args, kwargs  # the loader has them; a parked caller need not keep them
         if flight is None:
@@ -390,9 +391,10 @@ class AsyncGroup(Generic[K, V]):
         :meth:`do`; ``TypeError`` and ``RuntimeError`` are raised as by :meth:`do`.
         """
         if self._slow:
-            flight, future = await self._admit(key, fn, args, kwargs)
+            deadline = self._deadline()
+            flight, future = await self._admit(key, fn, args, kwargs, deadline)
             try:
-                value = await self._wait(key, flight, future)
+                value = await self._wait(key, flight, future, deadline)
             except WaitTimeout:
                 raise
             except Exception as exc:
@@ -640,18 +642,22 @@ class AsyncGroup(Generic[K, V]):
             raise error.with_traceback(exc.__traceback__)
         return task.result()
 
+    def _deadline(self) -> float | None:
+        """When a caller starting now stops waiting: one deadline for the slot and the result."""
+        return None if self._timeout is None else get_running_loop().time() + self._timeout
+
     async def _admit(
         self,
         key: K,
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        deadline: float | None,
     ) -> tuple[_AsyncFlight | None, asyncio.Future[Any]]:
         """_enter(), waiting for a slot while max_flights is reached (on_limit="wait").
 
-        Raises WaitTimeout if no slot frees within ``timeout``.
+        Raises WaitTimeout if no slot frees before ``deadline``.
         """
-        deadline = None if self._timeout is None else get_running_loop().time() + self._timeout
         while True:
             try:
                 return self._enter(key, fn, args, kwargs)
@@ -670,18 +676,24 @@ class AsyncGroup(Generic[K, V]):
                         self._timed_out(key, self._timeout or 0.0)
                     raise
 
-    async def _wait(self, key: K, flight: _AsyncFlight | None, future: asyncio.Future[Any]) -> Any:
-        """Wait for this caller's outcome, at most ``timeout`` seconds."""
+    async def _wait(
+        self,
+        key: K,
+        flight: _AsyncFlight | None,
+        future: asyncio.Future[Any],
+        deadline: float | None,
+    ) -> Any:
+        """Wait for this caller's outcome, until ``deadline`` (the call's, slot wait included)."""
         if flight is None:
             return self._outcome(key, future)
-        if self._timeout is None:
+        if deadline is None:
             try:
                 return await future
             except CancelledError:
                 self._leave(flight, future)
                 raise
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout_at(deadline):
                 return await future
         except CancelledError:
             self._leave(flight, future)
@@ -692,7 +704,7 @@ class AsyncGroup(Generic[K, V]):
                 # it is the loader's own TimeoutError): it is this caller's.
                 return future.result()
             self._leave(flight, future)
-            self._timed_out(key, self._timeout)
+            self._timed_out(key, self._timeout or 0.0)
 
     def _timed_out(self, key: K, waited: float) -> NoReturn:
         self._state_here().timeouts += 1
