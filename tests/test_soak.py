@@ -272,6 +272,12 @@ async def trio_soak(deadline: float, groups: list[tuple[AnyIOGroup[int, Any], Tr
                 track.got("error")
             except AbortedError:
                 track.got("aborted")
+            except TooManyFlights:
+                assert track.limit, "TooManyFlights from a group without max_flights"
+                track.got("rejected")
+            except WaitTimeout:
+                assert track.timeout, "WaitTimeout from a group without timeout"
+                track.got("timeout")
             else:
                 assert value == (key, track.name)
                 track.got("value")
@@ -326,6 +332,8 @@ def run_soak(seconds: float) -> Soak:
     trio_groups: list[tuple[AnyIOGroup[int, Any], Track]] = [
         (AnyIOGroup(name="trio"), Track("trio")),
         (AnyIOGroup(name="trio-abandon", cancel_abandoned=True), Track("trio-abandon", wait=True)),
+        (AnyIOGroup(name="trio-timeout", timeout=0.002), Track("trio-timeout", timeout=True)),
+        (AnyIOGroup(name="trio-limit", max_flights=2), Track("trio-limit", limit=True)),
     ]
     deadline = time.monotonic() + seconds
     errors: list[BaseException] = []
@@ -441,6 +449,11 @@ def check(
             assert sum(t.outcomes["error"] for _, t in groups) > 0
             assert sum(t.outcomes["cancelled"] for _, t in groups) > 0
             assert sum(t.outcomes["aborted"] for _, t in groups) > 0
+    if coverage:
+        assert trio_groups[2][1].outcomes["timeout"] > 0, "AnyIOGroup timeout= was not exercised"
+        assert trio_groups[3][1].outcomes["rejected"] > 0, (
+            "AnyIOGroup max_flights was not exercised"
+        )
     if coverage:
         assert async_groups[2][1].outcomes["timeout"] > 0, "AsyncGroup timeout= was not exercised"
     if coverage:
