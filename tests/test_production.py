@@ -1109,6 +1109,47 @@ def test_async_max_flights_wait_forget_frees_a_slot() -> None:
     run(main())
 
 
+def test_async_forget_from_another_thread_wakes_a_slot_waiter_in_its_loop() -> None:
+    """forget() outside the loop wakes the caller waiting for a slot in the loop's own
+    thread: the idle loop is woken, and no future is touched from the wrong thread."""
+    g: AsyncGroup[str, Token] = AsyncGroup(max_flights=1, on_limit="wait")
+    b_started = threading.Event()
+    release: list[Callable[[], None]] = []
+    waiting = threading.Event()
+
+    async def main() -> None:
+        gate = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        release.append(lambda: loop.call_soon_threadsafe(gate.set))
+        a_call = await spawn(g.do("a", ALoader("a", gate=gate)))
+
+        async def b() -> str:
+            b_started.set()
+            return "b"
+
+        waiter = await spawn(g.do("b", b))
+        assert not waiter.done()
+        waiting.set()
+        await settle(waiter)  # the loop sleeps until the forget wakes it
+        assert waiter.result() == "b" and not a_call.done()
+        gate.set()
+        await settle(a_call)
+
+    thread = threading.Thread(target=run, args=(main(),))
+    thread.start()
+    try:
+        assert waiting.wait(WAIT)
+        time.sleep(0.05)  # let the loop go idle
+        g.forget("a")  # outside any loop
+        assert b_started.wait(5), "the slot waiter was not woken"
+    finally:
+        for wake in release:
+            wake()
+        thread.join(WAIT)
+    assert not thread.is_alive()
+    assert len(g) == 0
+
+
 def test_async_max_flights_wait_do_future_cancelled_leaves_nothing_behind() -> None:
     rec = Recorder()
     g: AsyncGroup[str, Token] = AsyncGroup(max_flights=1, on_limit="wait", on_event=rec)

@@ -455,11 +455,13 @@ class AsyncGroup(Generic[K, V]):
         The flight in progress is not cancelled; its callers still get its
         outcome, and when it ends it does not remove the newer flight.  Acts on
         the running loop's flights; called outside an event loop, on every loop's.
+        A caller waiting for a slot under ``max_flights`` is woken to look again
+        (from another thread, in its own loop's next step).
         """
-        for state in self._states_of_caller():
+        for loop, state in self._states_of_caller():
             _flight.forget(state.table, key)
             if state.slot_waiters:
-                state.free_slot()
+                _free_slot(loop, state)
 
     def forget_unshared(self, key: K) -> bool:
         """Forget ``key`` only if nobody joined its flight.
@@ -468,15 +470,15 @@ class AsyncGroup(Generic[K, V]):
         Acts on the running loop's flights (outside a loop, on every loop's).
         """
         forgotten = True
-        for state in self._states_of_caller():
+        for loop, state in self._states_of_caller():
             forgotten = _flight.forget_unshared(state.table, key) and forgotten
             if state.slot_waiters:
-                state.free_slot()
+                _free_slot(loop, state)
         return forgotten
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is in flight in the running loop (outside a loop: in any loop)."""
-        return any(key in state.table for state in self._states_of_caller())
+        return any(key in state.table for _, state in self._states_of_caller())
 
     def __len__(self) -> int:
         """The number of keys in flight, over every event loop that is not closed."""
@@ -785,17 +787,30 @@ class AsyncGroup(Generic[K, V]):
         if current_loop is not None and current_loop.is_closed():
             self._current = (_dead_ref, self._retired)
 
-    def _states_of_caller(self) -> list[_LoopState]:
-        """The running loop's state, or every state when called outside a loop."""
+    def _states_of_caller(self) -> list[tuple[AbstractEventLoop | None, _LoopState]]:
+        """The running loop's state, or every state when called outside a loop, each
+        with its loop when that is not the running one (None when it is)."""
         try:
             loop = get_running_loop()
         except RuntimeError:
             with self._states_lock:
                 self._prune_closed()
-                return list(self._states.values())
+                return list(self._states.items())
         with self._states_lock:
             state = self._states.get(loop)
-        return [] if state is None else [state]
+        return [] if state is None else [(None, state)]
+
+
+def _free_slot(loop: AbstractEventLoop | None, state: _LoopState) -> None:
+    """Wake a slot waiter of ``state``: here, or in ``loop``'s thread (futures are not
+    thread-safe)."""
+    if loop is None:
+        state.free_slot()
+        return
+    try:
+        loop.call_soon_threadsafe(state.free_slot)
+    except RuntimeError:
+        pass  # the loop closed: nobody waits in it any more
 
 
 def _retire(group_ref: weakref.ref[AsyncGroup[Any, Any]], state: _LoopState) -> None:
