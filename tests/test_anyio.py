@@ -1450,3 +1450,32 @@ async def test_stress_random_cancellations_and_errors(seed: int, cancel_abandone
     else:
         assert counts["loader_cancelled"] == counts["never_started"] == 0
         assert counts["abandoned_finished"] >= 400 // 25
+
+
+async def test_forget_from_another_thread_lets_a_slot_waiter_in_when_the_flight_ends() -> None:
+    """Outside the run, forget() cannot wake anyone; the forgotten flight's end does."""
+    with anyio.fail_after(WAIT):
+        g: AnyIOGroup[str, str] = AnyIOGroup(max_flights=1, on_limit="wait")
+        gate = anyio.Event()
+        got: dict[str, str] = {}
+
+        async def hold(key: str) -> str:
+            await gate.wait()
+            return key
+
+        async def quick(key: str) -> str:
+            return key
+
+        async def call(key: str, fn: Callable[[str], Awaitable[str]]) -> None:
+            got[key] = await g.do(key, fn, key)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "a", hold)
+            await until(lambda: "a" in g)
+            tg.start_soon(call, "b", quick)
+            await until(lambda: parked(g) == 1)
+            await anyio.to_thread.run_sync(g.forget, "a")  # from outside any run
+            assert len(g) == 0 and "b" not in got
+            gate.set()  # the forgotten flight ends: b gets the slot
+        assert got == {"a": "a", "b": "b"}
+        assert g.stats().flights == 2 and len(g) == 0

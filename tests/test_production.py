@@ -12,6 +12,7 @@ work runs under ``asyncio.timeout``, and each test has a pytest-timeout.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import logging
 import sys
@@ -1839,3 +1840,28 @@ def test_async_contract_on_the_general_path(options: dict[str, Any]) -> None:
         assert len(g) == 0 and g.stats().in_flight == 0
 
     run(main())
+
+
+_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+
+def test_thread_do_future_waiting_for_a_slot_runs_in_the_callers_context() -> None:
+    """The helper thread of a do_future() waiting for a slot sees the caller's context
+    variables, as the caller's own thread would (the loader runs where flights run)."""
+    gate = threading.Event()
+    seen: list[str] = []
+
+    def hook(event: Event) -> None:
+        if isinstance(event, FlightStarted):
+            seen.append(_REQUEST_ID.get())
+
+    g: Group[str, str] = Group(max_flights=1, on_limit="wait", on_event=hook)
+    first = g.do_future("a", lambda: gate.wait(WAIT) and "a")
+    token = _REQUEST_ID.set("request-7")
+    try:
+        second = g.do_future("b", lambda: "b")  # waits for the slot on a thread
+    finally:
+        _REQUEST_ID.reset(token)
+    gate.set()
+    assert (first.result(WAIT), second.result(WAIT)) == ("a", "b")
+    assert seen == ["none", "request-7"]

@@ -9,6 +9,7 @@ critical sections and the loader itself.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, InvalidStateError
@@ -315,9 +316,13 @@ class Group(Generic[K, V]):
         if full:
             if self._on_limit == "raise":
                 raise self._reject(key)
-            # Wait for a slot on a thread of its own: do_future never blocks.
+            # Wait for a slot on a thread of its own: do_future never blocks.  It
+            # acts for the caller, so it runs in a copy of the caller's context
+            # (what a wrapping group or a tracer set there is seen by the flight).
             threading.Thread(
-                target=self._call_into, args=(future, key, fn, args, kwargs), daemon=True
+                target=contextvars.copy_context().run,
+                args=(self._call_into, future, key, fn, args, kwargs),
+                daemon=True,
             ).start()
             return future
         assert call is not None

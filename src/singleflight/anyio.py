@@ -872,6 +872,10 @@ class AnyIOGroup(Generic[K, V]):
         if run.table.get(key) is flight:
             del run.table[key]
             run.free_slot()
+        elif run.slot_waiters:
+            # Forgotten, maybe from outside the run, which could not wake anyone:
+            # a slot waiter looks again now (a spurious wake costs only a retry).
+            run.free_slot()
         error: Exception | None = None
         if exc is not None:
             flight.value = None

@@ -11,14 +11,19 @@ group calls and cache stats come from each worker.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from _redis_fleet import Worker, read_loads
 from _redis_server import RedisServer
+
+from singleflight import LoadingCache
+from singleflight.redis import RedisGroup
 
 WORKER = str(Path(__file__).with_name("_redis_cache_worker.py"))
 
@@ -219,3 +224,72 @@ def test_get_many_leaves_out_a_key_not_found_in_another_process(
     assert outcome["value"] == {"here": {"key": "here", "pid": b.pid, "n": 1}}
     assert _starts(tmp_path) == [a.pid, b.pid]
     assert not b.cmd("contains", key="gone")["contains"]
+
+
+# -- in one process: invalidate() racing a get() that arrives while it runs -----------------
+
+
+@pytest.mark.parametrize("pause", ["before", "after"])
+def test_a_get_during_invalidate_never_writes_the_old_value_back(
+    server: RedisServer, pause: str
+) -> None:
+    """invalidate() forgets the group's flight, then revokes the write-back lease.
+
+    A get() arriving while invalidate() runs (paused here before or after the
+    group's own forget) either joins the old flight before the revocation, or
+    starts a new load: once invalidate() has returned, the old value is not in
+    the cache.  (Revoking first would let such a get() take a fresh lease and
+    join the old flight, writing its value back after the invalidate.)
+    """
+    entered, proceed, gate = threading.Event(), threading.Event(), threading.Event()
+
+    class PausingForget(RedisGroup[str, str]):
+        def forget(self, key: str) -> None:
+            if pause == "after":
+                super().forget(key)
+            entered.set()
+            assert proceed.wait(10)
+            if pause == "before":
+                super().forget(key)
+
+    client = redis.Redis(port=server.port)
+    group = PausingForget(client, namespace=f"race-{pause}", result_ttl=0)
+    version = ["old"]
+    loads: list[str] = []
+
+    def load(key: str) -> str:
+        seen = version[0]
+        loads.append(seen)
+        assert gate.wait(10)
+        return seen
+
+    cache: LoadingCache[str, str] = LoadingCache(load, ttl=60, group=group)
+    got: dict[str, str] = {}
+    leader = threading.Thread(target=lambda: got.setdefault("leader", cache.get("k")))
+    leader.start()
+    try:
+        _wait_until("the first load runs", lambda: loads == ["old"])
+        version[0] = "new"  # the source changes, and the cache is told
+        invalidator = threading.Thread(target=cache.invalidate, args=("k",))
+        invalidator.start()
+        assert entered.wait(10)
+        late = threading.Thread(target=lambda: got.setdefault("late", cache.get("k")))
+        late.start()
+        if pause == "before":  # the group still has the old flight: the late get joins it
+            _wait_until("the late get joins", lambda: group.stats().joins == 1)
+        else:  # forgotten: the late get loads anew
+            _wait_until("the late get loads", lambda: len(loads) == 2)
+        gate.set()
+        leader.join(10)
+        late.join(10)
+        proceed.set()
+        invalidator.join(10)
+        assert not (leader.is_alive() or late.is_alive() or invalidator.is_alive())
+        assert got["leader"] == "old"
+        assert cache.get("k") == "new"
+        assert loads[-1] == "new"
+    finally:
+        gate.set()
+        proceed.set()
+        group.close()
+        client.close()

@@ -563,3 +563,42 @@ def test_bad_limit_options_are_refused(group_class: Any, server: RedisServer) ->
     ]:
         with pytest.raises((ValueError, TypeError), match=message):
             group_class(client, namespace="bad", **options)
+
+
+def test_do_future_waiting_for_a_slot_is_told_and_counted_as_one_flight(
+    server: RedisServer,
+) -> None:
+    """The thread a do_future() waits for a slot on acts in its caller's context: the
+    flight it leads has one id from start to end, and its failure is counted."""
+    events = Recorder()
+    client = redis.Redis(port=server.port)
+    group: RedisGroup[str, str] = RedisGroup(
+        client, namespace="slot-future", max_flights=1, on_limit="wait", on_event=events
+    )
+    gate = threading.Event()
+
+    def hold() -> str:
+        assert gate.wait(10)
+        return "a"
+
+    def fail() -> str:
+        raise ValueError("b failed")
+
+    try:
+        first = group.do_future("a", hold)
+        _wait_for(lambda: "a" in group)
+        second = group.do_future("b", fail)  # waits for the slot on a thread
+        gate.set()
+        assert first.result(10) == "a"
+        with pytest.raises(ValueError, match="b failed"):
+            second.result(10)
+        _wait_for(lambda: len(events.of(FlightFailed)) == 1)
+        started = {e.key: e.flight for e in events.of(FlightStarted)}
+        ended = {e.key: e.flight for e in [*events.of(FlightFinished), *events.of(FlightFailed)]}
+        assert started == ended and 0 not in started.values()
+        stats = group.stats()
+        assert (stats.flights, stats.errors, stats.in_flight) == (2, 1, 0)
+    finally:
+        gate.set()
+        group.close()
+        client.close()

@@ -198,21 +198,37 @@ class CacheBase(Generic[K, V]):
         ``TypeError`` for an unhashable key.
         """
         check_key(key)
-        with self._lock:
-            self._store.invalidate(key)
+        # Forget first: a caller arriving between the two steps must not join
+        # the old flight with a lease taken after the revocation (it would
+        # write the old value back).  The other order loses at most a write.
         if self._forget is not None:
             self._forget(key)
+        with self._lock:
+            self._store.invalidate(key)
 
     def clear(self) -> None:
         """Drop every entry; loads in flight are treated as by :meth:`invalidate`.
 
-        The counters of :meth:`stats` are kept.
+        The counters of :meth:`stats` are kept.  With a group that crosses
+        processes, results it keeps for late callers (a Redis group's
+        ``result_ttl``) are dropped only for the keys in flight here; another
+        key's kept result may still answer its next miss (call
+        :meth:`invalidate` on a key to drop that too).
         """
+        forget = self._forget
+        if forget is None:
+            with self._lock:
+                self._store.clear()
+            return
+        with self._lock:  # forget before the revocation, as invalidate() does
+            before = set(self._store.in_flight())
+        for key in before:
+            forget(key)
         with self._lock:
             in_flight = self._store.clear()
-        if self._forget is not None:
-            for key in in_flight:
-                self._forget(key)
+        for key in in_flight:  # loads that started meanwhile
+            if key not in before:
+                forget(key)
 
     def put(self, key: K, value: V) -> None:
         """Store ``value`` for ``key`` as if it had just been loaded.
@@ -221,10 +237,10 @@ class CacheBase(Generic[K, V]):
         overwrite it.  ``TypeError`` for an unhashable key.
         """
         check_key(key)
+        if self._forget is not None:  # first, as in invalidate()
+            self._forget(key)
         with self._lock:
             self._store.put(key, value, self._clock())
-        if self._forget is not None:
-            self._forget(key)
 
     def stats(self) -> CacheStats:
         """A snapshot of the cache's counters (see :class:`CacheStats`).
@@ -295,10 +311,10 @@ class CacheBase(Generic[K, V]):
     def _force(self, key: K) -> Entry | None:
         """Start a forced reload of ``key`` (:meth:`refresh`): the entry it replaces."""
         check_key(key)
+        if self._forget is not None:  # first, as in invalidate()
+            self._forget(key)
         with self._lock:
             seen = self._store.force(key)
-        if self._forget is not None:
-            self._forget(key)
         return seen
 
     def _unforce(self, key: K) -> None:

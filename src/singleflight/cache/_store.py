@@ -424,9 +424,13 @@ class Store(Generic[K]):
         if entry is not None:
             self.retired_hits += entry.hits
 
+    def in_flight(self) -> list[K]:
+        """The keys with a load in flight (holding a lease or in a batch)."""
+        return list(self.leases.keys() | self.batches.keys())
+
     def clear(self) -> list[K]:
         """Drop every entry and revoke every lease; returns the keys that had loads in flight."""
-        in_flight = list(self.leases.keys() | self.batches.keys())
+        in_flight = self.in_flight()
         self.retired_hits += sum(entry.hits for entry in self.data.values())
         self.data.clear()
         self.leases.clear()
