@@ -14,7 +14,6 @@ its baseline.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import os
 import random
@@ -22,7 +21,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
 from typing import Any
 
@@ -164,82 +163,14 @@ def thread_worker(
             track.got("value")
 
 
-async def async_soak(deadline: float, groups: list[tuple[AsyncGroup[int, Any], Track]]) -> None:
-    async def worker(group: AsyncGroup[int, Any], track: Track, seed: int) -> None:
-        rng = random.Random(seed)
-        while time.monotonic() < deadline:
-            key = rng.randrange(KEYS)
-            if rng.random() < 0.5:
-                key %= 20
-            draw = rng.random()
-            if draw < 0.03:
-                track.forget(key)
-                group.forget(key)
-                await asyncio.sleep(0)
-                continue
+async def task_soak(
+    deadline: float, groups: Sequence[tuple[AsyncGroup[int, Any] | AnyIOGroup[int, Any], Track]]
+) -> None:
+    """Tasks on AsyncGroup (run under asyncio) or AnyIOGroup (under trio): one workload."""
 
-            async def load(key: int = key) -> tuple[int, str]:
-                track.enter(key)
-                try:
-                    await asyncio.sleep(track.pause(rng))
-                    failure = track.loader_fails(rng)
-                    if failure is not None:
-                        raise failure(key)
-                    return (key, track.name)
-                finally:
-                    track.leave(key)
-
-            # With cancel_abandoned, a caller that leaves may cancel the loader
-            # while a new flight of the key starts: treat the key as forgotten.
-            cancel = draw < 0.15
-            if cancel and track.wait:  # here "wait" marks cancel_abandoned=True
-                track.forget(key)
-            try:
-                if cancel:
-                    async with asyncio.timeout(rng.random() * 0.003):
-                        value = await group.do(key, load)
-                else:
-                    value = await group.do(key, load)
-            except ValueError:
-                track.got("error")
-            except AbortedError:
-                track.got("aborted")
-            except TooManyFlights:
-                assert track.limit, "TooManyFlights from a group without max_flights"
-                track.got("rejected")
-            except WaitTimeout:
-                assert track.timeout, "WaitTimeout from a group without timeout"
-                track.got("timeout")
-            except TimeoutError:
-                assert cancel, f"{track.name}: a call without a timeout timed out"
-                track.got("cancelled")
-            else:
-                assert value == (key, track.name)
-                track.got("value")
-
-    tasks = [
-        asyncio.create_task(worker(group, track, seed))
-        for seed in range(TASKS)
-        for group, track in [groups[seed % len(groups)]]
-    ]
-    await asyncio.wait_for(asyncio.gather(*tasks), SECONDS + 60)
-    # Loaders whose callers all left run on (cancel_abandoned=False): let them end.
-    for group, _ in groups:
-        for _ in range(2000):
-            if len(group) == 0:
-                break
-            await asyncio.sleep(0.005)
-        assert len(group) == 0, f"{group!r} holds flights after the soak"
-    await asyncio.sleep(0.05)
-    # Read now: AsyncGroup.stats() sums the loops still open, and this one closes next.
-    for group, track in groups:
-        track.stats = group.stats()
-
-
-async def trio_soak(deadline: float, groups: list[tuple[AnyIOGroup[int, Any], Track]]) -> None:
-    """The asyncio soak's workload on AnyIOGroup, run under trio."""
-
-    async def worker(group: AnyIOGroup[int, Any], track: Track, seed: int) -> None:
+    async def worker(
+        group: AsyncGroup[int, Any] | AnyIOGroup[int, Any], track: Track, seed: int
+    ) -> None:
         rng = random.Random(seed)
         while time.monotonic() < deadline:
             key = rng.randrange(KEYS)
@@ -263,8 +194,10 @@ async def trio_soak(deadline: float, groups: list[tuple[AnyIOGroup[int, Any], Tr
                 finally:
                     track.leave(key)
 
+            # With cancel_abandoned, a caller that leaves may cancel the loader
+            # while a new flight of the key starts: treat the key as forgotten.
             cancel = draw < 0.15
-            if cancel and track.wait:  # cancel_abandoned, as in the asyncio soak
+            if cancel and track.wait:  # here "wait" marks cancel_abandoned=True
                 track.forget(key)
             value: object = None
             try:
@@ -295,6 +228,7 @@ async def trio_soak(deadline: float, groups: list[tuple[AnyIOGroup[int, Any], Tr
             for seed in range(TASKS):
                 group, track = groups[seed % len(groups)]
                 tasks.start_soon(worker, group, track, seed)
+    # Loaders whose callers all left run on (cancel_abandoned=False): let them end.
     for group, _ in groups:
         for _ in range(2000):
             if len(group) == 0:
@@ -302,7 +236,8 @@ async def trio_soak(deadline: float, groups: list[tuple[AnyIOGroup[int, Any], Tr
             await anyio.sleep(0.005)
         assert len(group) == 0, f"{group!r} holds flights after the soak"
     await anyio.sleep(0.05)
-    for group, track in groups:  # read while the run is open, as for AsyncGroup
+    # Read now: the groups' stats() sum the loops and runs still open, and this one ends next.
+    for group, track in groups:
         track.stats = group.stats()
 
 
@@ -364,11 +299,13 @@ def run_soak(seconds: float) -> Soak:
         for i in range(THREADS)
     ]
     threads.append(
-        threading.Thread(target=guarded(lambda: asyncio.run(async_soak(deadline, async_groups))))
+        threading.Thread(
+            target=guarded(lambda: anyio.run(task_soak, deadline, async_groups, backend="asyncio"))
+        )
     )
     threads.append(
         threading.Thread(
-            target=guarded(lambda: anyio.run(trio_soak, deadline, trio_groups, backend="trio"))
+            target=guarded(lambda: anyio.run(task_soak, deadline, trio_groups, backend="trio"))
         )
     )
     for thread in threads:

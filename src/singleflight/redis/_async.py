@@ -27,12 +27,12 @@ from . import _protocol as proto
 from ._clients import configure_async
 from ._core import (
     _CURRENT,
-    CALLER,
     RETRY,
     Caller,
     FlightInfo,
     GroupCore,
     Watch,
+    calling,
     describe,
     log,
     with_shared,
@@ -300,12 +300,8 @@ class AsyncRedisGroup(Generic[K, V]):
         waiters get :class:`AbortedError`.
         """
         text = self._core.checked(key, fn)
-        caller = Caller()
-        token = CALLER.set(caller)
-        try:
+        with calling() as caller:
             return await self._local.do(key, self._fly, key, text, fn, args, kwargs, caller)
-        finally:
-            CALLER.reset(token)
 
     async def do_result(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
@@ -316,14 +312,10 @@ class AsyncRedisGroup(Generic[K, V]):
         ``TypeError`` / ``RuntimeError``, as for :meth:`do`.
         """
         text = self._core.checked(key, fn)
-        caller = Caller()
-        token = CALLER.set(caller)
-        try:
+        with calling() as caller:
             result = await self._local.do_result(
                 key, self._fly, key, text, fn, args, kwargs, caller
             )
-        finally:
-            CALLER.reset(token)
         return with_shared(result, caller)
 
     def do_future(
@@ -334,12 +326,8 @@ class AsyncRedisGroup(Generic[K, V]):
         As :meth:`AsyncGroup.do_future`: each caller's future is its own.
         """
         text = self._core.checked(key, fn)
-        caller = Caller()
-        token = CALLER.set(caller)
-        try:
+        with calling() as caller:
             return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, caller)
-        finally:
-            CALLER.reset(token)
 
     def forget(self, key: K) -> None:
         """Let the next call of ``key``, in any process, start a new flight.

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from time import monotonic as _monotonic
 from time import perf_counter
@@ -54,6 +55,7 @@ from .codecs import Codec, CodecError, JsonCodec, PayloadTooLargeError
 
 __all__ = [
     "CALLER",
+    "calling",
     "RETRY",
     "Caller",
     "FlightInfo",
@@ -140,6 +142,17 @@ class Caller:
 # The call being made in this thread or task, set while it is inside the local
 # group: the local FlightStarted is told in the leading caller's context.
 CALLER: ContextVar[Caller | None] = ContextVar("singleflight_redis_caller", default=None)
+
+
+@contextmanager
+def calling() -> Iterator[Caller]:
+    """A new call's :class:`Caller`, current in ``CALLER`` while the call is inside."""
+    caller = Caller()
+    token = CALLER.set(caller)
+    try:
+        yield caller
+    finally:
+        CALLER.reset(token)
 
 
 class _Lead:

@@ -27,12 +27,12 @@ from . import _protocol as proto
 from ._clients import configure_sync
 from ._core import (
     _CURRENT,
-    CALLER,
     RETRY,
     Caller,
     FlightInfo,
     GroupCore,
     Watch,
+    calling,
     describe,
     log,
     with_shared,
@@ -397,12 +397,8 @@ class RedisGroup(Generic[K, V]):
         it runs here.  A waiting ``do`` cannot be cancelled; use :meth:`do_future`.
         """
         text = self._core.checked(key, fn)
-        caller = Caller()
-        token = CALLER.set(caller)
-        try:
+        with calling() as caller:
             return self._local.do(key, self._fly, key, text, fn, args, kwargs, caller)
-        finally:
-            CALLER.reset(token)
 
     def do_result(
         self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs
@@ -417,12 +413,8 @@ class RedisGroup(Generic[K, V]):
         raised as by :meth:`do`.
         """
         text = self._core.checked(key, fn)
-        caller = Caller()
-        token = CALLER.set(caller)
-        try:
+        with calling() as caller:
             result = self._local.do_result(key, self._fly, key, text, fn, args, kwargs, caller)
-        finally:
-            CALLER.reset(token)
         return with_shared(result, caller)
 
     def do_future(
@@ -435,12 +427,8 @@ class RedisGroup(Generic[K, V]):
         The future holds what :meth:`do` would return or raise.
         """
         text = self._core.checked(key, fn)
-        caller = Caller()
-        token = CALLER.set(caller)
-        try:
+        with calling() as caller:
             return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, caller)
-        finally:
-            CALLER.reset(token)
 
     def forget(self, key: K) -> None:
         """Let the next call of ``key``, in any process, start a new flight.
