@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import pytest
 
-from singleflight import AbortedError, Result, TooManyFlights, WaitTimeout
+from singleflight import AbortedError, Result, TooManyFlightsError, WaitTimeoutError
 from singleflight.anyio import AnyIOGroup, FlightFuture
 from singleflight.events import (
     Event,
@@ -345,8 +345,8 @@ async def test_bad_options() -> None:
         AnyIOGroup(name=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="on_event"):
         AnyIOGroup(on_event=5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="cancel_abandoned"):
-        AnyIOGroup(cancel_abandoned="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cancel_orphaned"):
+        AnyIOGroup(cancel_orphaned="yes")  # type: ignore[arg-type]
 
 
 async def test_loader_calling_own_key_gets_runtime_error_naming_it() -> None:
@@ -390,14 +390,14 @@ async def test_loader_runs_in_its_own_task_and_sees_leaders_context() -> None:
         assert seen == ["leader"]
 
 
-@pytest.mark.parametrize("cancel_abandoned", [False, True])
+@pytest.mark.parametrize("cancel_orphaned", [False, True])
 @pytest.mark.parametrize("victim", [0, 1])
 async def test_cancelling_one_caller_leaves_the_others_alone(
-    victim: int, cancel_abandoned: bool
+    victim: int, cancel_orphaned: bool
 ) -> None:
     """The leader (0) or a joiner (1) is cancelled: it alone raises the backend's cancellation."""
     with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=cancel_abandoned)
+        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=cancel_orphaned)
         gate = anyio.Event()
         loader = Loader(gate=gate)
         callers = [Caller(g, "k", loader, "do" if i % 2 else "do_result") for i in range(3)]
@@ -418,7 +418,7 @@ async def test_cancelling_one_caller_leaves_the_others_alone(
 
 async def test_move_on_after_leaves_the_flight_for_the_others() -> None:
     with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=True)
+        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=True)
         gate = anyio.Event()
         loader = Loader(gate=gate)
         got: list[Any] = []
@@ -455,10 +455,10 @@ async def test_all_callers_cancelled_default_loader_runs_on() -> None:
         assert not loader.cancelled.is_set() and g.stats().aborted == 0
 
 
-async def test_cancel_abandoned_cancels_loader_when_last_caller_leaves_not_before() -> None:
+async def test_cancel_orphaned_cancels_loader_when_last_caller_leaves_not_before() -> None:
     with anyio.fail_after(WAIT):
         events: list[Event] = []
-        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=True, on_event=events.append)
+        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=True, on_event=events.append)
         gate = anyio.Event()
         loader = Loader(gate=gate)
         callers = [Caller(g, "k", loader) for _ in range(3)]
@@ -481,9 +481,9 @@ async def test_cancel_abandoned_cancels_loader_when_last_caller_leaves_not_befor
         assert await g.do("k", Loader("new")) is not loader.value
 
 
-async def test_cancel_abandoned_before_the_loader_ran_aborts_it() -> None:
+async def test_cancel_orphaned_before_the_loader_ran_aborts_it() -> None:
     with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=True)
+        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=True)
         loader = Loader()
         with anyio.CancelScope() as scope:
             scope.cancel()
@@ -733,9 +733,9 @@ async def test_max_flights_raise_refuses_new_keys_never_joins() -> None:
         async with anyio.create_task_group() as tg:
             await enter(tg, g, list(leaders.values()))
             for entry in ("do", "do_result"):
-                with pytest.raises(TooManyFlights) as info:
+                with pytest.raises(TooManyFlightsError) as info:
                     await getattr(g, entry)("c", c)
-            with pytest.raises(TooManyFlights):
+            with pytest.raises(TooManyFlightsError):
                 g.do_future("c", c)  # raised at once, not put in the future
             err = info.value
             assert err.key == "c" and err.limit == 2 and "max_flights=2" in str(err)
@@ -812,15 +812,13 @@ async def test_callers_of_one_key_waiting_for_a_slot_share_its_flight(
         assert g.stats().flights == 2 and g.stats().shared == 1
 
 
-@pytest.mark.parametrize(
-    "how", ["error", "aborted", "forget", "cancel_abandoned", "loader_timeout"]
-)
+@pytest.mark.parametrize("how", ["error", "aborted", "forget", "cancel_orphaned", "loader_timeout"])
 async def test_slot_is_freed_when_a_flight_leaves_the_table(how: str) -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(
             max_flights=1,
             on_limit="wait",
-            cancel_abandoned=how == "cancel_abandoned",
+            cancel_orphaned=how == "cancel_orphaned",
             loader_timeout=0.2 if how == "loader_timeout" else None,
         )
         gate = anyio.Event()
@@ -834,7 +832,7 @@ async def test_slot_is_freed_when_a_flight_leaves_the_table(how: str) -> None:
                 gate.set()
             elif how == "forget":
                 g.forget("a")
-            elif how == "cancel_abandoned":
+            elif how == "cancel_orphaned":
                 leader.scope.cancel()
             await waiter.done.wait()
             assert waiter.got() is b.value and parked(g) == 0
@@ -988,7 +986,7 @@ async def test_timeout_callers_leave_the_flight_goes_on() -> None:
             await joiner.done.wait()
         for c in (leader, joiner):
             err = c.error
-            assert isinstance(err, WaitTimeout) and isinstance(err, TimeoutError)
+            assert isinstance(err, WaitTimeoutError) and isinstance(err, TimeoutError)
             assert "'k'" in str(err) and "timeout=0.3" in str(err)
         assert joiner.result is None  # a caller's own timeout is raised, not a Result
         assert "k" in g and not loader.cancelled.is_set() and not future.done()
@@ -1008,14 +1006,14 @@ async def test_timeout_callers_leave_the_flight_goes_on() -> None:
         assert isinstance(events[-1], FlightFinished) and events[-1].callers == 4
 
 
-async def test_timeout_of_the_last_caller_with_cancel_abandoned_cancels_the_loader() -> None:
+async def test_timeout_of_the_last_caller_with_cancel_orphaned_cancels_the_loader() -> None:
     with anyio.fail_after(WAIT):
         events: list[Event] = []
         g: AnyIOGroup[str, Token] = AnyIOGroup(
-            timeout=0.1, cancel_abandoned=True, on_event=events.append
+            timeout=0.1, cancel_orphaned=True, on_event=events.append
         )
         loader = Loader("v", gate=anyio.Event())
-        with pytest.raises(WaitTimeout):
+        with pytest.raises(WaitTimeoutError):
             await g.do("k", loader)
         await loader.cancelled.wait()
         await until(lambda: g.stats().aborted == 1)
@@ -1036,7 +1034,7 @@ async def test_timeout_is_one_deadline_for_the_slot_and_the_outcome() -> None:
         async def call_b() -> None:
             try:
                 await g.do("b", b)
-            except WaitTimeout as exc:
+            except WaitTimeoutError as exc:
                 got.append(exc)
 
         async with anyio.create_task_group() as tg:
@@ -1065,16 +1063,16 @@ async def test_timeout_while_waiting_for_a_slot() -> None:
         leader = Caller(g, "a", a)
         async with anyio.create_task_group() as tg:
             await enter(tg, g, [leader])
-            with pytest.raises(WaitTimeout) as info:
+            with pytest.raises(WaitTimeoutError) as info:
                 await g.do("b", b)
             assert "'b'" in str(info.value) and b.calls == 0 and "b" not in g
             assert parked(g) == 0
             future = g.do_future("b", b)  # bound by timeout while it waits for a slot
-            with pytest.raises(WaitTimeout):
+            with pytest.raises(WaitTimeoutError):
                 await future
-            assert isinstance(future.exception(), WaitTimeout)
+            assert isinstance(future.exception(), WaitTimeoutError)
             await leader.done.wait()
-        assert isinstance(leader.got(), WaitTimeout) and "a" in g  # its loader runs on
+        assert isinstance(leader.got(), WaitTimeoutError) and "a" in g  # its loader runs on
         s = g.stats()
         assert (s.timeouts, s.flights, s.rejected) == (3, 1, 0)
         assert sorted(str(e.key) for e in events if isinstance(e, TimedOut)) == ["a", "b", "b"]
@@ -1110,7 +1108,7 @@ async def test_loader_timeout_fails_the_flight_for_every_caller_and_frees_its_sl
             await park(tg, g, [parked_one])
         assert anyio.current_time() - begun >= 0.2 * 0.99
         err = callers[0].got()
-        assert type(err) is TimeoutError and not isinstance(err, WaitTimeout | AbortedError)
+        assert type(err) is TimeoutError and not isinstance(err, WaitTimeoutError | AbortedError)
         assert "loader_timeout=0.2" in str(err) and "'k'" in str(err)
         assert callers[1].result == Result(None, err, True)
         assert future.exception() is err
@@ -1133,15 +1131,15 @@ async def test_loader_timeout_passes_the_loaders_own_timeout_error_through() -> 
         with pytest.raises(TimeoutError) as info:
             await g.do("k", Loader("s", error=own))
         assert info.value is own
-        # A caller's timeout shorter than loader_timeout is still a WaitTimeout...
+        # A caller's timeout shorter than loader_timeout is still a WaitTimeoutError...
         g2: AnyIOGroup[str, Token] = AnyIOGroup(loader_timeout=5.0, timeout=0.1)
-        with pytest.raises(WaitTimeout):
+        with pytest.raises(WaitTimeoutError):
             await g2.do("k", Loader("w", gate=anyio.Event()))
         # ... and a loader_timeout shorter than the caller's timeout a plain TimeoutError.
         g3: AnyIOGroup[str, Token] = AnyIOGroup(loader_timeout=0.1, timeout=5.0)
         with pytest.raises(TimeoutError) as info:
             await g3.do("k", Loader("w", gate=anyio.Event()))
-        assert not isinstance(info.value, WaitTimeout) and "loader_timeout" in str(info.value)
+        assert not isinstance(info.value, WaitTimeoutError) and "loader_timeout" in str(info.value)
         assert (g3.stats().timeouts, g3.stats().errors) == (0, 1)
 
 
@@ -1193,7 +1191,7 @@ async def test_do_future_error_is_the_flights(error: BaseException) -> None:
 
 async def test_do_future_cancel_leaves_the_flight_to_the_others() -> None:
     with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=True)
+        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=True)
         gate = anyio.Event()
         loader = Loader(gate=gate)
         leaver, stayer = g.do_future("k", loader), g.do_future("k", never_called)
@@ -1222,7 +1220,7 @@ async def test_do_future_cancel_leaves_the_flight_to_the_others() -> None:
 
 async def test_do_future_cancelled_awaiter_cancels_it_and_last_one_aborts_the_loader() -> None:
     with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=True)
+        g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=True)
         loader = Loader(gate=anyio.Event())  # never set
         future = g.do_future("k", loader)
         await loader.started.wait()
@@ -1303,9 +1301,9 @@ def test_good_limit_and_timeout_options_are_accepted() -> None:
 STRESS_KEYS = [f"k{i}" for i in range(6)]
 
 
-async def _stress(seed: int, cancel_abandoned: bool, n: int) -> Counter[str]:
+async def _stress(seed: int, cancel_orphaned: bool, n: int) -> Counter[str]:
     rng = random.Random(seed)
-    g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_abandoned=cancel_abandoned)
+    g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=cancel_orphaned)
     flight_no = iter(range(10**9))
     values: dict[int, Token] = {}
     running: Counter[str] = Counter()
@@ -1319,7 +1317,7 @@ async def _stress(seed: int, cancel_abandoned: bool, n: int) -> Counter[str]:
             counts["loader"] += 1
             running[key] += 1
             # An abandoned loader may still be unwinding when the next flight starts.
-            if running[key] > 1 and "forget" not in key and not cancel_abandoned:
+            if running[key] > 1 and "forget" not in key and not cancel_orphaned:
                 problems.append(f"two loaders at once for {key}")
             try:
                 try:
@@ -1434,10 +1432,10 @@ async def _call(g: AnyIOGroup[str, Token], entry: str, key: str, fn: Any) -> Any
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("cancel_abandoned", [False, True])
-async def test_stress_random_cancellations_and_errors(seed: int, cancel_abandoned: bool) -> None:
+@pytest.mark.parametrize("cancel_orphaned", [False, True])
+async def test_stress_random_cancellations_and_errors(seed: int, cancel_orphaned: bool) -> None:
     with anyio.fail_after(30):
-        counts = await _stress(seed, cancel_abandoned, 400)
+        counts = await _stress(seed, cancel_orphaned, 400)
     # Every sure abort and error reached its caller as such (a wrong outcome is
     # one of the problems _stress asserts away); the random ones add to them.
     assert counts["sure-abort"] == counts["sure-raise"] == 400 // 25
@@ -1445,7 +1443,7 @@ async def test_stress_random_cancellations_and_errors(seed: int, cancel_abandone
     assert counts["value"] and counts["cancelled"]
     assert counts["shared"] and counts["coalesced"] >= 2
     assert counts["flights"] < 400
-    if cancel_abandoned:
+    if cancel_orphaned:
         assert counts["loader_cancelled"] + counts["never_started"] > 0
     else:
         assert counts["loader_cancelled"] == counts["never_started"] == 0

@@ -1009,7 +1009,7 @@ def test_abandoned_flight_cleanup_never_removes_newer_one(entry: str) -> None:
     """4/7 (cacheflight's bug): an abandoned loader's slow cancel never removes the next flight."""
 
     async def main() -> None:
-        g: AsyncGroup[str, Token] = AsyncGroup(cancel_abandoned=True)
+        g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=True)
         meter = Meter()
         cleanup, gate_b = asyncio.Event(), asyncio.Event()
         a = Loader("a", gate=asyncio.Event(), cleanup=cleanup, meter=meter)
@@ -1114,13 +1114,13 @@ def test_loader_runs_in_its_own_task_from_first_line(entry: str, suspend: bool) 
     run(main())
 
 
-@pytest.mark.parametrize("cancel_abandoned", [False, True])
+@pytest.mark.parametrize("cancel_orphaned", [False, True])
 @pytest.mark.parametrize("leader_entry", ENTRIES)
-def test_cancel_leader_others_unaffected(leader_entry: str, cancel_abandoned: bool) -> None:
+def test_cancel_leader_others_unaffected(leader_entry: str, cancel_orphaned: bool) -> None:
     """7: cancelling the first caller leaves the loader and every other caller alone."""
 
     async def main() -> None:
-        g: AsyncGroup[str, Token] = AsyncGroup(cancel_abandoned=cancel_abandoned)
+        g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=cancel_orphaned)
         gate = asyncio.Event()
         loader = Loader(gate=gate)
         leader = await start(g, leader_entry, "k", loader)
@@ -1141,13 +1141,13 @@ def test_cancel_leader_others_unaffected(leader_entry: str, cancel_abandoned: bo
     run(main())
 
 
-@pytest.mark.parametrize("cancel_abandoned", [False, True])
+@pytest.mark.parametrize("cancel_orphaned", [False, True])
 @pytest.mark.parametrize("victim_entry", ENTRIES)
-def test_cancel_one_waiter_others_unaffected(victim_entry: str, cancel_abandoned: bool) -> None:
+def test_cancel_one_waiter_others_unaffected(victim_entry: str, cancel_orphaned: bool) -> None:
     """7: a cancelled waiter alone raises CancelledError; the leader and the rest get the value."""
 
     async def main() -> None:
-        g: AsyncGroup[str, Token] = AsyncGroup(cancel_abandoned=cancel_abandoned)
+        g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=cancel_orphaned)
         gate = asyncio.Event()
         loader = Loader(gate=gate)
         calls = [(e, await start(g, e, "k", loader)) for e in ENTRIES]
@@ -1167,7 +1167,7 @@ def test_cancel_one_waiter_others_unaffected(victim_entry: str, cancel_abandoned
 
 @pytest.mark.parametrize("leader_entry", ENTRIES)
 def test_cancel_all_callers_default_loader_runs_on(leader_entry: str) -> None:
-    """7 (cancel_abandoned=False): every caller cancelled, the loader still finishes."""
+    """7 (cancel_orphaned=False): every caller cancelled, the loader still finishes."""
 
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup()
@@ -1198,11 +1198,11 @@ def test_cancel_all_callers_default_loader_runs_on(leader_entry: str) -> None:
 
 
 @pytest.mark.parametrize("leader_entry", ENTRIES)
-def test_cancel_all_callers_cancel_abandoned_cancels_loader(leader_entry: str) -> None:
-    """7 (cancel_abandoned=True): the loader is cancelled when its last caller leaves."""
+def test_cancel_all_callers_cancel_orphaned_cancels_loader(leader_entry: str) -> None:
+    """7 (cancel_orphaned=True): the loader is cancelled when its last caller leaves."""
 
     async def main() -> None:
-        g: AsyncGroup[str, Token] = AsyncGroup(cancel_abandoned=True)
+        g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=True)
         loader = Loader(gate=asyncio.Event())
         handles = [await start(g, leader_entry, "k", loader)]
         await loader.started.wait()
@@ -1303,12 +1303,12 @@ def test_loader_base_exception_gives_aborted_error(entry: str, suspend: bool) ->
     run(main())
 
 
-@pytest.mark.parametrize("cancel_abandoned", [False, True])
-def test_caller_timeouts_leave_others_unaffected(cancel_abandoned: bool) -> None:
+@pytest.mark.parametrize("cancel_orphaned", [False, True])
+def test_caller_timeouts_leave_others_unaffected(cancel_orphaned: bool) -> None:
     """7/8: timeout / wait_for time out one caller each; the others get the value."""
 
     async def main() -> None:
-        g: AsyncGroup[str, Token] = AsyncGroup(cancel_abandoned=cancel_abandoned)
+        g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=cancel_orphaned)
         gate = asyncio.Event()
         loader = Loader(gate=gate)
 
@@ -1343,18 +1343,18 @@ def test_caller_timeouts_leave_others_unaffected(cancel_abandoned: bool) -> None
     run(main())
 
 
-@pytest.mark.parametrize("cancel_abandoned", [False, True])
-def test_sole_caller_timeout(cancel_abandoned: bool) -> None:
-    """7: a lone caller times out: the loader runs on, or is cancelled (cancel_abandoned)."""
+@pytest.mark.parametrize("cancel_orphaned", [False, True])
+def test_sole_caller_timeout(cancel_orphaned: bool) -> None:
+    """7: a lone caller times out: the loader runs on, or is cancelled (cancel_orphaned)."""
 
     async def main() -> None:
-        g: AsyncGroup[str, Token] = AsyncGroup(cancel_abandoned=cancel_abandoned)
+        g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=cancel_orphaned)
         gate = asyncio.Event()
         loader = Loader(gate=gate)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(g.do("k", loader), 0.01)
         await spin()
-        if cancel_abandoned:
+        if cancel_orphaned:
             await loader.cancelled.wait()
             assert "k" not in g
         else:
@@ -1418,12 +1418,12 @@ def test_do_future_of_loader_finishing_at_once(suspend: bool) -> None:
     run(main())
 
 
-@pytest.mark.parametrize("cancel_abandoned", [False, True])
-def test_cancelling_every_do_future_future(cancel_abandoned: bool) -> None:
-    """8: cancelling all do_future futures cancels the loader only with cancel_abandoned=True."""
+@pytest.mark.parametrize("cancel_orphaned", [False, True])
+def test_cancelling_every_do_future_future(cancel_orphaned: bool) -> None:
+    """8: cancelling all do_future futures cancels the loader only with cancel_orphaned=True."""
 
     async def main() -> None:
-        g: AsyncGroup[str, Token] = AsyncGroup(cancel_abandoned=cancel_abandoned)
+        g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=cancel_orphaned)
         gate = asyncio.Event()
         loader = Loader(gate=gate)
         futs = [g.do_future("k", loader) for _ in range(3)]
@@ -1433,7 +1433,7 @@ def test_cancelling_every_do_future_future(cancel_abandoned: bool) -> None:
         await spin()
         assert not loader.cancelled.is_set()
         futs[2].cancel()
-        if cancel_abandoned:
+        if cancel_orphaned:
             await loader.cancelled.wait()
             assert "k" not in g
         else:
@@ -1934,10 +1934,10 @@ class _Tagged(Boom):
         self.flight = flight
 
 
-async def _stress(seed: int, cancel_abandoned: bool, n: int) -> dict[str, int]:
+async def _stress(seed: int, cancel_orphaned: bool, n: int) -> dict[str, int]:
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
-    g: AsyncGroup[str, Token] = AsyncGroup(cancel_abandoned=cancel_abandoned)
+    g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=cancel_orphaned)
     flight_ids = itertools.count()
     live: dict[str, set[asyncio.Task[Any]]] = {k: set() for k in STRESS_KEYS}
     loader_tasks: list[asyncio.Task[Any]] = []
@@ -1979,7 +1979,7 @@ async def _stress(seed: int, cancel_abandoned: bool, n: int) -> dict[str, int]:
                     try:
                         await asyncio.sleep(call.delay)
                     except asyncio.CancelledError:
-                        abandoned.append(fid)  # only cancel_abandoned cancels a loader here
+                        abandoned.append(fid)  # only cancel_orphaned cancels a loader here
                         raise
                 if call.behaviour == "raise":
                     raise _Tagged(key, fid)
@@ -2085,23 +2085,23 @@ async def _stress(seed: int, cancel_abandoned: bool, n: int) -> dict[str, int]:
     results["aborted"] = sum(isinstance(c.got, AbortedError) for c in plans)
     results["shared"] = sum(bool(c.shared) for c in plans)
     results["abandoned"] = len(abandoned)
-    if not cancel_abandoned:
+    if not cancel_orphaned:
         assert abandoned == []
     return results
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("cancel_abandoned", [False, True])
-def test_stress_random(cancel_abandoned: bool, seed: int, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("cancel_orphaned", [False, True])
+def test_stress_random(cancel_orphaned: bool, seed: int, caplog: pytest.LogCaptureFixture) -> None:
     """Stress: 500 random callers: consistent outcomes, one loader per key, nothing left."""
     caplog.set_level(logging.ERROR, logger="asyncio")
-    stats = run(_stress(seed, cancel_abandoned, 500), timeout=20)
+    stats = run(_stress(seed, cancel_orphaned, 500), timeout=20)
     assert never_retrieved(caplog) == []
     # The run exercised what it claims to.
     assert stats["value"] > 0 and stats["error"] > 0 and stats["cancelled"] > 0
     assert stats["cancelled_leaders"] > 0 and stats["shared"] > 0
     assert stats["flights"] < 500  # coalescing happened
     assert stats["aborted"] > 0 and stats["timeout"] > 0
-    if cancel_abandoned:
+    if cancel_orphaned:
         assert stats["abandoned"] > 0

@@ -33,8 +33,8 @@ from singleflight import (
     GroupStats,
     LoadingCache,
     Result,
-    TooManyFlights,
-    WaitTimeout,
+    TooManyFlightsError,
+    WaitTimeoutError,
 )
 from singleflight.events import (
     Event,
@@ -381,7 +381,7 @@ THREAD_OPTIONS: dict[str, dict[str, Any]] = {
 ASYNC_OPTIONS: dict[str, dict[str, Any]] = {
     **THREAD_OPTIONS,
     "loader_timeout": {"loader_timeout": WAIT},
-    "all": {**THREAD_OPTIONS["all"], "loader_timeout": WAIT, "cancel_abandoned": True},
+    "all": {**THREAD_OPTIONS["all"], "loader_timeout": WAIT, "cancel_orphaned": True},
 }
 
 
@@ -852,7 +852,7 @@ def test_thread_max_flights_raise() -> None:
     c = TLoader("c")
     for entry in ("do", "do_result", "do_future"):
         t0 = time.monotonic()
-        with pytest.raises(TooManyFlights) as info:
+        with pytest.raises(TooManyFlightsError) as info:
             getattr(g, entry)("c", c)
         assert time.monotonic() - t0 < 1.0  # refused at once, never waits
         err = info.value
@@ -942,7 +942,7 @@ def test_thread_max_flights_wait_times_out() -> None:
     a.wait_started()
     b = TLoader("b")
     t0 = time.monotonic()
-    with pytest.raises(WaitTimeout) as info:
+    with pytest.raises(WaitTimeoutError) as info:
         g.do("b", b)
     waited = time.monotonic() - t0
     assert 0.2 * 0.99 <= waited < 0.2 + 2.0
@@ -1006,9 +1006,9 @@ def test_async_max_flights_raise() -> None:
         leaders = {k: await spawn(g.do(k, loaders[k])) for k in gates}
         c = ALoader("c")
         for entry in ("do", "do_result"):
-            with pytest.raises(TooManyFlights) as info:
+            with pytest.raises(TooManyFlightsError) as info:
                 await getattr(g, entry)("c", c)
-        with pytest.raises(TooManyFlights):
+        with pytest.raises(TooManyFlightsError):
             g.do_future("c", c)  # raised at once, not put in the future
         err = info.value
         assert err.key == "c" and err.limit == 2
@@ -1073,13 +1073,13 @@ def test_async_max_flights_wait_times_out() -> None:
         a_call = await spawn(g.do("a", a))  # times out too; its loader runs on
         b = ALoader("b")
         t0 = perf_counter()
-        with pytest.raises(WaitTimeout) as info:
+        with pytest.raises(WaitTimeoutError) as info:
             await g.do("b", b)
         assert 0.2 * 0.99 <= perf_counter() - t0 < 0.2 + 2.0
         assert isinstance(info.value, TimeoutError) and "'b'" in str(info.value)
         assert b.calls == 0 and "b" not in g and "a" in g
         await settle(a_call)
-        assert isinstance(a_call.exception(), WaitTimeout)
+        assert isinstance(a_call.exception(), WaitTimeoutError)
         assert g.stats().timeouts == 2
         assert [e.key for e in rec.of(TimedOut)] == ["a", "b"]
         gate.set()
@@ -1294,7 +1294,7 @@ def test_thread_timeout_callers_leave_flight_goes_on(use_pool: bool) -> None:
         rec.wait_for(Joined, 2, "k")
         for caller in (leader, joiner):
             err = caller.exception()
-            assert isinstance(err, WaitTimeout) and isinstance(err, TimeoutError)
+            assert isinstance(err, WaitTimeoutError) and isinstance(err, TimeoutError)
             assert "'k'" in str(err) and "timeout=0.3" in str(err)
         # The loader ran on a thread other than the first caller's.
         assert loader.threads[0] is not leader
@@ -1333,7 +1333,7 @@ def test_thread_do_result_timeout_raises_but_loader_timeout_error_is_a_result() 
     g: Group[str, Token] = Group(timeout=0.2)
     gate = threading.Event()
     slow = TLoader("slow", gate=gate)
-    with pytest.raises(WaitTimeout):
+    with pytest.raises(WaitTimeoutError):
         g.do_result("slow", slow)
     gate.set()
     wait_until(lambda: len(g) == 0)
@@ -1343,7 +1343,7 @@ def test_thread_do_result_timeout_raises_but_loader_timeout_error_is_a_result() 
     assert result.error is own and result.value is None and not result.shared
     with pytest.raises(TimeoutError) as info:
         g.do("own", TLoader("own", raises=own))
-    assert info.value is own and not isinstance(info.value, WaitTimeout)
+    assert info.value is own and not isinstance(info.value, WaitTimeoutError)
     s = g.stats()
     assert (s.timeouts, s.errors, s.flights) == (1, 2, 3)
 
@@ -1356,9 +1356,9 @@ def test_thread_timeout_stats_and_events_agree() -> None:
     a = TLoader("a", gate=gate)
     a_future = g.do_future("a", a)
     a.wait_started()
-    with pytest.raises(WaitTimeout):
+    with pytest.raises(WaitTimeoutError):
         g.do("b", TLoader("b"))  # times out waiting for a slot
-    with pytest.raises(WaitTimeout):
+    with pytest.raises(WaitTimeoutError):
         g.do("a", never_called)  # times out waiting for the flight
     gate.set()
     assert a_future.result(WAIT) is a.value
@@ -1380,7 +1380,7 @@ def test_async_timeout_callers_leave_flight_goes_on(use_do_future: bool) -> None
         await settle(leader, joiner)
         for caller in (leader, joiner):
             err = caller.exception()
-            assert isinstance(err, WaitTimeout) and isinstance(err, TimeoutError)
+            assert isinstance(err, WaitTimeoutError) and isinstance(err, TimeoutError)
             assert "'k'" in str(err) and "timeout=0.3" in str(err)
         assert "k" in g and not loader.cancelled.is_set()  # the loader runs on
         late = (
@@ -1412,15 +1412,15 @@ def test_async_timeout_callers_leave_flight_goes_on(use_do_future: bool) -> None
     run(main())
 
 
-def test_async_timeout_sole_leader_with_cancel_abandoned() -> None:
-    """The last caller leaving by timeout cancels the loader (cancel_abandoned=True) ..."""
+def test_async_timeout_sole_leader_with_cancel_orphaned() -> None:
+    """The last caller leaving by timeout cancels the loader (cancel_orphaned=True) ..."""
     rec = Recorder()
-    g: AsyncGroup[str, Token] = AsyncGroup(timeout=0.1, cancel_abandoned=True, on_event=rec)
+    g: AsyncGroup[str, Token] = AsyncGroup(timeout=0.1, cancel_orphaned=True, on_event=rec)
 
     async def main() -> None:
         gate = asyncio.Event()
         loader = ALoader("v", gate=gate)
-        with pytest.raises(WaitTimeout):
+        with pytest.raises(WaitTimeoutError):
             await g.do("k", loader)
         await asyncio.wait_for(loader.cancelled.wait(), WAIT)
         await spin()
@@ -1435,7 +1435,7 @@ def test_async_timeout_sole_leader_with_cancel_abandoned() -> None:
         leader = await spawn(g.do("k2", loader2))
         future = g.do_future("k2", never_called)
         await settle(leader)
-        assert isinstance(leader.exception(), WaitTimeout)
+        assert isinstance(leader.exception(), WaitTimeoutError)
         assert not loader2.cancelled.is_set() and "k2" in g
         gate2.set()
         await settle(future)
@@ -1462,7 +1462,7 @@ def test_async_timeout_is_one_deadline_for_the_slot_and_the_outcome(use_do_resul
         gate.set()  # the slot frees at ~0.8 s; b's flight starts, then b times out
         await settle(holder, caller)
         took = loop.time() - begun
-        assert isinstance(caller.exception(), WaitTimeout) and b.calls == 1
+        assert isinstance(caller.exception(), WaitTimeoutError) and b.calls == 1
         # A fresh timeout after the slot wait would make it ~1.8 s.
         assert 0.99 <= took < 1.6, took
         assert g.stats().timeouts == 1
@@ -1475,7 +1475,7 @@ def test_async_do_result_timeout_raises_but_loader_timeout_error_is_a_result() -
 
     async def main() -> None:
         gate = asyncio.Event()
-        with pytest.raises(WaitTimeout):
+        with pytest.raises(WaitTimeoutError):
             await g.do_result("slow", ALoader("slow", gate=gate))
         gate.set()
         await spin()
@@ -1485,7 +1485,7 @@ def test_async_do_result_timeout_raises_but_loader_timeout_error_is_a_result() -
             assert result.error is own and result.value is None and not result.shared
         with pytest.raises(TimeoutError) as info:
             await g.do("own", ALoader("own", raises=own))
-        assert info.value is own and not isinstance(info.value, WaitTimeout)
+        assert info.value is own and not isinstance(info.value, WaitTimeoutError)
         s = g.stats()
         assert (s.timeouts, s.errors, s.flights) == (1, 3, 4)
 
@@ -1509,7 +1509,7 @@ def test_wait_seconds_counts_joiners_until_the_flight_ends_after_the_leader_left
         leader = CallThread(tg.do, "k", loader)
         loader.wait_started()
         future = tg.do_future("k", never_called)
-        assert isinstance(leader.exception(), WaitTimeout)
+        assert isinstance(leader.exception(), WaitTimeoutError)
         time.sleep(max(0.0, hold - (perf_counter() - t0)))
         gate.set()
         assert future.result(WAIT) is loader.value
@@ -1525,7 +1525,7 @@ def test_wait_seconds_counts_joiners_until_the_flight_ends_after_the_leader_left
             leader = await spawn(ag.do("k", loader))
             future = ag.do_future("k", never_called)
             await settle(leader)
-            assert isinstance(leader.exception(), WaitTimeout)
+            assert isinstance(leader.exception(), WaitTimeoutError)
             await asyncio.sleep(max(0.0, hold - (perf_counter() - t0)))
             gate.set()
             await settle(future)
@@ -1555,8 +1555,8 @@ def test_async_loader_timeout_fails_the_flight_for_every_caller() -> None:
         await settle(*calls)
         assert perf_counter() - t0 >= 0.2 * 0.99
         err = calls[0].exception()
-        assert type(err) is TimeoutError  # not WaitTimeout, not AbortedError
-        assert not isinstance(err, (WaitTimeout, AbortedError))
+        assert type(err) is TimeoutError  # not WaitTimeoutError, not AbortedError
+        assert not isinstance(err, (WaitTimeoutError, AbortedError))
         assert "loader_timeout=0.2" in str(err) and "'k'" in str(err)
         assert calls[1].result() == Result(None, err, True)
         assert calls[2].exception() is err
@@ -1587,17 +1587,17 @@ def test_async_loader_timeout_passes_the_loaders_own_timeout_error_through() -> 
             with pytest.raises(TimeoutError) as info:
                 await g.do("k", loader)
             assert info.value is own and perf_counter() - t0 < 0.9
-        # A caller's own timeout shorter than loader_timeout is still a WaitTimeout...
+        # A caller's own timeout shorter than loader_timeout is still a WaitTimeoutError...
         g2: AsyncGroup[str, Token] = AsyncGroup(loader_timeout=5.0, timeout=0.1)
         gate = asyncio.Event()
-        with pytest.raises(WaitTimeout):
+        with pytest.raises(WaitTimeoutError):
             await g2.do("k", ALoader("w", gate=gate))
         gate.set()
         # ... and a loader_timeout shorter than the caller's timeout a plain TimeoutError.
         g3: AsyncGroup[str, Token] = AsyncGroup(loader_timeout=0.1, timeout=5.0)
         with pytest.raises(TimeoutError) as info:
             await g3.do("k", ALoader("w", gate=asyncio.Event()))
-        assert not isinstance(info.value, WaitTimeout) and "loader_timeout" in str(info.value)
+        assert not isinstance(info.value, WaitTimeoutError) and "loader_timeout" in str(info.value)
         assert g3.stats().timeouts == 0 and g3.stats().errors == 1
 
     run(main())

@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 import pytest
 
-from singleflight import AbortedError, AsyncGroup, Group, TooManyFlights, WaitTimeout
+from singleflight import AbortedError, AsyncGroup, Group, TooManyFlightsError, WaitTimeoutError
 from singleflight.anyio import AnyIOGroup
 
 SECONDS = float(os.environ.get("SINGLEFLIGHT_SOAK_SECONDS", "3"))
@@ -149,8 +149,8 @@ def thread_worker(
             track.got("interrupt")  # this thread ran the loader itself
         except AbortedError:
             track.got("aborted")
-        except TooManyFlights:
-            assert track.limit, "TooManyFlights from a group without max_flights"
+        except TooManyFlightsError:
+            assert track.limit, "TooManyFlightsError from a group without max_flights"
             track.got("rejected")
         except FutureCancelled:
             assert cancelled, "a future nobody cancelled was cancelled"
@@ -194,10 +194,10 @@ async def task_soak(
                 finally:
                     track.leave(key)
 
-            # With cancel_abandoned, a caller that leaves may cancel the loader
+            # With cancel_orphaned, a caller that leaves may cancel the loader
             # while a new flight of the key starts: treat the key as forgotten.
             cancel = draw < 0.15
-            if cancel and track.wait:  # here "wait" marks cancel_abandoned=True
+            if cancel and track.wait:  # here "wait" marks cancel_orphaned=True
                 track.forget(key)
             value: object = None
             try:
@@ -213,11 +213,11 @@ async def task_soak(
                 track.got("error")
             except AbortedError:
                 track.got("aborted")
-            except TooManyFlights:
-                assert track.limit, "TooManyFlights from a group without max_flights"
+            except TooManyFlightsError:
+                assert track.limit, "TooManyFlightsError from a group without max_flights"
                 track.got("rejected")
-            except WaitTimeout:
-                assert track.timeout, "WaitTimeout from a group without timeout"
+            except WaitTimeoutError:
+                assert track.timeout, "WaitTimeoutError from a group without timeout"
                 track.got("timeout")
             else:
                 assert value == (key, track.name)
@@ -228,7 +228,7 @@ async def task_soak(
             for seed in range(TASKS):
                 group, track = groups[seed % len(groups)]
                 tasks.start_soon(worker, group, track, seed)
-    # Loaders whose callers all left run on (cancel_abandoned=False): let them end.
+    # Loaders whose callers all left run on (cancel_orphaned=False): let them end.
     for group, _ in groups:
         for _ in range(2000):
             if len(group) == 0:
@@ -268,13 +268,13 @@ def run_soak(seconds: float) -> Soak:
     ]
     async_groups: list[tuple[AsyncGroup[int, Any], Track]] = [
         (AsyncGroup(), Track("async")),
-        (AsyncGroup(cancel_abandoned=True), Track("abandon", wait=True)),
+        (AsyncGroup(cancel_orphaned=True), Track("abandon", wait=True)),
         (AsyncGroup(timeout=0.05), Track("atimeout", timeout=True)),
         (AsyncGroup(max_flights=2), Track("alimit", limit=True)),
     ]
     trio_groups: list[tuple[AnyIOGroup[int, Any], Track]] = [
         (AnyIOGroup(name="trio"), Track("trio")),
-        (AnyIOGroup(name="trio-abandon", cancel_abandoned=True), Track("trio-abandon", wait=True)),
+        (AnyIOGroup(name="trio-abandon", cancel_orphaned=True), Track("trio-abandon", wait=True)),
         (AnyIOGroup(name="trio-timeout", timeout=0.05), Track("trio-timeout", timeout=True)),
         (AnyIOGroup(name="trio-limit", max_flights=2), Track("trio-limit", limit=True)),
     ]
@@ -381,7 +381,7 @@ def check(
         assert stats.timeouts == got["timeout"], track.name
         assert stats.calls == sum(got.values()) - stats.rejected, track.name
         if track.wait:
-            # cancel_abandoned: loaders cancelled when their callers left, some
+            # cancel_orphaned: loaders cancelled when their callers left, some
             # (under trio) before their first line ran -- flights, but no loads.
             cancelled = stats.aborted - track.interrupts
             assert cancelled >= 0, track.name

@@ -22,11 +22,19 @@ and :func:`coalesce`, which shares in-flight calls of a function without caching
 
 from ._asyncio import AsyncGroup
 from ._protocols import AsyncGroupLike, GroupLike
-from ._result import AbortedError, RemoteError, Result, TooManyFlights, WaitTimeout
+from ._result import Result
 from ._threads import Group
-from .cache import AsyncLoadingCache, CacheStats, LoadingCache
-from .events import GroupStats
+from .cache import AsyncLoadingCache, LoadingCache
+from .errors import (
+    AbortedError,
+    ReentryError,
+    RemoteError,
+    SingleflightError,
+    TooManyFlightsError,
+    WaitTimeoutError,
+)
 from .func import cached, coalesce
+from .stats import CacheStats, GroupStats
 
 __all__ = [
     "AbortedError",
@@ -38,10 +46,12 @@ __all__ = [
     "GroupLike",
     "GroupStats",
     "LoadingCache",
+    "ReentryError",
     "RemoteError",
     "Result",
-    "TooManyFlights",
-    "WaitTimeout",
+    "SingleflightError",
+    "TooManyFlightsError",
+    "WaitTimeoutError",
     "cached",
     "coalesce",
 ]

@@ -1,7 +1,7 @@
 """The asyncio driver: :class:`AsyncGroup`.
 
 Each flight's loader runs in a task of its own, so no caller's cancellation
-ever reaches it (unless ``cancel_abandoned`` asks for that once every caller has
+ever reaches it (unless ``cancel_orphaned`` asks for that once every caller has
 left).  Callers wait on a future of their own, which is what lets one of them be
 cancelled without disturbing the rest.  On Python 3.12+ the loader task starts
 eagerly: a loader that finishes without suspending is done before ``do``
@@ -35,20 +35,22 @@ from time import perf_counter
 from typing import Any, Generic, Literal, NoReturn, ParamSpec, TypeVar
 
 from . import _flight
-from ._flight import Flight, check_options, check_seconds, reentry_error, remove, waiter_error
-from ._result import AbortedError, Result, TooManyFlights, WaitTimeout
+from ._flight import Flight, reentry_error, remove, waiter_error
+from ._options import check_flag, check_options, check_seconds
+from ._result import Result
+from .errors import AbortedError, TooManyFlightsError, WaitTimeoutError
 from .events import (
     EventHook,
     FlightAborted,
     FlightFailed,
     FlightFinished,
     FlightStarted,
-    GroupStats,
     Joined,
     Rejected,
     TimedOut,
     emit,
 )
+from .stats import GroupStats
 
 __all__ = ["AsyncGroup"]
 
@@ -138,7 +140,7 @@ class _AsyncFlight(Flight):
 
     ``waiters`` is the first caller's future, or a list once a second one waits
     (most flights have one caller).  ``left`` counts the callers that stopped
-    waiting, for ``cancel_abandoned``; counting those (rare) rather than the
+    waiting, for ``cancel_orphaned``; counting those (rare) rather than the
     callers still waiting keeps the join path free of it.  ``joined_at`` sums
     the joiners' join times, for ``wait_seconds``.  The flight is its task's
     done callback: a bound method would cost an object per flight.
@@ -274,11 +276,11 @@ class AsyncGroup(Generic[K, V]):
     called as ``fn(*args, **kwargs)`` and runs in a task of its own, never in a
     caller's task.  Options:
 
-    * ``cancel_abandoned``: ``False`` (the default, as in Go) lets a loader run
+    * ``cancel_orphaned``: ``False`` (the default, as in Go) lets a loader run
       on when every caller has left; ``True`` cancels it once its last caller left.
     * ``name``, ``on_event``: as for :class:`~singleflight.Group`.
     * ``max_flights``, ``on_limit``: at most this many keys in flight per event
-      loop; a call for a new key beyond it raises :class:`TooManyFlights`
+      loop; a call for a new key beyond it raises :class:`TooManyFlightsError`
       (``"raise"``) or waits for a flight to end (``"wait"``).  Joins are never refused.
     * ``timeout``: seconds a caller waits at most; then it alone raises
       ``TimeoutError`` (per call, ``asyncio.timeout()`` around the await does the same).
@@ -291,7 +293,7 @@ class AsyncGroup(Generic[K, V]):
 
     __slots__ = (
         "__weakref__",
-        "_cancel_abandoned",
+        "_cancel_orphaned",
         "_current",
         "_loader_timeout",
         "_max_flights",
@@ -308,7 +310,7 @@ class AsyncGroup(Generic[K, V]):
     def __init__(
         self,
         *,
-        cancel_abandoned: bool = False,
+        cancel_orphaned: bool = False,
         name: str = "default",
         on_event: EventHook | None = None,
         max_flights: int | None = None,
@@ -318,7 +320,8 @@ class AsyncGroup(Generic[K, V]):
     ) -> None:
         check_options(name, on_event, max_flights, on_limit, timeout)
         check_seconds("loader_timeout", loader_timeout)
-        self._cancel_abandoned = cancel_abandoned
+        check_flag("cancel_orphaned", cancel_orphaned)
+        self._cancel_orphaned = cancel_orphaned
         self.name = name
         self._on_event = on_event
         self._max_flights = max_flights
@@ -364,7 +367,7 @@ class AsyncGroup(Generic[K, V]):
         Cancellation: cancelling a caller makes that caller alone raise
         ``CancelledError``; the flight and its other callers go on.  When the
         last caller has left, the loader is cancelled if the group was made with
-        ``cancel_abandoned=True`` and runs on otherwise.
+        ``cancel_orphaned=True`` and runs on otherwise.
         """
         if self._slow:
             deadline = self._deadline()
@@ -395,7 +398,7 @@ class AsyncGroup(Generic[K, V]):
             flight, future = await self._admit(key, fn, args, kwargs, deadline)
             try:
                 value = await self._wait(key, flight, future, deadline)
-            except WaitTimeout:
+            except WaitTimeoutError:
                 raise
             except Exception as exc:
                 return Result(None, exc, flight is not None and flight.dups > 0)
@@ -422,7 +425,7 @@ class AsyncGroup(Generic[K, V]):
 
         Go's ``DoChan``; call it with the event loop running.  Each caller gets
         its own future: cancelling it, or waiting on it with a timeout, affects
-        nobody else (with ``cancel_abandoned=True`` the loader is cancelled once
+        nobody else (with ``cancel_orphaned=True`` the loader is cancelled once
         every caller's future has been cancelled or abandoned by its awaiter).
         The future holds the value, the loader's :class:`Exception`, or
         :class:`AbortedError`.  ``TypeError`` and ``RuntimeError`` as for :meth:`do`.
@@ -504,7 +507,7 @@ class AsyncGroup(Generic[K, V]):
         loader finished while it was being started, no flight and the finished
         loader task (its entry already gone).  Being a plain function, its frame
         is gone once it returns: the coroutines that call it stay small while
-        they wait.  Raises TooManyFlights (or, internally, _NoSlot) when
+        they wait.  Raises TooManyFlightsError (or, internally, _NoSlot) when
         ``max_flights`` is reached.
         """
         loop = get_running_loop()
@@ -591,7 +594,7 @@ class AsyncGroup(Generic[K, V]):
             state.rejected += 1
             if self._on_event is not None:
                 emit(self._on_event, Rejected(self.name, key, len(state.table)))
-            raise TooManyFlights(key, self._max_flights)
+            raise TooManyFlightsError(key, self._max_flights)
         if state.slot_waiters:
             # Callers of this key waiting for a slot can join it now; the
             # others look again and wait on.
@@ -658,7 +661,7 @@ class AsyncGroup(Generic[K, V]):
     ) -> tuple[_AsyncFlight | None, asyncio.Future[Any]]:
         """_enter(), waiting for a slot while max_flights is reached (on_limit="wait").
 
-        Raises WaitTimeout if no slot frees before ``deadline``.
+        Raises WaitTimeoutError if no slot frees before ``deadline``.
         """
         while True:
             try:
@@ -712,10 +715,10 @@ class AsyncGroup(Generic[K, V]):
         self._state_here().timeouts += 1
         if self._on_event is not None:
             emit(self._on_event, TimedOut(self.name, key, waited))
-        raise WaitTimeout(key, self._timeout)
+        raise WaitTimeoutError(key, self._timeout)
 
     def _leave(self, flight: _AsyncFlight, future: asyncio.Future[Any]) -> None:
-        """A caller stopped waiting: with ``cancel_abandoned``, the last one cancels the loader."""
+        """A caller stopped waiting: with ``cancel_orphaned``, the last one cancels the loader."""
         if not future.cancelled():
             return
         flight.left += 1
@@ -730,7 +733,7 @@ class AsyncGroup(Generic[K, V]):
             flight.joined_at -= average
             flight.state.wait_seconds += perf_counter() - average
         task = flight.task
-        if flight.left >= waiting and self._cancel_abandoned and not task.done():
+        if flight.left >= waiting and self._cancel_orphaned and not task.done():
             # Forget first: a caller arriving after this starts a new flight
             # instead of joining one that is being cancelled.
             remove(flight.state.table, flight.key, flight)

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from ._result import AbortedError
+from .errors import AbortedError, ReentryError, safe_repr
 
 __all__ = [
     "Flight",
-    "check_name",
-    "check_options",
     "forget",
     "forget_unshared",
     "remove",
@@ -82,51 +80,10 @@ def waiter_error(key: object, exc: BaseException) -> Exception:
     """
     if isinstance(exc, Exception):
         return exc
-    error = AbortedError(key, repr(exc) or type(exc).__name__)
+    error = AbortedError(key, safe_repr(exc) or type(exc).__name__)
     error.__cause__ = exc
     return error
 
 
-def reentry_error(key: object) -> RuntimeError:
-    return RuntimeError(
-        f"the loader of key {key!r} called do() on its own key from the thread or task "
-        "that runs it; it would wait for itself forever (Go deadlocks here)"
-    )
-
-
-def check_options(
-    name: object,
-    on_event: object,
-    max_flights: object,
-    on_limit: object,
-    timeout: object,
-) -> None:
-    """Validate the options every group takes, with errors that say what to pass instead."""
-    check_name(name)
-    if on_event is not None and not callable(on_event):
-        raise TypeError(f"on_event must be a callable taking one event; got {on_event!r}")
-    if max_flights is not None and (
-        isinstance(max_flights, bool) or not isinstance(max_flights, int) or max_flights < 1
-    ):
-        raise ValueError(f"max_flights must be a positive int or None; got {max_flights!r}")
-    if on_limit not in ("raise", "wait"):
-        raise ValueError(f'on_limit must be "raise" or "wait"; got {on_limit!r}')
-    check_seconds("timeout", timeout)
-
-
-def check_name(name: object) -> None:
-    """A group's or cache's name labels its events and metrics: a non-empty str."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str; got {name!r}")
-    if not name:
-        raise ValueError(
-            f"name must be a non-empty str (it labels events and metrics); got {name!r}: "
-            'pass a name such as name="users"'
-        )
-
-
-def check_seconds(option: str, seconds: object) -> None:
-    if seconds is not None and (
-        isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0
-    ):
-        raise ValueError(f"{option} must be a positive number of seconds or None; got {seconds!r}")
+def reentry_error(key: object) -> ReentryError:
+    return ReentryError(key)

@@ -10,7 +10,7 @@ group has of these, read with ``getattr``:
     Called by ``invalidate``/``put``/``clear``/``refresh`` so callers after
     them start a new flight rather than join one that began before.
 ``stats()``
-    A :class:`~singleflight.events.GroupStats`, folded into ``CacheStats``.
+    A :class:`~singleflight.stats.GroupStats`, folded into ``CacheStats``.
 ``crosses_processes``
     True when ``do`` may hand back an outcome produced by another process,
     without calling ``fn`` here: a value loaded elsewhere, or a

@@ -20,20 +20,22 @@ from types import TracebackType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 from . import _flight
-from ._flight import Flight, check_options, reentry_error, remove, waiter_error
-from ._result import AbortedError, Result, TooManyFlights, WaitTimeout
+from ._flight import Flight, reentry_error, remove, waiter_error
+from ._options import check_options
+from ._result import Result
+from .errors import AbortedError, TooManyFlightsError, WaitTimeoutError
 from .events import (
     EventHook,
     FlightAborted,
     FlightFailed,
     FlightFinished,
     FlightStarted,
-    GroupStats,
     Joined,
     Rejected,
     TimedOut,
     emit,
 )
+from .stats import GroupStats
 
 __all__ = ["Group"]
 
@@ -137,7 +139,7 @@ class Group(Generic[K, V]):
     * ``name``: labels the group's events and metrics.
     * ``on_event``: a callable given each :mod:`singleflight.events` event.
     * ``max_flights``: at most this many keys in flight; a call for a new key
-      beyond it raises :class:`TooManyFlights` (``on_limit="raise"``) or waits
+      beyond it raises :class:`TooManyFlightsError` (``on_limit="raise"``) or waits
       for a flight to end (``on_limit="wait"``).  Joins are never refused.
     * ``timeout``: seconds a caller waits at most; then it alone raises
       ``TimeoutError`` and the flight goes on for the others.  So that the first
@@ -357,7 +359,7 @@ class Group(Generic[K, V]):
             return forgotten
 
     def stats(self) -> GroupStats:
-        """The group's counters (see :class:`singleflight.events.GroupStats`)."""
+        """The group's counters (see :class:`singleflight.stats.GroupStats`)."""
         with self._lock:
             return GroupStats(
                 calls=self._flights + self._joins,
@@ -395,7 +397,7 @@ class Group(Generic[K, V]):
     def _full(self) -> bool:
         return self._max_flights is not None and len(self._calls) >= self._max_flights
 
-    def _reject(self, key: K) -> TooManyFlights:
+    def _reject(self, key: K) -> TooManyFlightsError:
         """Count a refused call; its event goes out once the lock is released."""
         with self._lock:
             self._rejected += 1
@@ -403,7 +405,7 @@ class Group(Generic[K, V]):
         if self._on_event is not None:
             emit(self._on_event, Rejected(self.name, key, in_flight))
         assert self._max_flights is not None
-        return TooManyFlights(key, self._max_flights)
+        return TooManyFlightsError(key, self._max_flights)
 
     def _lead(self, key: K, owner: int | None) -> _Call:
         """Register a new flight of ``key`` (the lock is held)."""
@@ -452,7 +454,7 @@ class Group(Generic[K, V]):
     ) -> _Call:
         """The general path of do() and do_result(): limits, timeouts, events.
 
-        Returns the finished call; raises TooManyFlights, TimeoutError (this
+        Returns the finished call; raises TooManyFlightsError, TimeoutError (this
         caller alone leaves), the usage errors, or the BaseException that
         stopped a loader run in this thread.  ``abandoned`` is the future of a
         do_future() caller waiting for a slot: once it is cancelled the wait
@@ -661,5 +663,5 @@ def _event_of(call: _Call) -> threading.Event:
     return call.event
 
 
-def _timeout_error(key: object, timeout: float | None) -> WaitTimeout:
-    return WaitTimeout(key, timeout)
+def _timeout_error(key: object, timeout: float | None) -> WaitTimeoutError:
+    return WaitTimeoutError(key, timeout)

@@ -6,7 +6,7 @@ on an :class:`anyio.Event` of the flight, which is cancel-safe, so one caller's
 cancellation never reaches the loader or the other callers.  AnyIO cannot start
 a detached task, so that one step switches on the backend: an asyncio task of
 the running loop, or a trio *system* task.  The loader runs inside an
-:class:`anyio.CancelScope` kept on the flight, which is how ``cancel_abandoned``
+:class:`anyio.CancelScope` kept on the flight, which is how ``cancel_orphaned``
 stops it on either backend.
 
 State is kept per event loop (asyncio) or per ``trio.run`` (keyed by its root
@@ -45,20 +45,22 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     ) from exc
 
 from . import _flight
-from ._flight import Flight, check_options, check_seconds, reentry_error, waiter_error
-from ._result import AbortedError, Result, TooManyFlights, WaitTimeout
+from ._flight import Flight, reentry_error, waiter_error
+from ._options import check_flag, check_options, check_seconds
+from ._result import Result
+from .errors import AbortedError, TooManyFlightsError, WaitTimeoutError
 from .events import (
     EventHook,
     FlightAborted,
     FlightFailed,
     FlightFinished,
     FlightStarted,
-    GroupStats,
     Joined,
     Rejected,
     TimedOut,
     emit,
 )
+from .stats import GroupStats
 
 __all__ = ["AnyIOGroup", "FlightFuture"]
 
@@ -138,7 +140,7 @@ class _Run:
 class _AnyIOFlight(Flight):
     """A flight whose loader runs in a task of its own; its callers wait on ``event``.
 
-    ``left`` counts callers that stopped waiting (for ``cancel_abandoned``).
+    ``left`` counts callers that stopped waiting (for ``cancel_orphaned``).
     ``error`` is what every caller raises, ``tb`` its traceback as the loader
     left it: re-raising with it keeps a shared exception's traceback from growing.
     """
@@ -222,11 +224,11 @@ class FlightFuture(Generic[V]):
     future.wait()``) returns the loader's value, or raises the loader's
     :class:`Exception` (the object every caller gets, with the loader's
     traceback), :class:`AbortedError`, or, for a future that had to wait for a
-    slot under ``max_flights``, :class:`~singleflight.WaitTimeout`.  Any number
+    slot under ``max_flights``, :class:`~singleflight.WaitTimeoutError`.  Any number
     of tasks may await it, as often as they like.
 
     Cancellation: :meth:`cancel` makes this caller leave; the flight goes on
-    for its other callers (with ``cancel_abandoned=True`` it is cancelled once
+    for its other callers (with ``cancel_orphaned=True`` it is cancelled once
     every caller has left).  As with an asyncio future, an awaiter cancelled
     while it awaits (its cancel scope, ``move_on_after``) cancels the future;
     awaiting a cancelled future raises :class:`concurrent.futures.CancelledError`,
@@ -347,7 +349,7 @@ class AnyIOGroup(Generic[K, V]):
     running backend); it is called as ``fn(*args, **kwargs)`` in a task of its
     own, never in a caller's task or cancel scope.  Options:
 
-    * ``cancel_abandoned``: with ``False`` (the default, as in Go) a loader runs
+    * ``cancel_orphaned``: with ``False`` (the default, as in Go) a loader runs
       on when every caller has left; with ``True`` it is cancelled once its last
       caller has left.
     * ``name``: labels the group's events.
@@ -355,10 +357,10 @@ class AnyIOGroup(Generic[K, V]):
       the task where it happens (the final event in the loader's task).
     * ``max_flights``, ``on_limit``: at most this many keys in flight per event
       loop or trio run; a call for a new key beyond it raises
-      :class:`~singleflight.TooManyFlights` (``"raise"``) or waits for a flight
+      :class:`~singleflight.TooManyFlightsError` (``"raise"``) or waits for a flight
       to end (``"wait"``).  Joins are never refused.
     * ``timeout``: seconds a caller waits at most, for a slot and for the
-      outcome together; then it alone raises :class:`~singleflight.WaitTimeout`
+      outcome together; then it alone raises :class:`~singleflight.WaitTimeoutError`
       (per call, ``anyio.fail_after()`` around the await does the same).
     * ``loader_timeout``: seconds a loader may run; then it is cancelled and
       the flight fails for everyone with ``TimeoutError``.
@@ -371,7 +373,7 @@ class AnyIOGroup(Generic[K, V]):
     __slots__ = (
         "__weakref__",
         "_aborted",
-        "_cancel_abandoned",
+        "_cancel_orphaned",
         "_current",
         "_errors",
         "_flights",
@@ -393,7 +395,7 @@ class AnyIOGroup(Generic[K, V]):
     def __init__(
         self,
         *,
-        cancel_abandoned: bool = False,
+        cancel_orphaned: bool = False,
         name: str = "default",
         on_event: EventHook | None = None,
         max_flights: int | None = None,
@@ -403,9 +405,8 @@ class AnyIOGroup(Generic[K, V]):
     ) -> None:
         check_options(name, on_event, max_flights, on_limit, timeout)
         check_seconds("loader_timeout", loader_timeout)
-        if not isinstance(cancel_abandoned, bool):
-            raise TypeError(f"cancel_abandoned must be a bool; got {cancel_abandoned!r}")
-        self._cancel_abandoned = cancel_abandoned
+        check_flag("cancel_orphaned", cancel_orphaned)
+        self._cancel_orphaned = cancel_orphaned
         self.name = name
         self._on_event = on_event
         self._max_flights = max_flights
@@ -434,16 +435,16 @@ class AnyIOGroup(Generic[K, V]):
         same object, with the loader's traceback); so is a ``TypeError`` when
         ``fn`` returned something that is not awaitable, and the
         ``TimeoutError`` of a loader stopped by ``loader_timeout``.  A loader
-        that ends cancelled (by ``cancel_abandoned``, by the end of the
+        that ends cancelled (by ``cancel_orphaned``, by the end of the
         ``asyncio.run`` or ``trio.run``, or by anything else) or by another
         ``BaseException`` gives its callers :class:`AbortedError`, never a
         cancellation they did not ask for.  ``TypeError`` for an unhashable key
         or a non-callable ``fn``, ``RuntimeError`` when the loader calls ``do``
-        on its own key, and :class:`~singleflight.TooManyFlights` for a new key
+        on its own key, and :class:`~singleflight.TooManyFlightsError` for a new key
         when ``max_flights`` flights are open (``on_limit="raise"``) are raised
         before anything runs.  With ``timeout``, a caller still waiting (for a
         slot or for the outcome) at its deadline alone raises
-        :class:`~singleflight.WaitTimeout`; the flight goes on for the others.
+        :class:`~singleflight.WaitTimeoutError`; the flight goes on for the others.
 
         Cancellation: cancelling a caller (its cancel scope, ``move_on_after``,
         ``fail_after``, ``task.cancel()``) makes that caller alone raise the
@@ -451,7 +452,7 @@ class AnyIOGroup(Generic[K, V]):
         on, and a caller waiting for a slot leaves the queue (a slot it was just
         handed goes to the next caller).  When the last caller of a flight has
         left (cancelled or timed out), the loader is cancelled if the group was
-        made with ``cancel_abandoned=True`` and runs on otherwise.
+        made with ``cancel_orphaned=True`` and runs on otherwise.
         """
         deadline = None if self._timeout is None else self._deadline()
         if self._max_flights is None:
@@ -474,10 +475,10 @@ class AnyIOGroup(Generic[K, V]):
         ``Result.error`` holds the loader's :class:`Exception` (a
         ``loader_timeout`` ``TimeoutError`` included) or an
         :class:`AbortedError`; ``Result.shared`` is true when the flight had two
-        or more callers.  This caller's own :class:`~singleflight.WaitTimeout`
+        or more callers.  This caller's own :class:`~singleflight.WaitTimeoutError`
         and cancellation are raised, not returned, with the same effect on the
         flight as for :meth:`do`; so are ``TypeError``, ``RuntimeError`` and
-        :class:`~singleflight.TooManyFlights`, as by :meth:`do`.
+        :class:`~singleflight.TooManyFlightsError`, as by :meth:`do`.
         """
         deadline = None if self._timeout is None else self._deadline()
         if self._max_flights is None:
@@ -499,16 +500,16 @@ class AnyIOGroup(Generic[K, V]):
         that must wait for a slot (``max_flights`` reached, ``on_limit="wait"``)
         waits in a task of its own, as a loader runs.  Each caller gets its own
         future: cancelling it affects nobody else (with
-        ``cancel_abandoned=True`` the loader is cancelled once every caller has
+        ``cancel_orphaned=True`` the loader is cancelled once every caller has
         left); cancelled while it waits for a slot, it starts nothing.
 
         The future holds the value, the loader's :class:`Exception`, or
         :class:`AbortedError`.  ``timeout`` does not bound it, except while it
         waits for a slot: then its deadline covers that wait and the outcome,
         as for :meth:`do`, and passing it puts
-        :class:`~singleflight.WaitTimeout` in the future.  If the run ends while
+        :class:`~singleflight.WaitTimeoutError` in the future.  If the run ends while
         such a future waits, it holds :class:`AbortedError`.  ``TypeError``,
-        ``RuntimeError`` and :class:`~singleflight.TooManyFlights`
+        ``RuntimeError`` and :class:`~singleflight.TooManyFlightsError`
         (``on_limit="raise"``) are raised here, as by :meth:`do`.
         """
         future: FlightFuture[V]
@@ -578,7 +579,7 @@ class AnyIOGroup(Generic[K, V]):
         return forgotten
 
     def stats(self) -> GroupStats:
-        """The group's counters (see :class:`singleflight.events.GroupStats`).
+        """The group's counters (see :class:`singleflight.stats.GroupStats`).
 
         ``timeouts`` counts callers that left at their ``timeout`` (not loaders
         stopped by ``loader_timeout``: those are ``errors``); ``rejected``
@@ -641,7 +642,7 @@ class AnyIOGroup(Generic[K, V]):
     ) -> _AnyIOFlight:
         """Lead or join the flight of ``key``; a leader's loader task is started here.
 
-        Raises TooManyFlights (or, internally, _NoSlot) for a new key when
+        Raises TooManyFlightsError (or, internally, _NoSlot) for a new key when
         ``max_flights`` flights are open.
         """
         run = self._run()
@@ -673,7 +674,7 @@ class AnyIOGroup(Generic[K, V]):
                     self._rejected += 1
                 if hook is not None:
                     emit(hook, Rejected(self.name, key, len(table)))
-                raise TooManyFlights(key, limit)
+                raise TooManyFlightsError(key, limit)
             if run.slot_waiters:
                 # Callers of this key waiting for a slot can join it now.
                 run.wake_slot_waiters()
@@ -703,7 +704,7 @@ class AnyIOGroup(Generic[K, V]):
     ) -> _AnyIOFlight:
         """_enter(), waiting for a slot while ``max_flights`` is reached (``on_limit="wait"``).
 
-        Raises WaitTimeout if no slot frees by ``deadline``.  A caller that is
+        Raises WaitTimeoutError if no slot frees by ``deadline``.  A caller that is
         cancelled, or times out, leaves the queue; a slot it was handed in that
         same step goes to the next caller.
         """
@@ -733,7 +734,7 @@ class AnyIOGroup(Generic[K, V]):
         """Wait for the outcome until ``deadline``; a caller leaving may abandon the loader.
 
         ``joiner`` (``dups > 0`` right after entering: only a joiner sees that)
-        says whether the wait counts in ``wait_seconds``.  Raises WaitTimeout
+        says whether the wait counts in ``wait_seconds``.  Raises WaitTimeoutError
         at the deadline, unless the outcome came in the same step.
         """
         joined = perf_counter()
@@ -759,12 +760,12 @@ class AnyIOGroup(Generic[K, V]):
         if self._on_event is not None:
             waited = anyio.current_time() - ((deadline or 0.0) - timeout)
             emit(self._on_event, TimedOut(self.name, key, waited))
-        raise WaitTimeout(key, self._timeout)
+        raise WaitTimeoutError(key, self._timeout)
 
     def _leave(self, flight: _AnyIOFlight) -> None:
-        """A caller stopped waiting: with ``cancel_abandoned``, the last one cancels the loader."""
+        """A caller stopped waiting: with ``cancel_orphaned``, the last one cancels the loader."""
         flight.left += 1
-        if self._cancel_abandoned and flight.left > flight.dups:
+        if self._cancel_orphaned and flight.left > flight.dups:
             # Forget first: a caller arriving after this starts a new flight
             # instead of joining one that is being cancelled.
             run = flight.run
@@ -858,7 +859,7 @@ class AnyIOGroup(Generic[K, V]):
                                 f"loader_timeout={seconds}s"
                             )
             if outcome is None and flight.scope.cancelled_caught:
-                outcome = AbortedError(flight.key, "every caller left (cancel_abandoned=True)")
+                outcome = AbortedError(flight.key, "every caller left (cancel_orphaned=True)")
         except BaseException as exc:
             outcome = exc
         self._settle(flight, outcome)

@@ -29,10 +29,8 @@ __all__ = [
     "FlightFailed",
     "FlightFinished",
     "FlightStarted",
-    "GroupStats",
     "Joined",
     "RanLocally",
-    "RedisGroupStats",
     "RedisUnavailable",
     "RefreshStarted",
     "Rejected",
@@ -41,82 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("singleflight")
-
-
-@dataclass(frozen=True, slots=True)
-class GroupStats:
-    """A group's counters since it was made (``in_flight`` is the current number of keys).
-
-    ``calls == flights + joins``.  ``shared`` counts flights that had at least
-    one joiner; ``errors`` flights whose loader raised an Exception; ``aborted``
-    flights that ended without a result (BaseException, cancelled task, work
-    dropped by an executor).  ``timeouts`` counts callers that stopped waiting
-    at their timeout, ``rejected`` calls refused by ``max_flights``, and
-    ``wait_seconds`` the time joiners spent waiting for a flight, summed.
-    """
-
-    calls: int
-    flights: int
-    joins: int
-    shared: int
-    errors: int
-    aborted: int
-    timeouts: int
-    rejected: int
-    in_flight: int
-    wait_seconds: float
-
-    @property
-    def coalesced_ratio(self) -> float:
-        """The fraction of calls that joined a flight instead of running the loader."""
-        return self.joins / self.calls if self.calls else 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class RedisGroupStats(GroupStats):
-    """A Redis group's counters in this process: those of every group, then Redis's own.
-
-    The fields of :class:`GroupStats`, as seen from this process:
-    ``flights`` are loader runs here as leader holding the Redis lease (so
-    equal to ``leads``); ``joins`` are calls that got the outcome of another
-    caller's flight, in this process (a local join) or in another one
-    (``hits + remote_errors``: waited for, or found stored); ``shared`` led
-    flights with a joiner here or a waiter elsewhere; ``errors`` and
-    ``aborted`` led flights whose loader raised, or that ended without a
-    result; ``timeouts`` calls that reached ``max_wait`` or the group's
-    ``timeout``; ``wait_seconds`` the time joiners here waited, for a local
-    flight or on Redis.  ``rejected`` counts calls refused by
-    ``max_flights`` (with ``on_limit="raise"``).  Calls that
-    neither led nor joined are ``local_runs`` and, under
-    ``on_redis_error="closed"``, the failed ones (``unavailable``, timeouts).
-
-    Redis's own: ``hits`` (a value from another process's flight),
-    ``leads``, ``takeovers`` (leads after waiting on a leader that vanished),
-    ``waits`` (blocking reads on another process's flight), ``fenced``
-    (completions refused: another leader had taken over), ``lost_leases``,
-    ``resurrections`` (lapsed leases renewed again), ``remote_errors`` (an
-    error from another process's loader), ``local_runs`` (loader runs without
-    Redis, policy "open"), ``unavailable`` (calls failed for Redis, policy
-    "closed"), ``redis_errors`` (failed Redis operations, retries included),
-    ``untrusted_payloads`` (payloads that did not decode, read as misses),
-    ``breaker_opens`` and ``breaker``, the breaker's state now: ``"closed"``,
-    ``"open"`` or ``"half-open"``.
-    """
-
-    hits: int
-    leads: int
-    takeovers: int
-    waits: int
-    fenced: int
-    lost_leases: int
-    resurrections: int
-    remote_errors: int
-    local_runs: int
-    unavailable: int
-    redis_errors: int
-    untrusted_payloads: int
-    breaker_opens: int
-    breaker: str
 
 
 @dataclass(frozen=True, slots=True)

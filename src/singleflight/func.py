@@ -4,7 +4,7 @@ in front of them).
 Both keep the decorated function's signature for type checkers and its
 metadata (``functools.wraps``); both detect coroutine functions and then
 return one.  Keys come from the arguments (see :mod:`singleflight.keys`) or
-from ``key=``, a function taking the same arguments.
+from ``make_key=``, a function taking the same arguments.
 """
 
 from __future__ import annotations
@@ -48,18 +48,19 @@ def _check_function(fn: object, decorator: str) -> None:
         )
 
 
-def _key_of(fn: Callable[..., Any], key: _KeyFunction | None, prefix: Hashable | None) -> Any:
+def _key_of(fn: Callable[..., Any], make_key: _KeyFunction | None, prefix: Hashable | None) -> Any:
     """``build(args, kwargs) -> key`` for calls of ``fn``, with ``build.raw`` the same
     key before unhashable arguments are frozen."""
-    if key is None:
+    if make_key is None:
         return KeyBuilder(fn, prefix=prefix)
-    if not callable(key):
+    if not callable(make_key):
         raise TypeError(
-            f"key= must be a function taking the same arguments; got {type(key).__name__} {key!r}"
+            "make_key= must be a function taking the same arguments; got "
+            f"{type(make_key).__name__} {make_key!r}"
         )
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
-        return key(*args, **kwargs)
+        return make_key(*args, **kwargs)
 
     build.raw = build  # type: ignore[attr-defined]
     return build
@@ -93,7 +94,7 @@ def coalesce(fn: Callable[P, R], /) -> Callable[P, R]: ...
 
 @overload
 def coalesce(
-    *, key: _KeyFunction | None = None, group: Any = None
+    *, make_key: _KeyFunction | None = None, group: Any = None
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -101,24 +102,24 @@ def coalesce(
     fn: Callable[P, R] | None = None,
     /,
     *,
-    key: _KeyFunction | None = None,
+    make_key: _KeyFunction | None = None,
     group: Any = None,
 ) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
     """Concurrent calls with equal arguments share one execution of the function.
 
-    Use as ``@coalesce`` or ``@coalesce(key=..., group=...)``.  A call made
+    Use as ``@coalesce`` or ``@coalesce(make_key=..., group=...)``.  A call made
     while an equal one is running waits for it and gets its result (the same
     object) or its exception; a call after it has finished runs the function
     again (this is not a cache; see :func:`cached`).  Sync functions coalesce
     through a :class:`~singleflight.Group`, coroutine functions through an
     :class:`~singleflight.AsyncGroup` (each decorated function gets its own
     unless ``group=`` is given; then the key starts with the function's
-    qualified name, unless ``key=`` builds it).
+    qualified name, unless ``make_key=`` builds it).
 
-    ``key(*args, **kwargs)`` replaces the default key (the bound arguments, with
+    ``make_key(*args, **kwargs)`` replaces the default key (the bound arguments, with
     ``self`` by identity).  Errors and cancellation are those of the group's
     ``do``; ``TypeError`` for an argument that cannot be made part of a key
-    (pass ``key=``), for a generator function, and for a group that does not
+    (pass ``make_key=``), for a generator function, and for a group that does not
     fit the function (sync vs async).  The wrapper's ``group`` attribute is the
     group used.
     """
@@ -128,7 +129,7 @@ def coalesce(
         is_async = inspect.iscoroutinefunction(fn)
         if group is not None:
             _check_group(group, is_async, fn, "coalesce")
-        build = _key_of(fn, key, None if group is None else _qualified_name(fn))
+        build = _key_of(fn, make_key, None if group is None else _qualified_name(fn))
         if is_async:
             agroup: Any = AsyncGroup() if group is None else group
             ado = agroup.do
@@ -177,7 +178,7 @@ def cached(
     | tuple[type[BaseException], ...]
     | None = None,
     negative_ttl: float | None = None,
-    key: _KeyFunction | None = None,
+    make_key: _KeyFunction | None = None,
     group: Any = None,
     clock: Callable[[], float] = time.monotonic,
     random: Callable[[], float] = _random.random,
@@ -201,7 +202,7 @@ def cached(
     | tuple[type[BaseException], ...]
     | None = None,
     negative_ttl: float | None = None,
-    key: _KeyFunction | None = None,
+    make_key: _KeyFunction | None = None,
     group: Any = None,
     clock: Callable[[], float] = time.monotonic,
     random: Callable[[], float] = _random.random,
@@ -246,7 +247,7 @@ def cached(
         is_async = inspect.iscoroutinefunction(fn)
         if group is not None:
             _check_group(group, is_async, fn, "cached")
-        build = _key_of(fn, key, None if group is None else _qualified_name(fn))
+        build = _key_of(fn, make_key, None if group is None else _qualified_name(fn))
         raw = build.raw
         qualname = _qualified_name(fn)
         options["name"] = qualname if name is None else name

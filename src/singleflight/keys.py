@@ -4,7 +4,7 @@ Two calls get the same key exactly when they bind the same values to the same
 parameters: ``f(1, b=2)``, ``f(1, 2)`` and ``f(a=1)`` (when ``b`` defaults to 2)
 are one key.  Unhashable arguments are replaced by hashable copies of their
 contents (lists, dicts, sets, bytearrays, and tuples holding them); anything
-else unhashable is a ``TypeError`` asking for ``key=``.  A parameter named
+else unhashable is a ``TypeError`` asking for ``make_key=``.  A parameter named
 ``self`` is keyed by identity, so two instances of a class never share a key,
 even when they compare equal, and a cache does not keep them alive.
 """
@@ -98,7 +98,7 @@ def freeze(value: object, where: str = "an argument") -> Hashable:
         return _Frozen(bytearray, bytes(value))
     raise TypeError(
         f"{where} is unhashable ({type(value).__name__}: {value!r}), so it cannot be part of "
-        "a key; pass key=... to the decorator to build the key yourself"
+        "a key; pass make_key=... to the decorator to build the key yourself"
     )
 
 

@@ -97,9 +97,9 @@ def test_an_unhashable_argument_that_cannot_be_frozen_asks_for_key() -> None:
 
     def f(thing: Any) -> None: ...
 
-    with pytest.raises(TypeError, match=r"argument 'thing' of .*f\(\) is unhashable .*key="):
+    with pytest.raises(TypeError, match=r"argument 'thing' of .*f\(\) is unhashable .*make_key="):
         KeyBuilder(f)((Opaque(),), {})
-    with pytest.raises(TypeError, match="pass key="):
+    with pytest.raises(TypeError, match="pass make_key="):
         freeze([Opaque()])
 
 
@@ -164,7 +164,7 @@ def test_coalesce_keeps_metadata_and_signature() -> None:
 def test_coalesce_detects_coroutine_functions() -> None:
     calls: list[int] = []
 
-    @coalesce(key=lambda user_id: f"user:{user_id}")
+    @coalesce(make_key=lambda user_id: f"user:{user_id}")
     async def fetch(user_id: int) -> str:
         calls.append(user_id)
         await asyncio.sleep(0.05)
@@ -204,7 +204,7 @@ def test_coalesce_with_a_key_function_and_a_shared_group() -> None:
 
     merged: list[int] = []
 
-    @coalesce(key=lambda x, y: x)  # the key function decides: y is ignored
+    @coalesce(make_key=lambda x, y: x)  # the key function decides: y is ignored
     def c(x: int, y: int) -> int:
         merged.append(y)
         time.sleep(0.1)
@@ -286,8 +286,8 @@ def test_decorators_refuse_what_they_cannot_wrap(decorator: Any) -> None:
         @decorator(group=AsyncGroup())
         def s() -> None: ...
 
-    with pytest.raises(TypeError, match="key= must be a function"):
-        decorator(key="user")(lambda: 1)
+    with pytest.raises(TypeError, match="make_key= must be a function"):
+        decorator(make_key="user")(lambda: 1)
 
 
 def test_unhashable_arguments_without_a_key_function() -> None:
@@ -300,7 +300,7 @@ def test_unhashable_arguments_without_a_key_function() -> None:
 
     assert f([1, 2]) == [1, 2]
     assert f({"a": [1]}) == {"a": [1]}
-    with pytest.raises(TypeError, match="pass key="):
+    with pytest.raises(TypeError, match="pass make_key="):
         f(Opaque())
 
 
@@ -432,7 +432,7 @@ def test_cached_with_a_group_and_a_key_function() -> None:
     group: AsyncGroup[Any, Any] = AsyncGroup()
     calls: list[int] = []
 
-    @cached(key=lambda user_id, **_: f"user:{user_id}", group=group, ttl=5.0)
+    @cached(make_key=lambda user_id, **_: f"user:{user_id}", group=group, ttl=5.0)
     async def fetch(user_id: int, trace: str = "") -> int:
         calls.append(user_id)
         await asyncio.sleep(0.01)
@@ -478,7 +478,7 @@ def test_mypy_sees_the_decorated_signatures(tmp_path: Path) -> None:
         def load_user(user_id: int) -> str:
             return str(user_id)
 
-        @coalesce(key=lambda user_id: f"user:{user_id}")
+        @coalesce(make_key=lambda user_id: f"user:{user_id}")
         async def fetch_user(user_id: int) -> str:
             return str(user_id)
 
@@ -548,11 +548,11 @@ def test_wraps_keeps_the_wrapped_function_reachable() -> None:
 
 
 def test_a_key_function_returning_an_unhashable_key_gets_a_clear_error() -> None:
-    @cached(key=lambda x: [x])
+    @cached(make_key=lambda x: [x])
     def f(x: int) -> int:
         return x
 
-    @coalesce(key=lambda x: [x])
+    @coalesce(make_key=lambda x: [x])
     def g(x: int) -> int:
         return x
 

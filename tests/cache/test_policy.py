@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from singleflight import RemoteError
-from singleflight._result import type_name
 from singleflight.cache._policy import (
     EARLY,
     FRESH,
@@ -27,6 +26,7 @@ from singleflight.cache._policy import (
     not_found,
 )
 from singleflight.cache._store import JOIN, LOAD, REFRESH, SERVE, Store
+from singleflight.errors import type_name
 
 pytestmark = pytest.mark.timeout(60)
 

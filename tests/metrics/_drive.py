@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from singleflight import Group, TooManyFlights
+from singleflight import Group, TooManyFlightsError
 
 
 def drive(group: Group[str, str], *, callers: int = 8) -> None:
@@ -35,7 +35,7 @@ def drive(group: Group[str, str], *, callers: int = 8) -> None:
             threading.Event().wait(0.01)
         try:
             group.do("other", lambda: "x")
-        except TooManyFlights:
+        except TooManyFlightsError:
             pass
         release.set()
         assert first.result(10) == "slow"

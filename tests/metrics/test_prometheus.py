@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from singleflight import Group, LoadingCache
-from singleflight.events import GroupStats
 from singleflight.metrics.prometheus import SingleflightCollector, register, unregister
+from singleflight.stats import GroupStats
 
 from ._drive import drive
 

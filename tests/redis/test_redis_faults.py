@@ -17,7 +17,8 @@ import redis
 from _redis_server import RedisServer, free_port
 from _redis_sides import Loader
 
-from singleflight.redis import RedisUnavailableError, WaitTimeoutError
+from singleflight import WaitTimeoutError
+from singleflight.redis import RedisUnavailableError
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -319,9 +319,9 @@ def test_bad_keys_and_functions_are_refused_before_anything_runs(
     for key in (["unhashable"], ("a", object()), ("nan", float("nan")), 1.5, None, b"bytes"):
         outcome = a.call(key, loader).error
         assert isinstance(outcome, TypeError), key
-        assert "key=" in str(outcome) or "hashable" in str(outcome)
+        assert "key_to_str=" in str(outcome) or "hashable" in str(outcome)
     assert loader.runs == 0
-    tupled = sides(server.port, key=lambda k: "/".join(map(str, k)), namespace="t2")
+    tupled = sides(server.port, key_to_str=lambda k: "/".join(map(str, k)), namespace="t2")
     assert tupled.call(("user", 42), Loader("ok")).value == "ok"
     client = server.client()
     assert client.exists("sf:{t2:user/42}:res") == 1
@@ -450,7 +450,7 @@ def test_async_cancelled_leader_abandons_and_a_waiter_takes_over_at_once(
 ) -> None:
     import asyncio
 
-    a = sides(server.port, lease=5.0, cancel_abandoned=True)
+    a = sides(server.port, lease=5.0, cancel_orphaned=True)
     b = sides(server.port, lease=5.0)
     slow = Loader("never", seconds=10)
 
@@ -462,7 +462,7 @@ def test_async_cancelled_leader_abandons_and_a_waiter_takes_over_at_once(
     waiter = b.submit("k", Loader("taken over"))
     _wait_for(lambda: b.stats().waits >= 1)
     started = time.monotonic()
-    # The only caller leaves; with cancel_abandoned the loader task is cancelled.
+    # The only caller leaves; with cancel_orphaned the loader task is cancelled.
     a.loop.call_soon_threadsafe(task.cancel)
     outcome = waiter.result(10)
     assert outcome.value == "taken over"

@@ -20,7 +20,7 @@ import redis.asyncio
 from _redis_server import RedisServer, free_port
 from _redis_sides import Loader
 
-from singleflight import AbortedError, GroupStats, TooManyFlights, WaitTimeout
+from singleflight import AbortedError, GroupStats, TooManyFlightsError, WaitTimeoutError
 from singleflight.events import (
     Event,
     FlightAborted,
@@ -39,7 +39,6 @@ from singleflight.redis import (
     RedisGroup,
     RedisGroupStats,
     RedisUnavailableError,
-    WaitTimeoutError,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -499,7 +498,7 @@ def test_max_flights_refuses_a_new_key_but_never_a_join(sides: Any, server: Redi
     leader = a.submit("k1", slow)
     _wait_for(lambda: slow.runs == 1)
     refused = a.call("k2", Loader("w"))
-    assert isinstance(refused.error, TooManyFlights), refused
+    assert isinstance(refused.error, TooManyFlightsError), refused
     assert "max_flights=1" in str(refused.error)
     joiner = a.submit("k1", slow)  # a join of the open flight is never refused
     _wait_for(lambda: a.stats().joins == 1)
@@ -538,7 +537,7 @@ def test_timeout_lets_a_caller_leave_while_the_flight_goes_on(
     gate = threading.Event()
     slow = Loader("v", gate=gate)
     left = a.call("k", slow)  # the leader's caller leaves at 0.2 s...
-    assert isinstance(left.error, WaitTimeout) and isinstance(left.error, TimeoutError), left
+    assert isinstance(left.error, WaitTimeoutError) and isinstance(left.error, TimeoutError), left
     assert 0.15 <= left.elapsed < 10
     assert slow.runs == 1
     remote = b.submit("k", slow)  # ...the flight still holds the lease in Redis

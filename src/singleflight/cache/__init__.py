@@ -4,8 +4,8 @@
 (``_policy``) and one store (``_store``); ``_sync`` and ``_async`` only wait.
 """
 
+from ..stats import CacheStats
 from ._async import AsyncLoadingCache
-from ._store import CacheStats
 from ._sync import LoadingCache
 
 __all__ = ["AsyncLoadingCache", "CacheStats", "LoadingCache"]

@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from .._asyncio import AsyncGroup
 from .._protocols import AsyncGroupLike
-from .._result import AbortedError
+from ..errors import AbortedError
 from ..events import EventHook
 from ._base import (
     DEFAULT_MAXSIZE,

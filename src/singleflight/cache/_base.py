@@ -14,19 +14,19 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Generic, TypeVar, cast
 
-from .._flight import check_name
+from .._options import check_name
 from .._protocols import crosses_processes
 from ..events import (
     CacheHit,
     CacheMiss,
     EventHook,
-    GroupStats,
     RefreshStarted,
     StaleServed,
     emit,
 )
+from ..stats import CacheStats, GroupStats
 from ._policy import Entry, Policy, not_found
-from ._store import REFRESH, SERVE, CacheStats, Plan, Store
+from ._store import REFRESH, SERVE, Plan, Store
 
 __all__ = ["CacheBase", "assemble", "bad_key", "check_key", "logger", "served", "wanted_keys"]
 
@@ -259,6 +259,8 @@ class CacheBase(Generic[K, V]):
             shared=group.shared,
             errors=group.errors,
             aborted=group.aborted,
+            timeouts=group.timeouts,
+            rejected=group.rejected,
             in_flight=group.in_flight,
             wait_seconds=group.wait_seconds,
         )
@@ -412,7 +414,7 @@ class CacheBase(Generic[K, V]):
             )
 
 
-_NO_GROUP_STATS = GroupStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0)
+_NO_GROUP_STATS = GroupStats()
 
 
 def _group_stats(group: object) -> GroupStats:

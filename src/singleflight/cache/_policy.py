@@ -15,7 +15,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, cast
 
-from .._result import RemoteError, type_name
+from ..errors import RemoteError, type_name
 
 __all__ = [
     "EARLY",
@@ -339,7 +339,7 @@ class Policy:
 def named_as(error: RemoteError, types: tuple[type[BaseException], ...]) -> bool:
     """Whether ``error`` stands for an exception of one of ``types``, by name.
 
-    True when its ``type_name`` is the name (:func:`~singleflight._result.type_name`)
+    True when its ``type_name`` is the name (:func:`~singleflight.errors.type_name`)
     of one of ``types`` or of a subclass of one defined in this process (the
     remote class itself is never imported): ``isinstance`` by name, as far as
     this process knows the class tree.

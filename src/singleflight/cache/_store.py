@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any, Final, Generic, TypeVar
 
+from ..stats import CacheStats
 from ._policy import EARLY, FRESH, MISS, STALE, Entry, Policy
 
-__all__ = ["JOIN", "LOAD", "REFRESH", "SERVE", "CacheStats", "Plan", "Store"]
+__all__ = ["JOIN", "LOAD", "REFRESH", "SERVE", "Plan", "Store"]
 
 K = TypeVar("K")
 
@@ -46,54 +47,6 @@ JOIN: Final = 3  # wait for the batch load that has this key
 # How many entries read since the evictor last saw them get a second chance
 # per eviction: bounds an eviction's cost when every entry is hot.
 _SECOND_CHANCES: Final = 8
-
-
-@dataclass(frozen=True, slots=True)
-class CacheStats:
-    """Counters of a loading cache since it was made.
-
-    ``hits`` are reads answered from the cache, stale ones included;
-    ``misses`` are reads that had to wait for a load (or for a batch);
-    ``loads`` are loads run in this process that produced an outcome the
-    callers got (not-found results included; a batch counts once),
-    ``load_failures`` loads run in this process that raised an
-    :class:`Exception` (an outcome a group that crosses processes brought from
-    another one is written back, but counted in neither); ``stale_served``
-    counts reads answered with an expired value (stale-while-revalidate and
-    stale-if-error); ``refreshes`` counts the refreshes of stale entries and
-    the calls of ``refresh()``, ``early_refreshes`` (apart from those) the
-    refreshes XFetch started before expiry; ``evictions`` counts entries
-    dropped by the size bound or because they expired; ``size`` is the number
-    of entries held now; ``hit_ratio`` is ``hits / (hits + misses)`` (0.0
-    before the first read).
-
-    The fields every group reports too: ``calls`` is the number of reads
-    (``hits + misses``); ``flights``, ``joins``, ``shared``, ``errors``,
-    ``aborted``, ``in_flight`` and ``wait_seconds`` are those of the cache's
-    group (see :class:`~singleflight.events.GroupStats`): the loads and
-    refreshes made through it and the callers that joined them.  Batch loads
-    (``load_many``) do not go through the group and are counted in ``loads``
-    only; a group shared with other users counts their calls too.
-    """
-
-    hits: int
-    misses: int
-    loads: int
-    load_failures: int
-    stale_served: int
-    refreshes: int
-    early_refreshes: int
-    evictions: int
-    size: int
-    hit_ratio: float
-    calls: int = 0
-    flights: int = 0
-    joins: int = 0
-    shared: int = 0
-    errors: int = 0
-    aborted: int = 0
-    in_flight: int = 0
-    wait_seconds: float = 0.0
 
 
 @dataclass(slots=True)
@@ -488,7 +441,6 @@ class Store(Generic[K]):
 
     def stats(self) -> CacheStats:
         hits = self.retired_hits + sum(entry.hits for entry in self.data.values())
-        reads = hits + self.misses
         return CacheStats(
             hits=hits,
             misses=self.misses,
@@ -499,5 +451,4 @@ class Store(Generic[K]):
             early_refreshes=self.early_refreshes,
             evictions=self.evictions,
             size=len(self.data),
-            hit_ratio=hits / reads if reads else 0.0,
         )

@@ -16,8 +16,8 @@ import weakref
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
-from ..cache import CacheStats
-from ..events import Event, EventHook, GroupStats, emit
+from ..events import Event, EventHook, emit
+from ..stats import CacheStats, GroupStats
 
 __all__ = ["chain"]
 
@@ -79,10 +79,10 @@ class Watchlist:
             )
         snapshot = stats()
         kind: Literal["group", "cache"]
-        if isinstance(snapshot, GroupStats):
-            kind = "group"
-        elif isinstance(snapshot, CacheStats):
+        if isinstance(snapshot, CacheStats):  # a GroupStats too: test it first
             kind = "cache"
+        elif isinstance(snapshot, GroupStats):
+            kind = "group"
         else:
             raise TypeError(
                 f"{obj!r}.stats() returned {type(snapshot).__name__}, not GroupStats or CacheStats"

@@ -62,9 +62,9 @@ from ..events import (
     FlightFinished,
     FlightStarted,
     Joined,
-    RedisGroupStats,
     emit,
 )
+from ..stats import RedisGroupStats
 from . import Watchlist, missing, read
 
 try:

@@ -44,8 +44,7 @@ import threading
 import weakref
 from collections.abc import Iterable
 
-from ..cache import CacheStats
-from ..events import GroupStats, RedisGroupStats
+from ..stats import CacheStats, GroupStats, RedisGroupStats
 from . import Watchlist, missing, read
 
 try:
@@ -170,11 +169,11 @@ class SingleflightCollector(Collector):
         # stats() takes the object's own lock: never while holding ours.
         snapshots = read(live)
         for item, stats in snapshots:
-            if isinstance(stats, GroupStats):
-                families = groups
-            else:
-                assert isinstance(stats, CacheStats)
+            if isinstance(stats, CacheStats):  # a GroupStats too: test it first
                 families = caches
+            else:
+                assert isinstance(stats, GroupStats)
+                families = groups
             for field, family in families.items():
                 family.add_metric([item.name], getattr(stats, field))
             if isinstance(stats, RedisGroupStats):

@@ -30,10 +30,10 @@ if int(_redis.__version__.split(".")[0]) < 5:  # pragma: no cover
         "pip install 'pysingleflight[redis]'"
     )
 
-from ..events import RedisGroupStats
+from ..stats import RedisGroupStats
 from ._async import AsyncRedisGroup
 from ._core import FlightInfo, current_flight
-from ._errors import LoaderError, RedisCoalescingError, RedisUnavailableError, WaitTimeoutError
+from ._errors import LoaderError, RedisUnavailableError
 from ._sync import RedisGroup
 from .codecs import (
     Codec,
@@ -53,11 +53,9 @@ __all__ = [
     "LoaderError",
     "MsgpackCodec",
     "PayloadTooLargeError",
-    "RedisCoalescingError",
     "RedisGroup",
     "RedisGroupStats",
     "RedisUnavailableError",
     "SignedPickleCodec",
-    "WaitTimeoutError",
     "current_flight",
 ]

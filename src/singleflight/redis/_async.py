@@ -22,7 +22,8 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .._asyncio import AsyncGroup
 from .._result import Result
-from ..events import EventHook, RedisGroupStats
+from ..events import EventHook
+from ..stats import RedisGroupStats
 from . import _protocol as proto
 from ._clients import configure_async
 from ._core import (
@@ -205,7 +206,7 @@ class AsyncRedisGroup(Generic[K, V]):
     ``forget``, ``forget_unshared``, ``in``, ``len``) plus :meth:`aforget` and
     :meth:`aclose`; the options of :class:`RedisGroup` (``max_flights``,
     ``on_limit`` and ``timeout`` as for :class:`AsyncGroup`), and
-    ``cancel_abandoned`` as for :class:`AsyncGroup`.
+    ``cancel_orphaned`` as for :class:`AsyncGroup`.
 
     The group makes its own Redis clients per event loop (copies of
     ``client``'s pool with bounded timeouts); close them with ``await
@@ -228,14 +229,14 @@ class AsyncRedisGroup(Generic[K, V]):
         max_wait: float = 30.0,
         on_redis_error: str = "open",
         codec: Codec | None = None,
-        key: Callable[[K], str] | None = None,
+        key_to_str: Callable[[K], str] | None = None,
         redis_timeout: float = 0.5,
         retry_budget: float = 0.5,
         max_payload: int = 1 << 20,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 2.0,
         configure_client: bool = True,
-        cancel_abandoned: bool = False,
+        cancel_orphaned: bool = False,
         name: str | None = None,
         on_event: EventHook | None = None,
         max_flights: int | None = None,
@@ -256,7 +257,7 @@ class AsyncRedisGroup(Generic[K, V]):
         self._core: GroupCore[K] = GroupCore(
             namespace=namespace,
             codec=codec,
-            key=key,
+            key_to_str=key_to_str,
             settings=settings,
             name=name,
             on_event=on_event,
@@ -267,7 +268,7 @@ class AsyncRedisGroup(Generic[K, V]):
         # The local group tells the core of its flights and joins (always: the
         # counts of led flights come from there, hook or not).
         self._local: AsyncGroup[K, V] = AsyncGroup(
-            cancel_abandoned=cancel_abandoned,
+            cancel_orphaned=cancel_orphaned,
             name=self._core.name,
             on_event=self._core.local_event,
             max_flights=max_flights,
@@ -294,7 +295,7 @@ class AsyncRedisGroup(Generic[K, V]):
 
         Cancellation: as :meth:`AsyncGroup.do`: cancelling a caller affects
         that caller alone.  The Redis work runs in the local flight's loader
-        task; when that task is cancelled (``cancel_abandoned=True`` and every
+        task; when that task is cancelled (``cancel_orphaned=True`` and every
         caller left, or the loop shutting down) while it leads, the flight is
         abandoned in Redis so another process takes over at once; local
         waiters get :class:`AbortedError`.

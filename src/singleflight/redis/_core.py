@@ -16,8 +16,9 @@ from time import monotonic as _monotonic
 from time import perf_counter
 from typing import Any, Generic, TypeVar
 
-from .._flight import check_name
-from .._result import Result, type_name
+from .._options import check_name
+from .._result import Result
+from ..errors import WaitTimeoutError, type_name
 from ..events import (
     Event,
     EventHook,
@@ -25,16 +26,15 @@ from ..events import (
     FlightFailed,
     FlightFinished,
     FlightStarted,
-    GroupStats,
     Joined,
     RanLocally,
-    RedisGroupStats,
     RedisUnavailable,
     Rejected,
     TimedOut,
     emit,
 )
-from ._errors import LoaderError, RedisUnavailableError, WaitTimeoutError, is_transient
+from ..stats import GroupStats, RedisGroupStats
+from ._errors import LoaderError, RedisUnavailableError, is_transient
 from ._protocol import (
     HIT,
     LOST,
@@ -226,8 +226,8 @@ def _default_key(key: object) -> str:
             pass
     raise TypeError(
         f"Redis groups take str or int keys, or tuples of str, int, float, bool and None; "
-        f"got {kind.__name__} {key!r}. Pass key=<function returning a str> to map other keys "
-        "to Redis keys"
+        f"got {kind.__name__} {key!r}. Pass key_to_str=<function returning a str> to map "
+        "other keys to Redis keys"
     )
 
 
@@ -263,7 +263,7 @@ class GroupCore(Generic[K]):
         *,
         namespace: str,
         codec: Codec | None,
-        key: Callable[[K], str] | None,
+        key_to_str: Callable[[K], str] | None,
         settings: Settings,
         name: str | None = None,
         on_event: EventHook | None = None,
@@ -286,9 +286,9 @@ class GroupCore(Generic[K]):
                 f"codec must have encode(key, value) and decode(key, data) methods; got {codec!r}"
             )
         self.codec = codec
-        if key is not None and not callable(key):
-            raise TypeError(f"key must be a function returning a str; got {key!r}")
-        self.to_str: Callable[[Any], str] = key if key is not None else _default_key
+        if key_to_str is not None and not callable(key_to_str):
+            raise TypeError(f"key_to_str must be a function returning a str; got {key_to_str!r}")
+        self.to_str: Callable[[Any], str] = key_to_str if key_to_str is not None else _default_key
         self.settings = settings
         self.breaker = Breaker(settings.breaker_threshold, settings.breaker_cooldown)
         self.counters = Counters()
@@ -522,10 +522,7 @@ class GroupCore(Generic[K]):
         if plan.reason == REASON_TIMEOUT:
             counters.add("timeouts")
             self._timed_out(key, watch)
-            return WaitTimeoutError(
-                f"waited max_wait={self.settings.max_wait}s for key {key!r} "
-                "without a result from the process loading it"
-            )
+            return WaitTimeoutError(key, self.settings.max_wait, "max_wait")
         counters.add("unavailable")
         if self.hook is not None:
             emit(self.hook, RedisUnavailable(self.name, key, plan.reason, plan.error))

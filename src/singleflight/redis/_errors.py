@@ -1,22 +1,20 @@
-"""The exceptions of the Redis tier, and which Redis errors are worth a retry."""
+"""The exceptions of the Redis tier, and which Redis errors are worth a retry.
+
+A caller's deadline (``max_wait``) passing raises the library's one
+:class:`~singleflight.WaitTimeoutError`, as a group's ``timeout=`` does.
+"""
 
 from __future__ import annotations
 
 from redis import exceptions as _rx
 
-from .._result import RemoteError
+from ..errors import RemoteError, SingleflightError, safe_repr
 
 __all__ = [
     "LoaderError",
-    "RedisCoalescingError",
     "RedisUnavailableError",
-    "WaitTimeoutError",
     "is_transient",
 ]
-
-
-class RedisCoalescingError(Exception):
-    """Base of the errors a Redis group raises for its own reasons (not the loader's)."""
 
 
 class LoaderError(RemoteError):
@@ -30,21 +28,18 @@ class LoaderError(RemoteError):
     """
 
     def __init__(self, key: object, type_name: str, message: str) -> None:
-        super().__init__(f"the loader of key {key!r} raised {type_name}: {message}")
+        super().__init__(f"the loader of key {safe_repr(key)} raised {type_name}: {message}")
+        self._made_with = (key, type_name, message)
         self.key = key
         self.type_name = type_name
         self.message = message
 
 
-class RedisUnavailableError(RedisCoalescingError, ConnectionError):
+class RedisUnavailableError(SingleflightError, ConnectionError):
     """Redis failed (or the circuit breaker is open) under ``on_redis_error="closed"``.
 
     The Redis error is ``__cause__`` when there is one.
     """
-
-
-class WaitTimeoutError(RedisCoalescingError, TimeoutError):
-    """``max_wait`` elapsed while waiting on another process, under ``on_redis_error="closed"``."""
 
 
 # Errors a retry can cure: a dropped or refused connection, a timeout, a

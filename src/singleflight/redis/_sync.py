@@ -22,7 +22,8 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .._result import Result
 from .._threads import Group
-from ..events import EventHook, RedisGroupStats
+from ..events import EventHook
+from ..stats import RedisGroupStats
 from . import _protocol as proto
 from ._clients import configure_sync
 from ._core import (
@@ -288,8 +289,8 @@ class RedisGroup(Generic[K, V]):
     ``max_flights``, ``on_limit`` (``"raise"``), ``timeout``
         As for :class:`Group`, applied in this process: at most
         ``max_flights`` keys in flight here (a new key beyond it raises
-        :class:`TooManyFlights` or waits for a slot), and a caller waits at
-        most ``timeout`` seconds, then alone raises ``WaitTimeout`` while the
+        :class:`TooManyFlightsError` or waits for a slot), and a caller waits at
+        most ``timeout`` seconds, then alone raises ``WaitTimeoutError`` while the
         flight goes on (``Rejected`` and ``TimedOut`` events; counted in
         ``rejected`` and ``timeouts``).
 
@@ -322,7 +323,7 @@ class RedisGroup(Generic[K, V]):
         max_wait: float = 30.0,
         on_redis_error: str = "open",
         codec: Codec | None = None,
-        key: Callable[[K], str] | None = None,
+        key_to_str: Callable[[K], str] | None = None,
         redis_timeout: float = 0.5,
         retry_budget: float = 0.5,
         max_payload: int = 1 << 20,
@@ -350,7 +351,7 @@ class RedisGroup(Generic[K, V]):
         self._core: GroupCore[K] = GroupCore(
             namespace=namespace,
             codec=codec,
-            key=key,
+            key_to_str=key_to_str,
             settings=settings,
             name=name,
             on_event=on_event,
@@ -388,7 +389,7 @@ class RedisGroup(Generic[K, V]):
         under ``"open"`` the loader runs locally instead.
         :class:`PayloadTooLargeError` / :class:`CodecError` when the value
         cannot be encoded (in every caller of the flight).  ``TypeError`` for a
-        key that is unhashable or of another type (without ``key=``), or a
+        key that is unhashable or of another type (without ``key_to_str=``), or a
         non-callable ``fn``, before anything runs; ``RuntimeError`` for a
         loader calling ``do`` on its own key.
 

@@ -22,6 +22,8 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import SingleflightError
+
 __all__ = [
     "Codec",
     "CodecError",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 
-class CodecError(ValueError):
+class CodecError(SingleflightError, ValueError):
     """A value could not be encoded, or a payload could not be trusted or decoded."""
 
 

@@ -1,0 +1,54 @@
+"""The options groups, caches and decorators share, checked in one place.
+
+Each check raises at construction, with a message that says what to pass
+instead; nothing is registered or started by a call with a bad option.
+"""
+
+from __future__ import annotations
+
+__all__ = ["check_flag", "check_name", "check_options", "check_seconds"]
+
+
+def check_options(
+    name: object,
+    on_event: object,
+    max_flights: object,
+    on_limit: object,
+    timeout: object,
+) -> None:
+    """Validate the options every group takes."""
+    check_name(name)
+    if on_event is not None and not callable(on_event):
+        raise TypeError(f"on_event must be a callable taking one event; got {on_event!r}")
+    if max_flights is not None and (
+        isinstance(max_flights, bool) or not isinstance(max_flights, int) or max_flights < 1
+    ):
+        raise ValueError(f"max_flights must be a positive int or None; got {max_flights!r}")
+    if on_limit not in ("raise", "wait"):
+        raise ValueError(f'on_limit must be "raise" or "wait"; got {on_limit!r}')
+    check_seconds("timeout", timeout)
+
+
+def check_name(name: object) -> None:
+    """A group's or cache's name labels its events and metrics: a non-empty str."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str; got {name!r}")
+    if not name:
+        raise ValueError(
+            f"name must be a non-empty str (it labels events and metrics); got {name!r}: "
+            'pass a name such as name="users"'
+        )
+
+
+def check_seconds(option: str, seconds: object) -> None:
+    """A duration option: a positive number of seconds, or None for no limit."""
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0
+    ):
+        raise ValueError(f"{option} must be a positive number of seconds or None; got {seconds!r}")
+
+
+def check_flag(option: str, value: object) -> None:
+    """A yes/no option: exactly True or False (a truthy string is a mistake, not a yes)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{option} must be True or False; got {value!r}")
