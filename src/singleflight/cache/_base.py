@@ -28,7 +28,16 @@ from ..stats import CacheStats, GroupStats
 from ._policy import Entry, Policy, not_found
 from ._store import REFRESH, SERVE, Plan, Store
 
-__all__ = ["CacheBase", "assemble", "bad_key", "check_key", "logger", "served", "wanted_keys"]
+__all__ = [
+    "MISS",
+    "CacheBase",
+    "assemble",
+    "bad_key",
+    "check_key",
+    "logger",
+    "served",
+    "wanted_keys",
+]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -36,6 +45,17 @@ V = TypeVar("V")
 logger = logging.getLogger("singleflight.cache")
 
 DEFAULT_MAXSIZE = 10_000
+
+
+class _Miss:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+MISS: Any = _Miss()
+"""What :meth:`CacheBase._hit` returns when the key has no fresh entry."""
 
 
 def bad_key(key: object) -> TypeError:
@@ -107,6 +127,7 @@ class CacheBase(Generic[K, V]):
         "_clock",
         "_closed",
         "_data",
+        "_fast",
         "_forget",
         "_group",
         "_hook",
@@ -170,6 +191,9 @@ class CacheBase(Generic[K, V]):
         )
         self._store: Store[K] = Store(self._policy, _check_maxsize(maxsize))
         self._data = self._store.data
+        # What the lock-free hit path reads: the entries, or none at all for a
+        # cache that tells on_event of every read (all go through _read()).
+        self._fast: dict[Any, Entry] = self._data if on_event is None else {}
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
@@ -278,7 +302,24 @@ class CacheBase(Generic[K, V]):
         state = " closed" if self._closed else ""
         return f"<{type(self).__name__} size={len(self)} load={self._load!r}{state}>"
 
-    # -- helpers for the drivers: the steps of a read that do not wait -------------------
+    # -- helpers for the drivers and the decorators: the steps of a read that do not wait --
+
+    def _hit(self, key: K) -> Any:
+        """The hit path, without a lock: ``key``'s value if it has a fresh entry, else ``MISS``.
+
+        Counts the hit.  Always ``MISS`` for a cache made with ``on_event``
+        (its reads go through :meth:`_read`, which tells them).  ``TypeError``
+        for an unhashable key.  ``get`` and the ``@cached`` wrappers call it
+        before anything else.
+        """
+        try:
+            entry = self._fast[key]
+        except KeyError:
+            return MISS
+        if self._clock() < entry.fresh_until:
+            entry.hits += 1
+            return entry.value
+        return MISS
 
     def _read(self, key: K, thunk: Any) -> tuple[int, Any, Any]:
         """A read that is not a plain hit, as far as it goes without waiting.
