@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # (source, generated), relative to the repository's root.
-PAIRS = [
+PAIRS: list[tuple[str, str]] = [
+    ("src/singleflight/redis/_async.py", "src/singleflight/redis/_sync.py"),
     ("src/singleflight/cache/_async.py", "src/singleflight/cache/_sync.py"),
 ]
 
