@@ -35,7 +35,7 @@ from .._asyncio import AsyncGroup
 from .._protocols import AsyncGroupLike
 from ..events import EventHook
 from ._asyncio_only import Background, Batch, check_loaders, not_awaitable
-from ._base import DEFAULT_MAXSIZE, MISS, CacheBase, assemble, logger, served, wanted_keys
+from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
 from ._policy import Entry
 from ._store import JOIN, SERVE
 
@@ -48,7 +48,7 @@ from ._store import JOIN, SERVE
 # from .._protocols import GroupLike
 # from .._threads import Group
 # from ..events import EventHook
-# from ._base import DEFAULT_MAXSIZE, MISS, CacheBase, assemble, logger, served, wanted_keys
+# from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
 # from ._policy import Entry
 # from ._store import JOIN, SERVE
 # from ._threads_only import Background, Batch, check_loaders
@@ -210,13 +210,15 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         # cancelled.
         # """
         # unasync: end
-        # The hit path, without a lock; a cache made with on_event has none.
+        # CacheBase._hit, inlined (a call would make a hit a third slower): no lock,
+        # one clock call; a cache made with on_event reads every key through _get.
         try:
-            value = self._hit(key)
-        except TypeError:
-            value = MISS
-        if value is not MISS:
-            return value  # type: ignore[no-any-return]
+            entry = self._fast[key]
+            if self._clock() < entry.fresh_until:
+                entry.hits += 1
+                return entry.value  # type: ignore[no-any-return]
+        except (KeyError, TypeError):
+            pass
         return await self._get(key, None)
 
     async def get_many(self, keys: Iterable[K]) -> dict[K, V]:

@@ -309,8 +309,8 @@ class CacheBase(Generic[K, V]):
 
         Counts the hit.  Always ``MISS`` for a cache made with ``on_event``
         (its reads go through :meth:`_read`, which tells them).  ``TypeError``
-        for an unhashable key.  ``get`` and the ``@cached`` wrappers call it
-        before anything else.
+        for an unhashable key.  The ``@cached`` wrappers call it before anything
+        else; the drivers' ``get`` has it inlined.
         """
         try:
             entry = self._fast[key]
