@@ -10,32 +10,26 @@ import inspect
 from asyncio import Task, current_task, get_running_loop
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
-from types import TracebackType
 from typing import Any
 
 from ..errors import AbortedError
+from ._base import BatchBase
 
 __all__ = ["Background", "Batch", "check_loaders", "not_awaitable"]
 
 
-class Batch:
+class Batch(BatchBase):
     """A batch load in flight: its task, set right after it is made, and its outcome."""
 
-    __slots__ = ("error", "task", "tb", "values")
+    __slots__ = ("task",)
 
     task: Task[None]
-
-    def __init__(self) -> None:
-        self.values: Mapping[Any, Any] | None = None
-        self.error: Exception | None = None
-        self.tb: TracebackType | None = None
 
     def loaded(self, values: Mapping[Any, Any]) -> None:
         self.values = values
 
     def failed(self, keys: list[Any], error: BaseException) -> None:
-        """Keep the loader's error and its traceback, so that every caller re-raises
-        it with the traceback the loader left (no growth per caller)."""
+        """Keep the loader's error (a cancellation is told by the task)."""
         if isinstance(error, Exception):
             self.error = error
             self.tb = error.__traceback__
@@ -48,10 +42,7 @@ class Batch:
         """
         task = self.task
         if task is current_task():
-            raise RuntimeError(
-                f"load_many asked the cache for {key!r}, a key of its own batch: it would "
-                "wait for itself"
-            )
+            raise self.reentry(key)
         if not task.done():
             await asyncio.wait((task,))
 
@@ -59,13 +50,7 @@ class Batch:
         """``key``'s value from the finished batch; raises its error, AbortedError or KeyError."""
         if self.task.cancelled():
             raise AbortedError(key, "its batch load was cancelled")
-        if self.error is not None:
-            raise self.error.with_traceback(self.tb)
-        assert self.values is not None
-        try:
-            return self.values[key]
-        except KeyError:
-            raise KeyError(key) from None
+        return super().outcome(key)
 
 
 class Background:

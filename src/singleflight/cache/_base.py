@@ -12,6 +12,7 @@ import math
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import replace
+from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
 from .._options import check_name
@@ -30,6 +31,7 @@ from ._store import REFRESH, SERVE, Plan, Store
 
 __all__ = [
     "MISS",
+    "BatchBase",
     "CacheBase",
     "assemble",
     "bad_key",
@@ -104,6 +106,36 @@ def assemble(
         if not not_found(error):
             raise error
     return result
+
+
+class BatchBase:
+    """A batch load's outcome, kept for the callers of its keys: its values, or its
+    error and the traceback the loader left (so no caller's re-raise grows it)."""
+
+    __slots__ = ("error", "tb", "values")
+
+    def __init__(self) -> None:
+        self.values: Mapping[Any, Any] | None = None
+        self.error: Exception | None = None
+        self.tb: TracebackType | None = None
+
+    def outcome(self, key: object) -> Any:
+        """The value the batch loaded for ``key``; raises its error or ``KeyError``."""
+        if self.error is not None:
+            raise self.error.with_traceback(self.tb)
+        assert self.values is not None
+        try:
+            return self.values[key]
+        except KeyError:
+            raise KeyError(key) from None
+
+    @staticmethod
+    def reentry(key: object) -> RuntimeError:
+        """What ``load_many`` asking for a key of its own batch raises (not a wait)."""
+        return RuntimeError(
+            f"load_many asked the cache for {key!r}, a key of its own batch: it would "
+            "wait for itself"
+        )
 
 
 def _check_maxsize(maxsize: object) -> int | None:

@@ -12,28 +12,26 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from threading import get_ident
-from types import TracebackType
 from typing import Any
 
 from .._flight import waiter_error
+from ._base import BatchBase
 
 __all__ = ["Background", "Batch", "check_loaders"]
 
 
-class Batch:
+class Batch(BatchBase):
     """A batch load in flight; callers that need one of its keys wait on ``done``.
 
     ``owner`` is the thread running ``load_many``: if it asks for a key of its
     own batch it is told so, rather than waiting for itself.
     """
 
-    __slots__ = ("done", "error", "owner", "tb", "values")
+    __slots__ = ("done", "owner")
 
     def __init__(self) -> None:
+        super().__init__()
         self.done = threading.Event()
-        self.values: Mapping[Any, Any] | None = None
-        self.error: Exception | None = None
-        self.tb: TracebackType | None = None
         self.owner = get_ident()
 
     def loaded(self, values: Mapping[Any, Any]) -> None:
@@ -41,8 +39,7 @@ class Batch:
         self.done.set()
 
     def failed(self, keys: list[Any], error: BaseException) -> None:
-        """Keep the error callers raise (an interrupt becomes ``AbortedError``) and
-        its traceback, so that every caller re-raises it without growing it."""
+        """Keep the error callers raise (an interrupt becomes ``AbortedError``)."""
         exc = waiter_error(keys, error)
         self.error = exc
         self.tb = exc.__traceback__
@@ -50,21 +47,8 @@ class Batch:
 
     def wait(self, key: object) -> None:
         if not self.done.is_set() and self.owner == get_ident():
-            raise RuntimeError(
-                f"load_many asked the cache for {key!r}, a key of its own batch: it would "
-                "wait for itself"
-            )
+            raise self.reentry(key)
         self.done.wait()
-
-    def outcome(self, key: object) -> Any:
-        """The value the batch loaded for ``key``; raises its error or ``KeyError``."""
-        if self.error is not None:
-            raise self.error.with_traceback(self.tb)
-        assert self.values is not None
-        try:
-            return self.values[key]
-        except KeyError:
-            raise KeyError(key) from None
 
 
 _NOTHING: AbstractContextManager[None] = nullcontext()
