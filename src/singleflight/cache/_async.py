@@ -22,7 +22,6 @@ cache keeps track of; :meth:`AsyncLoadingCache.aclose` cancels and awaits them.
 from __future__ import annotations
 
 # unasync: async-only
-import asyncio
 import inspect
 import random as _random
 import time
@@ -34,7 +33,7 @@ from typing import Any, Generic, TypeVar
 from .._asyncio import AsyncGroup
 from .._protocols import AsyncGroupLike
 from ..events import EventHook
-from ._asyncio_only import Background, Batch, check_loaders, not_awaitable
+from ._asyncio_only import Background, Batch, check_loaders, not_awaitable, outcomes_of
 from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
 from ._policy import Entry
 from ._store import JOIN, SERVE
@@ -43,6 +42,7 @@ from ._store import JOIN, SERVE
 # import random as _random
 # import time
 # from collections.abc import Callable, Hashable, Iterable, Mapping
+# from functools import partial
 # from typing import Any, Generic, TypeVar
 #
 # from .._protocols import GroupLike
@@ -51,7 +51,7 @@ from ._store import JOIN, SERVE
 # from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
 # from ._policy import Entry
 # from ._store import JOIN, SERVE
-# from ._threads_only import Background, Batch, check_loaders
+# from ._threads_only import Background, Batch, check_loaders, outcomes_of
 #
 # unasync: end
 __all__ = ["AsyncLoadingCache"]
@@ -268,15 +268,6 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             batch.task.add_done_callback(partial(self._batch_done, batch, plan.tokens))
         for key, entry in plan.refresh:
             self._start_refresh(key, entry, None)
-        singles = list(plan.single.items())
-        loaded = await asyncio.gather(
-            *(self._load_key(key, seen, None) for key, seen in singles), return_exceptions=True
-        )
-        for (key, _), outcome in zip(singles, loaded, strict=True):
-            if isinstance(outcome, BaseException):
-                errors[key] = outcome
-            else:
-                outcomes[key] = outcome
         # unasync: sync-only
         # try:
         #     for key, entry in plan.refresh:
@@ -290,12 +281,16 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         #         interrupted = RuntimeError("get_many was interrupted before its batch ran")
         #         self._batch_failed(batch, plan.tokens, interrupted, self._clock())
         #         batch.failed(list(plan.tokens), interrupted)
-        # for key, seen in plan.single.items():
-        #     try:
-        #         outcomes[key] = self._load_key(key, seen, None)
-        #     except Exception as exc:
-        #         errors[key] = exc
         # unasync: end
+        singles = list(plan.single.items())
+        loaded = await outcomes_of(
+            [partial(self._load_key, key, seen, None) for key, seen in singles]
+        )
+        for (key, _), outcome in zip(singles, loaded, strict=True):
+            if isinstance(outcome, BaseException):
+                errors[key] = outcome
+            else:
+                outcomes[key] = outcome
         for key, handle in [(key, batch) for key in plan.load] + list(plan.join.items()):
             assert handle is not None
             try:

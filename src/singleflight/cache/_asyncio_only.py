@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 from asyncio import Task, current_task, get_running_loop
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from ..errors import AbortedError
 from ._base import BatchBase
 
-__all__ = ["Background", "Batch", "check_loaders", "not_awaitable"]
+__all__ = ["Background", "Batch", "check_loaders", "not_awaitable", "outcomes_of"]
 
 
 class Batch(BatchBase):
@@ -117,3 +117,8 @@ def not_awaitable(fn: object, returned: object) -> TypeError:
         f"AsyncLoadingCache needs an async loader; {fn!r} returned "
         f"{type(returned).__name__}, which cannot be awaited (use LoadingCache for sync loaders)"
     )
+
+
+async def outcomes_of(loads: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run ``loads`` concurrently: their values, or the exceptions they raised, in order."""
+    return await asyncio.gather(*(load() for load in loads), return_exceptions=True)

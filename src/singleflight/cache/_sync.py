@@ -14,6 +14,7 @@ from __future__ import annotations
 import random as _random
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from .._protocols import GroupLike
@@ -22,7 +23,7 @@ from ..events import EventHook
 from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
 from ._policy import Entry
 from ._store import JOIN, SERVE
-from ._threads_only import Background, Batch, check_loaders
+from ._threads_only import Background, Batch, check_loaders, outcomes_of
 
 __all__ = ["LoadingCache"]
 
@@ -182,11 +183,15 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
                 interrupted = RuntimeError("get_many was interrupted before its batch ran")
                 self._batch_failed(batch, plan.tokens, interrupted, self._clock())
                 batch.failed(list(plan.tokens), interrupted)
-        for key, seen in plan.single.items():
-            try:
-                outcomes[key] = self._load_key(key, seen, None)
-            except Exception as exc:
-                errors[key] = exc
+        singles = list(plan.single.items())
+        loaded = outcomes_of(
+            [partial(self._load_key, key, seen, None) for key, seen in singles]
+        )
+        for (key, _), outcome in zip(singles, loaded, strict=True):
+            if isinstance(outcome, BaseException):
+                errors[key] = outcome
+            else:
+                outcomes[key] = outcome
         for key, handle in [(key, batch) for key in plan.load] + list(plan.join.items()):
             assert handle is not None
             try:

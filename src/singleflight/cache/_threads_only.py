@@ -17,7 +17,7 @@ from typing import Any
 from .._flight import waiter_error
 from ._base import BatchBase
 
-__all__ = ["Background", "Batch", "check_loaders"]
+__all__ = ["Background", "Batch", "check_loaders", "outcomes_of"]
 
 
 class Batch(BatchBase):
@@ -108,3 +108,15 @@ def check_loaders(load: object, load_many: object, group: object) -> None:
             )
     if group is not None and inspect.iscoroutinefunction(getattr(group, "do", None)):
         raise TypeError(f"group={group!r} is an async group; LoadingCache needs a thread Group")
+
+
+def outcomes_of(loads: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``loads`` one after another: their values, or the :class:`Exception` they
+    raised, in order (anything else, ``KeyboardInterrupt``, goes up at once)."""
+    outcomes: list[Any] = []
+    for load in loads:
+        try:
+            outcomes.append(load())
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
