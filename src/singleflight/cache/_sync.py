@@ -316,7 +316,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
             self._batch_failed(batch, tokens, exc, started)
             batch.failed(list(tokens), exc)
             if not isinstance(exc, Exception):
-                raise  # (a task's cancellation: _batch_done ran or will run too)
+                raise  # not the loader's error: an interrupt, or a cancelled task
             return
         with self._lock:
             self._store.finish_batch(batch, tokens, values, None, started, self._clock())
