@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the project with its test and lint extras, then run the checks:
-# ruff, mypy --strict on src/, and pytest on every CPython 3.11, 3.12 and 3.13
+# the generated thread twins (scripts/unasync.py --check), ruff, mypy --strict
+# on src/, and pytest on every CPython 3.11, 3.12 and 3.13
 # found on this machine (at least the default python3).
 #
 #   bash scripts/test.sh              # everything
@@ -43,6 +44,8 @@ for python in "${pythons[@]}"; do
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
     if [ $first -eq 1 ]; then
+        echo "--- generated modules (scripts/unasync.py --check)"
+        "$venv/bin/python" scripts/unasync.py --check || status=1
         echo "--- ruff"
         "$venv/bin/python" -m ruff check . || status=1
         "$venv/bin/python" -m ruff format --check . || status=1

@@ -19,7 +19,7 @@ from typing import Any, ParamSpec, TypeVar, cast, overload
 from ._asyncio import AsyncGroup
 from ._threads import Group
 from .cache._async import AsyncLoadingCache
-from .cache._base import DEFAULT_MAXSIZE
+from .cache._base import DEFAULT_MAXSIZE, MISS
 from .cache._sync import LoadingCache
 from .events import EventHook
 from .keys import KeyBuilder
@@ -222,10 +222,9 @@ def cached(
     ``close()``/``aclose()``), ``cache_key(*args, **kwargs)`` (the key a call
     would use) and ``invalidate(*args, **kwargs)`` (drop that call's entry).
     ``name`` labels the cache's events and metrics (default: the function's
-    qualified name); ``on_event`` receives every read's event, hits included
-    (a wrapper with ``on_event`` reads through the cache rather than through
-    its inlined hit path).  Errors, cancellation and the handling of methods
-    are as for the cache and for :func:`coalesce`.
+    qualified name); ``on_event`` receives every read's event, hits included.
+    Errors, cancellation and the handling of methods are as for the cache and
+    for :func:`coalesce`.
     """
 
     options: dict[str, Any] = {
@@ -265,66 +264,41 @@ def cached(
                 no_loader(cache_key)
 
             acache: AsyncLoadingCache[Any, Any] = AsyncLoadingCache(async_no_loader, **options)
+            ahit = acache._hit
             aget = acache._get
-            adata = acache._data
             afn = cast(Callable[..., Awaitable[Any]], fn)
-
-            if on_event is not None:
-
-                @functools.wraps(fn)
-                async def observed_async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                    # Every read goes through the cache, which tells on_event.
-                    k = build(args, kwargs)
-                    return await aget(k, functools.partial(afn, *args, **kwargs))
-
-                _expose(observed_async_wrapper, acache, build)
-                return cast(Callable[P, R], observed_async_wrapper)
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 k = raw(args, kwargs)
                 try:
-                    entry = adata[k]
-                    if clock() < entry.fresh_until:
-                        entry.hits += 1
-                        return entry.value
-                except KeyError:
-                    pass
+                    value = ahit(k)
                 except TypeError:  # an unhashable argument: freeze it (or _get says why not)
                     k = build(args, kwargs)
+                else:
+                    if value is not MISS:
+                        return value
                 return await aget(k, functools.partial(afn, *args, **kwargs))
 
             _expose(async_wrapper, acache, build)
             return cast(Callable[P, R], async_wrapper)
 
         cache: LoadingCache[Any, Any] = LoadingCache(no_loader, **options)
+        hit = cache._hit
         get = cache._get
-        data = cache._data
-
-        if on_event is not None:
-
-            @functools.wraps(fn)
-            def observed_wrapper(*args: Any, **kwargs: Any) -> Any:
-                # Every read goes through the cache, which tells on_event.
-                return get(build(args, kwargs), functools.partial(fn, *args, **kwargs))
-
-            _expose(observed_wrapper, cache, build)
-            return cast(Callable[P, R], observed_wrapper)
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            # The hit path of LoadingCache.get, inlined: a call that hits builds
-            # the key without copying the arguments and hashes it once.
+            # A call that hits builds the key without copying the arguments and
+            # hashes it once.  With on_event every call reads through _get.
             k = raw(args, kwargs)
             try:
-                entry = data[k]
-                if clock() < entry.fresh_until:
-                    entry.hits += 1
-                    return entry.value
-            except KeyError:
-                pass
+                value = hit(k)
             except TypeError:  # an unhashable argument: freeze it (or _get says why not)
                 k = build(args, kwargs)
+            else:
+                if value is not MISS:
+                    return value
             return get(k, functools.partial(fn, *args, **kwargs))
 
         _expose(wrapper, cache, build)

@@ -130,7 +130,7 @@ def test_aclose_cancels_background_refreshes_and_leaves_no_task() -> None:
         await cache.aclose()
         assert load.cancelled == 3
         assert asyncio.all_tasks() == {asyncio.current_task()}
-        assert cache._tasks == set() and cache._background_loads == set()
+        assert cache._background.tasks == set() and cache._background.loads == set()
         # The cancelled refreshes wrote nothing; the cache still answers.
         assert cache.stats().loads == 3
         load.gate = None
@@ -306,7 +306,7 @@ def test_background_work_of_every_kind_is_tracked(caplog: pytest.LogCaptureFixtu
         fail[0] = True
         clock.advance(2.0)
         assert await cache.get(1) == "v"
-        await until(lambda: not cache._tasks)
+        await until(lambda: not cache._background.tasks)
         assert cache.stats().load_failures == 1
         await cache.aclose()
 

@@ -102,6 +102,33 @@ def test_sync_cache_stale_if_error_is_stale_served() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_a_cache_with_a_hook_is_of_the_plain_class_and_still_tells_its_hits() -> None:
+    """on_event changes no class: type() and repr name the public class, hits are told."""
+    events: list[Event] = []
+    cache = LoadingCache(lambda k: k, on_event=events.append)
+    with cache:
+        assert type(cache) is LoadingCache
+        assert repr(cache).startswith("<LoadingCache ")
+        assert cache.get(1) == 1 and cache.get(1) == 1
+        assert kinds(events) == ["CacheMiss", "CacheHit"]
+        assert cache.stats().hits == 1
+
+    async def aload(k: int) -> int:
+        return k
+
+    async def main() -> None:
+        acache = AsyncLoadingCache(aload, on_event=events.append)
+        async with acache:
+            assert type(acache) is AsyncLoadingCache
+            assert repr(acache).startswith("<AsyncLoadingCache ")
+            assert await acache.get(2) == 2 and await acache.get(2) == 2
+
+    events.clear()
+    asyncio.run(main())
+    assert kinds(events) == ["CacheMiss", "CacheHit"]
+
+
+@pytest.mark.timeout(10)
 def test_cache_without_hook_keeps_the_plain_class_and_a_raising_hook_is_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -137,7 +164,7 @@ def test_async_cache_events() -> None:
         cache = AsyncLoadingCache(
             load, ttl=10, jitter=0, stale=5, clock=clock, on_event=events.append, name="a"
         )
-        assert type(cache) is not AsyncLoadingCache and isinstance(cache, AsyncLoadingCache)
+        assert type(cache) is AsyncLoadingCache
         async with asyncio.timeout(5):
             assert await cache.get(2) == 6
             assert await cache.get(2) == 6

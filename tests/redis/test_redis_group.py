@@ -550,7 +550,7 @@ def test_own_clients_have_bounded_timeouts_and_no_retry(server: RedisServer) -> 
     group: RedisGroup[str, Any] = RedisGroup(
         user, namespace="n", lease=1.0, redis_timeout=0.25, max_wait=10
     )
-    commands, blocking = group._commands, group._blocking
+    commands, blocking = group._clients.commands, group._clients.blocking
     for client, read_timeout in ((commands, 0.25), (blocking, 1.0 + 0.02 + 0.25)):
         kwargs = client.connection_pool.connection_kwargs
         assert kwargs["socket_timeout"] == pytest.approx(read_timeout)

@@ -1,3 +1,4 @@
+# unasync: async-only
 """The asyncio driver: :class:`AsyncLoadingCache`.
 
 The same policy and store as :class:`~singleflight.LoadingCache`; only the
@@ -6,102 +7,61 @@ whose loader runs in a task of its own, so cancelling one caller never cancels
 the load for the others.  Background refreshes and batch loads are tasks the
 cache keeps track of; :meth:`AsyncLoadingCache.aclose` cancels and awaits them.
 """
+# unasync: sync-only
+# """The thread driver: :class:`LoadingCache`.
+#
+# Reads of fresh entries take no lock: one dict lookup, one clock call, one
+# comparison.  Everything else happens in short critical sections around the
+# store; the lock is never held while a loader runs.  Misses load through a
+# :class:`~singleflight.Group`, so concurrent misses of a key share one load;
+# background refreshes run on a small thread pool that :meth:`LoadingCache.close`
+# shuts down.
+# """
+# unasync: end
 
 from __future__ import annotations
 
-import asyncio
+# unasync: async-only
 import inspect
 import random as _random
 import time
-from asyncio import Task, current_task, get_running_loop
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Mapping
+from asyncio import Task
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from functools import partial
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from .._asyncio import AsyncGroup
 from .._protocols import AsyncGroupLike
-from ..errors import AbortedError
 from ..events import EventHook
-from ._base import (
-    DEFAULT_MAXSIZE,
-    CacheBase,
-    assemble,
-    logger,
-    served,
-    wanted_keys,
-)
+from ._asyncio_only import Background, Batch, check_loaders, not_awaitable, outcomes_of
+from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
 from ._policy import Entry
 from ._store import JOIN, SERVE
 
+# unasync: sync-only
+# import random as _random
+# import time
+# from collections.abc import Callable, Hashable, Iterable, Mapping
+# from functools import partial
+# from typing import Any, Generic, TypeVar
+#
+# from .._protocols import GroupLike
+# from .._threads import Group
+# from ..events import EventHook
+# from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
+# from ._policy import Entry
+# from ._store import JOIN, SERVE
+# from ._threads_only import Background, Batch, check_loaders, outcomes_of
+#
+# unasync: end
 __all__ = ["AsyncLoadingCache"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-class _BatchOutcome:
-    """What a batch task returns: its values, or the loader's error and traceback.
-
-    The task returns rather than raises the error, so that every caller
-    re-raises it with the traceback the loader left (no growth per caller).
-    """
-
-    __slots__ = ("error", "tb", "values")
-
-    def __init__(self, values: Mapping[Any, Any] | None, error: Exception | None = None) -> None:
-        self.values = values
-        self.error = error
-        self.tb = None if error is None else error.__traceback__
-
-
-class _Batch:
-    """The registry's handle of a batch load: its task, set right after it is made."""
-
-    __slots__ = ("task",)
-
-    task: Task[_BatchOutcome]
-
-    async def wait(self, key: object) -> None:
-        """Wait for the batch to end; never cancels it, even if the waiter is cancelled.
-
-        ``RuntimeError`` if the waiter is the batch's own task (``load_many``
-        asking for ``key``, one of its own keys), which would wait for itself.
-        """
-        task = self.task
-        if task is current_task():
-            raise _batch_reentry(key)
-        await _wait(task)
-
-    def outcome(self, key: object) -> Any:
-        """``key``'s value from the finished batch; raises its error, AbortedError or KeyError."""
-        task = self.task
-        if task.cancelled():
-            raise AbortedError(key, "its batch load was cancelled")
-        outcome = task.result()
-        if outcome.error is not None:
-            raise outcome.error.with_traceback(outcome.tb)
-        assert outcome.values is not None
-        try:
-            return outcome.values[key]
-        except KeyError:
-            raise KeyError(key) from None
-
-
-def _batch_reentry(key: object) -> RuntimeError:
-    return RuntimeError(
-        f"load_many asked the cache for {key!r}, a key of its own batch: it would wait for itself"
-    )
-
-
-def _not_awaitable(fn: object, returned: object) -> TypeError:
-    return TypeError(
-        f"AsyncLoadingCache needs an async loader; {fn!r} returned "
-        f"{type(returned).__name__}, which cannot be awaited (use LoadingCache for sync loaders)"
-    )
-
-
 class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
+    # unasync: async-only
     """A read-through cache for asyncio: ``await get(key)`` answers from the cache or
     awaits ``load(key)`` once, however many tasks ask at the same time.
 
@@ -119,14 +79,51 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
     that started it.  ``async with`` calls :meth:`aclose` on the way out.
     """
 
-    __slots__ = ("_background_loads", "_tasks")
+    # unasync: sync-only
+    # """A read-through cache for threads: ``get(key)`` answers from the cache or loads
+    # ``load(key)`` once, however many threads ask at the same time.
+    #
+    # Options (all keyword-only; times in seconds of ``clock``):
+    #
+    # - ``ttl``: how long an entry lives (``None``, the default: until evicted).
+    # - ``jitter``: each entry's lifetime is spread uniformly over ``ttl * (1 +- jitter)``
+    #   (default 0.1), so keys loaded together do not all expire together.
+    # - ``maxsize``: bound on the entries held (default 10,000; ``None`` for no bound);
+    #   beyond it the least recently used go first (CLOCK approximation of LRU).
+    # - ``stale``: for this long after expiry a read returns the old value at once
+    #   and starts one background refresh (stale-while-revalidate, Varnish grace).
+    # - ``stale_if_error``: for this long after expiry, a caller whose load failed
+    #   gets the old value instead of the error; the error is counted and logged.
+    # - ``early_refresh``: XFetch's beta (1.0 is the paper's choice; ``None``/0
+    #   disables it): a read refreshes the entry in the background before it
+    #   expires with probability growing as expiry nears, scaled by how long the
+    #   last load took, so hot keys never expire under load.
+    # - ``negative_ttl`` with ``negative``: cache not-found results for
+    #   ``negative_ttl``.  ``negative`` is a predicate on loaded values or
+    #   exception type(s) the loader raises for not-found; nothing else a loader
+    #   raises is ever cached.  With ``negative_ttl``, keys that ``load_many``
+    #   leaves out are cached as not-found too.
+    # - ``load_many``: ``load_many(keys) -> dict``; :meth:`get_many` loads its
+    #   misses in one call.
+    # - ``group``: what coalesces loads (a :class:`~singleflight.Group` by default;
+    #   anything with the same ``do``, a :class:`~singleflight.GroupLike`).  Its keys
+    #   are the cache's keys, so give each cache a group of its own.  With a group
+    #   that crosses processes (:class:`~singleflight.redis.RedisGroup`), a value
+    #   another process loaded is written into this cache as a local load's
+    #   would be (same TTL, jitter and windows, from when it arrived; not if an
+    #   ``invalidate``/``put``/``refresh`` came meanwhile), a
+    #   :class:`~singleflight.RemoteError` is cached when ``negative=`` names its
+    #   type (by name, subclasses known here included) and ``stale_if_error``
+    #   covers it; ``loads``/``load_failures`` count only loads run here.
+    # - ``clock``, ``random``: the time source and the uniform [0, 1) source of
+    #   jitter and XFetch, for tests.
+    # - ``refresh_workers``: threads running background refreshes (default 4).
+    #
+    # The cache is a context manager; leaving it calls :meth:`close`.
+    # """
+    # unasync: end
 
-    def __new__(cls, *args: Any, on_event: EventHook | None = None, **kwargs: Any) -> Any:
-        # A cache with on_event reads through _read() only, where events are
-        # told; the plain hit path in get() stays free of the check.
-        if on_event is not None and cls is AsyncLoadingCache:
-            cls = _ObservedAsyncLoadingCache
-        return super().__new__(cls)
+    __slots__ = ("_background",)
 
     def __init__(
         self,
@@ -147,13 +144,20 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         group: AsyncGroupLike[K, V] | None = None,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
+        # unasync: sync-only
+        # refresh_workers: int = 4,
+        # unasync: end
         name: str = "default",
         on_event: EventHook | None = None,
     ) -> None:
-        if group is not None and not inspect.iscoroutinefunction(getattr(group, "do", None)):
-            raise TypeError(
-                f"group={group!r} is not an async group; AsyncLoadingCache needs an AsyncGroup"
-            )
+        check_loaders(load, load_many, group)
+        # unasync: async-only
+        # Refresh and batch tasks, and the loader tasks of loads a refresh
+        # started: what aclose() cancels.
+        self._background = Background()
+        # unasync: sync-only
+        # self._background = Background(refresh_workers)
+        # unasync: end
         super().__init__(
             load,
             ttl=ttl,
@@ -171,14 +175,11 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             name=name,
             on_event=on_event,
         )
-        # Refresh and batch tasks, and the loader tasks of loads a refresh
-        # started: what aclose() cancels.
-        self._tasks: set[Task[Any]] = set()
-        self._background_loads: set[Task[Any]] = set()
 
     # -- reads -------------------------------------------------------------------------
 
     async def get(self, key: K) -> V:
+        # unasync: async-only
         """The value for ``key``: from the cache, or loaded once for every concurrent caller.
 
         Errors are those of :meth:`LoadingCache.get
@@ -192,8 +193,27 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         only; the load goes on for the others and, by default, to completion,
         so its value is cached for the next caller.
         """
+        # unasync: sync-only
+        # """The value for ``key``: from the cache, or loaded once for every concurrent caller.
+        #
+        # Errors: the loader's exception, raised in every caller of that load (and
+        # never cached, unless ``negative=`` says it means not-found: then it is
+        # raised again from the cache until ``negative_ttl`` passes).  With
+        # ``stale_if_error``, a caller whose load failed gets the old value
+        # instead.  With a group that crosses processes, a load that ran
+        # elsewhere raises what the group raises for it (a
+        # :class:`~singleflight.RemoteError`), under the same rules.
+        # ``KeyError`` if a batch load that had the key left it out.
+        # ``AbortedError`` if the thread running the load was interrupted
+        # (``KeyboardInterrupt``); that thread itself gets the interrupt.
+        # ``TypeError`` for an unhashable key.  A waiting ``get`` cannot be
+        # cancelled.
+        # """
+        # unasync: end
+        # CacheBase._hit, inlined (a call would make a hit a third slower): no lock,
+        # one clock call; a cache made with on_event reads every key through _get.
         try:
-            entry = self._data[key]
+            entry = self._fast[key]
             if self._clock() < entry.fresh_until:
                 entry.hits += 1
                 return entry.value  # type: ignore[no-any-return]
@@ -202,6 +222,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         return await self._get(key, None)
 
     async def get_many(self, keys: Iterable[K]) -> dict[K, V]:
+        # unasync: async-only
         """The values of ``keys``, as a dict in the order asked (duplicates once).
 
         As :meth:`LoadingCache.get_many <singleflight.LoadingCache.get_many>`:
@@ -214,49 +235,72 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         Cancellation: cancelling the caller leaves the batch it started running
         for whoever joined it (its values are cached); :meth:`aclose` cancels it.
         """
+        # unasync: sync-only
+        # """The values of ``keys``, as a dict in the order asked (duplicates once).
+        #
+        # Hits are answered from the cache.  With ``load_many``, the misses that
+        # nobody is loading yet go to one ``load_many`` call, run in this thread;
+        # misses already being loaded (by :meth:`get` or another batch) are
+        # joined, not loaded twice.  Without ``load_many`` the misses are loaded
+        # one after another, each coalesced as by :meth:`get`.
+        #
+        # Keys that were not found (left out by ``load_many``, or whose loader
+        # raised ``KeyError``, here or in another process: a
+        # :class:`~singleflight.RemoteError` named ``KeyError``) are left out of
+        # the result.  Any other error of any
+        # key is raised, after every load this call started or joined has ended;
+        # ``stale_if_error`` applies key by key.  ``TypeError`` for an unhashable key.
+        # """
+        # unasync: end
         wanted = wanted_keys(keys)
-        batch = _Batch() if self._load_many is not None else None
+        batch = Batch() if self._load_many is not None else None
         with self._lock:
             plan = self._store.plan_many(wanted, self._clock(), not self._closed, batch)
-        batches: dict[_Batch, None] = dict.fromkeys(plan.join.values())
+        outcomes: dict[K, Any] = {}
+        errors: dict[K, BaseException] = {}
+        served(plan, outcomes, errors)
+        # unasync: async-only
         if plan.load:
             # Made before anything else can run: a load that finds a key of
             # this batch in the registry waits on its task.
             assert batch is not None
-            batch.task = self._spawn(self._run_batch(batch, plan.load, plan.tokens))
+            batch.task = self._background.spawn(self._run_batch(batch, plan.load, plan.tokens))
             batch.task.add_done_callback(partial(self._batch_done, batch, plan.tokens))
-            batches[batch] = None
         for key, entry in plan.refresh:
             self._start_refresh(key, entry, None)
-        outcomes: dict[K, Any] = {}
-        errors: dict[K, BaseException] = {}
-        served(plan, outcomes, errors)
-        # A load_many asking for keys of its own batch is told so, not left waiting.
-        me = current_task()
-        reentered = {handle for handle in batches if handle.task is me}
+        # unasync: sync-only
+        # try:
+        #     for key, entry in plan.refresh:
+        #         self._start_refresh(key, entry, None)
+        #     if plan.load:
+        #         assert batch is not None
+        #         self._run_batch(batch, plan.load, plan.tokens)
+        # finally:
+        #     if batch is not None and plan.load and not batch.done.is_set():
+        #         # Interrupted before the batch ran: release its keys and joiners.
+        #         interrupted = RuntimeError("get_many was interrupted before its batch ran")
+        #         self._batch_failed(batch, plan.tokens, interrupted, self._clock())
+        #         batch.failed(list(plan.tokens), interrupted)
+        # unasync: end
         singles = list(plan.single.items())
-        waited = await asyncio.gather(
-            *(self._load_key(key, seen, None) for key, seen in singles),
-            *(_wait(handle.task) for handle in batches if handle not in reentered),
-            return_exceptions=True,
+        loaded = await outcomes_of(
+            [partial(self._load_key, key, seen, None) for key, seen in singles]
         )
-        for (key, _), outcome in zip(singles, waited, strict=False):
+        for (key, _), outcome in zip(singles, loaded, strict=True):
             if isinstance(outcome, BaseException):
                 errors[key] = outcome
             else:
                 outcomes[key] = outcome
         for key, handle in [(key, batch) for key in plan.load] + list(plan.join.items()):
             assert handle is not None
-            if handle in reentered:
-                errors[key] = _batch_reentry(key)
-                continue
             try:
-                outcomes[key] = self._batch_value(key, handle)
+                outcomes[key] = await self._from_batch(key, handle)
             except Exception as exc:
                 errors[key] = exc
         return assemble(wanted, outcomes, errors)
 
     async def refresh(self, key: K) -> V:
+        # unasync: async-only
         """Load ``key`` again now and return the new value.
 
         Meanwhile other callers are answered from the current entry (if it is
@@ -266,6 +310,16 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         stop the load (others may have joined it).  ``TypeError`` for an
         unhashable key.
         """
+        # unasync: sync-only
+        # """Load ``key`` again now, in this thread, and return the new value.
+        #
+        # Meanwhile other callers are answered from the current entry (if it is
+        # still usable).  A load of ``key`` that started before this call does
+        # not overwrite the new value.  If the load fails its error is raised
+        # here and the current entry is kept as it is.  ``TypeError`` for an
+        # unhashable key.
+        # """
+        # unasync: end
         seen = self._force(key)
         try:
             return await self._through(key, seen, None, False)
@@ -280,8 +334,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         if action == SERVE:
             return found  # type: ignore[no-any-return]
         if action == JOIN:
-            await batch.wait(key)
-            return self._batch_value(key, batch)
+            return await self._from_batch(key, batch)
         return await self._load_key(key, found, thunk)
 
     async def _load_key(
@@ -303,6 +356,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         thunk: Callable[[], Awaitable[V]] | None,
         background: bool,
     ) -> V:
+        # unasync: async-only
         """``group.do`` running :meth:`_lead`; an outcome the group brought from another
         process (``_lead`` did not run here) is written back as ``_lead`` would have.
 
@@ -310,6 +364,15 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         wait (the outcome is then written back by another caller of the flight,
         if any).  A group that stays in this process is called as it is.
         """
+        # unasync: sync-only
+        # """``group.do`` running :meth:`_lead`; an outcome the group brought from another
+        # process (``_lead`` did not run here) is written back as ``_lead`` would have.
+        #
+        # Raises what the group raises (an error is written back only as a
+        # not-found result); an interrupted wait (``KeyboardInterrupt``) writes
+        # nothing.  A group that stays in this process is called as it is.
+        # """
+        # unasync: end
         token = self._hold(key, seen)
         if not token:
             return await self._group.do(key, self._lead, key, seen, thunk, background)  # type: ignore[no-any-return]
@@ -339,27 +402,26 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         if batch is not None:
             await batch.wait(key)
             return batch.outcome(key)  # type: ignore[no-any-return]
-        task = current_task() if background else None
-        if task is not None:
-            self._background_loads.add(task)
-        clock = self._clock
-        started = clock()
-        try:
-            awaitable = self._load(key) if thunk is None else thunk()
-            if not inspect.isawaitable(awaitable):
-                raise _not_awaitable(self._load if thunk is None else thunk, awaitable)
-            value: V = await awaitable
-        except BaseException as exc:
-            self._load_failed(key, token, exc, started)
-            raise
-        finally:
-            if task is not None:
-                self._background_loads.discard(task)
+        with self._background.loading(background):
+            started = self._clock()
+            try:
+                # unasync: async-only
+                awaitable = self._load(key) if thunk is None else thunk()
+                if not inspect.isawaitable(awaitable):
+                    raise not_awaitable(self._load if thunk is None else thunk, awaitable)
+                value: V = await awaitable
+                # unasync: sync-only
+                # value: V = self._load(key) if thunk is None else thunk()
+                # unasync: end
+            except BaseException as exc:
+                self._load_failed(key, token, exc, started)
+                raise
         self._finish_load(key, token, value, started)
         return value
 
-    def _batch_value(self, key: K, batch: _Batch) -> V:
-        """``key``'s value from a finished batch; the old entry may stand in on failure."""
+    async def _from_batch(self, key: K, batch: Batch) -> V:
+        """Wait for ``batch`` and take ``key``'s value; the old entry may stand in on failure."""
+        await batch.wait(key)
         try:
             return batch.outcome(key)  # type: ignore[no-any-return]
         except KeyError:
@@ -370,46 +432,47 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
                 raise
             return entry.value  # type: ignore[no-any-return]
 
-    async def _run_batch(self, batch: _Batch, keys: list[K], tokens: dict[K, int]) -> _BatchOutcome:
-        """The body of a batch task: ``load_many``, then write back what the leases allow."""
+    async def _run_batch(self, batch: Batch, keys: list[K], tokens: dict[K, int]) -> None:
+        """Run ``load_many`` for ``keys``, write back what the leases allow, and give the
+        batch its outcome for the callers waiting on it."""
         assert self._load_many is not None
-        clock = self._clock
-        started = clock()
+        started = self._clock()
         try:
+            # unasync: async-only
             awaitable = self._load_many(list(keys))
             if not inspect.isawaitable(awaitable):
-                raise _not_awaitable(self._load_many, awaitable)
+                raise not_awaitable(self._load_many, awaitable)
             values = await awaitable
+            # unasync: sync-only
+            # values = self._load_many(list(keys))
+            # unasync: end
             self._check_values(values)
-        except Exception as exc:
+        except BaseException as exc:
             self._batch_failed(batch, tokens, exc, started)
-            return _BatchOutcome(None, exc)
+            batch.failed(list(tokens), exc)
+            if not isinstance(exc, Exception):
+                raise  # not the loader's error: an interrupt, or a cancelled task
+            return
         with self._lock:
-            self._store.finish_batch(batch, tokens, values, None, started, clock())
-        return _BatchOutcome(values)
+            self._store.finish_batch(batch, tokens, values, None, started, self._clock())
+        batch.loaded(values)
 
-    def _batch_done(self, batch: _Batch, tokens: dict[K, int], task: Task[Any]) -> None:
+    # unasync: async-only
+    def _batch_done(self, batch: Batch, tokens: dict[K, int], task: Task[Any]) -> None:
         """A batch task ended: if it was cancelled (or interrupted), release its keys."""
         if task.cancelled() or task.exception() is not None:
             with self._lock:
                 self._store.finish_batch(batch, tokens, None, None, self._clock(), self._clock())
 
+    # unasync: end
     # -- background work ------------------------------------------------------------------
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> Task[Any]:
-        task = get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     def _start_refresh(
         self, key: K, entry: Entry, thunk: Callable[[], Awaitable[V]] | None
     ) -> None:
-        """Refresh ``entry`` in a task; the caller is answered from it meanwhile."""
-        if self._closed:
-            entry.refreshing = False
-            return
-        self._spawn(self._refresh(key, entry, thunk))
+        """Refresh ``entry`` in the background; the caller is answered from it meanwhile."""
+        if not self._background.start(self._refresh, key, entry, thunk):
+            entry.refreshing = False  # closed: the entry is served as it is
 
     async def _refresh(
         self, key: K, entry: Entry, thunk: Callable[[], Awaitable[V]] | None
@@ -426,6 +489,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
     # -- lifetime --------------------------------------------------------------------------
 
     async def aclose(self) -> None:
+        # unasync: async-only
         """Stop background work: cancel refreshes, the loads they started and batch loads,
         and wait until they have ended.
 
@@ -435,41 +499,22 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         stale serving, no early refresh).  Only the running loop's work is
         touched.  Idempotent.
         """
+        # unasync: sync-only
+        # """Stop background refreshes: those queued are dropped, running ones are waited for.
+        #
+        # The cache stays usable: afterwards a read of an entry past its lifetime
+        # loads in the caller's thread (no stale serving, no early refresh).
+        # Idempotent.  Call it at shutdown (or use the cache as a context
+        # manager): like any thread pool's, running refreshes hold up the
+        # interpreter's exit until they finish.
+        # """
+        # unasync: end
         with self._lock:
             self._closed = True
-        loop = get_running_loop()
-        tasks = [
-            task
-            for task in (*self._tasks, *self._background_loads)
-            if task.get_loop() is loop and not task.done()
-        ]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await self._background.close()
 
     async def __aenter__(self) -> AsyncLoadingCache[K, V]:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-async def _wait(task: asyncio.Future[Any]) -> None:
-    """Wait for ``task`` to end without cancelling it if the waiter is cancelled."""
-    if not task.done():
-        await asyncio.wait((task,))
-
-
-class _ObservedAsyncLoadingCache(AsyncLoadingCache[K, V]):
-    """An AsyncLoadingCache made with ``on_event``: every read is told, hits included."""
-
-    __slots__ = ()
-
-    async def get(self, key: K) -> V:
-        return await self._get(key, None)

@@ -12,6 +12,7 @@ import math
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import replace
+from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
 from .._options import check_name
@@ -28,7 +29,17 @@ from ..stats import CacheStats, GroupStats
 from ._policy import Entry, Policy, not_found
 from ._store import REFRESH, SERVE, Plan, Store
 
-__all__ = ["CacheBase", "assemble", "bad_key", "check_key", "logger", "served", "wanted_keys"]
+__all__ = [
+    "MISS",
+    "BatchBase",
+    "CacheBase",
+    "assemble",
+    "bad_key",
+    "check_key",
+    "logger",
+    "served",
+    "wanted_keys",
+]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -36,6 +47,17 @@ V = TypeVar("V")
 logger = logging.getLogger("singleflight.cache")
 
 DEFAULT_MAXSIZE = 10_000
+
+
+class _Miss:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+MISS: Any = _Miss()
+"""What :meth:`CacheBase._hit` returns when the key has no fresh entry."""
 
 
 def bad_key(key: object) -> TypeError:
@@ -86,6 +108,36 @@ def assemble(
     return result
 
 
+class BatchBase:
+    """A batch load's outcome, kept for the callers of its keys: its values, or its
+    error and the traceback the loader left (so no caller's re-raise grows it)."""
+
+    __slots__ = ("error", "tb", "values")
+
+    def __init__(self) -> None:
+        self.values: Mapping[Any, Any] | None = None
+        self.error: Exception | None = None
+        self.tb: TracebackType | None = None
+
+    def outcome(self, key: object) -> Any:
+        """The value the batch loaded for ``key``; raises its error or ``KeyError``."""
+        if self.error is not None:
+            raise self.error.with_traceback(self.tb)
+        assert self.values is not None
+        try:
+            return self.values[key]
+        except KeyError:
+            raise KeyError(key) from None
+
+    @staticmethod
+    def reentry(key: object) -> RuntimeError:
+        """What ``load_many`` asking for a key of its own batch raises (not a wait)."""
+        return RuntimeError(
+            f"load_many asked the cache for {key!r}, a key of its own batch: it would "
+            "wait for itself"
+        )
+
+
 def _check_maxsize(maxsize: object) -> int | None:
     if maxsize is None:
         return None
@@ -107,6 +159,7 @@ class CacheBase(Generic[K, V]):
         "_clock",
         "_closed",
         "_data",
+        "_fast",
         "_forget",
         "_group",
         "_hook",
@@ -170,6 +223,9 @@ class CacheBase(Generic[K, V]):
         )
         self._store: Store[K] = Store(self._policy, _check_maxsize(maxsize))
         self._data = self._store.data
+        # What the lock-free hit path reads: the entries, or none at all for a
+        # cache that tells on_event of every read (all go through _read()).
+        self._fast: dict[Any, Entry] = self._data if on_event is None else {}
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
@@ -278,7 +334,24 @@ class CacheBase(Generic[K, V]):
         state = " closed" if self._closed else ""
         return f"<{type(self).__name__} size={len(self)} load={self._load!r}{state}>"
 
-    # -- helpers for the drivers: the steps of a read that do not wait -------------------
+    # -- helpers for the drivers and the decorators: the steps of a read that do not wait --
+
+    def _hit(self, key: K) -> Any:
+        """The hit path, without a lock: ``key``'s value if it has a fresh entry, else ``MISS``.
+
+        Counts the hit.  Always ``MISS`` for a cache made with ``on_event``
+        (its reads go through :meth:`_read`, which tells them).  ``TypeError``
+        for an unhashable key.  The ``@cached`` wrappers call it before anything
+        else; the drivers' ``get`` has it inlined.
+        """
+        try:
+            entry = self._fast[key]
+        except KeyError:
+            return MISS
+        if self._clock() < entry.fresh_until:
+            entry.hits += 1
+            return entry.value
+        return MISS
 
     def _read(self, key: K, thunk: Any) -> tuple[int, Any, Any]:
         """A read that is not a plain hit, as far as it goes without waiting.

@@ -1,3 +1,4 @@
+# unasync: async-only
 """The asyncio driver: :class:`AsyncRedisGroup`, coalescing across processes on redis.asyncio.
 
 The twin of ``_sync.py``: the same :class:`_protocol.Plan` and
@@ -6,25 +7,35 @@ The twin of ``_sync.py``: the same :class:`_protocol.Plan` and
 event loop.  Redis clients, the watchdog task and pending forgets are kept per
 event loop, since redis.asyncio connections belong to the loop that made them.
 """
+# unasync: sync-only
+# """The thread driver: :class:`RedisGroup`, coalescing across processes on redis.Redis.
+#
+# In front, an in-process :class:`singleflight.Group`: only the thread leading a
+# key's local flight talks to Redis, so a process sends at most one waiter per
+# key there.  That thread follows a :class:`_protocol.Plan`; one watchdog
+# thread per group renews the leases of the loaders it runs.
+# """
+# unasync: end
 
 from __future__ import annotations
 
+# unasync: async-only
 import asyncio
 import time
 import weakref
 from asyncio import AbstractEventLoop, CancelledError, get_running_loop
 from collections.abc import Awaitable, Callable
-from inspect import isawaitable
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 import redis.asyncio
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from .._asyncio import AsyncGroup
 from .._result import Result
 from ..events import EventHook
 from ..stats import RedisGroupStats
 from . import _protocol as proto
+from ._asyncio_only import Clients, call, eval_script, sleep
 from ._clients import configure_async
 from ._core import (
     _CURRENT,
@@ -34,13 +45,43 @@ from ._core import (
     GroupCore,
     Watch,
     calling,
-    describe,
-    log,
+    command,
     with_shared,
 )
-from ._protocol import Completion, Held, Keys, Plan, Renewals, RetryBudget, Script, Settings
+from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
 from .codecs import Codec, CodecError
 
+# unasync: sync-only
+# import time
+# from collections.abc import Callable
+# from concurrent.futures import Executor, Future
+# from typing import Any, Generic, Literal, ParamSpec, TypeVar
+#
+# import redis
+# from redis.exceptions import RedisError
+#
+# from .._result import Result
+# from .._threads import Group
+# from ..events import EventHook
+# from ..stats import RedisGroupStats
+# from . import _protocol as proto
+# from ._clients import configure_sync
+# from ._core import (
+#     _CURRENT,
+#     RETRY,
+#     Caller,
+#     FlightInfo,
+#     GroupCore,
+#     Watch,
+#     calling,
+#     command,
+#     with_shared,
+# )
+# from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
+# from ._threads_only import Clients, call, eval_script, sleep
+# from .codecs import Codec, CodecError
+#
+# unasync: end
 __all__ = ["AsyncRedisGroup"]
 
 K = TypeVar("K")
@@ -48,21 +89,6 @@ V = TypeVar("V")
 P = ParamSpec("P")
 
 _monotonic = time.monotonic
-
-
-def _command(client: Any, *args: Any) -> Any:
-    """``client.execute_command(*args)``: redis-py leaves it untyped; _protocol parses replies."""
-    return client.execute_command(*args)
-
-
-async def _eval(
-    client: redis.asyncio.Redis, script: Script, keys: list[str], args: list[Any]
-) -> Any:
-    """EVALSHA, or EVAL when the server has lost its script cache (after a restart)."""
-    try:
-        return await _command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
-    except NoScriptError:
-        return await _command(client, "EVAL", script.source, len(keys), *keys, *args)
 
 
 async def _with_budget(
@@ -82,123 +108,14 @@ async def _with_budget(
             delay = core.retry_delay(budget, what, keys, exc, deadline)
             if delay is None:
                 raise
-            await asyncio.sleep(delay)
+            await sleep(delay)
             continue
         core.breaker.success()
         return reply
 
 
-class _Watchdog:
-    """One task per group and event loop, renewing its loaders' leases every ``lease / 3``.
-
-    A task, not a thread: redis.asyncio clients live in their loop.  A loader
-    that blocks the loop for longer than the lease delays renewals, so another
-    process may take over; the late leader's completion is then fenced (or its
-    lease resurrected if nobody took it).  The task ends after a while with
-    nothing to renew.
-    """
-
-    __slots__ = ("_client", "_core", "_idle_exit", "_renewals", "_task", "_wake")
-
-    def __init__(self, core: GroupCore[Any], client: redis.asyncio.Redis) -> None:
-        self._core = core
-        self._client = client
-        self._idle_exit = max(core.settings.lease, 1.0)
-        self._renewals = Renewals(core.settings)
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-
-    def hold(self, held: Held) -> None:
-        was_idle = not self._renewals.held
-        self._renewals.add(held, _monotonic())
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="singleflight redis watchdog"
-            )
-        elif was_idle:
-            self._wake.set()
-
-    def release(self, held: Held) -> None:
-        self._renewals.remove(held)
-
-    async def stop(self) -> None:
-        task = self._task
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except CancelledError:
-                pass
-
-    async def _run(self) -> None:
-        renewals = self._renewals
-        idle_since: float | None = None
-        while True:
-            now = _monotonic()
-            wait = renewals.next_wake(now)
-            if wait is None:
-                idle_since = now if idle_since is None else idle_since
-                if now - idle_since >= self._idle_exit:
-                    return
-                wait = self._idle_exit - (now - idle_since)
-            else:
-                idle_since = None
-            if wait > 0:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), wait)
-                except TimeoutError:
-                    pass
-                continue
-            due = renewals.due(now)
-            codes = await self._renew(due)
-            now = _monotonic()
-            for held, code in zip(due, codes, strict=True):
-                if held.token not in renewals.held:
-                    continue  # its loader finished meanwhile
-                if code is None:
-                    renewals.failed(held, now)
-                    continue
-                renewals.renewed(held, code, now)
-                self._core.renewed(held, code)
-
-    async def _renew(self, due: list[Held]) -> list[int | None]:
-        """RENEW every due lease in one round trip; None where it failed."""
-        settings = self._core.settings
-        script = proto.RENEW_SCRIPT
-        extra = [settings.lease_ms, settings.fence_ttl_ms]
-        replies: list[Any] = []
-        for attempt in (0, 1):
-            pipe = self._client.pipeline(transaction=False)
-            for held in due:
-                name, code = ("EVAL", script.source) if attempt else ("EVALSHA", script.sha)
-                _command(pipe, name, code, 2, *held.renew_keys(), held.token, *extra)
-            try:
-                replies = await pipe.execute(raise_on_error=False)
-            except RedisError as exc:
-                log.debug("lease renewal failed: %s", describe(exc))
-                return [None] * len(due)
-            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
-                break
-        return [None if isinstance(r, Exception) else int(r) for r in replies]
-
-
-class _LoopState:
-    """A group's things that belong to one event loop."""
-
-    __slots__ = ("background", "blocking", "commands", "forgets", "watchdog")
-
-    def __init__(
-        self, core: GroupCore[Any], commands: redis.asyncio.Redis, blocking: redis.asyncio.Redis
-    ) -> None:
-        self.commands = commands
-        self.blocking = blocking
-        self.watchdog = _Watchdog(core, commands)
-        self.forgets: dict[str, asyncio.Task[Any]] = {}
-        self.background: set[asyncio.Task[Any]] = set()
-
-
 class AsyncRedisGroup(Generic[K, V]):
+    # unasync: async-only
     """Coalesces calls that share a key across tasks, processes and machines, on Redis.
 
     ``AsyncRedisGroup(redis.asyncio.Redis(...), namespace="users")``.  The API
@@ -213,11 +130,92 @@ class AsyncRedisGroup(Generic[K, V]):
     group.aclose()`` or ``async with group:`` before the loop ends.
     """
 
+    # unasync: sync-only
+    # """Coalesces calls that share a key across threads, processes and machines, on Redis.
+    #
+    # ``RedisGroup(redis.Redis(...), namespace="users")``.  It has the API of
+    # :class:`singleflight.Group` (``do``, ``do_result``, ``do_future``,
+    # ``forget``, ``forget_unshared``, ``in``, ``len``), and calls of one key
+    # share one execution of the loader among every process using the same
+    # Redis and namespace, while the loader's lease is live.
+    #
+    # Options (keyword-only):
+    #
+    # ``namespace``
+    #     Prefix of every Redis key of the group (required).  Groups with the
+    #     same namespace and Redis share flights: give each kind of value its own.
+    # ``lease`` (3 s)
+    #     How long a leader's claim lasts without renewal.  A watchdog thread
+    #     renews it every ``lease / 3`` while the loader runs, so it bounds how
+    #     long others wait for a leader that died, not how long a loader may run.
+    # ``result_ttl`` (5 s)
+    #     How long a result stays in Redis for callers arriving just after the
+    #     flight; ``0`` keeps none (coalescing only).  Errors are never kept.
+    # ``max_wait`` (30 s)
+    #     The longest a process's flight waits on other processes; then
+    #     ``on_redis_error`` applies.
+    # ``on_redis_error`` (``"open"``)
+    #     ``"open"``: when Redis fails (after the retry budget) or ``max_wait``
+    #     passes, run the loader locally.  ``"closed"``: raise
+    #     :class:`RedisUnavailableError` or :class:`WaitTimeoutError`.
+    # ``codec`` (:class:`JsonCodec`)
+    #     How values travel: :class:`JsonCodec`, :class:`MsgpackCodec` or
+    #     :class:`SignedPickleCodec`.  A payload that fails to decode is a miss.
+    # ``key_to_str``
+    #     A function turning the caller's key into a str for Redis; by default
+    #     str and int keys, and tuples of str, int, float, bool and None, are
+    #     accepted (``42`` and ``"42"`` are the same key).
+    # ``redis_timeout`` (0.5 s)
+    #     Socket connect and read timeout of each Redis command.
+    # ``retry_budget`` (0.5 s)
+    #     How long one operation retries transient Redis errors (within the
+    #     caller's deadline) before the error policy applies.
+    # ``max_payload`` (1 MiB)
+    #     Largest encoded value; a larger one raises :class:`PayloadTooLargeError`.
+    # ``breaker_threshold`` (5), ``breaker_cooldown`` (2 s)
+    #     After that many failed Redis operations in a row, skip Redis for the
+    #     cooldown, then probe with one call.
+    # ``configure_client`` (True)
+    #     Talk through copies of ``client``'s pool with bounded timeouts and no
+    #     redis-py retry (see the README); False uses ``client`` as given.
+    # ``executor``
+    #     Runs the loaders of :meth:`do_future`, as for :class:`Group`.
+    # ``name`` (the namespace)
+    #     Labels the group's events and metrics; a non-empty str.
+    # ``on_event``
+    #     A callable given each :mod:`singleflight.events` event, in the thread
+    #     of the call it concerns: ``FlightStarted`` when this process leads
+    #     (holding the lease), ``Joined`` when a call waits on another's flight
+    #     (here, or in another process; also for a stored result), the flight's
+    #     ``FlightFinished`` / ``FlightFailed`` / ``FlightAborted`` (``callers``
+    #     counts those here and in other processes), ``TimedOut`` at
+    #     ``max_wait``, ``RanLocally`` when the loader runs without Redis
+    #     (policy "open"), ``RedisUnavailable`` when a call fails for Redis
+    #     (policy "closed").  A hook that raises is logged
+    #     and ignored.  :meth:`stats` returns the counters.
+    # ``max_flights``, ``on_limit`` (``"raise"``), ``timeout``
+    #     As for :class:`Group`, applied in this process: at most
+    #     ``max_flights`` keys in flight here (a new key beyond it raises
+    #     :class:`TooManyFlightsError` or waits for a slot), and a caller waits at
+    #     most ``timeout`` seconds, then alone raises ``WaitTimeoutError`` while the
+    #     flight goes on (``Rejected`` and ``TimedOut`` events; counted in
+    #     ``rejected`` and ``timeouts``).
+    #
+    # Guarantee: an efficiency lock.  Duplicate loads can happen when a leader
+    # stalls past its lease, when Redis restarts or fails over, or under the
+    # ``"open"`` policy; a stale leader never overwrites a newer result.
+    # """
+    # unasync: end
+
     # Its do() may return a value (or raise a RemoteError) loaded by another
     # process: a LoadingCache in front writes such outcomes back (see GroupLike).
     crosses_processes = True
 
+    # unasync: async-only
     __slots__ = ("__weakref__", "_client", "_configure", "_core", "_local", "_states")
+    # unasync: sync-only
+    # __slots__ = ("__weakref__", "_clients", "_configure", "_core", "_local")
+    # unasync: end
 
     def __init__(
         self,
@@ -236,7 +234,11 @@ class AsyncRedisGroup(Generic[K, V]):
         breaker_threshold: int = 5,
         breaker_cooldown: float = 2.0,
         configure_client: bool = True,
+        # unasync: async-only
         cancel_orphaned: bool = False,
+        # unasync: sync-only
+        # executor: Executor | None = None,
+        # unasync: end
         name: str | None = None,
         on_event: EventHook | None = None,
         max_flights: int | None = None,
@@ -262,28 +264,39 @@ class AsyncRedisGroup(Generic[K, V]):
             name=name,
             on_event=on_event,
         )
+        # unasync: async-only
         configure_async(client, settings, configure_client)  # check the client now
         self._client = client
+        # unasync: sync-only
+        # self._clients = Clients(self._core, *configure_sync(client, settings, configure_client))
+        # unasync: end
         self._configure = configure_client
         # The local group tells the core of its flights and joins (always: the
         # counts of led flights come from there, hook or not).
         self._local: AsyncGroup[K, V] = AsyncGroup(
+            # unasync: async-only
             cancel_orphaned=cancel_orphaned,
+            # unasync: sync-only
+            # executor=executor,
+            # unasync: end
             name=self._core.name,
             on_event=self._core.local_event,
             max_flights=max_flights,
             on_limit=on_limit,
             timeout=timeout,
         )
-        self._states: weakref.WeakKeyDictionary[AbstractEventLoop, _LoopState] = (
+        # unasync: async-only
+        self._states: weakref.WeakKeyDictionary[AbstractEventLoop, Clients] = (
             weakref.WeakKeyDictionary()
         )
+        # unasync: end
 
     # -- the AsyncGroup API ----------------------------------------------------------
 
     async def do(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
     ) -> V:
+        # unasync: async-only
         """Run ``fn(*args, **kwargs)`` once for ``key`` across every process, or join that run.
 
         Returns and raises as :meth:`RedisGroup.do`: the loader's value (a
@@ -300,6 +313,32 @@ class AsyncRedisGroup(Generic[K, V]):
         abandoned in Redis so another process takes over at once; local
         waiters get :class:`AbortedError`.
         """
+        # unasync: sync-only
+        # """Run ``fn(*args, **kwargs)`` once for ``key`` across every process, or join that run.
+        #
+        # Returns the loader's value: the object itself in the leader's process,
+        # a copy decoded by the codec elsewhere.
+        #
+        # Errors: in the leader's process the loader's :class:`Exception` is
+        # raised as :class:`Group` raises it; callers in other processes raise
+        # :class:`LoaderError` (type name and message).  A ``BaseException``
+        # stopping the loader (``KeyboardInterrupt``, ``SystemExit``) abandons
+        # the flight in Redis, so other processes take over at once; local
+        # waiters get :class:`AbortedError`.  Under ``on_redis_error="closed"``:
+        # :class:`RedisUnavailableError` when Redis fails past the retry budget
+        # or the breaker is open, :class:`WaitTimeoutError` after ``max_wait``;
+        # under ``"open"`` the loader runs locally instead.
+        # :class:`PayloadTooLargeError` / :class:`CodecError` when the value
+        # cannot be encoded (in every caller of the flight).  ``TypeError`` for a
+        # key that is unhashable or of another type (without ``key_to_str=``), or a
+        # non-callable ``fn``, before anything runs; ``RuntimeError`` for a
+        # loader calling ``do`` on its own key.
+        #
+        # Timing: a caller returns at most about ``max_wait + redis_timeout``
+        # after its process's flight started, plus the loader's own time when
+        # it runs here.  A waiting ``do`` cannot be cancelled; use :meth:`do_future`.
+        # """
+        # unasync: end
         text = self._core.checked(key, fn)
         with calling() as caller:
             return await self._local.do(key, self._fly, key, text, fn, args, kwargs, caller)
@@ -307,11 +346,23 @@ class AsyncRedisGroup(Generic[K, V]):
     async def do_result(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
     ) -> Result[V]:
+        # unasync: async-only
         """Like :meth:`do`, but returns a :class:`Result` instead of raising.
 
         ``shared`` as for :meth:`RedisGroup.do_result`.  Cancellation, and
         ``TypeError`` / ``RuntimeError``, as for :meth:`do`.
         """
+        # unasync: sync-only
+        # """Like :meth:`do`, but returns a :class:`Result` instead of raising.
+        #
+        # ``Result.error`` holds the loader's exception, a :class:`LoaderError`,
+        # :class:`AbortedError`, or under ``"closed"`` the Redis errors of
+        # :meth:`do`.  ``shared`` is true when the value reached more than one
+        # caller: in this process, or through Redis (taken from another process,
+        # or given to one that waited).  ``TypeError`` and ``RuntimeError`` are
+        # raised as by :meth:`do`.
+        # """
+        # unasync: end
         text = self._core.checked(key, fn)
         with calling() as caller:
             result = await self._local.do_result(
@@ -320,16 +371,35 @@ class AsyncRedisGroup(Generic[K, V]):
         return with_shared(result, caller)
 
     def do_future(
-        self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
+        self,
+        key: K,
+        fn: Callable[P, Awaitable[V]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+        # unasync: async-only
     ) -> asyncio.Future[V]:
+        # unasync: sync-only
+        # ) -> Future[V]:
+        # unasync: end
+        # unasync: async-only
         """Start or join the flight of ``key``; return at once with a future of its outcome.
 
         As :meth:`AsyncGroup.do_future`: each caller's future is its own.
         """
+        # unasync: sync-only
+        # """Start or join the flight of ``key`` and return at once with a future of its outcome.
+        #
+        # As :meth:`Group.do_future`: each caller gets its own future, which it
+        # may cancel or wait on with a timeout without affecting the flight.
+        # The future holds what :meth:`do` would return or raise.
+        # """
+        # unasync: end
         text = self._core.checked(key, fn)
         with calling() as caller:
             return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, caller)
 
+    # unasync: async-only
     def forget(self, key: K) -> None:
         """Let the next call of ``key``, in any process, start a new flight.
 
@@ -345,7 +415,7 @@ class AsyncRedisGroup(Generic[K, V]):
             loop = get_running_loop()
         except RuntimeError:
             return
-        state = self._state(loop)
+        state = self._state()
         task = loop.create_task(self._forget_remote(state, key, text, False, quiet=True))
         state.forgets[text] = task
 
@@ -363,7 +433,7 @@ class AsyncRedisGroup(Generic[K, V]):
         """
         text = self._core.redis_key(key)
         self._local.forget(key)
-        await self._forget_remote(self._state(get_running_loop()), key, text, False, quiet=False)
+        await self._forget_remote(self._state(), key, text, False, quiet=False)
 
     def forget_unshared(self, key: K) -> bool:
         """Forget ``key`` only if nobody joined its flight in this loop.
@@ -375,15 +445,47 @@ class AsyncRedisGroup(Generic[K, V]):
         if not self._local.forget_unshared(key):
             return False
         try:
-            loop = get_running_loop()
+            get_running_loop()
         except RuntimeError:
             return True
-        state = self._state(loop)
+        state = self._state()
         self._spawn(state, self._forget_remote(state, key, text, True, quiet=True))
         return True
 
+    # unasync: sync-only
+    # def forget(self, key: K) -> None:
+    #     """Let the next call of ``key``, in any process, start a new flight.
+    #
+    #     Drops the result stored in Redis and detaches the running flight, if
+    #     any: new callers lead a new one, while the running loader's callers,
+    #     here and elsewhere, still get its outcome (it is not stored).  Under
+    #     ``on_redis_error="closed"`` a Redis failure raises
+    #     :class:`RedisUnavailableError` (the local flight is forgotten anyway);
+    #     under ``"open"`` it is logged.
+    #     """
+    #     text = self._core.redis_key(key)
+    #     self._local.forget(key)
+    #     self._forget_remote(self._clients, key, text, False, quiet=False)
+    #
+    # def forget_unshared(self, key: K) -> bool:
+    #     """Forget ``key`` only if nobody joined its flight, here or in another process.
+    #
+    #     Returns True if it was forgotten or not in flight.  The two checks
+    #     (local, then Redis) are not one atomic step: a caller joining in
+    #     between may find the flight forgotten.
+    #     """
+    #     text = self._core.redis_key(key)
+    #     if not self._local.forget_unshared(key):
+    #         return False
+    #     return self._forget_remote(self._clients, key, text, True, quiet=False)
+    # unasync: end
+
     def __contains__(self, key: object) -> bool:
+        # unasync: async-only
         """Whether ``key`` is in flight in the running loop (outside a loop: in any loop)."""
+        # unasync: sync-only
+        # """Whether ``key`` is in flight in this process."""
+        # unasync: end
         return key in self._local
 
     def __len__(self) -> int:
@@ -406,6 +508,7 @@ class AsyncRedisGroup(Generic[K, V]):
         """What this group did in this process, and its breaker's state (see RedisGroupStats)."""
         return self._core.stats(self._local.stats())
 
+    # unasync: async-only
     async def aclose(self) -> None:
         """Stop the running loop's watchdog and close the group's clients in this loop.
 
@@ -424,6 +527,18 @@ class AsyncRedisGroup(Generic[K, V]):
             await state.commands.aclose()
             await state.blocking.aclose()
 
+    # unasync: sync-only
+    # def close(self) -> None:
+    #     """Close the group's own Redis connections (not ``client``'s).
+    #
+    #     Loaders still running keep their leases until they end or the leases
+    #     lapse; a call after ``close`` reconnects.
+    #     """
+    #     if self._configure:
+    #         self._clients.commands.close()
+    #         self._clients.blocking.close()
+    # unasync: end
+
     async def __aenter__(self) -> AsyncRedisGroup[K, V]:
         return self
 
@@ -432,19 +547,41 @@ class AsyncRedisGroup(Generic[K, V]):
 
     # -- the distributed flight -------------------------------------------------------
 
-    def _state(self, loop: AbstractEventLoop) -> _LoopState:
+    # unasync: async-only
+    def _state(self) -> Clients:
+        """The running loop's clients, watchdog and background work."""
+        loop = get_running_loop()
         state = self._states.get(loop)
         if state is None:
             commands, blocking = configure_async(self._client, self._core.settings, self._configure)
-            state = self._states[loop] = _LoopState(self._core, commands, blocking)
+            state = self._states[loop] = Clients(self._core, commands, blocking)
         return state
 
-    def _spawn(self, state: _LoopState, work: Awaitable[Any]) -> asyncio.Task[Any]:
+    def _spawn(self, state: Clients, work: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(work)
         state.background.add(task)
         task.add_done_callback(state.background.discard)
         return task
 
+    async def _abandon(self, state: Clients, plan: Plan, *, wait: bool) -> None:
+        """Give the lease back, so others take over at once.  In a task of its own, so
+        that cancelling us again cannot stop it; ``wait`` for it, shielded."""
+        abandon = self._spawn(state, self._complete(state, plan, proto.ABANDONED, b""))
+        if wait:
+            try:
+                await asyncio.shield(abandon)
+            except CancelledError:
+                pass
+
+    # unasync: sync-only
+    # def _state(self) -> Clients:
+    #     return self._clients
+    #
+    # def _abandon(self, state: Clients, plan: Plan, *, wait: bool) -> None:
+    #     """Give the lease back, so others take over at once."""
+    #     self._complete(state, plan, proto.ABANDONED, b"")
+    #
+    # unasync: end
     async def _fly(
         self,
         key: K,
@@ -454,12 +591,14 @@ class AsyncRedisGroup(Generic[K, V]):
         kwargs: dict[str, Any],
         caller: Caller,
     ) -> V:
-        """The local flight's loader task: get the value through Redis, or lead and load it."""
+        """The local flight's loader: get the value through Redis, or lead and load it."""
         core = self._core
-        state = self._state(get_running_loop())
+        state = self._state()
+        # unasync: async-only
         forgetting = state.forgets.get(text)
         if forgetting is not None:
             await asyncio.shield(forgetting)  # never raises: quiet forgets log their errors
+        # unasync: end
         keys = core.keys(text)
         plan = Plan(core.settings, keys, core.breaker, _monotonic())
         watch = Watch(core, key, caller)
@@ -468,7 +607,7 @@ class AsyncRedisGroup(Generic[K, V]):
                 op = plan.op
                 if op == proto.ACQUIRE:
                     try:
-                        reply = await _eval(
+                        reply = await eval_script(
                             state.commands,
                             proto.ACQUIRE_SCRIPT,
                             plan.acquire_keys(),
@@ -477,22 +616,23 @@ class AsyncRedisGroup(Generic[K, V]):
                     except RedisError as exc:
                         core.redis_error(plan, exc)
                         continue
-                    except CancelledError:
-                        # The script may have run and made us leader: give the
-                        # lease back rather than keep others waiting a lease.
-                        self._spawn(state, self._complete(state, plan, proto.ABANDONED, b""))
+                    except BaseException:
+                        # Cancelled or interrupted: the script may have run and made
+                        # us leader; give the lease back rather than keep others
+                        # waiting a lease.
+                        await self._abandon(state, plan, wait=False)
                         raise
                     plan.acquired(reply, _monotonic())
                 elif op == proto.READ:
                     watch.read()
                     try:
-                        reply = await _command(state.blocking, *plan.read_command())
+                        reply = await command(state.blocking, *plan.read_command())
                     except RedisError as exc:
                         core.redis_error(plan, exc)
                         continue
                     plan.read(reply, _monotonic())
                 elif op == proto.SLEEP:
-                    await asyncio.sleep(plan.delay)
+                    await sleep(plan.delay)
                     plan.resume(_monotonic())
                 elif op == proto.HIT or op == proto.REMOTE_ERROR:
                     value: V = core.received(key, plan, watch)
@@ -502,15 +642,15 @@ class AsyncRedisGroup(Generic[K, V]):
                     return await self._lead(state, key, plan, fn, args, kwargs, watch)
                 elif op == proto.LOCAL:
                     core.local_run(key, plan, watch)
-                    return await _call(fn, args, kwargs)
+                    return await call(fn, args, kwargs)
                 else:
                     raise core.failure(key, plan, watch)
         finally:
-            watch.stop()  # cancelled while waiting: the wait still counts
+            watch.stop()  # cancelled or interrupted while waiting: the wait still counts
 
     async def _lead(
         self,
-        state: _LoopState,
+        state: Clients,
         key: K,
         plan: Plan,
         fn: Callable[..., Awaitable[V]],
@@ -525,7 +665,7 @@ class AsyncRedisGroup(Generic[K, V]):
         watchdog.hold(held)
         context = _CURRENT.set(FlightInfo(key, held))
         try:
-            value = await _call(fn, args, kwargs)
+            value = await call(fn, args, kwargs)
         except Exception as exc:
             watchdog.release(held)
             completion = await self._complete(
@@ -534,14 +674,9 @@ class AsyncRedisGroup(Generic[K, V]):
             core.note_waiters(watch, completion)
             raise
         except BaseException:
-            # Cancelled (or stopped): abandon so others take over at once.  In
-            # a task of its own, so that cancelling us again cannot stop it.
+            # Cancelled, KeyboardInterrupt, SystemExit: abandon so others take over at once.
             watchdog.release(held)
-            abandon = self._spawn(state, self._complete(state, plan, proto.ABANDONED, b""))
-            try:
-                await asyncio.shield(abandon)
-            except CancelledError:
-                pass
+            await self._abandon(state, plan, wait=True)
             raise
         finally:
             _CURRENT.reset(context)
@@ -559,9 +694,10 @@ class AsyncRedisGroup(Generic[K, V]):
         return value
 
     async def _complete(
-        self, state: _LoopState, plan: Plan, status: str, payload: bytes
+        self, state: Clients, plan: Plan, status: str, payload: bytes
     ) -> Completion | None:
-        """COMPLETE (fenced).  A Redis failure is logged, not raised (see RedisGroup)."""
+        """COMPLETE (fenced): publish the outcome.  A Redis failure is logged, not raised:
+        the leader's callers still get its outcome, and waiters take over after the lease."""
         core = self._core
         keys, args = plan.complete_keys(), plan.complete_args(status, payload)
         try:
@@ -569,7 +705,7 @@ class AsyncRedisGroup(Generic[K, V]):
                 core,
                 "completion",
                 plan.keys,
-                lambda: _eval(state.commands, proto.COMPLETE_SCRIPT, keys, args),
+                lambda: eval_script(state.commands, proto.COMPLETE_SCRIPT, keys, args),
                 deadline=_monotonic() + core.settings.retry_budget,
             )
         except RedisError:
@@ -577,7 +713,7 @@ class AsyncRedisGroup(Generic[K, V]):
         return core.completed(plan, reply)
 
     async def _forget_remote(
-        self, state: _LoopState, key: K, text: str, only_unshared: bool, *, quiet: bool
+        self, state: Clients, key: K, text: str, only_unshared: bool, *, quiet: bool
     ) -> bool:
         core = self._core
         keys = core.keys(text)
@@ -589,7 +725,7 @@ class AsyncRedisGroup(Generic[K, V]):
                 core,
                 "forget",
                 keys,
-                lambda: _eval(
+                lambda: eval_script(
                     state.commands,
                     proto.FORGET_SCRIPT,
                     [keys.res, keys.lease, keys.fence],
@@ -601,15 +737,3 @@ class AsyncRedisGroup(Generic[K, V]):
             core.forget_failed(key, exc, closed=closed)
             return True
         return bool(reply)
-
-
-async def _call(
-    fn: Callable[..., Awaitable[V]], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> V:
-    returned = fn(*args, **kwargs)
-    if not isawaitable(returned):
-        raise TypeError(
-            f"AsyncRedisGroup needs fn to be an async function or to return an awaitable; "
-            f"{fn!r} returned {type(returned).__name__}"
-        )
-    return await returned

@@ -235,6 +235,11 @@ def _no_json(value: object) -> object:
     raise TypeError(type(value).__name__)
 
 
+def command(client: Any, *args: Any) -> Any:
+    """``client.execute_command(*args)``: redis-py leaves it untyped; _protocol parses replies."""
+    return client.execute_command(*args)
+
+
 def describe(error: BaseException | None) -> str:
     """``Type: message`` (redis-py's exception reprs are terse)."""
     if error is None:

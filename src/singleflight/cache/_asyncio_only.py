@@ -1,0 +1,124 @@
+"""What only the asyncio cache has: batch loads as tasks, background work as tasks.
+
+The generated ``_sync.py`` gets the same names from ``_threads_only.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from asyncio import Task, current_task, get_running_loop
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import AbortedError
+from ._base import BatchBase
+
+__all__ = ["Background", "Batch", "check_loaders", "not_awaitable", "outcomes_of"]
+
+
+class Batch(BatchBase):
+    """A batch load in flight: its task, set right after it is made, and its outcome."""
+
+    __slots__ = ("task",)
+
+    task: Task[None]
+
+    def loaded(self, values: Mapping[Any, Any]) -> None:
+        self.values = values
+
+    def failed(self, keys: list[Any], error: BaseException) -> None:
+        """Keep the loader's error (a cancellation is told by the task)."""
+        if isinstance(error, Exception):
+            self.error = error
+            self.tb = error.__traceback__
+
+    async def wait(self, key: object) -> None:
+        """Wait for the batch to end; never cancels it, even if the waiter is cancelled.
+
+        ``RuntimeError`` if the waiter is the batch's own task (``load_many``
+        asking for ``key``, one of its own keys), which would wait for itself.
+        """
+        task = self.task
+        if task is current_task():
+            raise self.reentry(key)
+        if not task.done():
+            await asyncio.wait((task,))
+
+    def outcome(self, key: object) -> Any:
+        """``key``'s value from the finished batch; raises its error, AbortedError or KeyError."""
+        if self.task.cancelled():
+            raise AbortedError(key, "its batch load was cancelled")
+        return super().outcome(key)
+
+
+class Background:
+    """The cache's background tasks: refreshes, batches and the loads refreshes started."""
+
+    __slots__ = ("closed", "loads", "tasks")
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.tasks: set[Task[Any]] = set()
+        self.loads: set[Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> Task[Any]:
+        task = get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def start(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
+        """Run ``fn(*args)`` in a task; False once closed."""
+        if self.closed:
+            return False
+        self.spawn(fn(*args))
+        return True
+
+    @contextmanager
+    def loading(self, background: bool) -> Iterator[None]:
+        """Around a load: one a background refresh started is cancelled by close()."""
+        task = current_task() if background else None
+        if task is None:
+            yield
+            return
+        self.loads.add(task)
+        try:
+            yield
+        finally:
+            self.loads.discard(task)
+
+    async def close(self) -> None:
+        """Cancel the running loop's background tasks and wait until they have ended."""
+        self.closed = True
+        loop = get_running_loop()
+        tasks = [
+            task
+            for task in (*self.tasks, *self.loads)
+            if task.get_loop() is loop and not task.done()
+        ]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+def check_loaders(load: object, load_many: object, group: object) -> None:
+    """``TypeError`` for a group that is not async (loaders are checked when they return)."""
+    if group is not None and not inspect.iscoroutinefunction(getattr(group, "do", None)):
+        raise TypeError(
+            f"group={group!r} is not an async group; AsyncLoadingCache needs an AsyncGroup"
+        )
+
+
+def not_awaitable(fn: object, returned: object) -> TypeError:
+    return TypeError(
+        f"AsyncLoadingCache needs an async loader; {fn!r} returned "
+        f"{type(returned).__name__}, which cannot be awaited (use LoadingCache for sync loaders)"
+    )
+
+
+async def outcomes_of(loads: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run ``loads`` concurrently: their values, or the exceptions they raised, in order."""
+    return await asyncio.gather(*(load() for load in loads), return_exceptions=True)

@@ -1,0 +1,158 @@
+"""What only the asyncio Redis group has: its watchdog task, its per-loop clients,
+and awaiting loaders.
+
+The generated ``_sync.py`` gets the same names from ``_threads_only.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from asyncio import CancelledError
+from collections.abc import Awaitable, Callable
+from inspect import isawaitable
+from time import monotonic as _monotonic
+from typing import Any, TypeVar
+
+import redis.asyncio
+from redis.exceptions import NoScriptError, RedisError
+
+from . import _protocol as proto
+from ._core import GroupCore, command, describe, log
+from ._protocol import Held, Renewals, Script
+
+__all__ = ["Clients", "Watchdog", "call", "eval_script", "sleep"]
+
+V = TypeVar("V")
+
+sleep = asyncio.sleep
+
+
+async def eval_script(
+    client: redis.asyncio.Redis, script: Script, keys: list[str], args: list[Any]
+) -> Any:
+    """EVALSHA, or EVAL when the server has lost its script cache (after a restart)."""
+    try:
+        return await command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return await command(client, "EVAL", script.source, len(keys), *keys, *args)
+
+
+class Watchdog:
+    """One task per group and event loop, renewing its loaders' leases every ``lease / 3``.
+
+    A task, not a thread: redis.asyncio clients live in their loop.  A loader
+    that blocks the loop for longer than the lease delays renewals, so another
+    process may take over; the late leader's completion is then fenced (or its
+    lease resurrected if nobody took it).  The task ends after a while with
+    nothing to renew.
+    """
+
+    __slots__ = ("_client", "_core", "_idle_exit", "_renewals", "_task", "_wake")
+
+    def __init__(self, core: GroupCore[Any], client: redis.asyncio.Redis) -> None:
+        self._core = core
+        self._client = client
+        self._idle_exit = max(core.settings.lease, 1.0)
+        self._renewals = Renewals(core.settings)
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def hold(self, held: Held) -> None:
+        was_idle = not self._renewals.held
+        self._renewals.add(held, _monotonic())
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="singleflight redis watchdog"
+            )
+        elif was_idle:
+            self._wake.set()
+
+    def release(self, held: Held) -> None:
+        self._renewals.remove(held)
+
+    async def stop(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        renewals = self._renewals
+        idle_since: float | None = None
+        while True:
+            now = _monotonic()
+            wait = renewals.next_wake(now)
+            if wait is None:
+                idle_since = now if idle_since is None else idle_since
+                if now - idle_since >= self._idle_exit:
+                    return
+                wait = self._idle_exit - (now - idle_since)
+            else:
+                idle_since = None
+            if wait > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    pass
+                continue
+            due = renewals.due(now)
+            codes = await self._renew(due)
+            now = _monotonic()
+            for held, code in zip(due, codes, strict=True):
+                if held.token not in renewals.held:
+                    continue  # its loader finished meanwhile
+                if code is None:
+                    renewals.failed(held, now)
+                    continue
+                renewals.renewed(held, code, now)
+                self._core.renewed(held, code)
+
+    async def _renew(self, due: list[Held]) -> list[int | None]:
+        """RENEW every due lease in one round trip; None where it failed."""
+        settings = self._core.settings
+        script = proto.RENEW_SCRIPT
+        extra = [settings.lease_ms, settings.fence_ttl_ms]
+        replies: list[Any] = []
+        for attempt in (0, 1):
+            pipe = self._client.pipeline(transaction=False)
+            for held in due:
+                name, code = ("EVAL", script.source) if attempt else ("EVALSHA", script.sha)
+                command(pipe, name, code, 2, *held.renew_keys(), held.token, *extra)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                log.debug("lease renewal failed: %s", describe(exc))
+                return [None] * len(due)
+            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
+                break
+        return [None if isinstance(r, Exception) else int(r) for r in replies]
+
+
+class Clients:
+    """A group's things that belong to one event loop: its clients, watchdog, forgets
+    and background tasks."""
+
+    __slots__ = ("background", "blocking", "commands", "forgets", "watchdog")
+
+    def __init__(
+        self, core: GroupCore[Any], commands: redis.asyncio.Redis, blocking: redis.asyncio.Redis
+    ) -> None:
+        self.commands = commands
+        self.blocking = blocking
+        self.watchdog = Watchdog(core, commands)
+        self.forgets: dict[str, asyncio.Task[Any]] = {}
+        self.background: set[asyncio.Task[Any]] = set()
+
+
+async def call(fn: Callable[..., Awaitable[V]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> V:
+    returned = fn(*args, **kwargs)
+    if not isawaitable(returned):
+        raise TypeError(
+            f"AsyncRedisGroup needs fn to be an async function or to return an awaitable; "
+            f"{fn!r} returned {type(returned).__name__}"
+        )
+    return await returned

@@ -1,0 +1,194 @@
+"""What only the thread Redis group has: its watchdog thread (and the leases it gives
+back at exit), its clients, and calling loaders.
+
+The asyncio group gets the same names from ``_asyncio_only.py``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from time import monotonic as _monotonic
+from typing import Any, TypeVar
+
+import redis
+from redis.exceptions import NoScriptError, RedisError
+
+from . import _protocol as proto
+from ._core import GroupCore, command, describe, log
+from ._protocol import Held, Renewals, Script
+
+__all__ = ["Clients", "Watchdog", "call", "eval_script", "sleep"]
+
+V = TypeVar("V")
+
+sleep = time.sleep
+
+
+def eval_script(client: redis.Redis, script: Script, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA, or EVAL when the server has lost its script cache (after a restart)."""
+    try:
+        return command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return command(client, "EVAL", script.source, len(keys), *keys, *args)
+
+
+class Watchdog:
+    """One thread per group renewing the leases its loaders hold, every ``lease / 3``.
+
+    The thread starts with the first lease and ends after a while with none;
+    renewals due together go in one pipeline.  After ``fork`` the child starts
+    afresh (the parent's thread does not exist there).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_client",
+        "_core",
+        "_idle_exit",
+        "_lock",
+        "_pid",
+        "_renewals",
+        "_thread",
+        "_wake",
+    )
+
+    def __init__(self, core: GroupCore[Any], client: redis.Redis) -> None:
+        self._core = core
+        self._client = client
+        self._idle_exit = max(core.settings.lease, 1.0)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._renewals = Renewals(self._core.settings)
+        self._thread: threading.Thread | None = None
+
+    def hold(self, held: Held) -> None:
+        if self._pid != os.getpid():
+            self._reset()
+        with self._lock:
+            was_idle = not self._renewals.held
+            self._renewals.add(held, _monotonic())
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="singleflight redis watchdog", daemon=True
+                )
+                self._thread.start()
+                _WATCHDOGS.add(self)
+            elif was_idle:
+                self._wake.notify()
+
+    def release(self, held: Held) -> None:
+        with self._lock:
+            self._renewals.remove(held)
+
+    def held(self) -> list[Held]:
+        with self._lock:
+            return list(self._renewals.held.values())
+
+    def _run(self) -> None:
+        renewals = self._renewals
+        idle_since: float | None = None
+        while True:
+            with self._lock:
+                while True:
+                    now = _monotonic()
+                    wait = renewals.next_wake(now)
+                    if wait is None:
+                        idle_since = now if idle_since is None else idle_since
+                        if now - idle_since >= self._idle_exit:
+                            self._thread = None
+                            return
+                        self._wake.wait(self._idle_exit - (now - idle_since))
+                        continue
+                    idle_since = None
+                    if wait > 0:
+                        self._wake.wait(wait)
+                        continue
+                    due = renewals.due(now)
+                    break
+            codes = self._renew(due)
+            now = _monotonic()
+            with self._lock:
+                for held, code in zip(due, codes, strict=True):
+                    if held.token not in renewals.held:
+                        continue  # its loader finished meanwhile
+                    if code is None:
+                        renewals.failed(held, now)
+                    else:
+                        renewals.renewed(held, code, now)
+            self._count(due, codes)
+
+    def _renew(self, due: list[Held]) -> list[int | None]:
+        """RENEW every due lease in one round trip; None where it failed."""
+        settings = self._core.settings
+        script = proto.RENEW_SCRIPT
+        extra = [settings.lease_ms, settings.fence_ttl_ms]
+        for attempt in (0, 1):
+            pipe = self._client.pipeline(transaction=False)
+            for held in due:
+                name, code = ("EVAL", script.source) if attempt else ("EVALSHA", script.sha)
+                command(pipe, name, code, 2, *held.renew_keys(), held.token, *extra)
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                log.debug("lease renewal failed: %s", describe(exc))
+                return [None] * len(due)
+            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
+                break
+        return [None if isinstance(r, Exception) else int(r) for r in replies]
+
+    def _count(self, due: list[Held], codes: list[int | None]) -> None:
+        for held, code in zip(due, codes, strict=True):
+            self._core.renewed(held, code)
+
+
+_WATCHDOGS: weakref.WeakSet[Watchdog] = weakref.WeakSet()
+
+
+@atexit.register
+def _abandon_at_exit() -> None:
+    """At interpreter exit, abandon the leases of loaders still running, so others take over now."""
+    for watchdog in list(_WATCHDOGS):
+        if watchdog._pid != os.getpid():
+            continue
+        settings = watchdog._core.settings
+        for held in watchdog.held():
+            keys = held.keys
+            try:
+                eval_script(
+                    watchdog._client,
+                    proto.COMPLETE_SCRIPT,
+                    [keys.fence, keys.res, keys.lease, keys.done(held.token)],
+                    [
+                        held.token,
+                        proto.ABANDONED,
+                        b"",
+                        settings.result_ttl_ms,
+                        settings.done_ttl_ms,
+                    ],
+                )
+            except RedisError:
+                break  # Redis is not answering: do not hold up the exit for each lease
+
+
+class Clients:
+    """A group's clients (commands, and blocking reads) and its watchdog."""
+
+    __slots__ = ("blocking", "commands", "watchdog")
+
+    def __init__(self, core: GroupCore[Any], commands: redis.Redis, blocking: redis.Redis) -> None:
+        self.commands = commands
+        self.blocking = blocking
+        self.watchdog = Watchdog(core, commands)
+
+
+def call(fn: Callable[..., V], args: tuple[Any, ...], kwargs: dict[str, Any]) -> V:
+    return fn(*args, **kwargs)
