@@ -234,7 +234,14 @@ class Policy:
         return base * (1.0 + jitter * (2.0 * self.random() - 1.0))
 
     def value_entry(self, value: Any, now: float, delta: float) -> Entry:
-        """The entry for a loaded value (a negative one when the predicate says so)."""
+        """The entry for a loaded value (a negative one when the predicate says so).
+
+        ``delta`` is how long the load took; a clock that stepped back during it
+        makes it negative, which counts as zero: an entry is never fresher than
+        its lifetime.
+        """
+        if delta < 0.0:
+            delta = 0.0
         is_negative = self.is_negative
         if is_negative is not None and is_negative(value):
             return self._negative_entry(value, None, now, delta)
@@ -262,6 +269,8 @@ class Policy:
         of a subclass of one (see :func:`named_as`).
         """
         negative_errors = self.negative_errors
+        if delta < 0.0:
+            delta = 0.0
         if negative_errors and (
             isinstance(error, negative_errors)
             or (isinstance(error, RemoteError) and named_as(error, negative_errors))
