@@ -227,7 +227,11 @@ class CacheBase(Generic[K, V]):
         # cache that tells on_event of every read (all go through _read()).
         self._fast: dict[Any, Entry] = self._data if on_event is None else {}
         self._clock = clock
-        self._lock = threading.Lock()
+        # Reentrant: a finalizer the garbage collector runs while this thread
+        # holds the lock may read the cache (each store method stays consistent
+        # at the points where the collector can run).  User code (clock,
+        # random, negative=) runs outside it where it can.
+        self._lock = threading.RLock()
         self._closed = False
         self._load = load
         self._load_many = load_many
@@ -295,8 +299,10 @@ class CacheBase(Generic[K, V]):
         check_key(key)
         if self._forget is not None:  # first, as in invalidate()
             self._forget(key)
+        now = self._clock()
+        entry = self._policy.value_entry(value, now, 0.0)
         with self._lock:
-            self._store.put(key, value, self._clock())
+            self._store.put(key, value, now, entry)
 
     def stats(self) -> CacheStats:
         """A snapshot of the cache's counters (see :class:`CacheStats`).
@@ -397,12 +403,15 @@ class CacheBase(Generic[K, V]):
             self._store.cancel_force(key)
 
     def _begin_load(self, key: K, seen: Entry | None) -> tuple[Entry | None, Any, int]:
+        now = self._clock()
         with self._lock:
-            return self._store.begin_load(key, seen, self._clock())
+            return self._store.begin_load(key, seen, now)
 
     def _finish_load(self, key: K, token: int, value: Any, started: float) -> None:
+        now = self._clock()
+        entry = self._policy.value_entry(value, now, now - started)
         with self._lock:
-            self._store.finish_load(key, token, value, started, self._clock())
+            self._store.finish_load(key, token, value, started, now, entry)
 
     def _hold(self, key: K, seen: Entry | None) -> int:
         """Before a group call: the token to write its outcome back with, or 0 for
@@ -418,8 +427,9 @@ class CacheBase(Generic[K, V]):
         """After a group call: write back what it returned (or raised) if it came from
         another process and nothing revoked ``token`` meanwhile (see ``Store.landed``)."""
         if token:
+            now = self._clock()
             with self._lock:
-                self._store.landed(key, token, value, error, started, self._clock())
+                self._store.landed(key, token, value, error, started, now)
 
     def _unhold(self, key: K, token: int) -> None:
         """A group call holding ``token`` ended without an outcome (cancelled, interrupted)."""
@@ -459,8 +469,9 @@ class CacheBase(Generic[K, V]):
             emit(self._hook, CacheMiss(self.name, key))
 
     def _load_failed(self, key: K, token: int, error: BaseException, started: float) -> None:
+        now = self._clock()
         with self._lock:
-            kept = self._store.fail_load(key, token, error, started, self._clock())
+            kept = self._store.fail_load(key, token, error, started, now)
         if kept is not None and isinstance(error, Exception):
             # Nobody else may ever see this error (a background refresh, or
             # callers answered from the old value): say so once, here.
@@ -475,8 +486,9 @@ class CacheBase(Generic[K, V]):
         error: BaseException,
         started: float,
     ) -> None:
+        now = self._clock()
         with self._lock:
-            kept = self._store.finish_batch(batch, tokens, None, error, started, self._clock())
+            kept = self._store.finish_batch(batch, tokens, None, error, started, now)
         if kept and isinstance(error, Exception):
             logger.warning(
                 "loading %d keys in one batch failed; the cache keeps serving the previous "
