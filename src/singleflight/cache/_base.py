@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
@@ -232,6 +234,7 @@ class CacheBase(Generic[K, V]):
         # at the points where the collector can run).  User code (clock,
         # random, negative=) runs outside it where it can.
         self._lock = threading.RLock()
+        _caches.add(self)
         self._closed = False
         self._load = load
         self._load_many = load_many
@@ -497,6 +500,26 @@ class CacheBase(Generic[K, V]):
                 kept,
                 exc_info=error,
             )
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock (another thread may have held it at the
+        fork), no load or batch in flight, no refresh workers (their threads are
+        gone: a driver drops its pool, and a new one starts on demand)."""
+        self._lock = threading.RLock()
+        self._store.after_fork()
+
+
+# Every live cache, reset in a forked child (os.register_at_fork).
+_caches: weakref.WeakSet[CacheBase[Any, Any]] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for cache in list(_caches):
+        cache._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 _NO_GROUP_STATS = GroupStats()

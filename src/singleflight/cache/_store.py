@@ -448,6 +448,17 @@ class Store(Generic[K]):
             del self.data[key]
             self.retired_hits += entry.hits
 
+    def after_fork(self) -> None:
+        """In a forked child: the loads, batches and refreshes in flight belong to
+        threads that do not exist here.  Their leases go (a late write is
+        impossible), so the child's reads load for themselves."""
+        self.leases.clear()
+        self.holders.clear()
+        self.batches.clear()
+        self.forced.clear()
+        for entry in self.data.values():
+            entry.refreshing = False
+
     # -- reporting -------------------------------------------------------------------
 
     def stats(self) -> CacheStats:

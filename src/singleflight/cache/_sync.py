@@ -359,6 +359,10 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
             self._closed = True
         self._background.close()
 
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._executor = None  # its threads are not in the child
+
     def __enter__(self) -> LoadingCache[K, V]:
         return self
 
