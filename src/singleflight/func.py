@@ -264,6 +264,9 @@ def cached(
             _check_group(group, is_async, fn, "cached")
         build = _key_of(fn, make_key, _prefix(fn, group))
         raw = build.raw
+        # A method's entries hold self by identity: stored, such a key drops its
+        # entry when the instance dies (only misses pay for it).
+        watched = isinstance(build, KeyBuilder) and build.by_identity
         qualname = _qualified_name(fn)
         options["name"] = qualname if name is None else name
         options["on_event"] = on_event
@@ -281,7 +284,7 @@ def cached(
 
             acache: AsyncLoadingCache[Any, Any] = AsyncLoadingCache(async_no_loader, **options)
             ahit = acache._hit
-            aget = acache._get
+            aget = _watching(acache._get, build, acache._dropped) if watched else acache._get
             afn = cast(Callable[..., Awaitable[Any]], fn)
 
             @functools.wraps(fn)
@@ -301,7 +304,7 @@ def cached(
 
         cache: LoadingCache[Any, Any] = LoadingCache(no_loader, **options)
         hit = cache._hit
-        get = cache._get
+        get = _watching(cache._get, build, cache._dropped) if watched else cache._get
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -323,6 +326,17 @@ def cached(
     if fn is not None:
         return decorate(fn)
     return decorate
+
+
+def _watching(get: Callable[..., R], build: KeyBuilder, dropped: Callable[[Any], None]) -> Any:
+    """``get(key, thunk)`` storing ``key`` so that its entry is dropped when the
+    instance the key holds by identity dies."""
+    watched = build.watched
+
+    def watching_get(key: Any, thunk: Any) -> R:
+        return get(watched(key, dropped), thunk)
+
+    return watching_get
 
 
 def _expose(wrapper: Any, cache: Any, build: Any) -> None:

@@ -161,6 +161,7 @@ class CacheBase(Generic[K, V]):
         "_clock",
         "_closed",
         "_data",
+        "_dead",
         "_fast",
         "_forget",
         "_group",
@@ -235,6 +236,8 @@ class CacheBase(Generic[K, V]):
         # random, negative=) runs outside it where it can.
         self._lock = threading.RLock()
         _caches.add(self)
+        # Keys whose instance died (see dropped()), dropped at the next miss.
+        self._dead: list[K] = []
         self._closed = False
         self._load = load
         self._load_many = load_many
@@ -343,6 +346,11 @@ class CacheBase(Generic[K, V]):
         state = " closed" if self._closed else ""
         return f"<{type(self).__name__} size={len(self)} load={self._load!r}{state}>"
 
+    def _dropped(self, key: K) -> None:
+        """A key's instance died (called by a weak reference, maybe by the collector
+        inside this cache's lock): its entry goes at the next miss."""
+        self._dead.append(key)
+
     # -- helpers for the drivers and the decorators: the steps of a read that do not wait --
 
     def _hit(self, key: K) -> Any:
@@ -376,6 +384,9 @@ class CacheBase(Generic[K, V]):
             raise bad_key(key) from None
         now = self._clock()
         with self._lock:
+            if self._dead:
+                dead, self._dead = self._dead, []
+                self._store.drop_dead(dead)
             action, entry, batch = self._store.lookup(key, now, not self._closed)
         if self._hook is not None:
             self._observe(key, action, entry, now)

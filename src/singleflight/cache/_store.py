@@ -448,6 +448,14 @@ class Store(Generic[K]):
             del self.data[key]
             self.retired_hits += entry.hits
 
+    def drop_dead(self, keys: list[K]) -> None:
+        """Drop the entries of ``keys``: keys holding an instance that died (a cached
+        method's ``self``), which no read can ever match again."""
+        for key in keys:
+            entry = self.data.pop(key, None)
+            if entry is not None:
+                self.retired_hits += entry.hits
+
     def after_fork(self) -> None:
         """In a forked child: the loads, batches and refreshes in flight belong to
         threads that do not exist here.  Their leases go (a late write is
