@@ -515,6 +515,10 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             self._closed = True
         await self._background.close()
 
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._background.after_fork()
+
     async def __aenter__(self) -> AsyncLoadingCache[K, V]:
         return self
 

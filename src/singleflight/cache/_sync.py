@@ -361,7 +361,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
     def _after_fork(self) -> None:
         super()._after_fork()
-        self._executor = None  # its threads are not in the child
+        self._background.after_fork()
 
     def __enter__(self) -> LoadingCache[K, V]:
         return self
