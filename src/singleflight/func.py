@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from ._asyncio import AsyncGroup
+from ._protocols import crosses_processes
 from ._threads import Group
 from .cache._async import AsyncLoadingCache
 from .cache._base import DEFAULT_MAXSIZE, MISS
@@ -85,6 +86,20 @@ def _qualified_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
+def _prefix(fn: Callable[..., Any], group: object) -> Hashable | None:
+    """What the default key starts with when ``group=`` is shared, or None for a group
+    of the function's own.
+
+    In a group that stays in this process, the function object itself: closures
+    made by one factory, or lambdas, share a qualified name but never a key.  A
+    group that crosses processes needs a key other processes can build: the
+    qualified name (functions sharing it there share keys; pass ``make_key=``).
+    """
+    if group is None:
+        return None
+    return _qualified_name(fn) if crosses_processes(group) else fn
+
+
 # -- coalesce --------------------------------------------------------------------------
 
 
@@ -113,8 +128,9 @@ def coalesce(
     again (this is not a cache; see :func:`cached`).  Sync functions coalesce
     through a :class:`~singleflight.Group`, coroutine functions through an
     :class:`~singleflight.AsyncGroup` (each decorated function gets its own
-    unless ``group=`` is given; then the key starts with the function's
-    qualified name, unless ``make_key=`` builds it).
+    unless ``group=`` is given; then the key starts with the function itself,
+    or its qualified name for a group that crosses processes, unless
+    ``make_key=`` builds it).
 
     ``make_key(*args, **kwargs)`` replaces the default key (the bound arguments, with
     ``self`` by identity).  Errors and cancellation are those of the group's
@@ -129,7 +145,7 @@ def coalesce(
         is_async = inspect.iscoroutinefunction(fn)
         if group is not None:
             _check_group(group, is_async, fn, "coalesce")
-        build = _key_of(fn, make_key, None if group is None else _qualified_name(fn))
+        build = _key_of(fn, make_key, _prefix(fn, group))
         if is_async:
             agroup: Any = AsyncGroup() if group is None else group
             ado = agroup.do
@@ -246,8 +262,11 @@ def cached(
         is_async = inspect.iscoroutinefunction(fn)
         if group is not None:
             _check_group(group, is_async, fn, "cached")
-        build = _key_of(fn, make_key, None if group is None else _qualified_name(fn))
+        build = _key_of(fn, make_key, _prefix(fn, group))
         raw = build.raw
+        # A method's entries hold self by identity: stored, such a key drops its
+        # entry when the instance dies (only misses pay for it).
+        watched = isinstance(build, KeyBuilder) and build.by_identity
         qualname = _qualified_name(fn)
         options["name"] = qualname if name is None else name
         options["on_event"] = on_event
@@ -265,7 +284,7 @@ def cached(
 
             acache: AsyncLoadingCache[Any, Any] = AsyncLoadingCache(async_no_loader, **options)
             ahit = acache._hit
-            aget = acache._get
+            aget = _watching(acache._get, build, acache._dropped) if watched else acache._get
             afn = cast(Callable[..., Awaitable[Any]], fn)
 
             @functools.wraps(fn)
@@ -285,7 +304,7 @@ def cached(
 
         cache: LoadingCache[Any, Any] = LoadingCache(no_loader, **options)
         hit = cache._hit
-        get = cache._get
+        get = _watching(cache._get, build, cache._dropped) if watched else cache._get
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -307,6 +326,17 @@ def cached(
     if fn is not None:
         return decorate(fn)
     return decorate
+
+
+def _watching(get: Callable[..., R], build: KeyBuilder, dropped: Callable[[Any], None]) -> Any:
+    """``get(key, thunk)`` storing ``key`` so that its entry is dropped when the
+    instance the key holds by identity dies."""
+    watched = build.watched
+
+    def watching_get(key: Any, thunk: Any) -> R:
+        return get(watched(key, dropped), thunk)
+
+    return watching_get
 
 
 def _expose(wrapper: Any, cache: Any, build: Any) -> None:

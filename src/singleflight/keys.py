@@ -72,6 +72,16 @@ class _Identity:
         return f"<self {type(obj).__name__} at {self._id:#x}>"
 
 
+class _Watched(_Identity):
+    """An identity that tells ``on_death`` when its object dies: the one in a stored key."""
+
+    __slots__ = ()
+
+    def __init__(self, obj: object, on_death: Callable[[Any], object]) -> None:
+        self._id = id(obj)
+        self._ref = weakref.ref(obj, on_death)  # TypeError if obj has no weak references
+
+
 def freeze(value: object, where: str = "an argument") -> Hashable:
     """``value`` itself if hashable, else a hashable copy of its contents.
 
@@ -180,6 +190,39 @@ class KeyBuilder:
         if self._prefix is not None:
             values.insert(0, self._prefix)
         return tuple(values)
+
+    @property
+    def by_identity(self) -> bool:
+        """Whether keys hold their first argument (``self``) by identity."""
+        return self._identity_first
+
+    def watched(self, key: Hashable, on_death: Callable[[Hashable], object]) -> Hashable:
+        """``key`` as a cache stores it: equal to ``key``, and when the instance it holds
+        by identity dies, ``on_death`` is called with it (so its entry can go).
+
+        ``key`` itself when it holds nothing by identity, or an instance that
+        cannot be weakly referenced (it is kept alive by the key anyway).
+        """
+        if not self._identity_first or not isinstance(key, tuple):
+            return key
+        at = 0 if self._prefix is None else 1
+        identity = key[at] if len(key) > at else None
+        if type(identity) is not _Identity:
+            return key
+        obj = identity._ref()
+        if obj is None:
+            return key
+        stored: list[Hashable] = []
+
+        def died(_: object) -> None:
+            on_death(stored[0])
+
+        try:
+            watched = _Watched(obj, died)
+        except TypeError:
+            return key
+        stored.append((*key[:at], watched, *key[at + 1 :]))
+        return stored[0]
 
     def _freeze(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
         names = ([""] if self._prefix is not None else []) + self._names

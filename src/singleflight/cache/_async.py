@@ -453,16 +453,18 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             if not isinstance(exc, Exception):
                 raise  # not the loader's error: an interrupt, or a cancelled task
             return
+        now = self._clock()
         with self._lock:
-            self._store.finish_batch(batch, tokens, values, None, started, self._clock())
+            self._store.finish_batch(batch, tokens, values, None, started, now)
         batch.loaded(values)
 
     # unasync: async-only
     def _batch_done(self, batch: Batch, tokens: dict[K, int], task: Task[Any]) -> None:
         """A batch task ended: if it was cancelled (or interrupted), release its keys."""
         if task.cancelled() or task.exception() is not None:
+            now = self._clock()
             with self._lock:
-                self._store.finish_batch(batch, tokens, None, None, self._clock(), self._clock())
+                self._store.finish_batch(batch, tokens, None, None, now, now)
 
     # unasync: end
     # -- background work ------------------------------------------------------------------
@@ -512,6 +514,10 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         with self._lock:
             self._closed = True
         await self._background.close()
+
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._background.after_fork()
 
     async def __aenter__(self) -> AsyncLoadingCache[K, V]:
         return self

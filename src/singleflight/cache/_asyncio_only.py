@@ -69,6 +69,11 @@ class Background:
         task.add_done_callback(self.tasks.discard)
         return task
 
+    def after_fork(self) -> None:
+        """In a forked child: the tasks belong to loops that are not running there."""
+        self.tasks.clear()
+        self.loads.clear()
+
     def start(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
         """Run ``fn(*args)`` in a task; False once closed."""
         if self.closed:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
@@ -159,6 +161,7 @@ class CacheBase(Generic[K, V]):
         "_clock",
         "_closed",
         "_data",
+        "_dead",
         "_fast",
         "_forget",
         "_group",
@@ -227,7 +230,14 @@ class CacheBase(Generic[K, V]):
         # cache that tells on_event of every read (all go through _read()).
         self._fast: dict[Any, Entry] = self._data if on_event is None else {}
         self._clock = clock
-        self._lock = threading.Lock()
+        # Reentrant: a finalizer the garbage collector runs while this thread
+        # holds the lock may read the cache (each store method stays consistent
+        # at the points where the collector can run).  User code (clock,
+        # random, negative=) runs outside it where it can.
+        self._lock = threading.RLock()
+        _caches.add(self)
+        # Keys whose instance died (see dropped()), dropped at the next miss.
+        self._dead: list[K] = []
         self._closed = False
         self._load = load
         self._load_many = load_many
@@ -295,8 +305,10 @@ class CacheBase(Generic[K, V]):
         check_key(key)
         if self._forget is not None:  # first, as in invalidate()
             self._forget(key)
+        now = self._clock()
+        entry = self._policy.value_entry(value, now, 0.0)
         with self._lock:
-            self._store.put(key, value, self._clock())
+            self._store.put(key, value, now, entry)
 
     def stats(self) -> CacheStats:
         """A snapshot of the cache's counters (see :class:`CacheStats`).
@@ -334,6 +346,11 @@ class CacheBase(Generic[K, V]):
         state = " closed" if self._closed else ""
         return f"<{type(self).__name__} size={len(self)} load={self._load!r}{state}>"
 
+    def _dropped(self, key: K) -> None:
+        """A key's instance died (called by a weak reference, maybe by the collector
+        inside this cache's lock): its entry goes at the next miss."""
+        self._dead.append(key)
+
     # -- helpers for the drivers and the decorators: the steps of a read that do not wait --
 
     def _hit(self, key: K) -> Any:
@@ -367,6 +384,9 @@ class CacheBase(Generic[K, V]):
             raise bad_key(key) from None
         now = self._clock()
         with self._lock:
+            if self._dead:
+                dead, self._dead = self._dead, []
+                self._store.drop_dead(dead)
             action, entry, batch = self._store.lookup(key, now, not self._closed)
         if self._hook is not None:
             self._observe(key, action, entry, now)
@@ -397,12 +417,15 @@ class CacheBase(Generic[K, V]):
             self._store.cancel_force(key)
 
     def _begin_load(self, key: K, seen: Entry | None) -> tuple[Entry | None, Any, int]:
+        now = self._clock()
         with self._lock:
-            return self._store.begin_load(key, seen, self._clock())
+            return self._store.begin_load(key, seen, now)
 
     def _finish_load(self, key: K, token: int, value: Any, started: float) -> None:
+        now = self._clock()
+        entry = self._policy.value_entry(value, now, now - started)
         with self._lock:
-            self._store.finish_load(key, token, value, started, self._clock())
+            self._store.finish_load(key, token, value, started, now, entry)
 
     def _hold(self, key: K, seen: Entry | None) -> int:
         """Before a group call: the token to write its outcome back with, or 0 for
@@ -418,8 +441,9 @@ class CacheBase(Generic[K, V]):
         """After a group call: write back what it returned (or raised) if it came from
         another process and nothing revoked ``token`` meanwhile (see ``Store.landed``)."""
         if token:
+            now = self._clock()
             with self._lock:
-                self._store.landed(key, token, value, error, started, self._clock())
+                self._store.landed(key, token, value, error, started, now)
 
     def _unhold(self, key: K, token: int) -> None:
         """A group call holding ``token`` ended without an outcome (cancelled, interrupted)."""
@@ -459,8 +483,9 @@ class CacheBase(Generic[K, V]):
             emit(self._hook, CacheMiss(self.name, key))
 
     def _load_failed(self, key: K, token: int, error: BaseException, started: float) -> None:
+        now = self._clock()
         with self._lock:
-            kept = self._store.fail_load(key, token, error, started, self._clock())
+            kept = self._store.fail_load(key, token, error, started, now)
         if kept is not None and isinstance(error, Exception):
             # Nobody else may ever see this error (a background refresh, or
             # callers answered from the old value): say so once, here.
@@ -475,8 +500,9 @@ class CacheBase(Generic[K, V]):
         error: BaseException,
         started: float,
     ) -> None:
+        now = self._clock()
         with self._lock:
-            kept = self._store.finish_batch(batch, tokens, None, error, started, self._clock())
+            kept = self._store.finish_batch(batch, tokens, None, error, started, now)
         if kept and isinstance(error, Exception):
             logger.warning(
                 "loading %d keys in one batch failed; the cache keeps serving the previous "
@@ -485,6 +511,26 @@ class CacheBase(Generic[K, V]):
                 kept,
                 exc_info=error,
             )
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock (another thread may have held it at the
+        fork), no load or batch in flight, no refresh workers (their threads are
+        gone: a driver drops its pool, and a new one starts on demand)."""
+        self._lock = threading.RLock()
+        self._store.after_fork()
+
+
+# Every live cache, reset in a forked child (os.register_at_fork).
+_caches: weakref.WeakSet[CacheBase[Any, Any]] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for cache in list(_caches):
+        cache._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 _NO_GROUP_STATS = GroupStats()

@@ -10,6 +10,7 @@ tests.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from types import TracebackType
@@ -60,6 +61,7 @@ class Entry:
     """
 
     __slots__ = (
+        "context",
         "delta",
         "error",
         "error_until",
@@ -78,6 +80,7 @@ class Entry:
     value: Any
     error: BaseException | None
     tb: TracebackType | None
+    context: BaseException | None
     negative: bool
     fresh_until: float
     expires_at: float
@@ -102,7 +105,13 @@ class Entry:
     ) -> None:
         self.value = value
         self.error = error
-        self.tb = None if error is None else error.__traceback__
+        if error is None:
+            self.tb = self.context = None
+        else:
+            # As the loader left it: a reader raising it must not change what
+            # the next reader sees.
+            self.tb = error.__traceback__
+            self.context = error.__context__
         self.negative = negative
         self.fresh_until = fresh_until
         self.expires_at = expires_at
@@ -115,15 +124,36 @@ class Entry:
         self.refreshing = False
 
     def outcome(self) -> Any:
-        """The entry's value, or raise its cached exception with the loader's traceback."""
+        """The entry's value, or raise its cached exception with the loader's traceback.
+
+        Each read raises a copy of the cached exception: raising sets the
+        exception's ``__context__`` to whatever the reader was handling, which
+        must not reach the other readers of the entry.  An exception that cannot
+        be copied is raised itself.
+        """
         error = self.error
         if error is None:
             return self.value
-        raise error.with_traceback(self.tb)
+        raise _copy_of(error, self.context).with_traceback(self.tb)
 
     def __repr__(self) -> str:
         what = f"error={self.error!r}" if self.error is not None else f"value={self.value!r}"
         return f"<Entry {what} expires_at={self.expires_at:.6g} negative={self.negative}>"
+
+
+def _copy_of(error: BaseException, context: BaseException | None) -> BaseException:
+    """A copy of ``error`` with its cause, and ``context`` as its context; or ``error``
+    itself if it cannot be copied as an exception of its own type."""
+    try:
+        copied = copy.copy(error)
+    except Exception:
+        return error
+    if type(copied) is not type(error) or copied is error:
+        return error
+    copied.__cause__ = error.__cause__
+    copied.__context__ = context
+    copied.__suppress_context__ = error.__suppress_context__
+    return copied
 
 
 def _seconds(name: str, value: object, *, allow_zero: bool = True) -> float:
@@ -234,7 +264,14 @@ class Policy:
         return base * (1.0 + jitter * (2.0 * self.random() - 1.0))
 
     def value_entry(self, value: Any, now: float, delta: float) -> Entry:
-        """The entry for a loaded value (a negative one when the predicate says so)."""
+        """The entry for a loaded value (a negative one when the predicate says so).
+
+        ``delta`` is how long the load took; a clock that stepped back during it
+        makes it negative, which counts as zero: an entry is never fresher than
+        its lifetime.
+        """
+        if delta < 0.0:
+            delta = 0.0
         is_negative = self.is_negative
         if is_negative is not None and is_negative(value):
             return self._negative_entry(value, None, now, delta)
@@ -262,6 +299,8 @@ class Policy:
         of a subclass of one (see :func:`named_as`).
         """
         negative_errors = self.negative_errors
+        if delta < 0.0:
+            delta = 0.0
         if negative_errors and (
             isinstance(error, negative_errors)
             or (isinstance(error, RemoteError) and named_as(error, negative_errors))

@@ -199,13 +199,22 @@ class Store(Generic[K]):
                 return None, batch, 0
         return None, None, self._grant(key)
 
-    def finish_load(self, key: K, token: int, value: Any, started: float, now: float) -> bool:
-        """A load returned ``value``: write it if its lease still holds.  True if written."""
+    def finish_load(
+        self, key: K, token: int, value: Any, started: float, now: float, entry: Entry | None = None
+    ) -> bool:
+        """A load returned ``value``: write it if its lease still holds.  True if written.
+
+        ``entry`` is the value's entry made beforehand (``Policy.value_entry``),
+        so that the user's code it runs (``negative=``, ``random``) runs outside
+        the driver's lock; without it the entry is made here.
+        """
         self.loads += 1
         if self.leases.get(key) != token:
             return False
         del self.leases[key]
-        self._write(key, self.policy.value_entry(value, now, now - started))
+        if entry is None:
+            entry = self.policy.value_entry(value, now, now - started)
+        self._write(key, entry)
         return True
 
     def fail_load(
@@ -363,11 +372,13 @@ class Store(Generic[K]):
 
     # -- writes ----------------------------------------------------------------------
 
-    def put(self, key: K, value: Any, now: float) -> None:
-        """Write ``value`` as if loaded now; loads in flight for the key will not overwrite it."""
+    def put(self, key: K, value: Any, now: float, entry: Entry | None = None) -> None:
+        """Write ``value`` as if loaded now; loads in flight for the key will not overwrite it.
+
+        ``entry``: as for :meth:`finish_load`."""
         self._revoke(key)
         self.forced.discard(key)
-        self._write(key, self.policy.value_entry(value, now, 0.0))
+        self._write(key, self.policy.value_entry(value, now, 0.0) if entry is None else entry)
 
     def invalidate(self, key: K) -> None:
         """Drop ``key``'s entry and revoke the lease of any load in flight for it."""
@@ -384,7 +395,7 @@ class Store(Generic[K]):
     def clear(self) -> list[K]:
         """Drop every entry and revoke every lease; returns the keys that had loads in flight."""
         in_flight = self.in_flight()
-        self.retired_hits += sum(entry.hits for entry in self.data.values())
+        self.retired_hits += sum(entry.hits for entry in list(self.data.values()))
         self.data.clear()
         self.leases.clear()
         self.batches.clear()
@@ -437,10 +448,30 @@ class Store(Generic[K]):
             del self.data[key]
             self.retired_hits += entry.hits
 
+    def drop_dead(self, keys: list[K]) -> None:
+        """Drop the entries of ``keys``: keys holding an instance that died (a cached
+        method's ``self``), which no read can ever match again."""
+        for key in keys:
+            entry = self.data.pop(key, None)
+            if entry is not None:
+                self.retired_hits += entry.hits
+
+    def after_fork(self) -> None:
+        """In a forked child: the loads, batches and refreshes in flight belong to
+        threads that do not exist here.  Their leases go (a late write is
+        impossible), so the child's reads load for themselves."""
+        self.leases.clear()
+        self.holders.clear()
+        self.batches.clear()
+        self.forced.clear()
+        for entry in self.data.values():
+            entry.refreshing = False
+
     # -- reporting -------------------------------------------------------------------
 
     def stats(self) -> CacheStats:
-        hits = self.retired_hits + sum(entry.hits for entry in self.data.values())
+        # A copy first: a finalizer run by the GC may write to data meanwhile.
+        hits = self.retired_hits + sum(entry.hits for entry in list(self.data.values()))
         return CacheStats(
             hits=hits,
             misses=self.misses,

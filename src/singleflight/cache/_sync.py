@@ -318,8 +318,9 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
             if not isinstance(exc, Exception):
                 raise  # not the loader's error: an interrupt, or a cancelled task
             return
+        now = self._clock()
         with self._lock:
-            self._store.finish_batch(batch, tokens, values, None, started, self._clock())
+            self._store.finish_batch(batch, tokens, values, None, started, now)
         batch.loaded(values)
 
     # -- background work ------------------------------------------------------------------
@@ -357,6 +358,10 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         with self._lock:
             self._closed = True
         self._background.close()
+
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._background.after_fork()
 
     def __enter__(self) -> LoadingCache[K, V]:
         return self

@@ -89,6 +89,11 @@ class Background:
         """Around a load: nothing to do (a thread cannot be cancelled)."""
         return _NOTHING
 
+    def after_fork(self) -> None:
+        """In a forked child: the pool's threads are not there; a new pool starts on demand."""
+        self._executor = None
+        self._lock = threading.Lock()
+
     def close(self) -> None:
         """Drop the queued refreshes and wait for the running ones."""
         with self._lock:
