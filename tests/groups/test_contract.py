@@ -78,6 +78,7 @@ def test_concurrent_callers_of_a_key_share_one_loader_run(driver: Driver, leader
         first = await driver.lead(g, "key", loader, leader)
         joiners = [await driver.join(g, "key", entry) for entry in ENTRIES * 3]
         assert "key" in g and len(g) == 1
+        assert "in_flight=1" in repr(g)
         assert not first.done()
         gate.open()
         outcomes = [await call.outcome() for call in [first, *joiners]]
@@ -272,6 +273,15 @@ def test_shared_is_false_alone_and_true_for_every_caller_of_a_shared_flight(
         assert await future.result() is loader.value
 
         gate2 = driver.gate()
+        led_by_future = driver.loader(gate=gate2)
+        future = await driver.lead(g, "key", led_by_future, "do_future")
+        joiner = await driver.join(g, "key", "do_result")
+        gate2.open()
+        seen = await joiner.outcome()
+        assert seen.value is led_by_future.value and seen.shared is True
+        assert await future.result() is led_by_future.value
+
+        gate2 = driver.gate()
         failing = driver.loader(gate=gate2, raises=Boom("shared failure"))
         first = await driver.lead(g, "key", failing, "do_result")
         await driver.join(g, "key", "do_future")
@@ -346,8 +356,9 @@ def test_a_caller_calling_again_at_once_starts_a_new_flight(driver: Driver) -> N
 
 
 def test_forget_unshared_forgets_only_a_flight_nobody_joined(driver: Driver) -> None:
-    """``forget_unshared``: True for a key not in flight, and for a flight nobody joined (it
-    is forgotten); False for a shared flight (kept).  ``forget`` of an unknown key, or twice,
+    """Go's TestForgetUnshared: ``forget_unshared`` is True for a key not in flight, and for
+    a flight nobody joined (it is forgotten); False for a shared flight (kept), also after an
+    older, forgotten flight of the key has ended.  ``forget`` of an unknown key, or twice,
     does nothing."""
 
     async def main() -> None:
@@ -357,22 +368,24 @@ def test_forget_unshared_forgets_only_a_flight_nobody_joined(driver: Driver) -> 
         g.forget("absent")
         assert len(g) == 0
 
-        gate = driver.gate()
-        lone = driver.loader(gate=gate)
-        first = await driver.lead(g, "lone", lone)
-        assert g.forget_unshared("lone") is True
-        assert "lone" not in g
+        gate1, gate2 = driver.gate(), driver.gate()
+        lone = driver.loader(gate=gate1)
+        first = await driver.lead(g, "key", lone)
+        assert g.forget_unshared("key") is True
+        assert "key" not in g
 
-        shared = driver.loader(gate=gate)
-        second = await driver.lead(g, "shared", shared)
-        joiner = await driver.join(g, "shared", "do_future")
-        assert g.forget_unshared("shared") is False
-        assert "shared" in g
-        gate.open()
+        shared = driver.loader(gate=gate2)
+        second = await driver.lead(g, "key", shared)
+        joiner = await driver.join(g, "key", "do_future")
+        assert g.forget_unshared("key") is False, "shared, while the forgotten flight runs"
+        gate1.open()
         assert await first.result() is lone.value
+        assert g.forget_unshared("key") is False, "shared, after the forgotten flight ended"
+        assert "key" in g
+        gate2.open()
         assert await second.result() is shared.value
         assert await joiner.result() is shared.value
-        assert g.forget_unshared("shared") is True
+        assert g.forget_unshared("key") is True
         assert len(g) == 0
 
     driver.run(main)
