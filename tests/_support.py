@@ -22,8 +22,6 @@ WAIT = 5.0  # upper bound of any single wait; a correct run never comes near it
 class Token:
     """A loader's value: compared by identity, and weakly referenceable."""
 
-    __slots__ = ("__weakref__", "key", "name")
-
     def __init__(self, name: str = "", key: object = None) -> None:
         self.name = name
         self.key = key

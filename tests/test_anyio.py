@@ -186,67 +186,6 @@ async def test_one_execution_per_key_same_object_for_all(entry: str) -> None:
         assert s.wait_seconds > 0
 
 
-async def test_args_and_kwargs_reach_the_loader() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup()
-        loader = Loader()
-        assert await g.do("k", loader, 1, 2, x=3) is loader.value
-        assert loader.args == [((1, 2), {"x": 3})]
-
-
-async def test_entry_removed_before_any_caller_sees_result() -> None:
-    """Every caller, when it gets the value, finds the key gone: a new call starts a new flight."""
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup()
-        gate = anyio.Event()
-        loader = Loader(gate=gate)
-        seen: list[bool] = []
-
-        async def call() -> None:
-            v = await g.do("k", loader)
-            seen.append("k" in g)
-            assert v is loader.value
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(5):
-                tg.start_soon(call)
-            await until(lambda: g.stats().calls == 5)
-            gate.set()
-        assert seen == [False] * 5 and loader.calls == 1
-        later = Loader("later")
-        assert await g.do("k", later) is later.value and later.calls == 1
-        assert len(g) == 0
-
-
-@pytest.mark.parametrize("entry", ["do", "do_result"])
-async def test_sequential_calls_are_not_cached(entry: str) -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Any] = AnyIOGroup()
-        a, b = Loader("a"), Loader("b")
-        ra = await getattr(g, entry)("k", a)
-        rb = await getattr(g, entry)("k", b)
-        if entry == "do_result":
-            assert ra == Result(a.value, None, False) and rb == Result(b.value, None, False)
-        else:
-            assert (ra, rb) == (a.value, b.value)
-        assert a.calls == b.calls == 1
-
-
-async def test_shared_flag_false_alone_true_with_a_joiner() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup()
-        alone = await g.do_result("k", Loader())
-        assert alone.shared is False
-        gate = anyio.Event()
-        loader = Loader(gate=gate)
-        callers = [Caller(g, "k", loader, "do_result") for _ in range(2)]
-        async with anyio.create_task_group() as tg:
-            await enter(tg, g, callers)
-            gate.set()
-        for c in callers:
-            assert c.result == Result(loader.value, None, True)
-
-
 # -- errors --------------------------------------------------------------------------------
 
 
@@ -314,18 +253,6 @@ async def test_loader_ending_by_base_exception_or_cancelled_gives_aborted_error(
         assert isinstance(events[-1], FlightAborted) and events[-1].cause is cause
 
 
-async def test_unhashable_key_type_error_before_anything_runs() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[Any, Token] = AnyIOGroup()
-        loader = Loader()
-        for key in ([1], {"a": 1}, {1}):
-            with pytest.raises(TypeError, match="hashable"):
-                await g.do(key, loader)
-            with pytest.raises(TypeError, match="hashable"):
-                await g.do_result(key, loader)
-        assert loader.calls == 0 and len(g) == 0 and g.stats().calls == 0
-
-
 async def test_bad_fn_type_errors() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Any] = AnyIOGroup()
@@ -347,26 +274,6 @@ async def test_bad_options() -> None:
         AnyIOGroup(on_event=5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="cancel_orphaned"):
         AnyIOGroup(cancel_orphaned="yes")  # type: ignore[arg-type]
-
-
-async def test_loader_calling_own_key_gets_runtime_error_naming_it() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Any] = AnyIOGroup()
-
-        async def inner() -> int:
-            return 1
-
-        async def reentrant() -> str:
-            with pytest.raises(RuntimeError, match="'self-key'"):
-                await g.do("self-key", inner)
-            with pytest.raises(RuntimeError, match="'self-key'"):
-                await g.do_result("self-key", inner)
-            # Other keys are fine from the loader.
-            assert await g.do("other", inner) == 1
-            return "outer"
-
-        assert await g.do("self-key", reentrant) == "outer"
-        assert len(g) == 0
 
 
 # -- the loader's own task, and cancellation ------------------------------------------------
@@ -499,81 +406,7 @@ async def test_cancel_orphaned_before_the_loader_ran_aborts_it() -> None:
 # -- forget ----------------------------------------------------------------------------------
 
 
-async def test_forget_starts_a_new_flight_and_old_one_never_removes_it() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup()
-        gate1, gate2 = anyio.Event(), anyio.Event()
-        first, second = Loader("1", gate=gate1, error=Boom("old")), Loader("2", gate=gate2)
-        c1 = Caller(g, "k", first)
-        c2 = Caller(g, "k", second)
-        c3 = Caller(g, "k", Loader("never"))
-        async with anyio.create_task_group() as tg:
-            await enter(tg, g, [c1])
-            g.forget("k")
-            assert "k" not in g
-            g.forget("absent")  # no-op
-            await enter(tg, g, [c2])
-            gate1.set()  # the old flight fails and ends...
-            await c1.done.wait()
-            assert "k" in g  # ...without removing the newer one
-            await enter(tg, g, [c3])  # joins the newer flight
-            gate2.set()
-        assert isinstance(c1.got(), Boom)
-        assert c2.got() is second.value and c3.got() is second.value
-        assert first.calls == second.calls == 1 and len(g) == 0
-
-
-async def test_forget_unshared() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup()
-        assert g.forget_unshared("absent") is True
-        gate = anyio.Event()
-        loader = Loader(gate=gate)
-        lone = Caller(g, "lone", loader)
-        shared = [Caller(g, "shared", loader) for _ in range(2)]
-        async with anyio.create_task_group() as tg:
-            await enter(tg, g, [lone, *shared])
-            assert g.forget_unshared("shared") is False and "shared" in g
-            assert g.forget_unshared("lone") is True and "lone" not in g
-            gate.set()
-        assert lone.got() is loader.value and all(c.got() is loader.value for c in shared)
-        assert len(g) == 0
-
-
-async def test_forget_from_inside_the_loader() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Any] = AnyIOGroup()
-        inner = Loader("inner")
-
-        async def fn() -> Any:
-            g.forget("k")
-            # The key is free: this is a new flight, not a re-entry.
-            return await g.do("k", inner)
-
-        assert await g.do("k", fn) is inner.value
-        assert len(g) == 0
-
-
 # -- references, runs, events ----------------------------------------------------------------
-
-
-async def test_finished_group_holds_no_references() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Any] = AnyIOGroup()
-        refs: list[weakref.ref[Any]] = []
-        for error in (None, Boom("e"), Stop()):
-            gate = anyio.Event()
-            loader = Loader(gate=gate, error=error)
-            callers = [Caller(g, f"k{error!r}", loader, "do_result") for _ in range(3)]
-            async with anyio.create_task_group() as tg:
-                await enter(tg, g, callers)
-                gate.set()
-            refs.append(weakref.ref(callers[0].got()))
-            del callers, loader, error, gate
-        await spin()
-        gc.collect()
-        assert len(g) == 0
-        assert [r() for r in refs] == [None] * len(refs)
 
 
 async def test_events_and_stats() -> None:

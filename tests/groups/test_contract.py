@@ -392,8 +392,9 @@ def test_forget_unshared_forgets_only_a_flight_nobody_joined(driver: Driver) -> 
 
 
 def test_a_loader_may_forget_its_own_key_and_call_other_keys(driver: Driver) -> None:
-    """No lock is held while a loader runs: it may forget its own key (the next caller then
-    starts a flight of its own, alongside) and call other keys of the same group."""
+    """No lock is held while a loader runs: it may forget its own key (then calling that key
+    starts a new flight, no re-entry, and so does the next caller, alongside) and call other
+    keys of the same group."""
 
     async def main() -> None:
         g = driver.group()
@@ -404,6 +405,7 @@ def test_a_loader_may_forget_its_own_key_and_call_other_keys(driver: Driver) -> 
 
             async def outer() -> str:
                 g.forget("outer")
+                inner_values.append(await g.do("outer", driver.fn(lambda: "own")))
                 inner_values.append(await g.do("inner", driver.fn(lambda: "i")))
                 await gate.wait_async()
                 return "o"
@@ -412,18 +414,19 @@ def test_a_loader_may_forget_its_own_key_and_call_other_keys(driver: Driver) -> 
 
             def outer() -> str:
                 g.forget("outer")
+                inner_values.append(g.do("outer", lambda: "own"))
                 inner_values.append(g.do("inner", lambda: "i"))
                 gate.wait()
                 return "o"
 
         first = driver.start("do", g, "outer", outer)
-        await driver.until(lambda: inner_values)
+        await driver.until(lambda: len(inner_values) == 2)
         assert "outer" not in g
         second = driver.loader()
         assert await driver.do(g, "outer", second) is second.value
         gate.open()
         assert await first.result() == "o"
-        assert inner_values == ["i"]
+        assert inner_values == ["own", "i"]
         assert len(g) == 0
 
     driver.run(main)
@@ -511,6 +514,7 @@ def test_an_unhashable_key_is_a_type_error_before_the_loader_runs(
         assert isinstance(error, TypeError), error
         assert loader.calls == 0
         assert len(g) == 0
+        assert g.stats().calls == 0
 
     driver.run(main)
 
