@@ -1,4 +1,8 @@
-"""Tests of AnyIOGroup: the AsyncGroup contract, on asyncio and on trio.
+"""AnyIOGroup on asyncio and on trio: what only it has.
+
+The contract every group keeps is in tests/groups/test_contract.py (AnyIOGroup on both
+backends included); this file has what is particular to AnyIOGroup: cancel scopes, its
+loader's task, runs of either backend ending, max_flights, timeouts, FlightFuture.
 
 Every test runs on both backends (anyio's pytest plugin, ``anyio_backend``
 params) with real tasks, under ``anyio.fail_after`` and a pytest-timeout mark,
@@ -10,12 +14,10 @@ counters (``stats().calls``), not by sleeps.
 from __future__ import annotations
 
 import contextvars
-import gc
 import random
 import subprocess
 import sys
 import textwrap
-import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import CancelledError as FutureCancelled
@@ -38,9 +40,9 @@ from singleflight.events import (
     TimedOut,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.timeout(15)]
+from ._support import WAIT, Boom, Stop, Token, spin, until
 
-WAIT = 5.0  # seconds any single test may take on its own clock
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(15)]
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -49,24 +51,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-class Token:
-    """A loader's value: compared by identity, and weakly referenceable."""
-
-    def __init__(self, name: str = "") -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"Token({self.name!r})"
-
-
-class Boom(Exception):
-    """A loader's failure."""
-
-
-class Stop(BaseException):
-    """A BaseException that is not an Exception."""
 
 
 class Loader:
@@ -142,17 +126,6 @@ class Caller:
         if self.result is not None:
             return self.result.value if self.result.error is None else self.result.error
         return self.value if self.error is None else self.error
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let other tasks run until ``condition`` holds (the test's fail_after bounds it)."""
-    while not condition():
-        await anyio.sleep(0)
-
-
-async def spin(n: int = 5) -> None:
-    for _ in range(n):
-        await anyio.sleep(0)
 
 
 async def enter(tg: Any, g: AnyIOGroup[Any, Any], callers: list[Caller]) -> None:
@@ -474,7 +447,6 @@ def test_run_ending_with_a_flight_pending_leaves_nothing_behind(backend: str) ->
             assert "k" in g
 
     anyio.run(main, backend=backend)
-    gc.collect()
     assert seen[0].cancelled.is_set() and not seen[0].finished.is_set()
     assert len(g) == 0 and g.stats().aborted == 1
 
