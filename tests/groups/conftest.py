@@ -7,9 +7,11 @@ right kind, and starts calls: on a thread of their own for the thread groups (``
 ``AnyIOGroup`` on asyncio and on trio, ``AsyncRedisGroup``).  Waits are bounded: the whole
 body runs under ``anyio.fail_after``.
 
-A test knows that a caller has joined a flight from the group's ``Joined`` events (every
-group made by :meth:`Driver.group` reports to the driver), so overlap is made with events,
-never with sleeps.
+A test knows that a caller has joined a flight from the group's counters (``stats().joins``)
+or, for Redis groups, from their ``Joined`` events, so overlap is made with events, never with
+sleeps.  In-process groups are made without options unless the test gives some, so the
+contract is checked on their fast path (tests/test_production.py checks it on the general
+path, with events, limits and timeouts).
 """
 
 from __future__ import annotations
@@ -122,16 +124,21 @@ class Driver:
     # -- what a test makes -----------------------------------------------------------------
 
     def group(self, **options: Any) -> Any:
-        """A new group of the driver's kind (Redis groups: a namespace of the test's own)."""
-        hook = options.pop("on_event", None)
+        """A new group of the driver's kind (Redis groups: a namespace of the test's own).
 
-        def record(event: Event) -> None:
-            with self._events_lock:
-                self._events.append((g, event))
-            if hook is not None:
-                hook(event)
+        In-process groups are made with the options given alone, so that without options
+        they take their fast path; Redis groups also report their events to the driver.
+        """
+        if self.redis:
+            hook = options.pop("on_event", None)
 
-        options["on_event"] = record
+            def record(event: Event) -> None:
+                with self._events_lock:
+                    self._events.append((g, event))
+                if hook is not None:
+                    hook(event)
+
+            options["on_event"] = record
         g: Any
         if self.name == "threads":
             g = Group(**options)
@@ -278,24 +285,26 @@ class Driver:
         await loader.started_async()
         return call
 
+    def _joins(self, g: Any, key: Any) -> int:
+        """How many callers have joined flights: of ``key`` (Redis groups, from their
+        ``Joined`` events), or of any key (in-process groups, from ``stats().joins``, which
+        counts a joiner when it joins, on the fast path too)."""
+        if not self.redis:
+            return int(g.stats().joins)
+        with self._events_lock:
+            return sum(
+                1
+                for group, event in self._events
+                if group is g and isinstance(event, Joined) and event.key == key
+            )
+
     async def joined(self, g: Any, key: Any, n: int) -> None:
-        """Wait until ``n`` callers have joined ``g``'s flights of ``key``, in all."""
-
-        def count() -> int:
-            with self._events_lock:
-                return sum(
-                    1
-                    for group, event in self._events
-                    if group is g and isinstance(event, Joined) and event.key == key
-                )
-
-        await until(lambda: count() >= n, WAIT, f"{n} joiners of {key!r}")
+        """Wait until ``n`` callers have joined ``g``'s flights (of ``key``), in all."""
+        await until(lambda: self._joins(g, key) >= n, WAIT, f"{n} joiners of {key!r}")
 
     async def join(self, g: Any, key: Any, entry: str = "do", fn: Any = None) -> Call:
         """Start a joiner of the flight of ``key`` and wait until it has joined."""
-        before = sum(
-            1 for group, e in self._events if group is g and isinstance(e, Joined) and e.key == key
-        )
+        before = self._joins(g, key)
         call = self.start(entry, g, key, fn if fn is not None else self.never_called)
         await self.joined(g, key, before + 1)
         return call
