@@ -34,7 +34,33 @@ from .._support import WAIT, CallThread, Gate, Loader, until
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
-DRIVERS = ["threads", "asyncio", "anyio-asyncio", "anyio-trio", "redis", "redis-async"]
+DRIVERS = [
+    "threads",
+    "threads-general",
+    "threads-timeout",
+    "asyncio",
+    "asyncio-general",
+    "anyio-asyncio",
+    "anyio-trio",
+    "redis",
+    "redis-async",
+]
+
+# Options that put Group and AsyncGroup on their general path without changing what a
+# contract test sees: an event hook, a limit no test reaches (waiting, not refusing), and
+# timeouts no test reaches.  With ``timeout``, Group runs every loader on a worker thread.
+_NO_EVENT = None
+GENERAL: dict[str, dict[str, Any]] = {
+    "threads-general": {"on_event": _NO_EVENT, "max_flights": 1000, "on_limit": "wait"},
+    "threads-timeout": {"timeout": 60.0},
+    "asyncio-general": {
+        "on_event": _NO_EVENT,
+        "max_flights": 1000,
+        "on_limit": "wait",
+        "timeout": 60.0,
+        "loader_timeout": 60.0,
+    },
+}
 
 
 @dataclass
@@ -83,12 +109,12 @@ class Driver:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.is_async = name not in ("threads", "redis")
+        self.is_async = not name.startswith("threads") and name != "redis"
         self.redis = name.startswith("redis")
         self.backend = "trio" if name == "anyio-trio" else "asyncio"
         # Whether a do()/do_result() leader runs the loader itself (in its own thread): then
         # it sees a BaseException that ends the loader as it is, where others see AbortedError.
-        self.leader_runs_loader = not self.is_async
+        self.leader_runs_loader = not self.is_async and name != "threads-timeout"
         self._events: list[tuple[Any, Event]] = []
         self._events_lock = threading.Lock()
         self._closers: list[Callable[[], Any]] = []
@@ -139,10 +165,14 @@ class Driver:
                     hook(event)
 
             options["on_event"] = record
+        for option, value in GENERAL.get(self.name, {}).items():
+            if option == "on_event":
+                value = options.get("on_event") or _ignore
+            options.setdefault(option, value)
         g: Any
-        if self.name == "threads":
+        if self.name.startswith("threads"):
             g = Group(**options)
-        elif self.name == "asyncio":
+        elif self.name.startswith("asyncio"):
             g = AsyncGroup(**options)
         elif self.name.startswith("anyio"):
             from singleflight.anyio import AnyIOGroup
@@ -320,6 +350,10 @@ class Driver:
 
 
 _values = itertools.count()
+
+
+def _ignore(event: Event) -> None:
+    """An event hook that drops every event (it puts a group on its general path)."""
 
 
 def _redis_required() -> bool:
