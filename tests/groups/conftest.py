@@ -10,8 +10,8 @@ body runs under ``anyio.fail_after``.
 A test knows that a caller has joined a flight from the group's counters (``stats().joins``)
 or, for Redis groups, from their ``Joined`` events, so overlap is made with events, never with
 sleeps.  In-process groups are made without options unless the test gives some, so the
-contract is checked on their fast path (tests/test_production.py checks it on the general
-path, with events, limits and timeouts).
+contract is checked on their fast path; the drivers named "-general" and "-timeout" check it
+on Group's and AsyncGroup's general path (events, limits, timeouts).
 """
 
 from __future__ import annotations

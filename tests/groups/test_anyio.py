@@ -40,7 +40,7 @@ from singleflight.events import (
     TimedOut,
 )
 
-from ._support import WAIT, Boom, Stop, Token, spin, until
+from .._support import WAIT, Boom, Stop, Token, spin, until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(15)]
 

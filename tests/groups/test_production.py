@@ -46,7 +46,7 @@ from singleflight.events import (
     TimedOut,
 )
 
-from ._support import (
+from .._support import (
     WAIT,
     Boom,
     CallThread,

@@ -28,7 +28,7 @@ import pytest
 
 from singleflight import AbortedError, Group
 
-from ._support import WAIT, CallThread, Loader, Token, never_called, wait_joined
+from .._support import WAIT, CallThread, Loader, Token, never_called, wait_joined
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -36,7 +36,7 @@ import pytest
 
 from singleflight import AbortedError, AsyncGroup, Result
 
-from ._support import (
+from .._support import (
     Boom,
     Stop,
     Token,
