@@ -138,14 +138,86 @@ class Gate:
 _FRESH: Any = object()
 
 
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _checkpoint() -> None:
+    """Let the loop run other tasks once (asyncio's own sleep(0) on asyncio, as tests count)."""
+    if _on_asyncio():
+        await asyncio.sleep(0)
+    else:
+        import anyio
+
+        await anyio.sleep(0)
+
+
+class LoopEvent:
+    """An event for tasks, made in the running loop at first use: an ``asyncio.Event`` on
+    asyncio, anyio's (trio's) on trio.  ``is_set()`` works anywhere."""
+
+    def __init__(self) -> None:
+        self._event: Any = None
+
+    def _get(self) -> Any:
+        if self._event is None:
+            if _on_asyncio():
+                self._event = asyncio.Event()
+            else:
+                import anyio
+
+                self._event = anyio.Event()
+        return self._event
+
+    def set(self) -> None:
+        self._get().set()
+
+    def is_set(self) -> bool:
+        return self._event is not None and bool(self._event.is_set())
+
+    async def wait(self) -> None:
+        await self._get().wait()
+
+
+class Meter:
+    """Counts loaders running at once (``now``) and the most there ever were (``peak``)."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    def enter(self) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+
+    def leave(self) -> None:
+        self.now -= 1
+
+
 class Loader:
     """A loader that counts its calls, may wait at a gate or sleep, then returns or raises.
 
-    With ``value`` it returns that object; without, a new :class:`Token` per call (kept in
-    ``values``, the first one is ``value``), so two executions are told apart.
-    ``is_async=True`` makes calling it return a coroutine (an async loader); the calls are
-    counted when it is called, so a joiner's loader that is never called shows ``calls == 0``.
-    ``args`` records each call's arguments, ``threads`` the thread each ran in.
+    With ``value`` it returns that object; without, a new :class:`Token` named after
+    ``name`` per call (kept in ``values``; the first one is ``value``), so two executions are
+    told apart.  ``args`` records each call's arguments, ``threads`` the thread it ran in.
+
+    A thread loader (the default) waits at ``gate`` (a :class:`Gate` or a
+    ``threading.Event``); ``started`` and ``finished`` are ``threading.Event`` objects.
+
+    An async loader (``is_async=True``, or :class:`AsyncLoader`): calling it counts the call
+    and returns a coroutine, so a joiner's loader that is never awaited still shows
+    ``calls == 0`` only if it is never called.  At its first line, before any await, it
+    records its task (``tasks``: the asyncio task, or None on trio; ``task_ids``: anyio's
+    id).  It waits at ``gate`` (an ``asyncio.Event``, ``anyio.Event``, :class:`Gate` or
+    ``threading.Event``), else sleeps ``sleep`` seconds, else suspends once (unless
+    ``suspend=False``: then it never suspends).  ``self_cancel`` makes its asyncio task
+    cancel itself after that.  Cancelled, it sets ``cancelled`` and, with ``cleanup``, waits
+    for that event before re-raising.  ``meter`` counts loaders running at once.  Its
+    ``started``, ``finished`` and ``cancelled`` are :class:`LoopEvent` objects.
     """
 
     def __init__(
@@ -154,9 +226,13 @@ class Loader:
         *,
         name: str = "loader",
         raises: BaseException | None = None,
-        gate: Gate | threading.Event | None = None,
+        gate: Any = None,
         sleep: float = 0.0,
         is_async: bool = False,
+        suspend: bool = True,
+        self_cancel: bool = False,
+        cleanup: Any = None,
+        meter: Meter | None = None,
     ) -> None:
         self.name = name
         self._value = value
@@ -164,19 +240,29 @@ class Loader:
         self.gate = gate
         self.sleep = sleep
         self.is_async = is_async
+        self.suspend = suspend
+        self.self_cancel = self_cancel
+        self.cleanup = cleanup
+        self.meter = meter
         self.calls = 0
         self.values: list[Any] = []
         self.args: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self.threads: list[threading.Thread] = []
-        self.started = threading.Event()
-        self.finished = threading.Event()
+        self.tasks: list[asyncio.Task[Any] | None] = []
+        self.task_ids: list[int] = []
+        self.started: Any = LoopEvent() if is_async else threading.Event()
+        self.finished: Any = LoopEvent() if is_async else threading.Event()
+        self.cancelled = LoopEvent()
         self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Loader {self.name!r} calls={self.calls}>"
 
     @property
     def value(self) -> Any:
         if self._value is not _FRESH:
             return self._value
-        assert self.values, "the loader never returned"
+        assert self.values, f"{self.name} never returned"
         return self.values[0]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -197,15 +283,36 @@ class Loader:
     async def _body_async(self, value: Any) -> Any:
         import anyio
 
+        # First line, before any await: the task the loader runs in.
+        self.tasks.append(asyncio.current_task() if _on_asyncio() else None)
+        self.task_ids.append(anyio.get_current_task().id)
         self.started.set()
-        if isinstance(self.gate, Gate):
-            await self.gate.wait_async()
-        elif self.gate is not None:
-            await until(self.gate.is_set, WAIT, "the test to open the loader's gate")
-        if self.sleep:
-            await anyio.sleep(self.sleep)
-        elif self.gate is None:
-            await anyio.sleep(0)
+        if self.meter is not None:
+            self.meter.enter()
+        try:
+            if isinstance(self.gate, Gate):
+                await self.gate.wait_async()
+            elif isinstance(self.gate, threading.Event):
+                await until(self.gate.is_set, WAIT, "the test to open the loader's gate")
+            elif self.gate is not None:
+                await self.gate.wait()
+            if self.sleep:
+                await anyio.sleep(self.sleep)
+            elif self.gate is None and self.suspend:
+                await _checkpoint()
+            if self.self_cancel:
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
+                await asyncio.sleep(0)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.set()
+            if self.cleanup is not None:
+                await self.cleanup.wait()
+            raise
+        finally:
+            if self.meter is not None:
+                self.meter.leave()
         return self._end(value)
 
     def _end(self, value: Any) -> Any:
@@ -217,10 +324,19 @@ class Loader:
         return value
 
     def wait_started(self, timeout: float = WAIT) -> None:
+        """Block until a thread loader has started."""
         assert self.started.wait(timeout), f"{self.name} never started"
 
     async def started_async(self, timeout: float = WAIT) -> None:
+        """Let tasks run until the loader has started (thread or async loader)."""
         await until(self.started.is_set, timeout, f"{self.name} to start")
+
+
+class AsyncLoader(Loader):
+    """A :class:`Loader` that is async (``is_async=True``); the rest as for Loader."""
+
+    def __init__(self, value: Any = _FRESH, **options: Any) -> None:
+        super().__init__(value, is_async=True, **options)
 
 
 # -- callers on threads of their own ---------------------------------------------------------

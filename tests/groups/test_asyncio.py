@@ -37,7 +37,9 @@ import pytest
 from singleflight import AbortedError, AsyncGroup, Result
 
 from .._support import (
+    AsyncLoader,
     Boom,
+    Meter,
     Stop,
     Token,
     no_unretrieved_exceptions,  # noqa: F401  (a fixture)
@@ -52,82 +54,6 @@ ENTRIES = ("do", "do_result", "do_future")
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-class Loader:
-    """An async loader that counts its calls and records the task it runs in.
-
-    Calling it (synchronously) counts in ``calls``, so a joiner's fn that is
-    never called shows ``calls == 0``.  The body records ``asyncio.current_task()``
-    at its first line, before any await, then waits on ``gate`` (or suspends once
-    if ``suspend``), then raises ``error`` or returns ``value``.
-    """
-
-    def __init__(
-        self,
-        name: str = "loader",
-        *,
-        gate: asyncio.Event | None = None,
-        error: BaseException | None = None,
-        suspend: bool = True,
-        cleanup: asyncio.Event | None = None,
-        meter: Meter | None = None,
-    ) -> None:
-        self.value = Token(name)
-        self.gate = gate
-        self.error = error
-        self.suspend = suspend
-        self.cleanup = cleanup  # awaited after CancelledError, before re-raising it
-        self.meter = meter
-        self.calls = 0
-        self.args: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        self.tasks: list[asyncio.Task[Any] | None] = []
-        self.started = asyncio.Event()
-        self.finished = asyncio.Event()
-        self.cancelled = asyncio.Event()
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Token]:
-        self.calls += 1
-        self.args.append((args, kwargs))
-        return self._body()
-
-    async def _body(self) -> Token:
-        self.tasks.append(asyncio.current_task())  # first line: before any await
-        self.started.set()
-        if self.meter is not None:
-            self.meter.enter()
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            elif self.suspend:
-                await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            if self.cleanup is not None:
-                await self.cleanup.wait()
-            raise
-        finally:
-            if self.meter is not None:
-                self.meter.leave()
-        self.finished.set()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-class Meter:
-    """Counts loaders running at once."""
-
-    def __init__(self) -> None:
-        self.now = 0
-        self.peak = 0
-
-    def enter(self) -> None:
-        self.now += 1
-        self.peak = max(self.peak, self.now)
-
-    def leave(self) -> None:
-        self.now -= 1
 
 
 async def start(g: AsyncGroup[Any, Any], entry: str, key: Any, fn: Any, *a: Any, **kw: Any) -> Any:
@@ -228,7 +154,7 @@ def test_sequential_calls_are_not_cached_eager(entry: str, suspend: bool) -> Non
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup()
         for i in range(3):
-            loader = Loader(f"run {i}", suspend=suspend)
+            loader = AsyncLoader(name=f"run {i}", suspend=suspend)
             [got] = await settle([(entry, await start(g, entry, "k", loader))])
             assert got.value is loader.value
             assert loader.calls == 1
@@ -246,21 +172,21 @@ def test_abandoned_do_future_flight_still_finishes(outcome_kind: str) -> None:
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup()
         gate = asyncio.Event()
-        loader = Loader(gate=gate, error=Boom() if outcome_kind == "error" else None)
+        loader = AsyncLoader(gate=gate, raises=Boom() if outcome_kind == "error" else None)
         fut = g.do_future("k", loader)
         ref = weakref.ref(fut)
         del fut  # stop listening
         gc.collect()
         await loader.started.wait()
         assert "k" in g
-        joiner = Loader("joiner")
+        joiner = AsyncLoader(name="joiner")
         late = await start(g, "do_result", "k", joiner)  # joins the still-running flight
         gate.set()
         await loader.finished.wait()
         [got] = await settle([("do_result", late)])
         assert joiner.calls == 0
         if outcome_kind == "error":
-            assert got.error is loader.error
+            assert got.error is loader.raises
         else:
             assert got.value is loader.value
         assert got.shared is True
@@ -269,7 +195,7 @@ def test_abandoned_do_future_flight_still_finishes(outcome_kind: str) -> None:
         gc.collect()
         assert ref() is None
         assert len(g) == 0
-        after = Loader("after")
+        after = AsyncLoader(name="after")
         assert await g.do("k", after) is after.value
 
     run(main())
@@ -288,7 +214,7 @@ def test_abandoned_do_future_of_failed_flight_logs_nothing(
 
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup()
-        loader = Loader(error=Boom("dropped"), suspend=suspend)
+        loader = AsyncLoader(raises=Boom("dropped"), suspend=suspend)
         g.do_future("k", loader)  # dropped at once
         await spin()
         assert loader.calls == 1 and len(g) == 0
@@ -305,11 +231,11 @@ def test_key_usable_after_failure_eager(entry: str, suspend: bool) -> None:
 
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup()
-        bad = Loader(error=Boom(), suspend=suspend)
+        bad = AsyncLoader(raises=Boom(), suspend=suspend)
         [got] = await settle([(entry, await start(g, entry, "k", bad))])
-        assert got.error is bad.error
+        assert got.error is bad.raises
         assert "k" not in g
-        good = Loader("good", suspend=suspend)
+        good = AsyncLoader(name="good", suspend=suspend)
         [got] = await settle([(entry, await start(g, entry, "k", good))])
         assert got.value is good.value and good.calls == 1
 
@@ -370,7 +296,7 @@ def test_entry_removed_before_any_caller_sees_result(suspend: bool) -> None:
 
         for error in (None, Boom()):
             gate = asyncio.Event()
-            loader = Loader(gate=None if not suspend else gate, error=error, suspend=suspend)
+            loader = AsyncLoader(gate=None if not suspend else gate, raises=error, suspend=suspend)
             tasks = [asyncio.create_task(watch(ENTRIES[i % 3], loader)) for i in range(9)]
             await spin()
             gate.set()
@@ -392,9 +318,9 @@ def test_abandoned_flight_cleanup_never_removes_newer_one(entry: str) -> None:
         g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=True)
         meter = Meter()
         cleanup, gate_b = asyncio.Event(), asyncio.Event()
-        a = Loader("a", gate=asyncio.Event(), cleanup=cleanup, meter=meter)
-        b = Loader("b", gate=gate_b, meter=meter)
-        c = Loader("c", meter=meter)
+        a = AsyncLoader(name="a", gate=asyncio.Event(), cleanup=cleanup, meter=meter)
+        b = AsyncLoader(name="b", gate=gate_b, meter=meter)
+        c = AsyncLoader(name="c", meter=meter)
         ha = await start(g, entry, "k", a)
         await a.started.wait()
         ha.cancel()
@@ -475,14 +401,14 @@ def test_loader_runs_in_its_own_task_from_first_line(entry: str, suspend: bool) 
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup()
         me = asyncio.current_task()
-        alone = Loader(suspend=suspend)
+        alone = AsyncLoader(suspend=suspend)
         if entry == "do_future":
             assert await g.do_future("k", alone) is alone.value
         else:
             await getattr(g, entry)("k", alone)
         assert alone.tasks[0] is not None and alone.tasks[0] is not me
         gate = asyncio.Event()
-        shared = Loader(gate=gate)
+        shared = AsyncLoader(gate=gate)
         handles = [await start(g, e, "k2", shared) for e in ENTRIES for _ in range(2)]
         await shared.started.wait()
         gate.set()
@@ -502,10 +428,10 @@ def test_cancel_leader_others_unaffected(leader_entry: str, cancel_orphaned: boo
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=cancel_orphaned)
         gate = asyncio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         leader = await start(g, leader_entry, "k", loader)
         await loader.started.wait()
-        others = [(e, await start(g, e, "k", Loader("j"))) for e in ENTRIES]
+        others = [(e, await start(g, e, "k", AsyncLoader(name="j"))) for e in ENTRIES]
         assert leader.cancel()
         await spin()
         assert leader.cancelled()
@@ -529,11 +455,11 @@ def test_cancel_one_waiter_others_unaffected(victim_entry: str, cancel_orphaned:
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=cancel_orphaned)
         gate = asyncio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         calls = [(e, await start(g, e, "k", loader)) for e in ENTRIES]
         await loader.started.wait()
-        victim = await start(g, victim_entry, "k", Loader("victim"))
-        calls += [(e, await start(g, e, "k", Loader("j"))) for e in ENTRIES]
+        victim = await start(g, victim_entry, "k", AsyncLoader(name="victim"))
+        calls += [(e, await start(g, e, "k", AsyncLoader(name="j"))) for e in ENTRIES]
         victim.cancel()
         await spin()
         gate.set()
@@ -552,17 +478,17 @@ def test_cancel_all_callers_default_loader_runs_on(leader_entry: str) -> None:
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup()
         gate = asyncio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         handles = [await start(g, leader_entry, "k", loader)]
         await loader.started.wait()
-        handles += [await start(g, e, "k", Loader("j")) for e in ENTRIES]
+        handles += [await start(g, e, "k", AsyncLoader(name="j")) for e in ENTRIES]
         for h in handles:
             h.cancel()
         await spin()
         assert all(h.cancelled() for h in handles)
         assert not loader.cancelled.is_set()
         assert "k" in g  # the flight runs on; a new caller joins it
-        late = Loader("late")
+        late = AsyncLoader(name="late")
         joined = await start(g, "do_result", "k", late)
         gate.set()
         await loader.finished.wait()
@@ -571,7 +497,7 @@ def test_cancel_all_callers_default_loader_runs_on(leader_entry: str) -> None:
         assert loader.calls == 1 and not loader.cancelled.is_set()
         await spin()
         assert len(g) == 0
-        fresh = Loader("fresh")
+        fresh = AsyncLoader(name="fresh")
         assert await g.do("k", fresh) is fresh.value
 
     run(main())
@@ -583,10 +509,10 @@ def test_cancel_all_callers_cancel_orphaned_cancels_loader(leader_entry: str) ->
 
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=True)
-        loader = Loader(gate=asyncio.Event())
+        loader = AsyncLoader(gate=asyncio.Event())
         handles = [await start(g, leader_entry, "k", loader)]
         await loader.started.wait()
-        handles += [await start(g, e, "k", Loader("j")) for e in ENTRIES]
+        handles += [await start(g, e, "k", AsyncLoader(name="j")) for e in ENTRIES]
         for h in handles[:-1]:
             h.cancel()
             await spin()
@@ -599,7 +525,7 @@ def test_cancel_all_callers_cancel_orphaned_cancels_loader(leader_entry: str) ->
         await asyncio.wait([loader.tasks[0]])
         assert loader.tasks[0].cancelled()
         assert all(h.cancelled() for h in handles)
-        fresh = Loader("fresh")
+        fresh = AsyncLoader(name="fresh")
         outs = await settle([(e, await start(g, e, "k", fresh)) for e in ENTRIES])
         assert [o.value for o in outs] == [fresh.value] * 3
         assert fresh.calls == 1 and loader.calls == 1
@@ -657,7 +583,7 @@ def test_loader_task_ending_cancelled_gives_aborted_error(how: str) -> None:
                 assert o.shared is (how != "raise_first_line")
         assert all(t.cancelled() for t in tasks)
         assert len(g) == 0
-        good = Loader("good")
+        good = AsyncLoader(name="good")
         assert await g.do("k", good) is good.value
 
     run(main())
@@ -671,7 +597,7 @@ def test_loader_base_exception_gives_aborted_error(entry: str, suspend: bool) ->
     async def main() -> None:
         g: AsyncGroup[str, Any] = AsyncGroup()
         stop = Stop("halt")
-        loader = Loader(error=stop, suspend=suspend)
+        loader = AsyncLoader(raises=stop, suspend=suspend)
         try:
             [got] = await settle([(entry, await start(g, entry, "k", loader))])
         except Stop:
@@ -690,7 +616,7 @@ def test_caller_timeouts_leave_others_unaffected(cancel_orphaned: bool) -> None:
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=cancel_orphaned)
         gate = asyncio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
 
         async def with_timeout() -> Token:
             async with asyncio.timeout(0.01):
@@ -698,18 +624,18 @@ def test_caller_timeouts_leave_others_unaffected(cancel_orphaned: bool) -> None:
 
         timed = asyncio.create_task(with_timeout())
         await loader.started.wait()
-        staying = [(e, await start(g, e, "k", Loader("j"))) for e in ENTRIES]
+        staying = [(e, await start(g, e, "k", AsyncLoader(name="j"))) for e in ENTRIES]
         with pytest.raises(TimeoutError):
             await timed
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(g.do("k", Loader("j")), 0.01)
+            await asyncio.wait_for(g.do("k", AsyncLoader(name="j")), 0.01)
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(g.do_result("k", Loader("j")), 0.01)
-        fut = g.do_future("k", Loader("j"))
+            await asyncio.wait_for(g.do_result("k", AsyncLoader(name="j")), 0.01)
+        fut = g.do_future("k", AsyncLoader(name="j"))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(fut, 0.01)
         assert fut.cancelled()
-        shielded = g.do_future("k", Loader("j"))
+        shielded = g.do_future("k", AsyncLoader(name="j"))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(asyncio.shield(shielded), 0.01)
         assert not shielded.done()
@@ -730,7 +656,7 @@ def test_sole_caller_timeout(cancel_orphaned: bool) -> None:
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=cancel_orphaned)
         gate = asyncio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(g.do("k", loader), 0.01)
         await spin()
@@ -743,7 +669,7 @@ def test_sole_caller_timeout(cancel_orphaned: bool) -> None:
             await loader.finished.wait()
         await spin()
         assert len(g) == 0
-        fresh = Loader("fresh")
+        fresh = AsyncLoader(name="fresh")
         assert await g.do("k", fresh) is fresh.value
 
     run(main())
@@ -759,7 +685,7 @@ def test_do_future_returns_at_once_a_future_per_caller() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup()
         assert not inspect.iscoroutinefunction(g.do_future)
         gate = asyncio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         futs = [g.do_future("k", loader) for _ in range(4)]
         assert all(isinstance(f, asyncio.Future) and not f.done() for f in futs)
         assert len({id(f) for f in futs}) == 4
@@ -783,13 +709,13 @@ def test_do_future_of_loader_finishing_at_once(suspend: bool) -> None:
 
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup()
-        loader = Loader(suspend=suspend)
+        loader = AsyncLoader(suspend=suspend)
         f1 = g.do_future("k", loader)
         assert isinstance(f1, asyncio.Future)
         # 3.12+ starts the loader eagerly: one that never suspends is done already.
         assert f1.done() is (EAGER and not suspend)
         assert await f1 is loader.value
-        loader2 = Loader("2", suspend=suspend)
+        loader2 = AsyncLoader(name="2", suspend=suspend)
         f2 = g.do_future("k", loader2)
         assert f2 is not f1
         assert await f2 is loader2.value
@@ -805,7 +731,7 @@ def test_cancelling_every_do_future_future(cancel_orphaned: bool) -> None:
     async def main() -> None:
         g: AsyncGroup[str, Token] = AsyncGroup(cancel_orphaned=cancel_orphaned)
         gate = asyncio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         futs = [g.do_future("k", loader) for _ in range(3)]
         await loader.started.wait()
         futs[0].cancel()
@@ -823,7 +749,7 @@ def test_cancelling_every_do_future_future(cancel_orphaned: bool) -> None:
             await loader.finished.wait()
         await spin()
         assert len(g) == 0
-        fresh = Loader("fresh")
+        fresh = AsyncLoader(name="fresh")
         assert await g.do_future("k", fresh) is fresh.value
 
     run(main())
@@ -857,7 +783,7 @@ def test_loader_calling_own_key_gets_runtime_error(outer: str, inner: str, phase
     async def main() -> None:
         g: AsyncGroup[Any, str] = AsyncGroup()
         caught: list[RuntimeError] = []
-        other = Loader("must not run")
+        other = AsyncLoader(name="must not run")
 
         async def loader() -> str:
             if phase == "after_await":
@@ -877,7 +803,7 @@ def test_loader_calling_own_key_gets_runtime_error(outer: str, inner: str, phase
         assert repr(key) in str(caught[0])
         assert other.calls == 0
         assert len(g) == 0
-        again = Loader("again")
+        again = AsyncLoader(name="again")
         assert await g.do(key, again) is again.value
 
     run(main())
@@ -919,7 +845,7 @@ def test_fn_not_async_type_error(entry: str) -> None:
             else:
                 await getattr(g, entry)("k", not_async)
         assert "k" not in g and len(g) == 0
-        ok = Loader("ok")
+        ok = AsyncLoader(name="ok")
         assert await g.do("k", ok) is ok.value
 
     run(main())
@@ -987,7 +913,7 @@ def test_fn_raising_synchronously(entry: str) -> None:
                 await fut
             assert info.value is err
         assert "k" not in g and len(g) == 0
-        ok = Loader("ok")
+        ok = AsyncLoader(name="ok")
         assert await g.do("k", ok) is ok.value
 
     run(main())
@@ -1015,7 +941,7 @@ def test_fn_raising_synchronously_key_free(entry: str) -> None:
             seen = exc
         assert seen is err
         assert "k" not in g and len(g) == 0
-        ok = Loader("ok")
+        ok = AsyncLoader(name="ok")
         assert await g.do("k", ok) is ok.value
 
     run(main())
@@ -1084,7 +1010,7 @@ def test_sequential_asyncio_runs_reuse_the_group() -> None:
 
     async def once(i: int) -> None:
         gate = asyncio.Event()
-        loader = Loader(f"run {i}", gate=gate)
+        loader = AsyncLoader(name=f"run {i}", gate=gate)
         calls = [(e, await start(g, e, "k", loader)) for e in ENTRIES * 2]
         assert len(g) == 1
         gate.set()
@@ -1149,9 +1075,11 @@ def test_forget_outside_any_loop_acts_on_every_loop() -> None:
     loops = [asyncio.new_event_loop() for _ in range(2)]
     try:
 
-        async def begin(shared: bool) -> tuple[asyncio.Event, Loader, list[asyncio.Future[Token]]]:
+        async def begin(
+            shared: bool,
+        ) -> tuple[asyncio.Event, AsyncLoader, list[asyncio.Future[Token]]]:
             gate = asyncio.Event()
-            first = Loader("first", gate=gate)
+            first = AsyncLoader(name="first", gate=gate)
             futs = [g.do_future("k", first) for _ in range(2 if shared else 1)]
             await first.started.wait()
             return gate, first, futs
@@ -1167,9 +1095,9 @@ def test_forget_outside_any_loop_acts_on_every_loop() -> None:
         assert "k" not in g and len(g) == 0
 
         async def finish(
-            gate: asyncio.Event, first: Loader, futs: list[asyncio.Future[Token]]
+            gate: asyncio.Event, first: AsyncLoader, futs: list[asyncio.Future[Token]]
         ) -> None:
-            second = Loader("second")
+            second = AsyncLoader(name="second")
             new = g.do_future("k", second)  # a new flight: the old one was forgotten
             gate.set()
             assert [await f for f in futs] == [first.value] * len(futs)

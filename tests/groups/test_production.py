@@ -48,6 +48,7 @@ from singleflight.events import (
 
 from .._support import (
     WAIT,
+    AsyncLoader,
     Boom,
     CallThread,
     Loader,
@@ -147,66 +148,6 @@ def wait_slot_waiters(g: Group[Any, Any], n: int, timeout: float = WAIT) -> None
 
 
 # -- asyncio helpers ---------------------------------------------------------------------
-
-
-class ALoader:
-    """An async loader: counts calls, may wait on a gate or sleep, then returns or raises.
-
-    ``suspend=False`` with no gate and no sleep never suspends (an eager flight on 3.12+).
-    ``self_cancel`` makes the loader task cancel itself (after the gate).
-    """
-
-    def __init__(
-        self,
-        name: str = "loader",
-        *,
-        gate: asyncio.Event | None = None,
-        raises: BaseException | None = None,
-        sleep: float = 0.0,
-        suspend: bool = True,
-        self_cancel: bool = False,
-    ) -> None:
-        self.name = name
-        self.gate = gate
-        self.raises = raises
-        self.sleep = sleep
-        self.suspend = suspend
-        self.self_cancel = self_cancel
-        self.calls = 0
-        self.values: list[Token] = []
-        self.started = asyncio.Event()
-        self.cancelled = asyncio.Event()
-
-    @property
-    def value(self) -> Token:
-        assert self.values, "the loader never returned"
-        return self.values[0]
-
-    def __call__(self) -> Coroutine[Any, Any, Token]:
-        self.calls += 1
-        return self._body(Token(f"{self.name}#{self.calls}"))
-
-    async def _body(self, token: Token) -> Token:
-        self.started.set()
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            if self.sleep:
-                await asyncio.sleep(self.sleep)
-            elif self.suspend and self.gate is None:
-                await asyncio.sleep(0)
-            if self.self_cancel:
-                task = asyncio.current_task()
-                assert task is not None
-                task.cancel()
-                await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        if self.raises is not None:
-            raise self.raises
-        self.values.append(token)
-        return token
 
 
 async def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -341,7 +282,7 @@ def test_async_stats_exact_after_known_workload(options: dict[str, Any]) -> None
     async def main() -> None:
         # A: 1 leader + 9 joiners parked for PARK seconds.
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         t_a = perf_counter()
         leader = await spawn(g.do("A", a))
         joiners = [await spawn(g.do("A", never_called)) for _ in range(9)]
@@ -360,14 +301,14 @@ def test_async_stats_exact_after_known_workload(options: dict[str, Any]) -> None
         assert 9 * PARK * 0.99 <= after_a.wait_seconds <= 9 * a_elapsed
 
         # B: a lone call that suspends.
-        b = ALoader("b")
+        b = AsyncLoader(name="b")
         assert await g.do("B", b) is b.value
 
         # C: a failing flight with 2 callers.
         c_gate = asyncio.Event()
         boom = Boom("c")
         c_calls = [
-            await spawn(g.do("C", ALoader("c", gate=c_gate, raises=boom))),
+            await spawn(g.do("C", AsyncLoader(name="c", gate=c_gate, raises=boom))),
             await spawn(g.do("C", never_called)),
         ]
         c_gate.set()
@@ -377,7 +318,7 @@ def test_async_stats_exact_after_known_workload(options: dict[str, Any]) -> None
         # D: the loader task cancels itself; both callers get AbortedError.
         d_gate = asyncio.Event()
         d_calls = [
-            await spawn(g.do("D", ALoader("d", gate=d_gate, self_cancel=True))),
+            await spawn(g.do("D", AsyncLoader(name="d", gate=d_gate, self_cancel=True))),
             await spawn(g.do("D", never_called)),
         ]
         d_gate.set()
@@ -385,14 +326,14 @@ def test_async_stats_exact_after_known_workload(options: dict[str, Any]) -> None
         assert all(isinstance(t.exception(), AbortedError) for t in d_calls)
 
         # E, F, G: loaders that never suspend (eager flights on 3.12+).
-        e = ALoader("e", suspend=False)
+        e = AsyncLoader(name="e", suspend=False)
         assert await g.do("E", e) is e.value
         boom_f = Boom("f")
         with pytest.raises(Boom) as info:
-            await g.do("F", ALoader("f", suspend=False, raises=boom_f))
+            await g.do("F", AsyncLoader(name="f", suspend=False, raises=boom_f))
         assert info.value is boom_f
         with pytest.raises(AbortedError):
-            await g.do("G", ALoader("g", suspend=False, raises=Stop()))
+            await g.do("G", AsyncLoader(name="g", suspend=False, raises=Stop()))
 
         s = g.stats()
         assert counters(s) == {
@@ -421,14 +362,14 @@ def test_async_stats_sum_over_two_loops_run_one_after_the_other(options: dict[st
 
     async def workload(tag: str) -> GroupStats:
         gate = asyncio.Event()
-        calls = [await spawn(g.do("k", ALoader(tag, gate=gate)))]
+        calls = [await spawn(g.do("k", AsyncLoader(name=tag, gate=gate)))]
         calls += [await spawn(g.do("k", never_called)) for _ in range(2)]
         gate.set()
         await settle(*calls)
         # An eager success and an eager failure.
-        await g.do("e", ALoader(tag, suspend=False))
+        await g.do("e", AsyncLoader(name=tag, suspend=False))
         with pytest.raises(Boom):
-            await g.do("f", ALoader(tag, suspend=False, raises=Boom()))
+            await g.do("f", AsyncLoader(name=tag, suspend=False, raises=Boom()))
         return g.stats()
 
     in_first = run(workload("first"))
@@ -458,7 +399,7 @@ def test_async_stats_sum_over_two_live_loops_in_threads() -> None:
     def loop_thread(tag: str) -> None:
         async def main() -> None:
             gate = asyncio.Event()
-            leader = await spawn(g.do("k", ALoader(tag, gate=gate)))
+            leader = await spawn(g.do("k", AsyncLoader(name=tag, gate=gate)))
             joiner = await spawn(g.do("k", never_called))
             await asyncio.to_thread(parked.wait)
             await asyncio.to_thread(release.wait, WAIT)
@@ -572,7 +513,7 @@ def test_async_events_of_finished_failed_aborted_and_eager_flights() -> None:
 
     async def main() -> None:
         gate = asyncio.Event()
-        ok = ALoader("ok", gate=gate, sleep=0.05)
+        ok = AsyncLoader(name="ok", gate=gate, sleep=0.05)
         calls = [await spawn(g.do("ok", ok))]
         calls += [await spawn(g.do("ok", never_called)) for _ in range(2)]
         calls.append(g.do_future("ok", never_called))
@@ -587,7 +528,7 @@ def test_async_events_of_finished_failed_aborted_and_eager_flights() -> None:
         boom = Boom("bad")
         bad_gate = asyncio.Event()
         bad = [
-            await spawn(g.do("bad", ALoader("bad", gate=bad_gate, raises=boom))),
+            await spawn(g.do("bad", AsyncLoader(name="bad", gate=bad_gate, raises=boom))),
             await spawn(g.do_result("bad", never_called)),
         ]
         bad_gate.set()
@@ -600,7 +541,7 @@ def test_async_events_of_finished_failed_aborted_and_eager_flights() -> None:
 
         ab_gate = asyncio.Event()
         ab = [
-            await spawn(g.do("abort", ALoader("abort", gate=ab_gate, self_cancel=True))),
+            await spawn(g.do("abort", AsyncLoader(name="abort", gate=ab_gate, self_cancel=True))),
             await spawn(g.do("abort", never_called)),
         ]
         ab_gate.set()
@@ -612,7 +553,7 @@ def test_async_events_of_finished_failed_aborted_and_eager_flights() -> None:
         assert len({e.flight for e in events}) == 1
 
         # Flights that never suspend: on 3.12+ no record is made, the events still come.
-        eager = ALoader("eager", suspend=False)
+        eager = AsyncLoader(name="eager", suspend=False)
         fut = g.do_future("eager", eager)
         if EAGER:
             assert fut.done() and "eager" not in g
@@ -623,18 +564,18 @@ def test_async_events_of_finished_failed_aborted_and_eager_flights() -> None:
 
         eager_boom = Boom("eager")
         with pytest.raises(Boom):
-            await g.do("eager-bad", ALoader("eb", suspend=False, raises=eager_boom))
+            await g.do("eager-bad", AsyncLoader(name="eb", suspend=False, raises=eager_boom))
         events = rec.for_key("eager-bad")
         assert [type(e) for e in events] == [FlightStarted, FlightFailed]
         assert events[-1].error is eager_boom and events[-1].callers == 1
 
         with pytest.raises(AbortedError):
-            await g.do("eager-abort", ALoader("ea", suspend=False, raises=Stop()))
+            await g.do("eager-abort", AsyncLoader(name="ea", suspend=False, raises=Stop()))
         assert rec.kinds("eager-abort") == [FlightStarted, FlightAborted]
 
         # Ids: distinct between flights open at once, and between the flights above.
         x_gate = asyncio.Event()
-        xs = [await spawn(g.do(k, ALoader(k, gate=x_gate))) for k in ("x", "y")]
+        xs = [await spawn(g.do(k, AsyncLoader(name=k, gate=x_gate))) for k in ("x", "y")]
         x_gate.set()
         await settle(*xs)
         ends = rec.of(*END_EVENTS)
@@ -680,13 +621,13 @@ def test_async_hook_that_raises_is_logged_and_calls_go_on(
 
     async def main() -> None:
         gate = asyncio.Event()
-        loader = ALoader("v", gate=gate)
+        loader = AsyncLoader(name="v", gate=gate)
         calls = [await spawn(g.do("k", loader)), await spawn(g.do_result("k", never_called))]
         gate.set()
         await settle(*calls)
         assert calls[0].result() is loader.value
         assert calls[1].result() == Result(loader.value, None, True)
-        eager = ALoader("e", suspend=False)
+        eager = AsyncLoader(name="e", suspend=False)
         assert await g.do("e", eager) is eager.value
 
     run(main())
@@ -861,9 +802,9 @@ def test_async_max_flights_raise() -> None:
 
     async def main() -> None:
         gates = {k: asyncio.Event() for k in ("a", "b")}
-        loaders = {k: ALoader(k, gate=gates[k]) for k in gates}
+        loaders = {k: AsyncLoader(name=k, gate=gates[k]) for k in gates}
         leaders = {k: await spawn(g.do(k, loaders[k])) for k in gates}
-        c = ALoader("c")
+        c = AsyncLoader(name="c")
         for entry in ("do", "do_result"):
             with pytest.raises(TooManyFlightsError) as info:
                 await getattr(g, entry)("c", c)
@@ -899,11 +840,11 @@ def test_async_max_flights_wait_blocks_until_a_slot_frees() -> None:
 
     async def main() -> None:
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         a_call = await spawn(g.do("a", a))
-        b = ALoader("b")
+        b = AsyncLoader(name="b")
         waiter = await spawn(g.do("b", b))
-        c = ALoader("c")
+        c = AsyncLoader(name="c")
         c_future = g.do_future("c", c)
         assert isinstance(c_future, asyncio.Future) and not c_future.done()
         await asyncio.sleep(0.05)
@@ -928,9 +869,9 @@ def test_async_max_flights_wait_times_out() -> None:
 
     async def main() -> None:
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         a_call = await spawn(g.do("a", a))  # times out too; its loader runs on
-        b = ALoader("b")
+        b = AsyncLoader(name="b")
         t0 = perf_counter()
         with pytest.raises(WaitTimeoutError) as info:
             await g.do("b", b)
@@ -954,9 +895,9 @@ def test_async_max_flights_wait_forget_frees_a_slot() -> None:
 
     async def main() -> None:
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         a_call = await spawn(g.do("a", a))
-        b = ALoader("b")
+        b = AsyncLoader(name="b")
         waiter = await spawn(g.do("b", b))
         assert not waiter.done()
         g.forget("a")
@@ -988,7 +929,7 @@ def test_async_forget_from_another_thread_wakes_a_slot_waiter_in_its_loop() -> N
                 pass  # the loop has ended: nothing to release
 
         release.append(release_gate)
-        a_call = await spawn(g.do("a", ALoader("a", gate=gate)))
+        a_call = await spawn(g.do("a", AsyncLoader(name="a", gate=gate)))
 
         async def b() -> str:
             b_started.set()
@@ -1023,9 +964,9 @@ def test_async_max_flights_wait_do_future_cancelled_leaves_nothing_behind() -> N
 
     async def main() -> None:
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         a_call = await spawn(g.do("a", a))
-        c = ALoader("c")
+        c = AsyncLoader(name="c")
         c_future = g.do_future("c", c)
         await spin()
         assert not c_future.done()
@@ -1051,9 +992,9 @@ def test_async_max_flights_wait_parked_callers_of_one_key_share_one_flight() -> 
 
     async def main() -> None:
         gate = asyncio.Event()
-        a_call = await spawn(g.do("a", ALoader("a", gate=gate)))
+        a_call = await spawn(g.do("a", AsyncLoader(name="a", gate=gate)))
         b_gate = asyncio.Event()
-        b = ALoader("b", gate=b_gate)
+        b = AsyncLoader(name="b", gate=b_gate)
         waiters = [await spawn(g.do("b", b)) for _ in range(2)]
         gate.set()
         await asyncio.wait_for(b.started.wait(), WAIT)
@@ -1077,9 +1018,9 @@ def test_async_max_flights_wait_slot_not_lost_when_woken_caller_is_cancelled() -
 
     async def main() -> None:
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         a_call = await spawn(g.do("a", a))
-        b, c = ALoader("b"), ALoader("c")
+        b, c = AsyncLoader(name="b"), AsyncLoader(name="c")
         first = await spawn(g.do("b", b))
         second = await spawn(g.do("c", c))
         g.forget("a")  # frees the slot: wakes `first`
@@ -1101,7 +1042,7 @@ def test_async_do_future_usage_errors_raised_at_once_whatever_on_limit(on_limit:
     g: AsyncGroup[Any, Token] = AsyncGroup(max_flights=4, on_limit=on_limit)  # type: ignore[arg-type]
 
     async def main() -> None:
-        loader = ALoader("u")
+        loader = AsyncLoader(name="u")
         with pytest.raises(TypeError, match="hashable"):
             fut = g.do_future(["list"], loader)
             await asyncio.wait([fut], timeout=WAIT)  # reached only if not raised at once
@@ -1126,7 +1067,7 @@ def test_do_future_with_a_free_slot_is_not_bound_by_timeout(group: str, on_limit
     ag: AsyncGroup[str, Token] = AsyncGroup(timeout=0.1, max_flights=4, on_limit=on_limit)  # type: ignore[arg-type]
 
     async def main() -> None:
-        al = ALoader("v", sleep=0.3)
+        al = AsyncLoader(name="v", sleep=0.3)
         fut = ag.do_future("k", al)
         await settle(fut)
         assert fut.result() is al.value
@@ -1232,7 +1173,7 @@ def test_async_timeout_callers_leave_flight_goes_on(use_do_future: bool) -> None
 
     async def main() -> None:
         gate = asyncio.Event()
-        loader = ALoader("v", gate=gate)
+        loader = AsyncLoader(name="v", gate=gate)
         leader = await spawn(g.do("k", loader))
         joiner = await spawn(g.do("k", never_called))
         future = g.do_future("k", never_called)  # not bound by timeout
@@ -1278,7 +1219,7 @@ def test_async_timeout_sole_leader_with_cancel_orphaned() -> None:
 
     async def main() -> None:
         gate = asyncio.Event()
-        loader = ALoader("v", gate=gate)
+        loader = AsyncLoader(name="v", gate=gate)
         with pytest.raises(WaitTimeoutError):
             await g.do("k", loader)
         await asyncio.wait_for(loader.cancelled.wait(), WAIT)
@@ -1290,7 +1231,7 @@ def test_async_timeout_sole_leader_with_cancel_orphaned() -> None:
 
         # ... but not while another caller still waits.
         gate2 = asyncio.Event()
-        loader2 = ALoader("w", gate=gate2)
+        loader2 = AsyncLoader(name="w", gate=gate2)
         leader = await spawn(g.do("k2", loader2))
         future = g.do_future("k2", never_called)
         await settle(leader)
@@ -1310,8 +1251,8 @@ def test_async_timeout_is_one_deadline_for_the_slot_and_the_outcome(use_do_resul
 
     async def main() -> None:
         gate = asyncio.Event()
-        holder = await spawn(g.do("a", ALoader("a", gate=gate)))
-        b = ALoader("b", gate=asyncio.Event())  # never set
+        holder = await spawn(g.do("a", AsyncLoader(name="a", gate=gate)))
+        b = AsyncLoader(name="b", gate=asyncio.Event())  # never set
         loop = asyncio.get_running_loop()
         begun = loop.time()
         call = g.do_result("b", b) if use_do_result else g.do("b", b)
@@ -1335,15 +1276,15 @@ def test_async_do_result_timeout_raises_but_loader_timeout_error_is_a_result() -
     async def main() -> None:
         gate = asyncio.Event()
         with pytest.raises(WaitTimeoutError):
-            await g.do_result("slow", ALoader("slow", gate=gate))
+            await g.do_result("slow", AsyncLoader(name="slow", gate=gate))
         gate.set()
         await spin()
         own = TimeoutError("the loader's own")
         for suspend in (True, False):
-            result = await g.do_result("own", ALoader("own", raises=own, suspend=suspend))
+            result = await g.do_result("own", AsyncLoader(name="own", raises=own, suspend=suspend))
             assert result.error is own and result.value is None and not result.shared
         with pytest.raises(TimeoutError) as info:
-            await g.do("own", ALoader("own", raises=own))
+            await g.do("own", AsyncLoader(name="own", raises=own))
         assert info.value is own and not isinstance(info.value, WaitTimeoutError)
         s = g.stats()
         assert (s.timeouts, s.errors, s.flights) == (1, 3, 4)
@@ -1379,7 +1320,7 @@ def test_wait_seconds_counts_joiners_until_the_flight_ends_after_the_leader_left
 
         async def main() -> tuple[GroupStats, float]:
             gate = asyncio.Event()
-            loader = ALoader("v", gate=gate)
+            loader = AsyncLoader(name="v", gate=gate)
             t0 = perf_counter()
             leader = await spawn(ag.do("k", loader))
             future = ag.do_future("k", never_called)
@@ -1404,7 +1345,7 @@ def test_async_loader_timeout_fails_the_flight_for_every_caller() -> None:
 
     async def main() -> None:
         never = asyncio.Event()
-        loader = ALoader("slow", gate=never)
+        loader = AsyncLoader(name="slow", gate=never)
         t0 = perf_counter()
         calls = [
             await spawn(g.do("k", loader)),
@@ -1428,9 +1369,9 @@ def test_async_loader_timeout_fails_the_flight_for_every_caller() -> None:
 
         # The key is free again; a fast loader under the same group is unaffected.
         for suspend in (True, False):
-            fast = ALoader("fast", suspend=suspend)
+            fast = AsyncLoader(name="fast", suspend=suspend)
             assert await g.do("k", fast) is fast.value
-        quick = ALoader("quick", sleep=0.05)
+        quick = AsyncLoader(name="quick", sleep=0.05)
         assert await g.do("k", quick) is quick.value
 
     run(main())
@@ -1441,7 +1382,10 @@ def test_async_loader_timeout_passes_the_loaders_own_timeout_error_through() -> 
 
     async def main() -> None:
         own = TimeoutError("upstream timed out")
-        for loader in (ALoader("s", raises=own), ALoader("e", raises=own, suspend=False)):
+        for loader in (
+            AsyncLoader(name="s", raises=own),
+            AsyncLoader(name="e", raises=own, suspend=False),
+        ):
             t0 = perf_counter()
             with pytest.raises(TimeoutError) as info:
                 await g.do("k", loader)
@@ -1450,12 +1394,12 @@ def test_async_loader_timeout_passes_the_loaders_own_timeout_error_through() -> 
         g2: AsyncGroup[str, Token] = AsyncGroup(loader_timeout=5.0, timeout=0.1)
         gate = asyncio.Event()
         with pytest.raises(WaitTimeoutError):
-            await g2.do("k", ALoader("w", gate=gate))
+            await g2.do("k", AsyncLoader(name="w", gate=gate))
         gate.set()
         # ... and a loader_timeout shorter than the caller's timeout a plain TimeoutError.
         g3: AsyncGroup[str, Token] = AsyncGroup(loader_timeout=0.1, timeout=5.0)
         with pytest.raises(TimeoutError) as info:
-            await g3.do("k", ALoader("w", gate=asyncio.Event()))
+            await g3.do("k", AsyncLoader(name="w", gate=asyncio.Event()))
         assert not isinstance(info.value, WaitTimeoutError) and "loader_timeout" in str(info.value)
         assert g3.stats().timeouts == 0 and g3.stats().errors == 1
 
@@ -1484,7 +1428,7 @@ def test_async_non_awaitable_fn_gets_a_clear_type_error(
             await g.do("k", not_async)
         assert "awaitable" in str(info.value) and "not_async" in str(info.value)
         assert "k" not in g and len(g) == 0
-        ok = ALoader("ok")
+        ok = AsyncLoader(name="ok")
         assert await g.do("k", ok) is ok.value
 
     run(main())
