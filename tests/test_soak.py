@@ -31,6 +31,8 @@ import pytest
 from singleflight import AbortedError, AsyncGroup, Group, TooManyFlightsError, WaitTimeoutError
 from singleflight.anyio import AnyIOGroup
 
+from ._support import Stop
+
 SECONDS = float(os.environ.get("SINGLEFLIGHT_SOAK_SECONDS", "3"))
 KEYS = 3000
 THREADS = 12
@@ -38,10 +40,6 @@ TASKS = 200
 # Memory the soak may keep after it is over: interpreter caches (threading's
 # tables, freelists) grow with the run's peak and do not all shrink.
 SLACK = 512 * 1024
-
-
-class Interrupt(BaseException):
-    """A loader stopped by something that is not an Exception (its waiters get AbortedError)."""
 
 
 class Track:
@@ -100,7 +98,7 @@ class Track:
         if draw < 0.1:
             with self.lock:
                 self.interrupts += 1
-            return Interrupt
+            return Stop
         return None
 
 
@@ -145,7 +143,7 @@ def thread_worker(
                 value = future.result(timeout=10)
         except ValueError:
             track.got("error")
-        except Interrupt:
+        except Stop:
             track.got("interrupt")  # this thread ran the loader itself
         except AbortedError:
             track.got("aborted")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -22,7 +21,9 @@ import pytest
 
 from singleflight import AsyncLoadingCache, LoadingCache
 
-WAIT = 5.0  # seconds any single wait in these tests may take before it is a failure
+from .._support import WAIT, wait_for
+
+__all__ = ["WAIT", "FakeClock", "Harness", "Recorder", "wait_for"]
 
 
 class FakeClock:
@@ -41,15 +42,6 @@ class FakeClock:
 
     def set(self, now: float) -> None:
         self.now = now
-
-
-def wait_for(condition: Callable[[], object], timeout: float = WAIT, what: str = "") -> None:
-    """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
-        time.sleep(0.001)
 
 
 class Recorder:

@@ -7,26 +7,19 @@ async loaders (they cancel them) and run each test in its own ``asyncio.run``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
 
 from singleflight import AbortedError, AsyncLoadingCache, Group
 
-from .conftest import WAIT, FakeClock
+from .._support import WAIT, run, until
+from .conftest import FakeClock
 
 pytestmark = pytest.mark.timeout(30)
 
 T = TypeVar("T")
-
-
-def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(WAIT * 2):
-            return await main()
-
-    return asyncio.run(bounded())
 
 
 class AsyncLoader:
@@ -57,11 +50,6 @@ class AsyncLoader:
         return value(key)
 
 
-async def until(condition: Callable[[], object]) -> None:
-    while not condition():
-        await asyncio.sleep(0.001)
-
-
 def test_a_thousand_tasks_share_one_load() -> None:
     async def main() -> None:
         load = AsyncLoader()
@@ -74,7 +62,7 @@ def test_a_thousand_tasks_share_one_load() -> None:
         assert load.calls == [1]
         await cache.aclose()
 
-    run(main)
+    run(main(), 2 * WAIT)
 
 
 def test_cancelling_one_caller_leaves_the_load_to_the_others() -> None:
@@ -92,7 +80,7 @@ def test_cancelling_one_caller_leaves_the_load_to_the_others() -> None:
         assert await second == "v1"
         assert load.calls == [1] and load.cancelled == 0
 
-    run(main)
+    run(main(), 2 * WAIT)
 
 
 def test_a_lone_cancelled_caller_leaves_the_load_running_and_cached() -> None:
@@ -109,7 +97,7 @@ def test_a_lone_cancelled_caller_leaves_the_load_running_and_cached() -> None:
         assert await cache.get(1) == "v1"  # the load that outlived its caller was cached
         assert load.calls == [1]
 
-    run(main)
+    run(main(), 2 * WAIT)
 
 
 def test_aclose_cancels_background_refreshes_and_leaves_no_task() -> None:
@@ -136,7 +124,7 @@ def test_aclose_cancels_background_refreshes_and_leaves_no_task() -> None:
         load.gate = None
         assert await cache.get(0) == "new"  # past expiry, closed: loaded by the caller
 
-    run(main)
+    run(main(), 2 * WAIT)
 
 
 def test_a_caller_that_joined_a_cancelled_refresh_gets_aborted_or_the_old_value() -> None:
@@ -158,7 +146,7 @@ def test_a_caller_that_joined_a_cancelled_refresh_gets_aborted_or_the_old_value(
         with pytest.raises(AbortedError):
             await joined
 
-    run(main)
+    run(main(), 2 * WAIT)
 
 
 def test_cancelling_get_many_keeps_its_batch_for_the_joiners() -> None:
@@ -184,7 +172,7 @@ def test_cancelling_get_many_keeps_its_batch_for_the_joiners() -> None:
         assert await cache.get(1) == "b1"  # the batch ran on and was cached
         assert batches == [[1, 2]]
 
-    run(main)
+    run(main(), 2 * WAIT)
 
 
 def test_aclose_cancels_a_batch_and_releases_its_keys() -> None:
@@ -211,7 +199,7 @@ def test_aclose_cancels_a_batch_and_releases_its_keys() -> None:
         assert await cache.get(1) == "v1"  # nothing of the batch is left in the way
         assert load.calls == [1]
 
-    run(main)
+    run(main(), 2 * WAIT)
 
 
 def test_a_batch_cancelled_before_it_ran_releases_its_keys() -> None:
@@ -232,7 +220,7 @@ def test_a_batch_cancelled_before_it_ran_releases_its_keys() -> None:
         assert cache._store.batches == {} and cache._store.leases == {}
         assert await cache.get_many([1, 2]) == {1: "b1", 2: "b2"}
 
-    run(main)
+    run(main(), 2 * WAIT)
 
 
 def test_one_cache_over_several_event_loops_in_turn() -> None:
@@ -260,7 +248,7 @@ def test_loaders_that_are_not_async_get_a_clear_error() -> None:
         with pytest.raises(TypeError, match=r"needs an async loader; .* returned dict"):
             await many.get_many([1])
 
-    run(main)
+    run(main(), 2 * WAIT)
 
 
 def test_async_cache_refuses_a_thread_group() -> None:
@@ -283,7 +271,7 @@ def test_refresh_is_not_cancelled_with_its_caller() -> None:
         await until(lambda: cache.stats().loads == 2)
         assert await cache.get(1) == "new"
 
-    run(main)
+    run(main(), 2 * WAIT)
 
 
 def test_background_work_of_every_kind_is_tracked(caplog: pytest.LogCaptureFixture) -> None:
@@ -310,7 +298,7 @@ def test_background_work_of_every_kind_is_tracked(caplog: pytest.LogCaptureFixtu
         assert cache.stats().load_failures == 1
         await cache.aclose()
 
-    run(main)
+    run(main(), 2 * WAIT)
     assert [r.levelname for r in caplog.records if "keeps serving" in r.getMessage()] == ["WARNING"]
 
 
@@ -327,7 +315,7 @@ def test_load_many_asking_for_a_key_of_its_own_batch_is_told_so() -> None:
         holder.append(cache)
         assert await cache.get_many([1, 2]) == {1: "b1", 2: "b2"}
 
-    run(main)
+    run(main(), 2 * WAIT)
 
 
 def test_load_many_asking_for_its_own_keys_in_bulk_is_told_so() -> None:
@@ -347,4 +335,4 @@ def test_load_many_asking_for_its_own_keys_in_bulk_is_told_so() -> None:
         assert await cache.get_many([1, 2]) == {1: "b1", 2: "b2"}
         assert other.is_set()
 
-    run(main)
+    run(main(), 2 * WAIT)

@@ -186,11 +186,19 @@ def test_interrupt_stops_at_once_with_one_line() -> None:
     import signal
     import time
 
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that: the CLI
+    # then never sees the signal.  So the child restores Python's own SIGINT handler first,
+    # as an interactive shell would have left it, then runs the CLI as ``-m singleflight``.
+    launch = (
+        "import runpy, signal, sys; "
+        "signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('singleflight', run_name='__main__', alter_sys=True)"
+    )
     process = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "singleflight",
+            "-c",
+            launch,
             "demo",
             "--duration",
             "60",
@@ -215,5 +223,5 @@ def test_interrupt_stops_at_once_with_one_line() -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert process.returncode == 130
+    assert process.returncode == 130, err
     assert err.splitlines() == ["singleflight demo: interrupted"]

@@ -20,6 +20,7 @@ from singleflight import Group, LoadingCache
 from singleflight.events import Event
 from singleflight.metrics.otel import OtelHook, instrument
 
+from .._support import Stop
 from ._drive import drive
 
 pytestmark = pytest.mark.timeout(30)
@@ -124,17 +125,13 @@ def test_flight_span_is_a_child_of_the_leaders_span(otel: Otel) -> None:
     assert flight.parent.span_id == request.get_span_context().span_id
 
 
-class Interrupt(BaseException):
-    pass
-
-
 def test_aborted_flight_ends_its_span_with_error(otel: Otel) -> None:
     group: Group[str, int] = Group(name="g", on_event=otel.hook())
 
     def interrupted() -> int:
-        raise Interrupt
+        raise Stop
 
-    with pytest.raises(Interrupt):
+    with pytest.raises(Stop):
         group.do("k", interrupted)
     (flight,) = otel.spans.get_finished_spans()
     assert flight.attributes["singleflight.outcome"] == "aborted"

@@ -19,6 +19,8 @@ import pytest
 REQUIRED = bool(os.environ.get("SINGLEFLIGHT_REQUIRE_REDIS"))
 
 sys.path.insert(0, str(Path(__file__).parent))
+if str(Path(__file__).parents[2]) not in sys.path:  # for ``tests._support``
+    sys.path.insert(0, str(Path(__file__).parents[2]))
 
 try:
     import redis  # noqa: F401

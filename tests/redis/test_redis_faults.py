@@ -8,6 +8,7 @@ RedisGroup and AsyncRedisGroup.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any
@@ -19,18 +20,14 @@ from _redis_sides import Loader
 
 from singleflight import WaitTimeoutError
 from singleflight.redis import RedisUnavailableError
+from tests._support import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 POLICIES = ["open", "closed"]
 
 
-def _wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.002)
+_wait_for = functools.partial(wait_for, timeout=10.0)
 
 
 def _check(outcomes: list[Any], policy: str, value: Any, bound: float) -> None:

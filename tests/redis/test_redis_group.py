@@ -6,6 +6,7 @@ cannot tell from a process; every test runs for both groups.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import threading
@@ -27,6 +28,7 @@ from singleflight.redis import (
     SignedPickleCodec,
     current_flight,
 )
+from tests._support import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -351,12 +353,7 @@ def _raises(call: Any) -> BaseException | None:
     return None
 
 
-def _wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.002)
+_wait_for = functools.partial(wait_for, timeout=10.0)
 
 
 # -- sync-only and async-only details ---------------------------------------------------

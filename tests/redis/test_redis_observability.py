@@ -8,6 +8,7 @@ private redis-server; two sides on one namespace stand for two processes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -40,6 +41,7 @@ from singleflight.redis import (
     RedisGroupStats,
     RedisUnavailableError,
 )
+from tests._support import Stop, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,12 +62,7 @@ class Recorder:
         return [e for e in self.events if isinstance(e, kind)]
 
 
-def _wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.002)
+_wait_for = functools.partial(wait_for, timeout=10.0)
 
 
 def _accounted(stats: RedisGroupStats) -> None:
@@ -152,10 +149,6 @@ def test_a_failing_loader_counts_an_error_here_and_a_join_there(
     assert isinstance(failed.error, ValueError) and failed.callers == 2
     assert eb.kinds() == ["Joined"]
     assert a.group.name == b.group.name == "test"  # the name defaults to the namespace
-
-
-class Stop(BaseException):
-    """Stops a loader the way KeyboardInterrupt would, without touching the test runner."""
 
 
 def test_a_loader_stopped_by_a_base_exception_is_aborted(sides: Any, server: RedisServer) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import gc
 import logging
 import sys
 import threading
@@ -47,33 +46,29 @@ from singleflight.events import (
     TimedOut,
 )
 
-pytestmark = pytest.mark.timeout(10)
+from .._support import (
+    WAIT,
+    AsyncLoader,
+    Boom,
+    CallThread,
+    Loader,
+    Stop,
+    Token,
+    never_called,
+    no_unretrieved_exceptions,  # noqa: F401  (a fixture)
+    run,
+    spin,
+    wait_for,
+    wait_joined,
+)
 
-WAIT = 5.0  # upper bound for any single wait; a correct run never comes near it
+pytestmark = [pytest.mark.timeout(10), pytest.mark.usefixtures("no_unretrieved_exceptions")]
 EAGER = sys.version_info >= (3, 12)  # AsyncGroup loader tasks start eagerly
 PARK = 0.1  # how long joiners are kept parked when wait_seconds is measured
 END_EVENTS = (FlightFinished, FlightFailed, FlightAborted)
 
 
 # -- helpers shared by both drivers -------------------------------------------------------
-
-
-class Token:
-    """A loader's value, compared by identity."""
-
-    def __init__(self, name: str = "") -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"Token({self.name!r})"
-
-
-class Boom(Exception):
-    """A loader's failure."""
-
-
-class Stop(BaseException):
-    """A BaseException that is not an Exception."""
 
 
 class Recorder:
@@ -141,105 +136,6 @@ def assert_balanced(rec: Recorder) -> None:
 # -- thread helpers ----------------------------------------------------------------------
 
 
-class CallThread(threading.Thread):
-    """Runs one call on a daemon thread of its own and keeps its outcome."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        super().__init__(daemon=True)
-        self._call = (fn, args, kwargs)
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        fn, args, kwargs = self._call
-        del self._call
-        try:
-            self.value = fn(*args, **kwargs)
-        except BaseException as exc:  # KeyboardInterrupt included: caught here, on purpose
-            self.error = exc
-
-    def finish(self, timeout: float = WAIT) -> CallThread:
-        self.join(timeout)
-        assert not self.is_alive(), f"{self.name} still blocked after {timeout}s"
-        return self
-
-    def result(self, timeout: float = WAIT) -> Any:
-        self.finish(timeout)
-        assert self.error is None, f"call raised {self.error!r}"
-        return self.value
-
-    def exception(self, timeout: float = WAIT) -> BaseException:
-        self.finish(timeout)
-        assert self.error is not None, f"call returned {self.value!r} instead of raising"
-        return self.error
-
-
-class TLoader:
-    """A thread loader: counts calls, records its threads, may wait on a gate, returns or raises.
-
-    Each call returns a new Token (``values``), so two executions are told apart.
-    """
-
-    def __init__(
-        self,
-        name: str = "loader",
-        *,
-        raises: BaseException | None = None,
-        gate: threading.Event | None = None,
-        sleep: float = 0.0,
-    ) -> None:
-        self.name = name
-        self.raises = raises
-        self.gate = gate
-        self.sleep = sleep
-        self.started = threading.Event()
-        self.calls = 0
-        self.values: list[Token] = []
-        self.threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    @property
-    def value(self) -> Token:
-        assert self.values, "the loader never returned"
-        return self.values[0]
-
-    def __call__(self) -> Token:
-        with self._lock:
-            self.calls += 1
-            self.threads.append(threading.current_thread())
-            token = Token(f"{self.name}#{self.calls}")
-        self.started.set()
-        if self.gate is not None:
-            assert self.gate.wait(WAIT), "the test never opened the loader's gate"
-        if self.sleep:
-            time.sleep(self.sleep)
-        if self.raises is not None:
-            raise self.raises
-        with self._lock:
-            self.values.append(token)
-        return token
-
-    def wait_started(self) -> None:
-        assert self.started.wait(WAIT), f"{self.name} never started"
-
-
-def never_called() -> Any:
-    raise AssertionError("a joiner's fn ran")
-
-
-def wait_joined(g: Group[Any, Any], key: object, n: int, timeout: float = WAIT) -> None:
-    """Wait until ``n`` callers joined the flight of ``key`` (white-box: reads ``Group._calls``)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with g._lock:
-            call = g._calls.get(key)
-            if call is not None and call.dups >= n:
-                return
-        time.sleep(0.0005)
-    raise AssertionError(f"{n} joiners expected on {key!r}")
-
-
 def wait_slot_waiters(g: Group[Any, Any], n: int, timeout: float = WAIT) -> None:
     """Wait until ``n`` callers are parked for a free slot (white-box: ``Group._slot_waiters``)."""
     deadline = time.monotonic() + timeout
@@ -251,89 +147,7 @@ def wait_slot_waiters(g: Group[Any, Any], n: int, timeout: float = WAIT) -> None
     raise AssertionError(f"{n} callers expected to wait for a slot")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.001)
-
-
 # -- asyncio helpers ---------------------------------------------------------------------
-
-
-def run(coro: Coroutine[Any, Any, Any], timeout: float = WAIT) -> Any:
-    """Run ``coro`` in a fresh event loop, failing (not hanging) after ``timeout`` seconds."""
-
-    async def main() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(main())
-
-
-class ALoader:
-    """An async loader: counts calls, may wait on a gate or sleep, then returns or raises.
-
-    ``suspend=False`` with no gate and no sleep never suspends (an eager flight on 3.12+).
-    ``self_cancel`` makes the loader task cancel itself (after the gate).
-    """
-
-    def __init__(
-        self,
-        name: str = "loader",
-        *,
-        gate: asyncio.Event | None = None,
-        raises: BaseException | None = None,
-        sleep: float = 0.0,
-        suspend: bool = True,
-        self_cancel: bool = False,
-    ) -> None:
-        self.name = name
-        self.gate = gate
-        self.raises = raises
-        self.sleep = sleep
-        self.suspend = suspend
-        self.self_cancel = self_cancel
-        self.calls = 0
-        self.values: list[Token] = []
-        self.started = asyncio.Event()
-        self.cancelled = asyncio.Event()
-
-    @property
-    def value(self) -> Token:
-        assert self.values, "the loader never returned"
-        return self.values[0]
-
-    def __call__(self) -> Coroutine[Any, Any, Token]:
-        self.calls += 1
-        return self._body(Token(f"{self.name}#{self.calls}"))
-
-    async def _body(self, token: Token) -> Token:
-        self.started.set()
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            if self.sleep:
-                await asyncio.sleep(self.sleep)
-            elif self.suspend and self.gate is None:
-                await asyncio.sleep(0)
-            if self.self_cancel:
-                task = asyncio.current_task()
-                assert task is not None
-                task.cancel()
-                await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        if self.raises is not None:
-            raise self.raises
-        self.values.append(token)
-        return token
-
-
-async def spin(n: int = 5) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 async def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -347,20 +161,6 @@ async def settle(*aws: asyncio.Future[Any]) -> None:
     """Wait (bounded) for every future or task."""
     _, pending = await asyncio.wait(aws, timeout=WAIT)
     assert not pending, f"{len(pending)} calls still pending after {WAIT}s"
-
-
-@pytest.fixture(autouse=True)
-def _no_unretrieved_exception_logs(
-    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
-) -> Any:
-    """No asyncio test may leave a 'Task/Future exception was never retrieved' behind."""
-    caplog.set_level(logging.ERROR, logger="asyncio")
-    yield
-    if "async" not in request.node.name.lower():
-        return  # a full collection per thread test would double the file's run time
-    gc.collect()
-    bad = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
-    assert not bad, bad
 
 
 # Options that switch each group to its general path without changing outcomes of a
@@ -390,7 +190,7 @@ def make_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: Recorder() if k == "on_event" else v for k, v in options.items()}
 
 
-# -- 1. stats(): exact counters after a known workload -----------------------------------
+# -- stats(): exact counters after a known workload -----------------------------------
 
 
 @pytest.mark.parametrize("options", THREAD_OPTIONS.values(), ids=THREAD_OPTIONS.keys())
@@ -402,7 +202,7 @@ def test_thread_stats_exact_after_known_workload(options: dict[str, Any]) -> Non
 
     # A: joiners parked for PARK seconds; their waits are what wait_seconds sums.
     gate = threading.Event()
-    a = TLoader("a", gate=gate)
+    a = Loader(name="a", gate=gate)
     t_a = perf_counter()
     leader = CallThread(g.do, "A", a)
     a.wait_started()
@@ -424,13 +224,13 @@ def test_thread_stats_exact_after_known_workload(options: dict[str, Any]) -> Non
     assert 9 * PARK * 0.99 <= after_a.wait_seconds <= 9 * a_elapsed
 
     # B: a lone call.
-    b = TLoader("b")
+    b = Loader(name="b")
     assert g.do("B", b) is b.value
 
     # C: a failing flight with 2 callers.
     c_gate = threading.Event()
     boom = Boom("c")
-    c = TLoader("c", gate=c_gate, raises=boom)
+    c = Loader(name="c", gate=c_gate, raises=boom)
     c_leader = CallThread(g.do, "C", c)
     c.wait_started()
     c_joiner = CallThread(g.do, "C", never_called)
@@ -441,7 +241,7 @@ def test_thread_stats_exact_after_known_workload(options: dict[str, Any]) -> Non
     # D: the leader's loader raises KeyboardInterrupt in a thread of ours, caught there.
     d_gate = threading.Event()
     interrupt = KeyboardInterrupt()
-    d = TLoader("d", gate=d_gate, raises=interrupt)
+    d = Loader(name="d", gate=d_gate, raises=interrupt)
     d_leader = CallThread(g.do, "D", d)
     d.wait_started()
     d_joiner = CallThread(g.do, "D", never_called)
@@ -482,7 +282,7 @@ def test_async_stats_exact_after_known_workload(options: dict[str, Any]) -> None
     async def main() -> None:
         # A: 1 leader + 9 joiners parked for PARK seconds.
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         t_a = perf_counter()
         leader = await spawn(g.do("A", a))
         joiners = [await spawn(g.do("A", never_called)) for _ in range(9)]
@@ -501,14 +301,14 @@ def test_async_stats_exact_after_known_workload(options: dict[str, Any]) -> None
         assert 9 * PARK * 0.99 <= after_a.wait_seconds <= 9 * a_elapsed
 
         # B: a lone call that suspends.
-        b = ALoader("b")
+        b = AsyncLoader(name="b")
         assert await g.do("B", b) is b.value
 
         # C: a failing flight with 2 callers.
         c_gate = asyncio.Event()
         boom = Boom("c")
         c_calls = [
-            await spawn(g.do("C", ALoader("c", gate=c_gate, raises=boom))),
+            await spawn(g.do("C", AsyncLoader(name="c", gate=c_gate, raises=boom))),
             await spawn(g.do("C", never_called)),
         ]
         c_gate.set()
@@ -518,7 +318,7 @@ def test_async_stats_exact_after_known_workload(options: dict[str, Any]) -> None
         # D: the loader task cancels itself; both callers get AbortedError.
         d_gate = asyncio.Event()
         d_calls = [
-            await spawn(g.do("D", ALoader("d", gate=d_gate, self_cancel=True))),
+            await spawn(g.do("D", AsyncLoader(name="d", gate=d_gate, self_cancel=True))),
             await spawn(g.do("D", never_called)),
         ]
         d_gate.set()
@@ -526,14 +326,14 @@ def test_async_stats_exact_after_known_workload(options: dict[str, Any]) -> None
         assert all(isinstance(t.exception(), AbortedError) for t in d_calls)
 
         # E, F, G: loaders that never suspend (eager flights on 3.12+).
-        e = ALoader("e", suspend=False)
+        e = AsyncLoader(name="e", suspend=False)
         assert await g.do("E", e) is e.value
         boom_f = Boom("f")
         with pytest.raises(Boom) as info:
-            await g.do("F", ALoader("f", suspend=False, raises=boom_f))
+            await g.do("F", AsyncLoader(name="f", suspend=False, raises=boom_f))
         assert info.value is boom_f
         with pytest.raises(AbortedError):
-            await g.do("G", ALoader("g", suspend=False, raises=Stop()))
+            await g.do("G", AsyncLoader(name="g", suspend=False, raises=Stop()))
 
         s = g.stats()
         assert counters(s) == {
@@ -562,14 +362,14 @@ def test_async_stats_sum_over_two_loops_run_one_after_the_other(options: dict[st
 
     async def workload(tag: str) -> GroupStats:
         gate = asyncio.Event()
-        calls = [await spawn(g.do("k", ALoader(tag, gate=gate)))]
+        calls = [await spawn(g.do("k", AsyncLoader(name=tag, gate=gate)))]
         calls += [await spawn(g.do("k", never_called)) for _ in range(2)]
         gate.set()
         await settle(*calls)
         # An eager success and an eager failure.
-        await g.do("e", ALoader(tag, suspend=False))
+        await g.do("e", AsyncLoader(name=tag, suspend=False))
         with pytest.raises(Boom):
-            await g.do("f", ALoader(tag, suspend=False, raises=Boom()))
+            await g.do("f", AsyncLoader(name=tag, suspend=False, raises=Boom()))
         return g.stats()
 
     in_first = run(workload("first"))
@@ -599,7 +399,7 @@ def test_async_stats_sum_over_two_live_loops_in_threads() -> None:
     def loop_thread(tag: str) -> None:
         async def main() -> None:
             gate = asyncio.Event()
-            leader = await spawn(g.do("k", ALoader(tag, gate=gate)))
+            leader = await spawn(g.do("k", AsyncLoader(name=tag, gate=gate)))
             joiner = await spawn(g.do("k", never_called))
             await asyncio.to_thread(parked.wait)
             await asyncio.to_thread(release.wait, WAIT)
@@ -628,7 +428,7 @@ def test_async_stats_sum_over_two_live_loops_in_threads() -> None:
     assert counters(seen[0]) == {**counters(both_open), "in_flight": 0}
 
 
-# -- 2. on_event: the events of a flight --------------------------------------------------
+# -- on_event: the events of a flight --------------------------------------------------
 
 
 def test_thread_events_of_finished_failed_and_aborted_flights() -> None:
@@ -637,7 +437,7 @@ def test_thread_events_of_finished_failed_and_aborted_flights() -> None:
 
     # A finished flight with 3 joiners; the loader sleeps 0.05 s after its gate.
     gate = threading.Event()
-    ok = TLoader("ok", gate=gate, sleep=0.05)
+    ok = Loader(name="ok", gate=gate, sleep=0.05)
     leader = CallThread(g.do, "ok", ok)
     ok.wait_started()
     joiners = [CallThread(g.do, "ok", never_called) for _ in range(3)]
@@ -654,7 +454,7 @@ def test_thread_events_of_finished_failed_and_aborted_flights() -> None:
     # A failing flight with one joiner: FlightFailed carries the very error object.
     boom = Boom("bad")
     bad_gate = threading.Event()
-    bad = TLoader("bad", gate=bad_gate, raises=boom)
+    bad = Loader(name="bad", gate=bad_gate, raises=boom)
     bad_leader = CallThread(g.do, "bad", bad)
     bad.wait_started()
     bad_joiner = CallThread(g.do_result, "bad", never_called)
@@ -670,7 +470,7 @@ def test_thread_events_of_finished_failed_and_aborted_flights() -> None:
     # An aborted flight: KeyboardInterrupt in the leader's thread.
     interrupt = KeyboardInterrupt()
     ab_gate = threading.Event()
-    ab = TLoader("abort", gate=ab_gate, raises=interrupt)
+    ab = Loader(name="abort", gate=ab_gate, raises=interrupt)
     ab_leader = CallThread(g.do, "abort", ab)
     ab.wait_started()
     ab_joiner = CallThread(g.do, "abort", never_called)
@@ -690,7 +490,7 @@ def test_thread_event_flight_ids_differ_between_open_flights() -> None:
     rec = Recorder()
     g: Group[str, Token] = Group(on_event=rec)
     gate = threading.Event()
-    loaders = {k: TLoader(k, gate=gate) for k in ("x", "y")}
+    loaders = {k: Loader(name=k, gate=gate) for k in ("x", "y")}
     leaders = [CallThread(g.do, k, fn) for k, fn in loaders.items()]
     for fn in loaders.values():
         fn.wait_started()
@@ -713,7 +513,7 @@ def test_async_events_of_finished_failed_aborted_and_eager_flights() -> None:
 
     async def main() -> None:
         gate = asyncio.Event()
-        ok = ALoader("ok", gate=gate, sleep=0.05)
+        ok = AsyncLoader(name="ok", gate=gate, sleep=0.05)
         calls = [await spawn(g.do("ok", ok))]
         calls += [await spawn(g.do("ok", never_called)) for _ in range(2)]
         calls.append(g.do_future("ok", never_called))
@@ -728,7 +528,7 @@ def test_async_events_of_finished_failed_aborted_and_eager_flights() -> None:
         boom = Boom("bad")
         bad_gate = asyncio.Event()
         bad = [
-            await spawn(g.do("bad", ALoader("bad", gate=bad_gate, raises=boom))),
+            await spawn(g.do("bad", AsyncLoader(name="bad", gate=bad_gate, raises=boom))),
             await spawn(g.do_result("bad", never_called)),
         ]
         bad_gate.set()
@@ -741,7 +541,7 @@ def test_async_events_of_finished_failed_aborted_and_eager_flights() -> None:
 
         ab_gate = asyncio.Event()
         ab = [
-            await spawn(g.do("abort", ALoader("abort", gate=ab_gate, self_cancel=True))),
+            await spawn(g.do("abort", AsyncLoader(name="abort", gate=ab_gate, self_cancel=True))),
             await spawn(g.do("abort", never_called)),
         ]
         ab_gate.set()
@@ -753,7 +553,7 @@ def test_async_events_of_finished_failed_aborted_and_eager_flights() -> None:
         assert len({e.flight for e in events}) == 1
 
         # Flights that never suspend: on 3.12+ no record is made, the events still come.
-        eager = ALoader("eager", suspend=False)
+        eager = AsyncLoader(name="eager", suspend=False)
         fut = g.do_future("eager", eager)
         if EAGER:
             assert fut.done() and "eager" not in g
@@ -764,18 +564,18 @@ def test_async_events_of_finished_failed_aborted_and_eager_flights() -> None:
 
         eager_boom = Boom("eager")
         with pytest.raises(Boom):
-            await g.do("eager-bad", ALoader("eb", suspend=False, raises=eager_boom))
+            await g.do("eager-bad", AsyncLoader(name="eb", suspend=False, raises=eager_boom))
         events = rec.for_key("eager-bad")
         assert [type(e) for e in events] == [FlightStarted, FlightFailed]
         assert events[-1].error is eager_boom and events[-1].callers == 1
 
         with pytest.raises(AbortedError):
-            await g.do("eager-abort", ALoader("ea", suspend=False, raises=Stop()))
+            await g.do("eager-abort", AsyncLoader(name="ea", suspend=False, raises=Stop()))
         assert rec.kinds("eager-abort") == [FlightStarted, FlightAborted]
 
         # Ids: distinct between flights open at once, and between the flights above.
         x_gate = asyncio.Event()
-        xs = [await spawn(g.do(k, ALoader(k, gate=x_gate))) for k in ("x", "y")]
+        xs = [await spawn(g.do(k, AsyncLoader(name=k, gate=x_gate))) for k in ("x", "y")]
         x_gate.set()
         await settle(*xs)
         ends = rec.of(*END_EVENTS)
@@ -795,7 +595,7 @@ def test_thread_hook_that_raises_is_logged_and_calls_go_on(
     g: Group[str, Token] = Group(on_event=hook)
     caplog.set_level(logging.ERROR, logger="singleflight")
     gate = threading.Event()
-    loader = TLoader("v", gate=gate)
+    loader = Loader(name="v", gate=gate)
     leader = CallThread(g.do, "k", loader)
     loader.wait_started()
     joiner = CallThread(g.do_result, "k", never_called)
@@ -821,13 +621,13 @@ def test_async_hook_that_raises_is_logged_and_calls_go_on(
 
     async def main() -> None:
         gate = asyncio.Event()
-        loader = ALoader("v", gate=gate)
+        loader = AsyncLoader(name="v", gate=gate)
         calls = [await spawn(g.do("k", loader)), await spawn(g.do_result("k", never_called))]
         gate.set()
         await settle(*calls)
         assert calls[0].result() is loader.value
         assert calls[1].result() == Result(loader.value, None, True)
-        eager = ALoader("e", suspend=False)
+        eager = AsyncLoader(name="e", suspend=False)
         assert await g.do("e", eager) is eager.value
 
     run(main())
@@ -837,19 +637,19 @@ def test_async_hook_that_raises_is_logged_and_calls_go_on(
     assert len(g) == 0
 
 
-# -- 3. max_flights ----------------------------------------------------------------------
+# -- max_flights ----------------------------------------------------------------------
 
 
 def test_thread_max_flights_raise() -> None:
     rec = Recorder()
     g: Group[str, Token] = Group(name="lim", max_flights=2, on_event=rec)
     gates = {k: threading.Event() for k in ("a", "b")}
-    loaders = {k: TLoader(k, gate=gates[k]) for k in gates}
+    loaders = {k: Loader(name=k, gate=gates[k]) for k in gates}
     leaders = {k: CallThread(g.do, k, loaders[k]) for k in gates}
     for fn in loaders.values():
         fn.wait_started()
 
-    c = TLoader("c")
+    c = Loader(name="c")
     for entry in ("do", "do_result", "do_future"):
         t0 = time.monotonic()
         with pytest.raises(TooManyFlightsError) as info:
@@ -884,13 +684,13 @@ def test_thread_max_flights_wait_blocks_until_a_slot_frees() -> None:
     rec = Recorder()
     g: Group[str, Token] = Group(max_flights=1, on_limit="wait", on_event=rec)
     gate = threading.Event()
-    a = TLoader("a", gate=gate)
+    a = Loader(name="a", gate=gate)
     a_future = g.do_future("a", a)
     a.wait_started()
 
-    b = TLoader("b")
+    b = Loader(name="b")
     waiter = CallThread(g.do, "b", b)
-    c = TLoader("c")
+    c = Loader(name="c")
     t0 = time.monotonic()
     c_future = g.do_future("c", c)  # returns at once, with a future still pending
     assert time.monotonic() - t0 < 1.0 and not c_future.done()
@@ -915,15 +715,15 @@ def test_thread_do_future_cancelled_while_waiting_for_a_slot_starts_nothing() ->
     rec = Recorder()
     g: Group[str, Token] = Group(max_flights=1, on_limit="wait", on_event=rec)
     gate = threading.Event()
-    a = TLoader("a", gate=gate)
+    a = Loader(name="a", gate=gate)
     a_future = g.do_future("a", a)
     a.wait_started()
 
-    c = TLoader("c")
+    c = Loader(name="c")
     c_future = g.do_future("c", c)
     wait_slot_waiters(g, 1)
     assert c_future.cancel() and c_future.cancelled()
-    wait_until(lambda: g._slot_waiters == 0)  # the waiting thread was woken and gave up
+    wait_for(lambda: g._slot_waiters == 0)  # the waiting thread was woken and gave up
 
     gate.set()
     assert a_future.result(WAIT) is a.value
@@ -937,10 +737,10 @@ def test_thread_do_future_cancelled_while_waiting_for_a_slot_starts_nothing() ->
 def test_thread_max_flights_wait_times_out() -> None:
     g: Group[str, Token] = Group(max_flights=1, on_limit="wait", timeout=0.2)
     gate = threading.Event()
-    a = TLoader("a", gate=gate)
+    a = Loader(name="a", gate=gate)
     a_future = g.do_future("a", a)  # do_future callers are not bound by timeout
     a.wait_started()
-    b = TLoader("b")
+    b = Loader(name="b")
     t0 = time.monotonic()
     with pytest.raises(WaitTimeoutError) as info:
         g.do("b", b)
@@ -957,10 +757,10 @@ def test_thread_max_flights_wait_times_out() -> None:
 def test_thread_max_flights_wait_forget_frees_a_slot() -> None:
     g: Group[str, Token] = Group(max_flights=1, on_limit="wait")
     gate = threading.Event()
-    a = TLoader("a", gate=gate)
+    a = Loader(name="a", gate=gate)
     a_future = g.do_future("a", a)
     a.wait_started()
-    b = TLoader("b")
+    b = Loader(name="b")
     waiter = CallThread(g.do, "b", b)
     wait_slot_waiters(g, 1)
     g.forget("a")
@@ -979,11 +779,11 @@ def test_thread_max_flights_wait_parked_callers_of_one_key_share_one_flight() ->
     """
     g: Group[str, Token] = Group(max_flights=1, on_limit="wait")
     gate = threading.Event()
-    a = TLoader("a", gate=gate)
+    a = Loader(name="a", gate=gate)
     a_future = g.do_future("a", a)
     a.wait_started()
     b_gate = threading.Event()
-    b = TLoader("b", gate=b_gate)
+    b = Loader(name="b", gate=b_gate)
     waiters = [CallThread(g.do, "b", b) for _ in range(2)]
     wait_slot_waiters(g, 2)
     gate.set()
@@ -1002,9 +802,9 @@ def test_async_max_flights_raise() -> None:
 
     async def main() -> None:
         gates = {k: asyncio.Event() for k in ("a", "b")}
-        loaders = {k: ALoader(k, gate=gates[k]) for k in gates}
+        loaders = {k: AsyncLoader(name=k, gate=gates[k]) for k in gates}
         leaders = {k: await spawn(g.do(k, loaders[k])) for k in gates}
-        c = ALoader("c")
+        c = AsyncLoader(name="c")
         for entry in ("do", "do_result"):
             with pytest.raises(TooManyFlightsError) as info:
                 await getattr(g, entry)("c", c)
@@ -1040,11 +840,11 @@ def test_async_max_flights_wait_blocks_until_a_slot_frees() -> None:
 
     async def main() -> None:
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         a_call = await spawn(g.do("a", a))
-        b = ALoader("b")
+        b = AsyncLoader(name="b")
         waiter = await spawn(g.do("b", b))
-        c = ALoader("c")
+        c = AsyncLoader(name="c")
         c_future = g.do_future("c", c)
         assert isinstance(c_future, asyncio.Future) and not c_future.done()
         await asyncio.sleep(0.05)
@@ -1069,9 +869,9 @@ def test_async_max_flights_wait_times_out() -> None:
 
     async def main() -> None:
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         a_call = await spawn(g.do("a", a))  # times out too; its loader runs on
-        b = ALoader("b")
+        b = AsyncLoader(name="b")
         t0 = perf_counter()
         with pytest.raises(WaitTimeoutError) as info:
             await g.do("b", b)
@@ -1095,9 +895,9 @@ def test_async_max_flights_wait_forget_frees_a_slot() -> None:
 
     async def main() -> None:
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         a_call = await spawn(g.do("a", a))
-        b = ALoader("b")
+        b = AsyncLoader(name="b")
         waiter = await spawn(g.do("b", b))
         assert not waiter.done()
         g.forget("a")
@@ -1129,7 +929,7 @@ def test_async_forget_from_another_thread_wakes_a_slot_waiter_in_its_loop() -> N
                 pass  # the loop has ended: nothing to release
 
         release.append(release_gate)
-        a_call = await spawn(g.do("a", ALoader("a", gate=gate)))
+        a_call = await spawn(g.do("a", AsyncLoader(name="a", gate=gate)))
 
         async def b() -> str:
             b_started.set()
@@ -1164,9 +964,9 @@ def test_async_max_flights_wait_do_future_cancelled_leaves_nothing_behind() -> N
 
     async def main() -> None:
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         a_call = await spawn(g.do("a", a))
-        c = ALoader("c")
+        c = AsyncLoader(name="c")
         c_future = g.do_future("c", c)
         await spin()
         assert not c_future.done()
@@ -1192,9 +992,9 @@ def test_async_max_flights_wait_parked_callers_of_one_key_share_one_flight() -> 
 
     async def main() -> None:
         gate = asyncio.Event()
-        a_call = await spawn(g.do("a", ALoader("a", gate=gate)))
+        a_call = await spawn(g.do("a", AsyncLoader(name="a", gate=gate)))
         b_gate = asyncio.Event()
-        b = ALoader("b", gate=b_gate)
+        b = AsyncLoader(name="b", gate=b_gate)
         waiters = [await spawn(g.do("b", b)) for _ in range(2)]
         gate.set()
         await asyncio.wait_for(b.started.wait(), WAIT)
@@ -1218,9 +1018,9 @@ def test_async_max_flights_wait_slot_not_lost_when_woken_caller_is_cancelled() -
 
     async def main() -> None:
         gate = asyncio.Event()
-        a = ALoader("a", gate=gate)
+        a = AsyncLoader(name="a", gate=gate)
         a_call = await spawn(g.do("a", a))
-        b, c = ALoader("b"), ALoader("c")
+        b, c = AsyncLoader(name="b"), AsyncLoader(name="c")
         first = await spawn(g.do("b", b))
         second = await spawn(g.do("c", c))
         g.forget("a")  # frees the slot: wakes `first`
@@ -1242,7 +1042,7 @@ def test_async_do_future_usage_errors_raised_at_once_whatever_on_limit(on_limit:
     g: AsyncGroup[Any, Token] = AsyncGroup(max_flights=4, on_limit=on_limit)  # type: ignore[arg-type]
 
     async def main() -> None:
-        loader = ALoader("u")
+        loader = AsyncLoader(name="u")
         with pytest.raises(TypeError, match="hashable"):
             fut = g.do_future(["list"], loader)
             await asyncio.wait([fut], timeout=WAIT)  # reached only if not raised at once
@@ -1261,13 +1061,13 @@ def test_do_future_with_a_free_slot_is_not_bound_by_timeout(group: str, on_limit
     """
     if group == "threads":
         tg: Group[str, Token] = Group(timeout=0.1, max_flights=4, on_limit=on_limit)  # type: ignore[arg-type]
-        tl = TLoader("v", sleep=0.3)
+        tl = Loader(name="v", sleep=0.3)
         assert tg.do_future("k", tl).result(WAIT) is tl.value
         return
     ag: AsyncGroup[str, Token] = AsyncGroup(timeout=0.1, max_flights=4, on_limit=on_limit)  # type: ignore[arg-type]
 
     async def main() -> None:
-        al = ALoader("v", sleep=0.3)
+        al = AsyncLoader(name="v", sleep=0.3)
         fut = ag.do_future("k", al)
         await settle(fut)
         assert fut.result() is al.value
@@ -1275,7 +1075,7 @@ def test_do_future_with_a_free_slot_is_not_bound_by_timeout(group: str, on_limit
     run(main())
 
 
-# -- 4. timeout= --------------------------------------------------------------------------
+# -- timeout= --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("use_pool", [False, True], ids=["own-thread", "executor"])
@@ -1286,7 +1086,7 @@ def test_thread_timeout_callers_leave_flight_goes_on(use_pool: bool) -> None:
     try:
         g: Group[str, Token] = Group(timeout=0.3, on_event=rec, executor=pool)
         gate = threading.Event()
-        loader = TLoader("v", gate=gate)
+        loader = Loader(name="v", gate=gate)
         leader = CallThread(g.do, "k", loader)
         loader.wait_started()
         joiner = CallThread(g.do, "k", never_called)
@@ -1332,17 +1132,17 @@ def test_thread_timeout_callers_leave_flight_goes_on(use_pool: bool) -> None:
 def test_thread_do_result_timeout_raises_but_loader_timeout_error_is_a_result() -> None:
     g: Group[str, Token] = Group(timeout=0.2)
     gate = threading.Event()
-    slow = TLoader("slow", gate=gate)
+    slow = Loader(name="slow", gate=gate)
     with pytest.raises(WaitTimeoutError):
         g.do_result("slow", slow)
     gate.set()
-    wait_until(lambda: len(g) == 0)
+    wait_for(lambda: len(g) == 0)
 
     own = TimeoutError("the loader's own")
-    result = g.do_result("own", TLoader("own", raises=own))
+    result = g.do_result("own", Loader(name="own", raises=own))
     assert result.error is own and result.value is None and not result.shared
     with pytest.raises(TimeoutError) as info:
-        g.do("own", TLoader("own", raises=own))
+        g.do("own", Loader(name="own", raises=own))
     assert info.value is own and not isinstance(info.value, WaitTimeoutError)
     s = g.stats()
     assert (s.timeouts, s.errors, s.flights) == (1, 2, 3)
@@ -1353,11 +1153,11 @@ def test_thread_timeout_stats_and_events_agree() -> None:
     rec = Recorder()
     g: Group[str, Token] = Group(max_flights=1, on_limit="wait", timeout=0.1, on_event=rec)
     gate = threading.Event()
-    a = TLoader("a", gate=gate)
+    a = Loader(name="a", gate=gate)
     a_future = g.do_future("a", a)
     a.wait_started()
     with pytest.raises(WaitTimeoutError):
-        g.do("b", TLoader("b"))  # times out waiting for a slot
+        g.do("b", Loader(name="b"))  # times out waiting for a slot
     with pytest.raises(WaitTimeoutError):
         g.do("a", never_called)  # times out waiting for the flight
     gate.set()
@@ -1373,7 +1173,7 @@ def test_async_timeout_callers_leave_flight_goes_on(use_do_future: bool) -> None
 
     async def main() -> None:
         gate = asyncio.Event()
-        loader = ALoader("v", gate=gate)
+        loader = AsyncLoader(name="v", gate=gate)
         leader = await spawn(g.do("k", loader))
         joiner = await spawn(g.do("k", never_called))
         future = g.do_future("k", never_called)  # not bound by timeout
@@ -1419,7 +1219,7 @@ def test_async_timeout_sole_leader_with_cancel_orphaned() -> None:
 
     async def main() -> None:
         gate = asyncio.Event()
-        loader = ALoader("v", gate=gate)
+        loader = AsyncLoader(name="v", gate=gate)
         with pytest.raises(WaitTimeoutError):
             await g.do("k", loader)
         await asyncio.wait_for(loader.cancelled.wait(), WAIT)
@@ -1431,7 +1231,7 @@ def test_async_timeout_sole_leader_with_cancel_orphaned() -> None:
 
         # ... but not while another caller still waits.
         gate2 = asyncio.Event()
-        loader2 = ALoader("w", gate=gate2)
+        loader2 = AsyncLoader(name="w", gate=gate2)
         leader = await spawn(g.do("k2", loader2))
         future = g.do_future("k2", never_called)
         await settle(leader)
@@ -1451,8 +1251,8 @@ def test_async_timeout_is_one_deadline_for_the_slot_and_the_outcome(use_do_resul
 
     async def main() -> None:
         gate = asyncio.Event()
-        holder = await spawn(g.do("a", ALoader("a", gate=gate)))
-        b = ALoader("b", gate=asyncio.Event())  # never set
+        holder = await spawn(g.do("a", AsyncLoader(name="a", gate=gate)))
+        b = AsyncLoader(name="b", gate=asyncio.Event())  # never set
         loop = asyncio.get_running_loop()
         begun = loop.time()
         call = g.do_result("b", b) if use_do_result else g.do("b", b)
@@ -1476,15 +1276,15 @@ def test_async_do_result_timeout_raises_but_loader_timeout_error_is_a_result() -
     async def main() -> None:
         gate = asyncio.Event()
         with pytest.raises(WaitTimeoutError):
-            await g.do_result("slow", ALoader("slow", gate=gate))
+            await g.do_result("slow", AsyncLoader(name="slow", gate=gate))
         gate.set()
         await spin()
         own = TimeoutError("the loader's own")
         for suspend in (True, False):
-            result = await g.do_result("own", ALoader("own", raises=own, suspend=suspend))
+            result = await g.do_result("own", AsyncLoader(name="own", raises=own, suspend=suspend))
             assert result.error is own and result.value is None and not result.shared
         with pytest.raises(TimeoutError) as info:
-            await g.do("own", ALoader("own", raises=own))
+            await g.do("own", AsyncLoader(name="own", raises=own))
         assert info.value is own and not isinstance(info.value, WaitTimeoutError)
         s = g.stats()
         assert (s.timeouts, s.errors, s.flights) == (1, 3, 4)
@@ -1504,7 +1304,7 @@ def test_wait_seconds_counts_joiners_until_the_flight_ends_after_the_leader_left
     if group == "threads":
         tg: Group[str, Token] = Group(timeout=0.1)
         gate = threading.Event()
-        loader = TLoader("v", gate=gate)
+        loader = Loader(name="v", gate=gate)
         t0 = perf_counter()
         leader = CallThread(tg.do, "k", loader)
         loader.wait_started()
@@ -1520,7 +1320,7 @@ def test_wait_seconds_counts_joiners_until_the_flight_ends_after_the_leader_left
 
         async def main() -> tuple[GroupStats, float]:
             gate = asyncio.Event()
-            loader = ALoader("v", gate=gate)
+            loader = AsyncLoader(name="v", gate=gate)
             t0 = perf_counter()
             leader = await spawn(ag.do("k", loader))
             future = ag.do_future("k", never_called)
@@ -1536,7 +1336,7 @@ def test_wait_seconds_counts_joiners_until_the_flight_ends_after_the_leader_left
     assert hold - 0.1 <= s.wait_seconds <= joined_for, s  # not ~0.1: the leader left then
 
 
-# -- 5. AsyncGroup loader_timeout= --------------------------------------------------------
+# -- AsyncGroup loader_timeout= --------------------------------------------------------
 
 
 def test_async_loader_timeout_fails_the_flight_for_every_caller() -> None:
@@ -1545,7 +1345,7 @@ def test_async_loader_timeout_fails_the_flight_for_every_caller() -> None:
 
     async def main() -> None:
         never = asyncio.Event()
-        loader = ALoader("slow", gate=never)
+        loader = AsyncLoader(name="slow", gate=never)
         t0 = perf_counter()
         calls = [
             await spawn(g.do("k", loader)),
@@ -1569,9 +1369,9 @@ def test_async_loader_timeout_fails_the_flight_for_every_caller() -> None:
 
         # The key is free again; a fast loader under the same group is unaffected.
         for suspend in (True, False):
-            fast = ALoader("fast", suspend=suspend)
+            fast = AsyncLoader(name="fast", suspend=suspend)
             assert await g.do("k", fast) is fast.value
-        quick = ALoader("quick", sleep=0.05)
+        quick = AsyncLoader(name="quick", sleep=0.05)
         assert await g.do("k", quick) is quick.value
 
     run(main())
@@ -1582,7 +1382,10 @@ def test_async_loader_timeout_passes_the_loaders_own_timeout_error_through() -> 
 
     async def main() -> None:
         own = TimeoutError("upstream timed out")
-        for loader in (ALoader("s", raises=own), ALoader("e", raises=own, suspend=False)):
+        for loader in (
+            AsyncLoader(name="s", raises=own),
+            AsyncLoader(name="e", raises=own, suspend=False),
+        ):
             t0 = perf_counter()
             with pytest.raises(TimeoutError) as info:
                 await g.do("k", loader)
@@ -1591,12 +1394,12 @@ def test_async_loader_timeout_passes_the_loaders_own_timeout_error_through() -> 
         g2: AsyncGroup[str, Token] = AsyncGroup(loader_timeout=5.0, timeout=0.1)
         gate = asyncio.Event()
         with pytest.raises(WaitTimeoutError):
-            await g2.do("k", ALoader("w", gate=gate))
+            await g2.do("k", AsyncLoader(name="w", gate=gate))
         gate.set()
         # ... and a loader_timeout shorter than the caller's timeout a plain TimeoutError.
         g3: AsyncGroup[str, Token] = AsyncGroup(loader_timeout=0.1, timeout=5.0)
         with pytest.raises(TimeoutError) as info:
-            await g3.do("k", ALoader("w", gate=asyncio.Event()))
+            await g3.do("k", AsyncLoader(name="w", gate=asyncio.Event()))
         assert not isinstance(info.value, WaitTimeoutError) and "loader_timeout" in str(info.value)
         assert g3.stats().timeouts == 0 and g3.stats().errors == 1
 
@@ -1625,7 +1428,7 @@ def test_async_non_awaitable_fn_gets_a_clear_type_error(
             await g.do("k", not_async)
         assert "awaitable" in str(info.value) and "not_async" in str(info.value)
         assert "k" not in g and len(g) == 0
-        ok = ALoader("ok")
+        ok = AsyncLoader(name="ok")
         assert await g.do("k", ok) is ok.value
 
     run(main())
@@ -1651,7 +1454,7 @@ def test_async_non_awaitable_fn_leaves_no_flight_open_in_events(
     assert_balanced(rec)
 
 
-# -- 6. option validation -----------------------------------------------------------------
+# -- option validation -----------------------------------------------------------------
 
 
 BAD_COMMON: list[tuple[str, object]] = [
@@ -1732,121 +1535,7 @@ def test_good_options_are_accepted() -> None:
         assert len(Group(executor=pool)) == 0
 
 
-# -- 7. the contract still holds on the general path --------------------------------------
-
-
-GENERAL_THREAD_OPTIONS = {k: v for k, v in THREAD_OPTIONS.items() if k != "fast-path"}
-GENERAL_ASYNC_OPTIONS = {k: v for k, v in ASYNC_OPTIONS.items() if k != "fast-path"}
-
-
-@pytest.mark.parametrize(
-    "options", GENERAL_THREAD_OPTIONS.values(), ids=GENERAL_THREAD_OPTIONS.keys()
-)
-def test_thread_contract_on_the_general_path(options: dict[str, Any]) -> None:
-    g: Group[Any, Token] = Group(**make_options(options))
-
-    # One execution per key for 20 callers; every caller gets the same object; shared.
-    gate = threading.Event()
-    loader = TLoader("v", gate=gate)
-    leader = CallThread(g.do_result, "k", loader)
-    loader.wait_started()
-    others = [CallThread(g.do_result if i % 2 else g.do, "k", never_called) for i in range(18)]
-    future = g.do_future("k", never_called)
-    wait_joined(g, "k", 19)
-    gate.set()
-    outcomes = [t.result() for t in [leader, *others]] + [future.result(WAIT)]
-    values = [o.value if isinstance(o, Result) else o for o in outcomes]
-    assert loader.calls == 1 and all(v is loader.value for v in values)
-    assert all(o.shared for o in outcomes if isinstance(o, Result))
-    assert g.do_result("alone", TLoader("alone")).shared is False
-
-    # forget: the next call starts a new flight; the old flight's callers still get theirs.
-    old_gate, new_gate = threading.Event(), threading.Event()
-    old, new = TLoader("old", gate=old_gate), TLoader("new", gate=new_gate)
-    old_caller = CallThread(g.do, "f", old)
-    old.wait_started()
-    g.forget("f")
-    assert "f" not in g
-    new_caller = CallThread(g.do, "f", new)
-    new.wait_started()
-    new_joiner = CallThread(g.do, "f", never_called)
-    wait_joined(g, "f", 1)
-    old_gate.set()
-    assert old_caller.result() is old.value
-    assert "f" in g  # the old flight ending left the new one alone
-    new_gate.set()
-    assert new_caller.result() is new.value is new_joiner.result()
-    assert old.value is not new.value
-
-    # Re-entrant call on its own key, unhashable key.
-    def reenter() -> Token:
-        return g.do("r", reenter)
-
-    with pytest.raises(RuntimeError, match="own key"):
-        g.do("r", reenter)
-    unhashable = TLoader("u")
-    with pytest.raises(TypeError, match="hashable"):
-        g.do(["list"], unhashable)
-    assert unhashable.calls == 0
-    assert len(g) == 0 and g.stats().in_flight == 0
-
-
-@pytest.mark.parametrize(
-    "options", GENERAL_ASYNC_OPTIONS.values(), ids=GENERAL_ASYNC_OPTIONS.keys()
-)
-def test_async_contract_on_the_general_path(options: dict[str, Any]) -> None:
-    g: AsyncGroup[Any, Token] = AsyncGroup(**make_options(options))
-
-    async def main() -> None:
-        gate = asyncio.Event()
-        loader = ALoader("v", gate=gate)
-        calls: list[asyncio.Future[Any]] = [await spawn(g.do_result("k", loader))]
-        for i in range(18):
-            calls.append(await spawn((g.do_result if i % 2 else g.do)("k", never_called)))
-        calls.append(g.do_future("k", never_called))
-        gate.set()
-        await settle(*calls)
-        outcomes = [c.result() for c in calls]
-        values = [o.value if isinstance(o, Result) else o for o in outcomes]
-        assert loader.calls == 1 and all(v is loader.value for v in values)
-        assert all(o.shared for o in outcomes if isinstance(o, Result))
-        for suspend in (True, False):
-            alone = await g.do_result("alone", ALoader("alone", suspend=suspend))
-            assert alone.shared is False
-
-        old_gate, new_gate = asyncio.Event(), asyncio.Event()
-        old, new = ALoader("old", gate=old_gate), ALoader("new", gate=new_gate)
-        old_caller = await spawn(g.do("f", old))
-        g.forget("f")
-        assert "f" not in g
-        new_callers = [await spawn(g.do("f", new)), await spawn(g.do("f", never_called))]
-        old_gate.set()
-        await settle(old_caller)
-        assert old_caller.result() is old.value and "f" in g
-        new_gate.set()
-        await settle(*new_callers)
-        assert all(c.result() is new.value for c in new_callers)
-        assert new.calls == 1 and old.value is not new.value
-
-        async def reenter() -> Token:
-            return await g.do("r", reenter)
-
-        with pytest.raises(RuntimeError, match="own key"):
-            await g.do("r", reenter)
-
-        async def reenter_later() -> Token:
-            await asyncio.sleep(0)
-            return await g.do("r2", reenter_later)
-
-        with pytest.raises(RuntimeError, match="own key"):
-            await g.do("r2", reenter_later)
-        unhashable = ALoader("u")
-        with pytest.raises(TypeError, match="hashable"):
-            await g.do(["list"], unhashable)
-        assert unhashable.calls == 0
-        assert len(g) == 0 and g.stats().in_flight == 0
-
-    run(main())
+# -- context variables -------------------------------------------------------------------------
 
 
 _REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")

@@ -1,4 +1,8 @@
-"""Tests of AnyIOGroup: the AsyncGroup contract, on asyncio and on trio.
+"""AnyIOGroup on asyncio and on trio: what only it has.
+
+The contract every group keeps is in tests/groups/test_contract.py (AnyIOGroup on both
+backends included); this file has what is particular to AnyIOGroup: cancel scopes, its
+loader's task, runs of either backend ending, max_flights, timeouts, FlightFuture.
 
 Every test runs on both backends (anyio's pytest plugin, ``anyio_backend``
 params) with real tasks, under ``anyio.fail_after`` and a pytest-timeout mark,
@@ -10,12 +14,10 @@ counters (``stats().calls``), not by sleeps.
 from __future__ import annotations
 
 import contextvars
-import gc
 import random
 import subprocess
 import sys
 import textwrap
-import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import CancelledError as FutureCancelled
@@ -38,9 +40,9 @@ from singleflight.events import (
     TimedOut,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.timeout(15)]
+from .._support import WAIT, AsyncLoader, Boom, Stop, Token, spin, until
 
-WAIT = 5.0  # seconds any single test may take on its own clock
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(15)]
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -49,63 +51,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-class Token:
-    """A loader's value: compared by identity, and weakly referenceable."""
-
-    def __init__(self, name: str = "") -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"Token({self.name!r})"
-
-
-class Boom(Exception):
-    """A loader's failure."""
-
-
-class Stop(BaseException):
-    """A BaseException that is not an Exception."""
-
-
-class Loader:
-    """An async loader that counts its calls, records its task, and waits on ``gate``."""
-
-    def __init__(
-        self,
-        name: str = "v",
-        *,
-        gate: anyio.Event | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        self.value = Token(name)
-        self.gate = gate
-        self.error = error
-        self.calls = 0
-        self.args: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        self.task_ids: list[int] = []
-        self.started = anyio.Event()
-        self.finished = anyio.Event()
-        self.cancelled = anyio.Event()
-
-    async def __call__(self, *args: Any, **kwargs: Any) -> Token:
-        self.calls += 1
-        self.args.append((args, kwargs))
-        self.task_ids.append(anyio.get_current_task().id)  # first line: before any await
-        self.started.set()
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            else:
-                await anyio.sleep(0)
-        except anyio.get_cancelled_exc_class():
-            self.cancelled.set()
-            raise
-        self.finished.set()
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 class Caller:
@@ -144,17 +89,6 @@ class Caller:
         return self.value if self.error is None else self.error
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Let other tasks run until ``condition`` holds (the test's fail_after bounds it)."""
-    while not condition():
-        await anyio.sleep(0)
-
-
-async def spin(n: int = 5) -> None:
-    for _ in range(n):
-        await anyio.sleep(0)
-
-
 async def enter(tg: Any, g: AnyIOGroup[Any, Any], callers: list[Caller]) -> None:
     """Start ``callers`` in order, each one in the group before the next starts."""
     for c in callers:
@@ -171,7 +105,7 @@ async def test_one_execution_per_key_same_object_for_all(entry: str) -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup()
         gate = anyio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         callers = [Caller(g, "k", loader, entry if i % 2 else "do") for i in range(20)]
         async with anyio.create_task_group() as tg:
             await enter(tg, g, callers)
@@ -186,67 +120,6 @@ async def test_one_execution_per_key_same_object_for_all(entry: str) -> None:
         assert s.wait_seconds > 0
 
 
-async def test_args_and_kwargs_reach_the_loader() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup()
-        loader = Loader()
-        assert await g.do("k", loader, 1, 2, x=3) is loader.value
-        assert loader.args == [((1, 2), {"x": 3})]
-
-
-async def test_entry_removed_before_any_caller_sees_result() -> None:
-    """Every caller, when it gets the value, finds the key gone: a new call starts a new flight."""
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup()
-        gate = anyio.Event()
-        loader = Loader(gate=gate)
-        seen: list[bool] = []
-
-        async def call() -> None:
-            v = await g.do("k", loader)
-            seen.append("k" in g)
-            assert v is loader.value
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(5):
-                tg.start_soon(call)
-            await until(lambda: g.stats().calls == 5)
-            gate.set()
-        assert seen == [False] * 5 and loader.calls == 1
-        later = Loader("later")
-        assert await g.do("k", later) is later.value and later.calls == 1
-        assert len(g) == 0
-
-
-@pytest.mark.parametrize("entry", ["do", "do_result"])
-async def test_sequential_calls_are_not_cached(entry: str) -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Any] = AnyIOGroup()
-        a, b = Loader("a"), Loader("b")
-        ra = await getattr(g, entry)("k", a)
-        rb = await getattr(g, entry)("k", b)
-        if entry == "do_result":
-            assert ra == Result(a.value, None, False) and rb == Result(b.value, None, False)
-        else:
-            assert (ra, rb) == (a.value, b.value)
-        assert a.calls == b.calls == 1
-
-
-async def test_shared_flag_false_alone_true_with_a_joiner() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup()
-        alone = await g.do_result("k", Loader())
-        assert alone.shared is False
-        gate = anyio.Event()
-        loader = Loader(gate=gate)
-        callers = [Caller(g, "k", loader, "do_result") for _ in range(2)]
-        async with anyio.create_task_group() as tg:
-            await enter(tg, g, callers)
-            gate.set()
-        for c in callers:
-            assert c.result == Result(loader.value, None, True)
-
-
 # -- errors --------------------------------------------------------------------------------
 
 
@@ -255,7 +128,7 @@ async def test_loader_exception_is_the_same_object_for_every_caller() -> None:
         g: AnyIOGroup[str, Token] = AnyIOGroup()
         gate = anyio.Event()
         boom = Boom("x")
-        loader = Loader(gate=gate, error=boom)
+        loader = AsyncLoader(gate=gate, raises=boom)
         callers = [Caller(g, "k", loader, "do" if i % 2 else "do_result") for i in range(6)]
         async with anyio.create_task_group() as tg:
             await enter(tg, g, callers)
@@ -266,7 +139,7 @@ async def test_loader_exception_is_the_same_object_for_every_caller() -> None:
         assert len(list(_frames(boom.__traceback__))) <= 6
         assert g.stats().errors == 1 and len(g) == 0
         # The key is usable again after a failure.
-        assert await g.do("k", Loader("ok")) is not None
+        assert await g.do("k", AsyncLoader(name="ok")) is not None
 
 
 def _frames(tb: Any) -> Any:
@@ -314,18 +187,6 @@ async def test_loader_ending_by_base_exception_or_cancelled_gives_aborted_error(
         assert isinstance(events[-1], FlightAborted) and events[-1].cause is cause
 
 
-async def test_unhashable_key_type_error_before_anything_runs() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[Any, Token] = AnyIOGroup()
-        loader = Loader()
-        for key in ([1], {"a": 1}, {1}):
-            with pytest.raises(TypeError, match="hashable"):
-                await g.do(key, loader)
-            with pytest.raises(TypeError, match="hashable"):
-                await g.do_result(key, loader)
-        assert loader.calls == 0 and len(g) == 0 and g.stats().calls == 0
-
-
 async def test_bad_fn_type_errors() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Any] = AnyIOGroup()
@@ -349,26 +210,6 @@ async def test_bad_options() -> None:
         AnyIOGroup(cancel_orphaned="yes")  # type: ignore[arg-type]
 
 
-async def test_loader_calling_own_key_gets_runtime_error_naming_it() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Any] = AnyIOGroup()
-
-        async def inner() -> int:
-            return 1
-
-        async def reentrant() -> str:
-            with pytest.raises(RuntimeError, match="'self-key'"):
-                await g.do("self-key", inner)
-            with pytest.raises(RuntimeError, match="'self-key'"):
-                await g.do_result("self-key", inner)
-            # Other keys are fine from the loader.
-            assert await g.do("other", inner) == 1
-            return "outer"
-
-        assert await g.do("self-key", reentrant) == "outer"
-        assert len(g) == 0
-
-
 # -- the loader's own task, and cancellation ------------------------------------------------
 
 
@@ -378,7 +219,7 @@ async def test_loader_runs_in_its_own_task_and_sees_leaders_context() -> None:
         var.set("leader")
         g: AnyIOGroup[str, Any] = AnyIOGroup()
         seen: list[str] = []
-        loader = Loader()
+        loader = AsyncLoader()
 
         async def fn() -> Token:
             seen.append(var.get())
@@ -399,7 +240,7 @@ async def test_cancelling_one_caller_leaves_the_others_alone(
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=cancel_orphaned)
         gate = anyio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         callers = [Caller(g, "k", loader, "do" if i % 2 else "do_result") for i in range(3)]
         async with anyio.create_task_group() as tg:
             await enter(tg, g, callers)
@@ -420,7 +261,7 @@ async def test_move_on_after_leaves_the_flight_for_the_others() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=True)
         gate = anyio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         got: list[Any] = []
 
         async def patient() -> None:
@@ -440,7 +281,7 @@ async def test_all_callers_cancelled_default_loader_runs_on() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup()
         gate = anyio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         callers = [Caller(g, "k", loader) for _ in range(3)]
         async with anyio.create_task_group() as tg:
             await enter(tg, g, callers)
@@ -460,7 +301,7 @@ async def test_cancel_orphaned_cancels_loader_when_last_caller_leaves_not_before
         events: list[Event] = []
         g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=True, on_event=events.append)
         gate = anyio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         callers = [Caller(g, "k", loader) for _ in range(3)]
         async with anyio.create_task_group() as tg:
             await enter(tg, g, callers)
@@ -478,13 +319,14 @@ async def test_cancel_orphaned_cancels_loader_when_last_caller_leaves_not_before
         await until(lambda: g.stats().aborted == 1)
         assert len(g) == 0 and not loader.finished.is_set()
         assert isinstance(events[-1], FlightAborted) and events[-1].callers == 3
-        assert await g.do("k", Loader("new")) is not loader.value
+        new = AsyncLoader(name="new")
+        assert await g.do("k", new) is new.value and new.calls == 1
 
 
 async def test_cancel_orphaned_before_the_loader_ran_aborts_it() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=True)
-        loader = Loader()
+        loader = AsyncLoader()
         with anyio.CancelScope() as scope:
             scope.cancel()
             await g.do("k", loader)
@@ -499,81 +341,7 @@ async def test_cancel_orphaned_before_the_loader_ran_aborts_it() -> None:
 # -- forget ----------------------------------------------------------------------------------
 
 
-async def test_forget_starts_a_new_flight_and_old_one_never_removes_it() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup()
-        gate1, gate2 = anyio.Event(), anyio.Event()
-        first, second = Loader("1", gate=gate1, error=Boom("old")), Loader("2", gate=gate2)
-        c1 = Caller(g, "k", first)
-        c2 = Caller(g, "k", second)
-        c3 = Caller(g, "k", Loader("never"))
-        async with anyio.create_task_group() as tg:
-            await enter(tg, g, [c1])
-            g.forget("k")
-            assert "k" not in g
-            g.forget("absent")  # no-op
-            await enter(tg, g, [c2])
-            gate1.set()  # the old flight fails and ends...
-            await c1.done.wait()
-            assert "k" in g  # ...without removing the newer one
-            await enter(tg, g, [c3])  # joins the newer flight
-            gate2.set()
-        assert isinstance(c1.got(), Boom)
-        assert c2.got() is second.value and c3.got() is second.value
-        assert first.calls == second.calls == 1 and len(g) == 0
-
-
-async def test_forget_unshared() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Token] = AnyIOGroup()
-        assert g.forget_unshared("absent") is True
-        gate = anyio.Event()
-        loader = Loader(gate=gate)
-        lone = Caller(g, "lone", loader)
-        shared = [Caller(g, "shared", loader) for _ in range(2)]
-        async with anyio.create_task_group() as tg:
-            await enter(tg, g, [lone, *shared])
-            assert g.forget_unshared("shared") is False and "shared" in g
-            assert g.forget_unshared("lone") is True and "lone" not in g
-            gate.set()
-        assert lone.got() is loader.value and all(c.got() is loader.value for c in shared)
-        assert len(g) == 0
-
-
-async def test_forget_from_inside_the_loader() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Any] = AnyIOGroup()
-        inner = Loader("inner")
-
-        async def fn() -> Any:
-            g.forget("k")
-            # The key is free: this is a new flight, not a re-entry.
-            return await g.do("k", inner)
-
-        assert await g.do("k", fn) is inner.value
-        assert len(g) == 0
-
-
 # -- references, runs, events ----------------------------------------------------------------
-
-
-async def test_finished_group_holds_no_references() -> None:
-    with anyio.fail_after(WAIT):
-        g: AnyIOGroup[str, Any] = AnyIOGroup()
-        refs: list[weakref.ref[Any]] = []
-        for error in (None, Boom("e"), Stop()):
-            gate = anyio.Event()
-            loader = Loader(gate=gate, error=error)
-            callers = [Caller(g, f"k{error!r}", loader, "do_result") for _ in range(3)]
-            async with anyio.create_task_group() as tg:
-                await enter(tg, g, callers)
-                gate.set()
-            refs.append(weakref.ref(callers[0].got()))
-            del callers, loader, error, gate
-        await spin()
-        gc.collect()
-        assert len(g) == 0
-        assert [r() for r in refs] == [None] * len(refs)
 
 
 async def test_events_and_stats() -> None:
@@ -581,13 +349,13 @@ async def test_events_and_stats() -> None:
         events: list[Event] = []
         g: AnyIOGroup[str, Token] = AnyIOGroup(name="users", on_event=events.append)
         gate = anyio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         callers = [Caller(g, "k", loader) for _ in range(3)]
         async with anyio.create_task_group() as tg:
             await enter(tg, g, callers)
             gate.set()
         with pytest.raises(Boom):
-            await g.do("bad", Loader(error=Boom()))
+            await g.do("bad", AsyncLoader(raises=Boom()))
         kinds = [type(e) for e in events]
         assert kinds == [FlightStarted, Joined, Joined, FlightFinished, FlightStarted, FlightFailed]
         assert {e.group for e in events} == {"users"}  # type: ignore[union-attr]
@@ -607,7 +375,7 @@ async def test_hook_that_raises_is_logged_not_propagated(caplog: pytest.LogCaptu
             raise ValueError("broken exporter")
 
         g: AnyIOGroup[str, Token] = AnyIOGroup(on_event=hook)
-        loader = Loader()
+        loader = AsyncLoader()
         assert await g.do("k", loader) is loader.value
         assert "broken exporter" in caplog.text
 
@@ -617,7 +385,7 @@ def test_one_group_across_sequential_runs_of_both_backends() -> None:
 
     async def main() -> None:
         with anyio.fail_after(WAIT):
-            loader = Loader()
+            loader = AsyncLoader()
             assert await g.do("k", loader) is loader.value
 
     for backend in ("asyncio", "trio", "asyncio", "trio"):
@@ -630,18 +398,17 @@ def test_one_group_across_sequential_runs_of_both_backends() -> None:
 def test_run_ending_with_a_flight_pending_leaves_nothing_behind(backend: str) -> None:
     """The run ends while a loader waits: the loader is cancelled and the flight ends aborted."""
     g: AnyIOGroup[str, Token] = AnyIOGroup()
-    seen: list[Loader] = []
+    seen: list[AsyncLoader] = []
 
     async def main() -> None:
         with anyio.fail_after(WAIT):
-            loader = Loader(gate=anyio.Event())  # never set
+            loader = AsyncLoader(gate=anyio.Event())  # never set
             seen.append(loader)
             with anyio.move_on_after(0.01):
                 await g.do("k", loader)
             assert "k" in g
 
     anyio.run(main, backend=backend)
-    gc.collect()
     assert seen[0].cancelled.is_set() and not seen[0].finished.is_set()
     assert len(g) == 0 and g.stats().aborted == 1
 
@@ -654,12 +421,12 @@ def test_trio_run_ending_gives_a_shielded_waiter_aborted_error() -> None:
     g: AnyIOGroup[str, Token] = AnyIOGroup()
     got: list[Any] = []
 
-    async def waiter(loader: Loader) -> None:
+    async def waiter(loader: AsyncLoader) -> None:
         with trio.CancelScope(shield=True), trio.fail_after(WAIT):
             got.append(await g.do_result("k", loader))
 
     async def main() -> None:
-        loader = Loader(gate=anyio.Event())  # never set
+        loader = AsyncLoader(gate=anyio.Event())  # never set
         trio.lowlevel.spawn_system_task(waiter, loader)
         with trio.fail_after(WAIT):
             await loader.started.wait()
@@ -674,7 +441,7 @@ def test_outside_any_event_loop() -> None:
     g: AnyIOGroup[str, Token] = AnyIOGroup()
     assert len(g) == 0 and "k" not in g and g.forget_unshared("k") is True
     g.forget("k")
-    coro = g.do("k", Loader)
+    coro = g.do("k", AsyncLoader)
     with pytest.raises(RuntimeError, match="asyncio event loop or trio"):
         coro.send(None)
     coro.close()
@@ -727,9 +494,9 @@ async def test_max_flights_raise_refuses_new_keys_never_joins() -> None:
         events: list[Event] = []
         g: AnyIOGroup[str, Token] = AnyIOGroup(name="lim", max_flights=2, on_event=events.append)
         gates = {k: anyio.Event() for k in ("a", "b")}
-        loaders = {k: Loader(k, gate=gates[k]) for k in gates}
+        loaders = {k: AsyncLoader(name=k, gate=gates[k]) for k in gates}
         leaders = {k: Caller(g, k, loaders[k]) for k in gates}
-        c = Loader("c")
+        c = AsyncLoader(name="c")
         async with anyio.create_task_group() as tg:
             await enter(tg, g, list(leaders.values()))
             for entry in ("do", "do_result"):
@@ -764,7 +531,7 @@ async def test_max_flights_wait_blocks_until_a_slot_frees() -> None:
             max_flights=1, on_limit="wait", on_event=events.append
         )
         gate = anyio.Event()
-        a, b, c = Loader("a", gate=gate), Loader("b"), Loader("c")
+        a, b, c = AsyncLoader(name="a", gate=gate), AsyncLoader(name="b"), AsyncLoader(name="c")
         leader, waiter = Caller(g, "a", a), Caller(g, "b", b, "do_result")
         async with anyio.create_task_group() as tg:
             await enter(tg, g, [leader])
@@ -790,9 +557,9 @@ async def test_callers_of_one_key_waiting_for_a_slot_share_its_flight(
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(max_flights=1, on_limit="wait")
         gate, b_gate = anyio.Event(), anyio.Event()
-        b = Loader("b", gate=b_gate)
+        b = AsyncLoader(name="b", gate=b_gate)
         async with anyio.create_task_group() as tg:
-            await enter(tg, g, [Caller(g, "a", Loader("a", gate=gate))])
+            await enter(tg, g, [Caller(g, "a", AsyncLoader(name="a", gate=gate))])
             first = Caller(g, "b", b, entries[0])
             await park(tg, g, [first])
             if entries[1] == "future":
@@ -823,7 +590,7 @@ async def test_slot_is_freed_when_a_flight_leaves_the_table(how: str) -> None:
         )
         gate = anyio.Event()
         error = {"error": Boom("a"), "aborted": Stop()}.get(how)
-        a, b = Loader("a", gate=gate, error=error), Loader("b")
+        a, b = AsyncLoader(name="a", gate=gate, raises=error), AsyncLoader(name="b")
         leader, waiter = Caller(g, "a", a), Caller(g, "b", b)
         async with anyio.create_task_group() as tg:
             await enter(tg, g, [leader])
@@ -857,7 +624,10 @@ async def test_forget_unshared_frees_a_slot() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(max_flights=1, on_limit="wait")
         gate = anyio.Event()
-        leader, waiter = Caller(g, "a", Loader("a", gate=gate)), Caller(g, "b", Loader("b"))
+        leader, waiter = (
+            Caller(g, "a", AsyncLoader(name="a", gate=gate)),
+            Caller(g, "b", AsyncLoader(name="b")),
+        )
         async with anyio.create_task_group() as tg:
             await enter(tg, g, [leader])
             await park(tg, g, [waiter])
@@ -871,9 +641,9 @@ async def test_caller_cancelled_while_waiting_for_a_slot_leaves_the_queue() -> N
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(max_flights=1, on_limit="wait")
         gate = anyio.Event()
-        b, c = Loader("b"), Loader("c")
+        b, c = AsyncLoader(name="b"), AsyncLoader(name="c")
         leader, quitter, patient = (
-            Caller(g, "a", Loader("a", gate=gate)),
+            Caller(g, "a", AsyncLoader(name="a", gate=gate)),
             Caller(g, "b", b),
             Caller(g, "c", c),
         )
@@ -893,9 +663,9 @@ async def test_slot_handed_to_a_caller_cancelled_in_that_step_goes_to_the_next()
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(max_flights=1, on_limit="wait")
         gate = anyio.Event()
-        b, c = Loader("b"), Loader("c")
+        b, c = AsyncLoader(name="b"), AsyncLoader(name="c")
         leader, first, second = (
-            Caller(g, "a", Loader("a", gate=gate)),
+            Caller(g, "a", AsyncLoader(name="a", gate=gate)),
             Caller(g, "b", b),
             Caller(g, "c", c),
         )
@@ -919,9 +689,9 @@ async def test_do_future_cancelled_while_waiting_for_a_slot_starts_nothing() -> 
             max_flights=1, on_limit="wait", on_event=events.append
         )
         gate = anyio.Event()
-        c = Loader("c")
+        c = AsyncLoader(name="c")
         async with anyio.create_task_group() as tg:
-            await enter(tg, g, [Caller(g, "a", Loader("a", gate=gate))])
+            await enter(tg, g, [Caller(g, "a", AsyncLoader(name="a", gate=gate))])
             future = g.do_future("c", c)
             await until(lambda: parked(g) == 1)
             assert future.cancel() is True and future.cancelled() and future.done()
@@ -942,9 +712,9 @@ async def test_do_future_cancelled_before_its_task_ran_starts_nothing() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(max_flights=1, on_limit="wait")
         gate = anyio.Event()
-        c = Loader("c")
+        c = AsyncLoader(name="c")
         async with anyio.create_task_group() as tg:
-            await enter(tg, g, [Caller(g, "a", Loader("a", gate=gate))])
+            await enter(tg, g, [Caller(g, "a", AsyncLoader(name="a", gate=gate))])
             future = g.do_future("c", c)
             g.forget("a")  # the slot is free...
             assert future.cancel()  # ...but this caller has left
@@ -960,7 +730,7 @@ def test_run_ending_while_a_do_future_waits_for_a_slot_gives_aborted_error(backe
 
     async def main() -> None:
         with anyio.fail_after(WAIT):
-            g.do_future("a", Loader("a", gate=anyio.Event()))  # never set
+            g.do_future("a", AsyncLoader(name="a", gate=anyio.Event()))  # never set
             futures.append(g.do_future("b", never_called))
             await until(lambda: parked(g) == 1)
 
@@ -977,7 +747,7 @@ async def test_timeout_callers_leave_the_flight_goes_on() -> None:
         events: list[Event] = []
         g: AnyIOGroup[str, Token] = AnyIOGroup(timeout=0.3, on_event=events.append)
         gate = anyio.Event()
-        loader = Loader("v", gate=gate)
+        loader = AsyncLoader(name="v", gate=gate)
         leader, joiner = Caller(g, "k", loader), Caller(g, "k", never_called, "do_result")
         async with anyio.create_task_group() as tg:
             await enter(tg, g, [leader, joiner])
@@ -1012,7 +782,7 @@ async def test_timeout_of_the_last_caller_with_cancel_orphaned_cancels_the_loade
         g: AnyIOGroup[str, Token] = AnyIOGroup(
             timeout=0.1, cancel_orphaned=True, on_event=events.append
         )
-        loader = Loader("v", gate=anyio.Event())
+        loader = AsyncLoader(name="v", gate=anyio.Event())
         with pytest.raises(WaitTimeoutError):
             await g.do("k", loader)
         await loader.cancelled.wait()
@@ -1027,7 +797,7 @@ async def test_timeout_is_one_deadline_for_the_slot_and_the_outcome() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(max_flights=1, on_limit="wait", timeout=1.0)
         gate = anyio.Event()
-        b = Loader("b", gate=anyio.Event())  # never set
+        b = AsyncLoader(name="b", gate=anyio.Event())  # never set
         got: list[BaseException] = []
         begun = anyio.current_time()
 
@@ -1038,7 +808,7 @@ async def test_timeout_is_one_deadline_for_the_slot_and_the_outcome() -> None:
                 got.append(exc)
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(g.do_result, "a", Loader("a", gate=gate))
+            tg.start_soon(g.do_result, "a", AsyncLoader(name="a", gate=gate))
             await until(lambda: "a" in g)
             tg.start_soon(call_b)
             await until(lambda: parked(g) == 1)
@@ -1059,7 +829,7 @@ async def test_timeout_while_waiting_for_a_slot() -> None:
             max_flights=1, on_limit="wait", timeout=0.2, on_event=events.append
         )
         gate = anyio.Event()
-        a, b = Loader("a", gate=gate), Loader("b")
+        a, b = AsyncLoader(name="a", gate=gate), AsyncLoader(name="b")
         leader = Caller(g, "a", a)
         async with anyio.create_task_group() as tg:
             await enter(tg, g, [leader])
@@ -1085,7 +855,7 @@ async def test_do_future_with_a_free_slot_is_not_bound_by_timeout() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(timeout=0.05, max_flights=4, on_limit="wait")
         gate = anyio.Event()
-        loader = Loader("v", gate=gate)
+        loader = AsyncLoader(name="v", gate=gate)
         future = g.do_future("k", loader)
         await anyio.sleep(0.2)
         gate.set()
@@ -1098,10 +868,10 @@ async def test_loader_timeout_fails_the_flight_for_every_caller_and_frees_its_sl
         g: AnyIOGroup[str, Token] = AnyIOGroup(
             loader_timeout=0.2, max_flights=1, on_limit="wait", on_event=events.append
         )
-        loader = Loader("slow", gate=anyio.Event())  # never set
+        loader = AsyncLoader(name="slow", gate=anyio.Event())  # never set
         begun = anyio.current_time()
         callers = [Caller(g, "k", loader), Caller(g, "k", never_called, "do_result")]
-        parked_one = Caller(g, "other", Loader("other"))
+        parked_one = Caller(g, "other", AsyncLoader(name="other"))
         async with anyio.create_task_group() as tg:
             await enter(tg, g, callers)
             future = g.do_future("k", never_called)
@@ -1120,7 +890,7 @@ async def test_loader_timeout_fails_the_flight_for_every_caller_and_frees_its_sl
         assert (s.errors, s.aborted, s.timeouts, s.flights, s.joins) == (1, 0, 0, 2, 2)
         failed = [e for e in events if isinstance(e, FlightFailed)]
         assert len(failed) == 1 and failed[0].error is err and failed[0].duration >= 0.2 * 0.99
-        fast = Loader("fast")
+        fast = AsyncLoader(name="fast")
         assert await g.do("k", fast) is fast.value
 
 
@@ -1129,16 +899,16 @@ async def test_loader_timeout_passes_the_loaders_own_timeout_error_through() -> 
         own = TimeoutError("upstream timed out")
         g: AnyIOGroup[str, Token] = AnyIOGroup(loader_timeout=1.0)
         with pytest.raises(TimeoutError) as info:
-            await g.do("k", Loader("s", error=own))
+            await g.do("k", AsyncLoader(name="s", raises=own))
         assert info.value is own
         # A caller's timeout shorter than loader_timeout is still a WaitTimeoutError...
         g2: AnyIOGroup[str, Token] = AnyIOGroup(loader_timeout=5.0, timeout=0.1)
         with pytest.raises(WaitTimeoutError):
-            await g2.do("k", Loader("w", gate=anyio.Event()))
+            await g2.do("k", AsyncLoader(name="w", gate=anyio.Event()))
         # ... and a loader_timeout shorter than the caller's timeout a plain TimeoutError.
         g3: AnyIOGroup[str, Token] = AnyIOGroup(loader_timeout=0.1, timeout=5.0)
         with pytest.raises(TimeoutError) as info:
-            await g3.do("k", Loader("w", gate=anyio.Event()))
+            await g3.do("k", AsyncLoader(name="w", gate=anyio.Event()))
         assert not isinstance(info.value, WaitTimeoutError) and "loader_timeout" in str(info.value)
         assert (g3.stats().timeouts, g3.stats().errors) == (0, 1)
 
@@ -1150,7 +920,7 @@ async def test_do_future_happy_path_one_flight_for_futures_and_callers() -> None
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup()
         gate = anyio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         first = g.do_future("k", loader)
         futures = [first, g.do_future("k", never_called)]
         assert not first.done() and not first.cancelled() and "pending" in repr(first)
@@ -1177,7 +947,10 @@ async def test_do_future_error_is_the_flights(error: BaseException) -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup()
         gate = anyio.Event()
-        futures = [g.do_future("k", Loader(gate=gate, error=error)), g.do_future("k", never_called)]
+        futures = [
+            g.do_future("k", AsyncLoader(gate=gate, raises=error)),
+            g.do_future("k", never_called),
+        ]
         gate.set()
         for f in futures:
             with pytest.raises(Exception) as info:
@@ -1193,7 +966,7 @@ async def test_do_future_cancel_leaves_the_flight_to_the_others() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=True)
         gate = anyio.Event()
-        loader = Loader(gate=gate)
+        loader = AsyncLoader(gate=gate)
         leaver, stayer = g.do_future("k", loader), g.do_future("k", never_called)
         waiting: list[BaseException] = []
 
@@ -1221,7 +994,7 @@ async def test_do_future_cancel_leaves_the_flight_to_the_others() -> None:
 async def test_do_future_cancelled_awaiter_cancels_it_and_last_one_aborts_the_loader() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[str, Token] = AnyIOGroup(cancel_orphaned=True)
-        loader = Loader(gate=anyio.Event())  # never set
+        loader = AsyncLoader(gate=anyio.Event())  # never set
         future = g.do_future("k", loader)
         await loader.started.wait()
         with anyio.move_on_after(0.01) as scope:
@@ -1236,13 +1009,13 @@ async def test_do_future_usage_errors_raised_at_once() -> None:
     with anyio.fail_after(WAIT):
         g: AnyIOGroup[Any, Any] = AnyIOGroup(max_flights=1, on_limit="wait")
         with pytest.raises(TypeError, match="hashable"):
-            g.do_future(["list"], Loader())
+            g.do_future(["list"], AsyncLoader())
         with pytest.raises(TypeError, match="fn must be an async function"):
             g.do_future("k", 42)  # type: ignore[arg-type]
 
         async def reentrant() -> str:
             with pytest.raises(RuntimeError, match="'self-key'"):
-                g.do_future("self-key", Loader())
+                g.do_future("self-key", AsyncLoader())
             return "outer"
 
         assert await g.do("self-key", reentrant) == "outer"
@@ -1252,7 +1025,7 @@ async def test_do_future_usage_errors_raised_at_once() -> None:
 def test_do_future_outside_any_event_loop_says_so() -> None:
     g: AnyIOGroup[str, Token] = AnyIOGroup()
     with pytest.raises(RuntimeError, match="asyncio event loop or trio"):
-        g.do_future("k", Loader())
+        g.do_future("k", AsyncLoader())
 
 
 # -- options ---------------------------------------------------------------------------------
