@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import itertools
 import sys
-import threading
-import weakref
 from asyncio import (
     AbstractEventLoop,
     CancelledError,
@@ -34,22 +31,23 @@ from inspect import isawaitable
 from time import perf_counter
 from typing import Any, Generic, Literal, NoReturn, ParamSpec, TypeVar
 
-from . import _flight
-from ._flight import Flight, reentry_error, remove, waiter_error
-from ._options import check_flag, check_options, check_seconds
-from ._result import Result
-from .errors import AbortedError, TooManyFlightsError, WaitTimeoutError
-from .events import (
-    EventHook,
-    FlightAborted,
-    FlightFailed,
-    FlightFinished,
-    FlightStarted,
-    Joined,
-    Rejected,
-    TimedOut,
-    emit,
+from ._flight import (
+    Flight,
+    Full,
+    Table,
+    bad_key,
+    check_flag,
+    check_fn,
+    check_options,
+    check_seconds,
+    reentry_error,
+    waiter_error,
 )
+from ._flight import stats as _stats
+from ._loops import LoopState, Registry, asyncio_call_soon, wake_in_loop
+from ._result import Result
+from .errors import AbortedError, WaitTimeoutError
+from .events import Event, EventHook, emit
 from .stats import GroupStats
 
 __all__ = ["AsyncGroup"]
@@ -75,56 +73,16 @@ else:  # pragma: no cover - exercised on 3.11 only
 # context saves a copy_context() per flight.
 _NO_CONTEXT = contextvars.Context()
 
-# Flight ids in events (a flight's record may not exist when it starts).
-_flight_ids = itertools.count(1)
 
+class _LoopState(LoopState):
+    """One event loop's flights of a group; only that loop's thread touches it."""
 
-class _LoopState:
-    """One event loop's flights of a group, and its counters.
+    __slots__ = ("slot_waiters",)
 
-    Only that loop's thread touches it, so the counters need no lock;
-    ``AsyncGroup.stats()`` adds them up over the loops.
-    """
-
-    __slots__ = (
-        "aborted",
-        "errors",
-        "finalizer",
-        "flights",
-        "hook",
-        "joins",
-        "name",
-        "rejected",
-        "shared",
-        "slot_waiters",
-        "table",
-        "timeouts",
-        "wait_seconds",
-    )
-
-    def __init__(self, name: str, hook: EventHook | None) -> None:
-        self.table: dict[Any, _AsyncFlight] = {}
-        # The group's name and hook, not the group: a state outliving its
-        # group (in a finalizer) must not keep it alive.
-        self.name = name
-        self.hook = hook
-        self.finalizer: weakref.finalize[Any, Any] | None = None
-        self.flights = self.joins = self.shared = self.errors = self.aborted = 0
-        self.timeouts = self.rejected = 0
-        self.wait_seconds = 0.0
+    def __init__(self, table: Table[_AsyncFlight], loop: AbstractEventLoop) -> None:
+        super().__init__(table, asyncio_call_soon(loop))
         # Callers waiting for a slot under max_flights with on_limit="wait".
         self.slot_waiters: list[asyncio.Future[None]] = []
-
-    def add_to(self, totals: _LoopState) -> None:
-        """Fold these counters into ``totals`` (a loop is gone; its counts are not)."""
-        totals.flights += self.flights
-        totals.joins += self.joins
-        totals.shared += self.shared
-        totals.errors += self.errors
-        totals.aborted += self.aborted
-        totals.timeouts += self.timeouts
-        totals.rejected += self.rejected
-        totals.wait_seconds += self.wait_seconds
 
     def free_slot(self) -> None:
         """A flight left the table: let the first caller waiting for a slot retry."""
@@ -134,43 +92,33 @@ class _LoopState:
                 waiter.set_result(None)
                 return
 
+    def wake_slot_waiters(self) -> None:
+        """A flight started: callers of its key waiting for a slot may join it now; the
+        others look again and wait on."""
+        waiting, self.slot_waiters = self.slot_waiters, []
+        for slot in waiting:
+            if not slot.done():
+                slot.set_result(None)
+
 
 class _AsyncFlight(Flight):
     """A flight whose loader task is running, and the futures of its callers.
 
     ``waiters`` is the first caller's future, or a list once a second one waits
-    (most flights have one caller).  ``left`` counts the callers that stopped
-    waiting, for ``cancel_orphaned``; counting those (rare) rather than the
-    callers still waiting keeps the join path free of it.  ``joined_at`` sums
-    the joiners' join times, for ``wait_seconds``.  The flight is its task's
-    done callback: a bound method would cost an object per flight.
+    (most flights have one caller).  ``task`` is None while the task starts
+    (only the loader can run then: a caller finding it is the loader
+    re-entering).  The flight is its task's done callback: a bound method would
+    cost an object per flight.
     """
 
-    __slots__ = (
-        "fid",
-        "joined_at",
-        "joiners_left",
-        "key",
-        "left",
-        "started",
-        "state",
-        "task",
-        "waiters",
-    )
-    # Set only in a group with options (events, limits, timeouts): its start
-    # time and its id in events.
-    started: float
-    fid: int
+    __slots__ = ("state", "task", "waiters")
 
-    def __init__(self, state: _LoopState, key: object, task: Task[Any]) -> None:
+    def __init__(self, state: _LoopState, key: object, task: Task[Any] | None) -> None:
+        self.key = key
         self.dups = 0
         self.state = state
-        self.key = key
         self.task = task
         self.waiters: asyncio.Future[Any] | list[asyncio.Future[Any]] | None = None
-        self.left = 0
-        self.joiners_left = 0
-        self.joined_at = 0.0
 
     def add_waiter(self, loop: AbstractEventLoop) -> asyncio.Future[Any]:
         future: Future[Any] = Future(loop=loop)
@@ -184,32 +132,21 @@ class _AsyncFlight(Flight):
         return future
 
     def __call__(self, task: asyncio.Future[Any]) -> None:
-        """The loader task is done: remove the flight, then hand its outcome to every waiter."""
-        state = self.state
-        remove(state.table, self.key, self)
-        value = None
-        error: Exception | None = None
-        cause: BaseException | None = None
+        """The loader task is done: settle the flight, then hand its outcome to every waiter."""
         if task.cancelled():
-            error = AbortedError(self.key, "its loader task was cancelled")
+            self.end(None, None, True)
         else:
-            cause = task.exception()
-            if cause is None:
-                value = task.result()
-            else:
-                error = waiter_error(self.key, cause)
-        if error is not None:
-            if isinstance(error, AbortedError):
-                state.aborted += 1
-            else:
-                state.errors += 1
-        if self.dups:
-            state.wait_seconds += (self.dups - self.joiners_left) * perf_counter() - self.joined_at
+            exc = task.exception()
+            self.end(None if exc is not None else task.result(), exc, False)
+
+    def end(self, value: Any, exc: BaseException | None, cancelled: bool) -> None:
+        state = self.state
+        table = state.table
+        error, told = table.settle(self, exc, cancelled)
         if state.slot_waiters:
             state.free_slot()
-        hook = state.hook
-        if hook is not None:
-            self.emit_end(hook, error, cause)
+        if told is not None:
+            emit(table.hook, told)  # type: ignore[arg-type]
         waiters = self.waiters
         if waiters is None:
             return
@@ -231,19 +168,6 @@ class _AsyncFlight(Flight):
                 # cancelled just after this) is no error to log.
                 future._log_traceback = False
 
-    def emit_end(
-        self, hook: EventHook, error: Exception | None, cause: BaseException | None
-    ) -> None:
-        name = self.state.name
-        duration = perf_counter() - self.started
-        callers = self.dups + 1
-        if error is None:
-            emit(hook, FlightFinished(name, self.key, self.fid, duration, callers))
-        elif isinstance(error, AbortedError):
-            emit(hook, FlightAborted(name, self.key, self.fid, duration, callers, cause))
-        else:
-            emit(hook, FlightFailed(name, self.key, self.fid, duration, callers, error))
-
 
 # In a table while a new flight's task is starting eagerly.  Only the loader
 # itself can run then, so any call that finds it is the loader re-entering.
@@ -254,19 +178,8 @@ _STARTING = _AsyncFlight(None, None, None)  # type: ignore[arg-type]
 _NOTHING: Any = object()
 
 
-def _dead_ref() -> None:
-    return None
-
-
 async def _await(awaitable: Awaitable[V]) -> V:
     return await awaitable
-
-
-class _NoSlot(Exception):
-    """Internal: max_flights is reached and the caller is to wait on ``slot``."""
-
-    def __init__(self, slot: asyncio.Future[None]) -> None:
-        self.slot = slot
 
 
 class AsyncGroup(Generic[K, V]):
@@ -294,15 +207,10 @@ class AsyncGroup(Generic[K, V]):
     __slots__ = (
         "__weakref__",
         "_cancel_orphaned",
-        "_current",
         "_loader_timeout",
-        "_max_flights",
-        "_on_event",
-        "_on_limit",
-        "_retired",
+        "_loops",
+        "_make_table",
         "_slow",
-        "_states",
-        "_states_lock",
         "_timeout",
         "name",
     )
@@ -323,9 +231,6 @@ class AsyncGroup(Generic[K, V]):
         check_flag("cancel_orphaned", cancel_orphaned)
         self._cancel_orphaned = cancel_orphaned
         self.name = name
-        self._on_event = on_event
-        self._max_flights = max_flights
-        self._on_limit = on_limit
         self._timeout = timeout
         self._loader_timeout = loader_timeout
         # Limits, timeouts and events take the general path; without them the
@@ -336,19 +241,10 @@ class AsyncGroup(Generic[K, V]):
             or timeout is not None
             or loader_timeout is not None
         )
-        self._states: weakref.WeakKeyDictionary[AbstractEventLoop, _LoopState] = (
-            weakref.WeakKeyDictionary()
+        self._make_table = partial(Table, name, on_event, max_flights, on_limit)
+        self._loops: Registry[_LoopState] = Registry(
+            lambda loop: _LoopState(self._make_table(), loop), self._make_table()
         )
-        # Reentrant: a loop collected while it is held runs _retire(), which takes it.
-        self._states_lock = threading.RLock()
-        # The last loop used and its state, read as one tuple so that threads
-        # running different loops never pair one loop with another's state.
-        self._current: tuple[Callable[[], AbstractEventLoop | None], _LoopState] = (
-            _dead_ref,
-            _LoopState(name, on_event),
-        )
-        # The counters of loops that are gone, so that stats() never goes back.
-        self._retired = _LoopState(name, on_event)
 
     async def do(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
@@ -361,8 +257,8 @@ class AsyncGroup(Generic[K, V]):
         same object, with the loader's traceback).  A loader task that ends
         cancelled, or stopped by another ``BaseException``, gives its callers
         :class:`AbortedError`, never a ``CancelledError`` they did not ask for.
-        ``TypeError`` for an unhashable key, before anything runs;
-        ``RuntimeError`` when the loader calls ``do`` on its own key.
+        ``TypeError`` for an unhashable key or a non-callable ``fn``, before
+        anything runs; ``RuntimeError`` when the loader calls ``do`` on its own key.
 
         Cancellation: cancelling a caller makes that caller alone raise
         ``CancelledError``; the flight and its other callers go on.  When the
@@ -371,16 +267,16 @@ class AsyncGroup(Generic[K, V]):
         """
         if self._slow:
             deadline = self._deadline()
-            flight, future = await self._admit(key, fn, args, kwargs, deadline)
-            return await self._wait(key, flight, future, deadline)  # type: ignore[no-any-return]
-        flight, future = self._enter(key, fn, args, kwargs)
+            flight, future, joined = await self._admit(key, fn, args, kwargs, deadline)
+            return await self._wait(key, flight, future, joined, deadline)  # type: ignore[no-any-return]
+        flight, future, joined = self._enter(key, fn, args, kwargs)
         del args, kwargs  # the loader has them; a parked caller need not keep them
         if flight is None:
-            return self._outcome(key, future)  # type: ignore[no-any-return]
+            return _outcome(key, future)  # type: ignore[no-any-return]
         try:
             return await future  # type: ignore[no-any-return]
         except CancelledError:
-            self._leave(flight, future)
+            self._leave(flight, joined, future)
             raise
 
     async def do_result(
@@ -391,29 +287,15 @@ class AsyncGroup(Generic[K, V]):
         ``Result.error`` holds the loader's :class:`Exception` or an
         :class:`AbortedError`.  Cancelling the caller still raises
         ``CancelledError`` in it, with the same effect on the flight as for
-        :meth:`do`; ``TypeError`` and ``RuntimeError`` are raised as by :meth:`do`.
+        :meth:`do`; ``TypeError``, ``RuntimeError`` and this caller's own
+        :class:`WaitTimeoutError` are raised as by :meth:`do`.
         """
-        if self._slow:
-            deadline = self._deadline()
-            flight, future = await self._admit(key, fn, args, kwargs, deadline)
-            try:
-                value = await self._wait(key, flight, future, deadline)
-            except WaitTimeoutError:
-                raise
-            except Exception as exc:
-                return Result(None, exc, flight is not None and flight.dups > 0)
-            return Result(value, None, flight is not None and flight.dups > 0)
-        flight, future = self._enter(key, fn, args, kwargs)
-        del args, kwargs
+        deadline = self._deadline()
+        flight, future, joined = await self._admit(key, fn, args, kwargs, deadline)
         try:
-            if flight is None:
-                value = self._outcome(key, future)
-            else:
-                try:
-                    value = await future
-                except CancelledError:
-                    self._leave(flight, future)
-                    raise
+            value = await self._wait(key, flight, future, joined, deadline)
+        except WaitTimeoutError:
+            raise
         except Exception as exc:
             return Result(None, exc, flight is not None and flight.dups > 0)
         return Result(value, None, flight is not None and flight.dups > 0)
@@ -431,11 +313,12 @@ class AsyncGroup(Generic[K, V]):
         :class:`AbortedError`.  ``TypeError`` and ``RuntimeError`` as for :meth:`do`.
         """
         try:
-            flight, future = self._enter(key, fn, args, kwargs)
-        except _NoSlot as no_slot:
+            flight, future, joined = self._enter(key, fn, args, kwargs)
+        except Full as full:
+            if not full.wait:
+                raise self._refuse(full) from None
             # Waiting for a slot must not block: the call runs in a task of its
             # own, which is this caller's future (cancelling it is leaving).
-            no_slot.slot.cancel()
             call = get_running_loop().create_task(self.do(key, fn, *args, **kwargs))
             call.add_done_callback(_mark_retrieved, context=_NO_CONTEXT)
             return call
@@ -444,12 +327,12 @@ class AsyncGroup(Generic[K, V]):
             task = future
             future = task.get_loop().create_future()
             try:
-                future.set_result(self._outcome(key, task))
+                future.set_result(_outcome(key, task))
             except Exception as exc:
                 future.set_exception(exc)
-                future._log_traceback = False  # as for every waiter: see _AsyncFlight.__call__
+                future._log_traceback = False  # as for every waiter: see _AsyncFlight.end
         else:
-            future.add_done_callback(partial(self._leave, flight), context=_NO_CONTEXT)
+            future.add_done_callback(partial(self._leave, flight, joined), context=_NO_CONTEXT)
         return future
 
     def forget(self, key: K) -> None:
@@ -461,10 +344,9 @@ class AsyncGroup(Generic[K, V]):
         A caller waiting for a slot under ``max_flights`` is woken to look again
         (from another thread, in its own loop's next step).
         """
-        for loop, state in self._states_of_caller():
-            _flight.forget(state.table, key)
-            if state.slot_waiters:
-                _free_slot(loop, state)
+        for here, state in self._states_of_caller():
+            if state.table.forget(key):
+                wake_in_loop(state, here, state.free_slot)
 
     def forget_unshared(self, key: K) -> bool:
         """Forget ``key`` only if nobody joined its flight.
@@ -473,21 +355,24 @@ class AsyncGroup(Generic[K, V]):
         Acts on the running loop's flights (outside a loop, on every loop's).
         """
         forgotten = True
-        for loop, state in self._states_of_caller():
-            forgotten = _flight.forget_unshared(state.table, key) and forgotten
-            if state.slot_waiters:
-                _free_slot(loop, state)
+        for here, state in self._states_of_caller():
+            gone, dropped = state.table.forget_unshared(key)
+            forgotten = gone and forgotten
+            if dropped:
+                wake_in_loop(state, here, state.free_slot)
         return forgotten
+
+    def stats(self) -> GroupStats:
+        """The group's counters, summed over its event loops (see GroupStats)."""
+        return _stats(self._loops.tables())
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is in flight in the running loop (outside a loop: in any loop)."""
-        return any(key in state.table for _, state in self._states_of_caller())
+        return any(key in state.table.calls for _, state in self._states_of_caller())
 
     def __len__(self) -> int:
         """The number of keys in flight, over every event loop that is not closed."""
-        with self._states_lock:
-            self._prune_closed()
-            return sum(len(state.table) for state in self._states.values())
+        return sum(len(state.table.calls) for state in self._loops.all())
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} in_flight={len(self)}>"
@@ -500,34 +385,44 @@ class AsyncGroup(Generic[K, V]):
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> tuple[_AsyncFlight | None, asyncio.Future[Any]]:
+    ) -> tuple[_AsyncFlight | None, asyncio.Future[Any], float | None]:
         """Lead or join the flight of ``key``: the bookkeeping of every entry point.
 
-        Returns the flight and the future this caller waits on; or, when the
-        loader finished while it was being started, no flight and the finished
-        loader task (its entry already gone).  Being a plain function, its frame
-        is gone once it returns: the coroutines that call it stay small while
-        they wait.  Raises TooManyFlightsError (or, internally, _NoSlot) when
-        ``max_flights`` is reached.
+        Returns the flight, the future this caller waits on and its join time
+        (None for the leader); or, when the loader finished while it was being
+        started, no flight and the finished loader task (its entry already
+        gone).  Being a plain function, its frame is gone once it returns: the
+        coroutines that call it stay small while they wait.  Raises
+        :class:`Full` when ``max_flights`` is reached.
         """
+        if not callable(fn):
+            check_fn(fn)
         loop = get_running_loop()
-        current = self._current
-        state = current[1] if current[0]() is loop else self._state_of(loop)
+        # Registry.state_of() and Table.enter()/join() written out below: this is
+        # the hot path (see the module docstring).
+        current = self._loops.current
+        state = current[1] if current[0]() is loop else self._loops.state_of(loop)
+        assert state is not None
         table = state.table
+        calls = table.calls
         try:
-            flight = table.get(key)
+            flight = calls.get(key)
         except TypeError:
-            raise _bad_key(key) from None
+            raise bad_key(key) from None
         if flight is not None:
-            if flight is _STARTING or flight.task is current_task(loop):
+            if flight.task is None or flight.task is current_task(loop):
                 raise reentry_error(key)
-            if not flight.dups:
-                state.shared += 1
-            flight.dups += 1
-            state.joins += 1
-            flight.joined_at += perf_counter()
-            if self._on_event is not None:
-                emit(self._on_event, Joined(self.name, key, flight.fid))
+            joined = perf_counter()
+            if table.hook is None and flight.dups:
+                # Table.join() for a second or later joiner, written out.
+                flight.dups += 1
+                table.joins += 1
+                flight.waiting += 1
+                flight.joined += joined
+            else:
+                told: Event | None = table.join(flight, joined)
+                if told is not None:
+                    emit(table.hook, told)  # type: ignore[arg-type]
             # add_waiter() written out: with many callers on one key this is the hot path.
             future: Future[Any] = Future(loop=loop)
             waiters = flight.waiters
@@ -537,12 +432,24 @@ class AsyncGroup(Generic[K, V]):
                 flight.waiters = future
             else:
                 flight.waiters = [waiters, future]
-            return flight, future
-        mark = self._admit_lead(state, key) if self._slow else None
-        state.flights += 1
-        # Hold the key while the task starts, so that a loader calling do() on
-        # its own key is told so instead of waiting on itself.
-        table[key] = _STARTING
+            return flight, future, joined
+        if self._slow:
+            # The general path: limits, events.  The record is in the table
+            # while the task starts (task None: a caller finding it is the loader
+            # re-entering), so that its start and end can be told.
+            table.enter(key)  # raises Full
+            record: _AsyncFlight | None = _AsyncFlight(state, key, None)
+            told = table.lead(record)
+            if state.slot_waiters:
+                state.wake_slot_waiters()  # callers of this key may join it now
+            if told is not None:
+                emit(table.hook, told)  # type: ignore[arg-type]
+            placeholder: _AsyncFlight = record  # type: ignore[assignment]
+        else:
+            record = None
+            placeholder = _STARTING
+            table.flights += 1
+            calls[key] = _STARTING
         returned: Any = _NOTHING
         try:
             returned = fn(*args, **kwargs)
@@ -551,101 +458,39 @@ class AsyncGroup(Generic[K, V]):
             task = _new_task(returned, loop=loop)
         except BaseException as exc:
             try:
-                task = _launch_failed(table, key, loop, fn, returned, exc)  # type: ignore[assignment]
+                task = _launch_failed(calls, key, placeholder, loop, fn, returned, exc)  # type: ignore[assignment]
             except BaseException as raised:
-                if isinstance(raised, Exception):
-                    state.errors += 1
-                else:
-                    state.aborted += 1
-                if mark is not None:  # the flight was told as started: tell its end
-                    failed: Future[Any] = Future(loop=loop)
-                    failed.set_exception(raised)
-                    self._ended_while_starting(state, key, failed, mark)
-                    failed.exception()
+                # A usage error or an interrupt: the flight ends with it.
+                (record or _AsyncFlight(state, key, None)).end(None, raised, False)
                 raise
         if task.done():
             # Finished without suspending: no waiter can exist, so no flight
             # record is needed.  Release the key unless the loader forgot it.
-            if table.get(key) is _STARTING:
-                del table[key]
-            if mark is not None:
-                self._ended_while_starting(state, key, task, mark)
-            return None, task
-        flight = _AsyncFlight(state, key, task)
-        if mark is not None:
-            flight.started, flight.fid = mark
-        if table.get(key) is _STARTING:
-            table[key] = flight
-        # else the loader forgot its key while starting; the flight runs unlisted.
-        task.add_done_callback(flight, context=_NO_CONTEXT)
-        return flight, flight.add_waiter(loop)
-
-    def _admit_lead(self, state: _LoopState, key: K) -> tuple[float, int]:
-        """A new flight is about to start: apply max_flights, tell on_event.
-
-        Returns the start time (for the flight's duration) and the flight's id
-        in events (the record does not exist yet).
-        """
-        if self._max_flights is not None and len(state.table) >= self._max_flights:
-            if self._on_limit == "wait":
-                slot: asyncio.Future[None] = Future(loop=get_running_loop())
-                state.slot_waiters.append(slot)
-                raise _NoSlot(slot)
-            state.rejected += 1
-            if self._on_event is not None:
-                emit(self._on_event, Rejected(self.name, key, len(state.table)))
-            raise TooManyFlightsError(key, self._max_flights)
-        if state.slot_waiters:
-            # Callers of this key waiting for a slot can join it now; the
-            # others look again and wait on.
-            waiting, state.slot_waiters = state.slot_waiters, []
-            for slot in waiting:
-                if not slot.done():
-                    slot.set_result(None)
-        fid = next(_flight_ids)
-        if self._on_event is not None:
-            emit(self._on_event, FlightStarted(self.name, key, fid))
-        return perf_counter(), fid
-
-    def _ended_while_starting(
-        self, state: _LoopState, key: K, task: asyncio.Future[Any], mark: tuple[float, int]
-    ) -> None:
-        """Events and slots for a flight that finished inside its start (no record was made)."""
-        if state.slot_waiters:
-            state.free_slot()
-        hook = self._on_event
-        if hook is None:
-            return
-        started, fid = mark
-        duration = perf_counter() - started
-        if task.cancelled():
-            emit(hook, FlightAborted(self.name, key, fid, duration, 1, None))
-        elif (exc := task.exception()) is None:
-            emit(hook, FlightFinished(self.name, key, fid, duration, 1))
-        elif isinstance(exc, Exception):
-            emit(hook, FlightFailed(self.name, key, fid, duration, 1, exc))
-        else:
-            emit(hook, FlightAborted(self.name, key, fid, duration, 1, exc))
-
-    def _outcome(self, key: object, task: asyncio.Future[Any]) -> Any:
-        """The outcome of a loader task that finished while it was being started.
-
-        The same as its waiters would get: the value, the loader's Exception, or
-        AbortedError for a task that ended cancelled or by another BaseException.
-        """
-        if task.cancelled():
-            self._state_here().aborted += 1
-            raise AbortedError(key, "its loader task was cancelled")
-        exc = task.exception()
-        if exc is not None:
-            error = waiter_error(key, exc)
-            state = self._state_here()
-            if error is exc:
-                state.errors += 1
+            if record is not None:
+                record(task)
             else:
-                state.aborted += 1
-            raise error.with_traceback(exc.__traceback__)
-        return task.result()
+                if calls.get(key) is _STARTING:
+                    del calls[key]
+                if task.cancelled() or task.exception() is not None:
+                    _AsyncFlight(state, key, None)(task)  # count it as the record would
+            return None, task, None
+        if record is None:
+            flight = _AsyncFlight(state, key, task)
+            if calls.get(key) is _STARTING:
+                calls[key] = flight
+            # else the loader forgot its key while starting; the flight runs unlisted.
+        else:
+            flight = record
+            flight.task = task
+        task.add_done_callback(flight, context=_NO_CONTEXT)
+        return flight, flight.add_waiter(loop), None
+
+    def _refuse(self, full: Full) -> Exception:
+        """max_flights refused a call (counted by the table): tell it, return the error."""
+        if full.event is not None:
+            emit(self._state_here().table.hook, full.event)  # type: ignore[arg-type]
+        assert full.error is not None
+        return full.error
 
     def _deadline(self) -> float | None:
         """When a caller starting now stops waiting: one deadline for the slot and the result."""
@@ -658,7 +503,7 @@ class AsyncGroup(Generic[K, V]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         deadline: float | None,
-    ) -> tuple[_AsyncFlight | None, asyncio.Future[Any]]:
+    ) -> tuple[_AsyncFlight | None, asyncio.Future[Any], float | None]:
         """_enter(), waiting for a slot while max_flights is reached (on_limit="wait").
 
         Raises WaitTimeoutError if no slot frees before ``deadline``.
@@ -666,162 +511,102 @@ class AsyncGroup(Generic[K, V]):
         while True:
             try:
                 return self._enter(key, fn, args, kwargs)
-            except _NoSlot as no_slot:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        await no_slot.slot
-                except BaseException as exc:
-                    slot = no_slot.slot
-                    if slot.done() and not slot.cancelled():
-                        # Woken for a slot in the very step it left: pass it on.
-                        self._state_here().free_slot()
-                    else:
-                        slot.cancel()
-                    if isinstance(exc, TimeoutError):
-                        self._timed_out(key, self._timeout or 0.0)
-                    raise
+            except Full as full:
+                if not full.wait:
+                    raise self._refuse(full) from None
+            state = self._state_here()
+            slot: asyncio.Future[None] = Future(loop=get_running_loop())
+            state.slot_waiters.append(slot)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await slot
+            except BaseException as exc:
+                if slot.done() and not slot.cancelled():
+                    # Woken for a slot in the very step it left: pass it on.
+                    state.free_slot()
+                else:
+                    slot.cancel()
+                if isinstance(exc, TimeoutError):
+                    self._timed_out(key, self._timeout or 0.0)
+                raise
 
     async def _wait(
         self,
         key: K,
         flight: _AsyncFlight | None,
         future: asyncio.Future[Any],
+        joined: float | None,
         deadline: float | None,
     ) -> Any:
         """Wait for this caller's outcome, until ``deadline`` (the call's, slot wait included)."""
         if flight is None:
-            return self._outcome(key, future)
-        if deadline is None:
-            try:
-                return await future
-            except CancelledError:
-                self._leave(flight, future)
-                raise
+            return _outcome(key, future)
         try:
             async with asyncio.timeout_at(deadline):
                 return await future
         except CancelledError:
-            self._leave(flight, future)
+            self._leave(flight, joined, future)
             raise
         except TimeoutError:
             if future.done() and not future.cancelled():
                 # The outcome arrived in the same loop step as the timeout (or
                 # it is the loader's own TimeoutError): it is this caller's.
                 return future.result()
-            self._leave(flight, future)
+            self._leave(flight, joined, future)
             self._timed_out(key, self._timeout or 0.0)
 
     def _timed_out(self, key: K, waited: float) -> NoReturn:
-        self._state_here().timeouts += 1
-        if self._on_event is not None:
-            emit(self._on_event, TimedOut(self.name, key, waited))
+        table = self._state_here().table
+        told = table.timed_out(key, waited)
+        if told is not None:
+            emit(table.hook, told)  # type: ignore[arg-type]
         raise WaitTimeoutError(key, self._timeout)
 
-    def _leave(self, flight: _AsyncFlight, future: asyncio.Future[Any]) -> None:
+    def _leave(
+        self, flight: _AsyncFlight, joined: float | None, future: asyncio.Future[Any]
+    ) -> None:
         """A caller stopped waiting: with ``cancel_orphaned``, the last one cancels the loader."""
         if not future.cancelled():
             return
-        flight.left += 1
-        waiters = flight.waiters
-        waiting = len(waiters) if isinstance(waiters, list) else 1
-        first = waiters[0] if isinstance(waiters, list) else waiters
-        if future is not first and flight.dups > flight.joiners_left:
-            # A joiner left: its join time is not known here, so it is taken
-            # as the average of those still waiting (wait_seconds is a sum).
-            average = flight.joined_at / (flight.dups - flight.joiners_left)
-            flight.joiners_left += 1
-            flight.joined_at -= average
-            flight.state.wait_seconds += perf_counter() - average
+        state = flight.state
         task = flight.task
-        if flight.left >= waiting and self._cancel_orphaned and not task.done():
-            # Forget first: a caller arriving after this starts a new flight
-            # instead of joining one that is being cancelled.
-            remove(flight.state.table, flight.key, flight)
-            if flight.state.slot_waiters:
-                flight.state.free_slot()
+        assert task is not None
+        if state.table.leave(flight, joined, self._cancel_orphaned and not task.done()):
+            if state.slot_waiters:
+                state.free_slot()
             task.cancel()
 
-    def stats(self) -> GroupStats:
-        """The group's counters, summed over its event loops (see GroupStats)."""
-        with self._states_lock:
-            self._prune_closed()
-            states = [*self._states.values(), self._retired]
-        return GroupStats(
-            calls=sum(s.flights + s.joins for s in states),
-            flights=sum(s.flights for s in states),
-            joins=sum(s.joins for s in states),
-            shared=sum(s.shared for s in states),
-            errors=sum(s.errors for s in states),
-            aborted=sum(s.aborted for s in states),
-            timeouts=sum(s.timeouts for s in states),
-            rejected=sum(s.rejected for s in states),
-            in_flight=sum(len(s.table) for s in states),
-            wait_seconds=sum(s.wait_seconds for s in states),
-        )
+    def _parked(self) -> int:
+        """Callers of the running loop waiting for a slot (white-box, for tests)."""
+        return sum(not slot.done() for slot in self._state_here().slot_waiters)
 
     def _state_here(self) -> _LoopState:
         loop = get_running_loop()
-        current = self._current
-        return current[1] if current[0]() is loop else self._state_of(loop)
-
-    def _state_of(self, loop: AbstractEventLoop) -> _LoopState:
-        """The state of ``loop`` (the slow path, taken when the loop changes)."""
-        with self._states_lock:
-            state = self._states.get(loop)
-            if state is None:
-                self._prune_closed()
-                state = self._states[loop] = _LoopState(self.name, self._on_event)
-                state.finalizer = weakref.finalize(loop, _retire, weakref.ref(self), state)
-            self._current = (weakref.ref(loop), state)
+        current = self._loops.current
+        state = current[1] if current[0]() is loop else self._loops.state_of(loop)
+        assert state is not None
         return state
 
-    def _prune_closed(self) -> None:
-        """Drop the states of closed loops (the states lock is held).
-
-        A loop closed with flights still pending can never finish them, and its
-        state would keep it alive: its flights hold tasks that hold the loop.
-        Their counters go with them.
-        """
-        for loop in [loop for loop in self._states if loop.is_closed()]:
-            state = self._states.pop(loop)
-            if state.finalizer is not None and state.finalizer.detach() is not None:
-                state.add_to(self._retired)
-        current_loop = self._current[0]()
-        if current_loop is not None and current_loop.is_closed():
-            self._current = (_dead_ref, self._retired)
-
-    def _states_of_caller(self) -> list[tuple[AbstractEventLoop | None, _LoopState]]:
+    def _states_of_caller(self) -> list[tuple[bool, _LoopState]]:
         """The running loop's state, or every state when called outside a loop, each
-        with its loop when that is not the running one (None when it is)."""
+        with whether it is the running loop's."""
         try:
             loop = get_running_loop()
         except RuntimeError:
-            with self._states_lock:
-                self._prune_closed()
-                return list(self._states.items())
-        with self._states_lock:
-            state = self._states.get(loop)
-        return [] if state is None else [(None, state)]
+            return [(False, state) for state in self._loops.all()]
+        state = self._loops.get(loop)
+        return [] if state is None else [(True, state)]
 
 
-def _free_slot(loop: AbstractEventLoop | None, state: _LoopState) -> None:
-    """Wake a slot waiter of ``state``: here, or in ``loop``'s thread (futures are not
-    thread-safe)."""
-    if loop is None:
-        state.free_slot()
-        return
-    try:
-        loop.call_soon_threadsafe(state.free_slot)
-    except RuntimeError:
-        pass  # the loop closed: nobody waits in it any more
-
-
-def _retire(group_ref: weakref.ref[AsyncGroup[Any, Any]], state: _LoopState) -> None:
-    """A loop was collected: keep its counters in its group's totals."""
-    group = group_ref()
-    if group is not None:
-        with group._states_lock:
-            state.add_to(group._retired)
+def _outcome(key: object, task: asyncio.Future[Any]) -> Any:
+    """The outcome of a loader task that finished while it was being started (counted
+    already): the same as its waiters would get."""
+    if task.cancelled():
+        raise AbortedError(key, "its loader task was cancelled")
+    exc = task.exception()
+    if exc is not None:
+        raise waiter_error(key, exc).with_traceback(exc.__traceback__)
+    return task.result()
 
 
 def _mark_retrieved(task: asyncio.Future[Any]) -> None:
@@ -854,13 +639,10 @@ def _with_deadline(
     return _deadline(returned, seconds, key)
 
 
-def _bad_key(key: object) -> TypeError:
-    return TypeError(f"singleflight keys must be hashable; got {type(key).__name__} {key!r}")
-
-
 def _launch_failed(
     table: dict[Any, _AsyncFlight],
     key: object,
+    placeholder: _AsyncFlight,
     loop: AbstractEventLoop,
     fn: object,
     returned: object,
@@ -882,7 +664,7 @@ def _launch_failed(
             f"AsyncGroup needs fn to be an async function or to return an awaitable; "
             f"{fn!r} returned {type(returned).__name__}"
         )
-    if table.get(key) is _STARTING:
+    if table.get(key) is placeholder:
         del table[key]
     if returned is _NOTHING and isinstance(exc, Exception):
         failed: asyncio.Future[Any] = Future(loop=loop)

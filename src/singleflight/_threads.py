@@ -19,22 +19,20 @@ from time import monotonic, perf_counter
 from types import TracebackType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
-from . import _flight
-from ._flight import Flight, reentry_error, remove, waiter_error
-from ._options import check_options
+from ._flight import (
+    Flight,
+    Full,
+    Table,
+    bad_key,
+    check_fn,
+    check_options,
+    reentry_error,
+    waiter_error,
+)
+from ._flight import stats as _stats
 from ._result import Result
 from .errors import AbortedError, TooManyFlightsError, WaitTimeoutError
-from .events import (
-    EventHook,
-    FlightAborted,
-    FlightFailed,
-    FlightFinished,
-    FlightStarted,
-    Joined,
-    Rejected,
-    TimedOut,
-    emit,
-)
+from .events import Event, EventHook, emit
 from .stats import GroupStats
 
 __all__ = ["Group"]
@@ -47,33 +45,20 @@ P = ParamSpec("P")
 class _Call(Flight):
     """A flight run by a thread.
 
-    ``owner`` is the ident of the thread running the loader.  ``error`` is what
-    waiters raise and ``tb`` its traceback as the loader left it: re-raising
-    with it each time keeps the shared exception's traceback from growing.
+    ``owner`` is the ident of the thread running the loader (None until a
+    detached loader starts).  ``error`` is what waiters raise and ``tb`` its
+    traceback as the loader left it: re-raising with it each time keeps the
+    shared exception's traceback from growing.  ``value`` and ``error`` are set
+    when the call ends, before anyone reads them.
     """
 
-    __slots__ = (
-        "error",
-        "event",
-        "futures",
-        "joined_at",
-        "owner",
-        "started",
-        "tb",
-        "value",
-        "waiting",
-    )
+    __slots__ = ("error", "event", "futures", "owner", "tb", "value")
     value: Any
     error: Exception | None
     tb: TracebackType | None
-    # Set by the first joiner: the joiners still waiting and the sum of their
-    # join times, so their total wait is known at the end without a lock per wake.
-    waiting: int
-    joined_at: float
-    started: float  # set only when an on_event hook needs durations
 
-    def __init__(self, owner: int | None) -> None:
-        # value and error are set when the call ends, before anyone reads them.
+    def __init__(self, key: object, owner: int | None) -> None:
+        self.key = key
         self.dups = 0
         self.event: threading.Event | None = None
         self.futures: list[_CallFuture[Any]] | None = None
@@ -92,6 +77,7 @@ class _CallFuture(Future[V]):
     """
 
     _tb: TracebackType | None = None
+    _joined: float | None = None  # a joiner's join time, for wait_seconds
 
     def result(self, timeout: float | None = None) -> V:
         error = self.exception(timeout)
@@ -125,10 +111,6 @@ def _publish(call: _Call) -> None:
                 pass  # the caller cancelled its own future; the others still get theirs
 
 
-def _bad_key(key: object) -> TypeError:
-    return TypeError(f"singleflight keys must be hashable; got {type(key).__name__} {key!r}")
-
-
 class Group(Generic[K, V]):
     """Coalesces concurrent calls that share a key into one execution, for threads.
 
@@ -152,24 +134,14 @@ class Group(Generic[K, V]):
 
     __slots__ = (
         "__weakref__",
-        "_aborted",
         "_calls",
-        "_errors",
         "_executor",
-        "_flights",
-        "_joins",
         "_lock",
-        "_max_flights",
-        "_on_event",
-        "_on_limit",
-        "_rejected",
-        "_shared",
         "_slot",
         "_slot_waiters",
         "_slow",
+        "_table",
         "_timeout",
-        "_timeouts",
-        "_wait_seconds",
         "name",
     )
 
@@ -187,21 +159,16 @@ class Group(Generic[K, V]):
         if executor is not None and not callable(getattr(executor, "submit", None)):
             raise TypeError(f"executor must be a concurrent.futures.Executor; got {executor!r}")
         self._lock = threading.Lock()
-        self._calls: dict[K, _Call] = {}
+        self._table: Table[_Call] = Table(name, on_event, max_flights, on_limit)
+        self._calls = self._table.calls
         self._executor = executor
         self.name = name
-        self._on_event = on_event
-        self._max_flights = max_flights
-        self._on_limit = on_limit
         self._timeout = timeout
         # Limits, timeouts and events take the general path; without them, do()
         # keeps its short one.
         self._slow = on_event is not None or max_flights is not None or timeout is not None
         self._slot = threading.Condition(self._lock)
         self._slot_waiters = 0
-        self._flights = self._joins = self._shared = self._errors = self._aborted = 0
-        self._timeouts = self._rejected = 0
-        self._wait_seconds = 0.0
 
     def do(self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs) -> V:
         """Run ``fn(*args, **kwargs)`` as the flight of ``key``, or join the one in flight.
@@ -213,44 +180,46 @@ class Group(Generic[K, V]):
         ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``,
         ``SystemExit``) is re-raised in the thread that ran the loader only; the
         waiting threads raise :class:`AbortedError` caused by it.  ``TypeError`` if
-        ``key`` is unhashable, before anything runs.  ``RuntimeError`` if the
-        loader calls ``do`` on its own key from its own thread (it would wait for
-        itself).  A waiting ``do`` cannot be cancelled; use :meth:`do_future` to
-        stop waiting without stopping the flight.
+        ``key`` is unhashable or ``fn`` not callable, before anything runs.
+        ``RuntimeError`` if the loader calls ``do`` on its own key from its own
+        thread (it would wait for itself).  A waiting ``do`` cannot be cancelled;
+        use :meth:`do_future` to stop waiting without stopping the flight.
         """
         if self._slow:
             return _outcome(self._call(key, fn, args, kwargs))  # type: ignore[no-any-return]
+        if not callable(fn):
+            check_fn(fn)
         calls = self._calls
-        # The lead path below is _enter() and _settle() written out: every call
-        # of do() takes it, and a method call is a third of its cost.
+        # Table.enter() and lead() written out: every call of do() takes this
+        # path, and a method call is a third of its cost (see the module docstring).
         with self._lock:
             try:
                 call = calls.get(key)
             except TypeError:
-                raise _bad_key(key) from None
+                raise bad_key(key) from None
             if call is None:
-                calls[key] = call = _Call(get_ident())
-                self._flights += 1
+                calls[key] = call = _Call(key, get_ident())
+                self._table.flights += 1
                 event = None
             else:
-                event = self._join(key, call, fn)
+                event = self._join(call, perf_counter())
         if event is not None:
             event.wait()
             return _outcome(call)  # type: ignore[no-any-return]
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
-            self._settle(key, call, None, exc)
+            self._settle(call, None, exc)
             raise
+        # Table.settle() for a value with no hook, written out (see the module docstring).
         with self._lock:
-            # Remove the entry before anyone can see the value (Go 8fcdb60), and
-            # only if it is still ours: after forget() it may be a newer flight.
+            # Go's cleanup order: out of the table before anyone sees the value,
+            # and only if still ours (Table.remove() written out).
             current = calls.pop(key, None)
             if current is not call and current is not None:
                 calls[key] = current
-            # dups is final: joiners only join under the lock while the entry is present.
             if dups := call.dups:
-                self._wait_seconds += call.waiting * perf_counter() - call.joined_at
+                self._table.wait_seconds += call.waiting * perf_counter() - call.joined
         if dups:
             call.value = value
             call.error = None
@@ -265,27 +234,11 @@ class Group(Generic[K, V]):
         ``Result.error`` holds the loader's :class:`Exception`, or an
         :class:`AbortedError` for a waiter whose leader was interrupted.  A
         ``BaseException`` that stopped the loader in this very thread is still
-        raised, as are ``TypeError`` for an unhashable key and ``RuntimeError``
-        for a re-entrant call.
+        raised, as are ``TypeError`` for an unhashable key or a non-callable
+        ``fn`` and ``RuntimeError`` for a re-entrant call.
         """
-        if self._slow:
-            call = self._call(key, fn, args, kwargs)
-            return Result(call.value, call.error, call.dups > 0)
-        call, event = self._enter(key, fn)
-        try:
-            if event is not None:
-                event.wait()
-                value = _outcome(call)
-            else:
-                try:
-                    value = fn(*args, **kwargs)
-                except BaseException as exc:
-                    self._settle(key, call, None, exc)
-                    raise
-                self._settle(key, call, value, None)
-        except Exception as exc:
-            return Result(None, exc, call.dups > 0)
-        return Result(value, None, call.dups > 0)
+        call = self._call(key, fn, args, kwargs)
+        return Result(call.value, call.error, call.dups > 0)
 
     def do_future(
         self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs
@@ -297,27 +250,36 @@ class Group(Generic[K, V]):
         waiting on it with a timeout, or cancelling it, affects nobody else, and
         the flight runs on.  The future holds the value, the loader's
         :class:`Exception`, or :class:`AbortedError`.  ``TypeError`` for an
-        unhashable key is raised here; so is the executor's error if it refuses
-        the work (every caller that joined meanwhile gets it too).
+        unhashable key or a non-callable ``fn`` is raised here; so is the
+        executor's error if it refuses the work (every caller that joined
+        meanwhile gets it too).
         """
+        check_fn(fn)
         future: _CallFuture[V] = _CallFuture()
-        hook = self._on_event
+        table = self._table
+        told: Event | None = None
         with self._lock:
-            call = self._lookup(key)
-            full = call is None and self._full()
-            if not full:
-                lead = call is None
+            try:
+                call = table.enter(key)
+            except Full as full:
+                refused: Full | None = full
+            else:
+                refused = None
+                now = perf_counter()
                 if call is None:
-                    call = self._lead(key, None)
+                    call = _Call(key, None)
+                    told = self._lead(call)
                 else:
-                    self._join(key, call, fn)
+                    told = table.join(call, now)
+                    self._wait_for(call)
+                    future._joined = now
                 if call.futures is None:
                     call.futures = [future]
                 else:
                     call.futures.append(future)
-        if full:
-            if self._on_limit == "raise":
-                raise self._reject(key)
+        if refused is not None:
+            if not refused.wait:
+                raise self._refuse(refused)
             # Wait for a slot on a thread of its own: do_future never blocks.  It
             # acts for the caller, so it runs in a copy of the caller's context
             # (what a wrapping group or a tracer set there is seen by the flight).
@@ -328,10 +290,12 @@ class Group(Generic[K, V]):
             ).start()
             return future
         assert call is not None
-        if hook is not None:
-            emit(hook, (FlightStarted if lead else Joined)(self.name, key, id(call)))
-        if lead:
-            self._start(key, call, fn, args, kwargs)
+        if told is not None:
+            emit(self._table.hook, told)  # type: ignore[arg-type]
+        if future._joined is None:
+            self._start(call, fn, args, kwargs)
+        else:
+            future.add_done_callback(partial(self._future_left, call))
         return future
 
     def forget(self, key: K) -> None:
@@ -342,8 +306,7 @@ class Group(Generic[K, V]):
         not in flight.
         """
         with self._lock:
-            _flight.forget(self._calls, key)
-            if self._slot_waiters:
+            if self._table.forget(key) and self._slot_waiters:
                 self._slot.notify()
 
     def forget_unshared(self, key: K) -> bool:
@@ -353,26 +316,15 @@ class Group(Generic[K, V]):
         flight is shared (it is then left alone).
         """
         with self._lock:
-            forgotten = _flight.forget_unshared(self._calls, key)
-            if self._slot_waiters:
+            forgotten, dropped = self._table.forget_unshared(key)
+            if dropped and self._slot_waiters:
                 self._slot.notify()
             return forgotten
 
     def stats(self) -> GroupStats:
         """The group's counters (see :class:`singleflight.stats.GroupStats`)."""
         with self._lock:
-            return GroupStats(
-                calls=self._flights + self._joins,
-                flights=self._flights,
-                joins=self._joins,
-                shared=self._shared,
-                errors=self._errors,
-                aborted=self._aborted,
-                timeouts=self._timeouts,
-                rejected=self._rejected,
-                in_flight=len(self._calls),
-                wait_seconds=self._wait_seconds,
-            )
+            return _stats([self._table])
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
@@ -388,58 +340,34 @@ class Group(Generic[K, V]):
 
     # -- the slow paths --------------------------------------------------------------
 
-    def _lookup(self, key: K) -> _Call | None:
-        try:
-            return self._calls.get(key)
-        except TypeError:
-            raise _bad_key(key) from None
+    def _refuse(self, full: Full) -> TooManyFlightsError:
+        """max_flights refused a call (counted by the table): tell it, return the error."""
+        if full.event is not None:
+            emit(self._table.hook, full.event)  # type: ignore[arg-type]
+        assert full.error is not None
+        return full.error
 
-    def _full(self) -> bool:
-        return self._max_flights is not None and len(self._calls) >= self._max_flights
-
-    def _reject(self, key: K) -> TooManyFlightsError:
-        """Count a refused call; its event goes out once the lock is released."""
-        with self._lock:
-            self._rejected += 1
-            in_flight = len(self._calls)
-        if self._on_event is not None:
-            emit(self._on_event, Rejected(self.name, key, in_flight))
-        assert self._max_flights is not None
-        return TooManyFlightsError(key, self._max_flights)
-
-    def _lead(self, key: K, owner: int | None) -> _Call:
-        """Register a new flight of ``key`` (the lock is held)."""
-        self._calls[key] = call = _Call(owner)
-        self._flights += 1
+    def _lead(self, call: _Call) -> Event | None:
+        """Register a new flight (the lock is held); its start event."""
+        told = self._table.lead(call)
         if self._slot_waiters:
             # Callers of this key waiting for a slot can join it now.
             self._slot.notify_all()
-        if self._on_event is not None:
-            call.started = perf_counter()
-        return call
+        return told
 
-    def _enter(self, key: K, fn: object) -> tuple[_Call, threading.Event | None]:
-        """Lead (no event) or join (the event to wait on) the flight of ``key``."""
-        with self._lock:
-            call = self._lookup(key)
-            if call is None:
-                return self._lead(key, get_ident()), None
-            return call, self._join(key, call, fn)
-
-    def _join(self, key: object, call: _Call, fn: object) -> threading.Event:
-        """Join ``call`` (the group's lock is held) and return the event to wait on."""
+    def _join(self, call: _Call, now: float) -> threading.Event:
+        """Join ``call`` (the lock is held) and return the event to wait on."""
         if call.owner == get_ident():
-            raise reentry_error(key)
-        if not callable(fn):
-            raise TypeError(f"fn must be callable; got {type(fn).__name__} {fn!r}")
-        if call.dups == 0:
-            self._shared += 1
-            call.waiting = 0
-            call.joined_at = 0.0
-        call.dups += 1
-        self._joins += 1
-        call.waiting += 1
-        call.joined_at += perf_counter()
+            raise reentry_error(call.key)
+        told = self._table.join(call, now)
+        if told is not None:
+            # Told under the lock, as a joiner of the fast path has no other
+            # moment before it waits; only groups with a hook get here.
+            emit(self._table.hook, told)  # type: ignore[arg-type]
+        return self._wait_for(call)
+
+    @staticmethod
+    def _wait_for(call: _Call) -> threading.Event:
         if call.event is None:
             call.event = threading.Event()
         return call.event
@@ -460,82 +388,83 @@ class Group(Generic[K, V]):
         do_future() caller waiting for a slot: once it is cancelled the wait
         ends with _Abandoned, and no flight is started for it.
         """
-        hook = self._on_event
+        check_fn(fn)
+        table = self._table
         begun = monotonic()
         deadline = None if self._timeout is None else begun + self._timeout
-        slot_timed_out = False
+        told: Event | None = None
+        joined: float | None = None
+        call: _Call | None = None
+        refused: Full | None = None
         with self._lock:
-            call = self._lookup(key)
-            while call is None and self._full() and self._on_limit == "wait":
+            while True:
                 if abandoned is not None and abandoned.cancelled():
                     raise _Abandoned
-                remaining = None if deadline is None else deadline - monotonic()
-                if remaining is not None and remaining <= 0:
-                    self._timeouts += 1
-                    slot_timed_out = True
-                    break
-                self._slot_waiters += 1
                 try:
-                    self._slot.wait(remaining)
-                finally:
-                    self._slot_waiters -= 1
-                call = self._lookup(key)
-            if abandoned is not None and abandoned.cancelled():
-                raise _Abandoned
-            full = call is None and self._full()
-            if slot_timed_out or full:
-                pass
-            elif call is None:
-                lead = True
-                call = self._lead(key, get_ident() if deadline is None else None)
-                # With a timeout the loader runs elsewhere and this caller waits
-                # like a joiner, so that it can leave.
-                event = None if deadline is None else _event_of(call)
-                if event is not None:
-                    call.waiting = 0
-                    call.joined_at = 0.0
-            else:
-                lead = False
-                event = self._join(key, call, fn)
-        if slot_timed_out:
-            if hook is not None:
-                emit(hook, TimedOut(self.name, key, monotonic() - begun))
-            raise _timeout_error(key, self._timeout)
-        if full:
-            raise self._reject(key)
-        assert call is not None
-        if hook is not None:
-            emit(hook, (FlightStarted if lead else Joined)(self.name, key, id(call)))
-        if lead and deadline is None:
+                    call = table.enter(key)
+                except Full as full:
+                    if not full.wait:
+                        refused = full
+                        break
+                    remaining = None if deadline is None else deadline - monotonic()
+                    if remaining is not None and remaining <= 0:
+                        told = table.timed_out(key, monotonic() - begun)
+                        break
+                    self._slot_waiters += 1
+                    try:
+                        self._slot.wait(remaining)
+                    finally:
+                        self._slot_waiters -= 1
+                    continue
+                if call is None:
+                    # With a timeout the loader runs elsewhere and this caller
+                    # waits like a joiner (not counted as one), so it can leave.
+                    call = _Call(key, get_ident() if deadline is None else None)
+                    told = self._lead(call)
+                else:
+                    joined = perf_counter()
+                    if call.owner == get_ident():
+                        raise reentry_error(key)
+                    told = table.join(call, joined)
+                break
+        if refused is not None:
+            raise self._refuse(refused)
+        if told is not None:
+            emit(table.hook, told)  # type: ignore[arg-type]
+        if call is None:
+            raise WaitTimeoutError(key, self._timeout)
+        if joined is None and deadline is None:
             try:
                 value = fn(*args, **kwargs)
             except BaseException as exc:
-                self._settle(key, call, None, exc)
+                self._settle(call, None, exc)
                 if not isinstance(exc, Exception):
                     raise
                 return call
-            self._settle(key, call, value, None)
+            self._settle(call, value, None)
             return call
-        if lead:
-            self._start(key, call, fn, args, kwargs)
-        assert event is not None
-        started = perf_counter()
+        with self._lock:
+            event = self._wait_for(call)
+        if joined is None:
+            self._start(call, fn, args, kwargs)
         if not event.wait(None if deadline is None else max(0.0, deadline - monotonic())):
-            self._timed_out(key, call, lead, started)
+            with self._lock:
+                told = table.timed_out(key, monotonic() - begun)
+                if joined is not None:
+                    table.leave(call, joined, False)
+            if told is not None:
+                emit(table.hook, told)  # type: ignore[arg-type]
+            raise WaitTimeoutError(key, self._timeout)
         return call
 
-    def _timed_out(self, key: K, call: _Call, lead: bool, started: float) -> None:
-        """This caller's timeout passed: count it, leave the flight, raise TimeoutError."""
-        waited = perf_counter() - started
-        with self._lock:
-            self._timeouts += 1
-            if not lead:  # a joiner's wait is counted now rather than at the end
-                call.waiting -= 1
-                call.joined_at -= started
-                self._wait_seconds += waited
-        if self._on_event is not None:
-            emit(self._on_event, TimedOut(self.name, key, waited))
-        raise _timeout_error(key, self._timeout)
+    def _future_left(self, call: _Call, future: Future[Any]) -> None:
+        """A do_future() joiner's future is done: if cancelled, its caller left the flight."""
+        if future.cancelled():
+            joined = future._joined  # type: ignore[attr-defined]
+            with self._lock:
+                if call.futures is not None and future in call.futures:
+                    call.futures.remove(future)
+                    self._table.leave(call, joined, False)
 
     def _call_into(
         self,
@@ -576,7 +505,6 @@ class Group(Generic[K, V]):
 
     def _start(
         self,
-        key: K,
         call: _Call,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
@@ -591,53 +519,42 @@ class Group(Generic[K, V]):
             if self._executor is None:
                 threading.Thread(
                     target=self._run,
-                    args=(key, call, fn, args, kwargs),
-                    name=f"singleflight {key!r}",
+                    args=(call, fn, args, kwargs),
+                    name=f"singleflight {call.key!r}",
                     daemon=True,
                 ).start()
             else:
-                work = self._executor.submit(self._run, key, call, fn, args, kwargs)
-                work.add_done_callback(partial(self._dropped, key, call))
+                work = self._executor.submit(self._run, call, fn, args, kwargs)
+                work.add_done_callback(partial(self._dropped, call))
         except BaseException as exc:
-            self._settle(key, call, None, exc)
+            self._settle(call, None, exc)
             raise
 
     def _run(
         self,
-        key: K,
         call: _Call,
         fn: Callable[..., V],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        """Run a flight's loader on a worker thread."""
+        """Run a flight's loader on a worker thread (every caller waits on the call)."""
         call.owner = get_ident()
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
-            # Every caller waits on the call itself; nothing is left for the
-            # worker thread to report.
-            self._settle(key, call, None, exc)
+            self._settle(call, None, exc)
             return
-        self._settle(key, call, value, None)
+        self._settle(call, value, None)
 
-    def _dropped(self, key: K, call: _Call, work: Future[None]) -> None:
+    def _dropped(self, call: _Call, work: Future[None]) -> None:
         """The executor cancelled a flight's work before it ran: end the flight for its callers."""
         if work.cancelled():
-            self._settle(key, call, None, AbortedError(key, "the executor dropped its work"))
+            self._settle(call, None, AbortedError(call.key, "the executor dropped its work"))
 
-    def _settle(self, key: K, call: _Call, value: Any, exc: BaseException | None) -> None:
-        """End ``call``: remove it from the table, then hand its outcome to every waiter."""
-        error = None if exc is None else waiter_error(key, exc)
-        aborted = isinstance(error, AbortedError)
+    def _settle(self, call: _Call, value: Any, exc: BaseException | None) -> None:
+        """End ``call``: the table removes it, then every waiter gets its outcome."""
         with self._lock:
-            remove(self._calls, key, call)
-            if aborted:
-                self._aborted += 1
-            elif error is not None:
-                self._errors += 1
-            if call.dups:
-                self._wait_seconds += call.waiting * perf_counter() - call.joined_at
+            error, told = self._table.settle(call, exc)
             if self._slot_waiters:
                 self._slot.notify()
         call.value = value
@@ -645,23 +562,5 @@ class Group(Generic[K, V]):
         if error is not None:
             call.tb = error.__traceback__
         _publish(call)
-        hook = self._on_event
-        if hook is not None:
-            duration = perf_counter() - call.started
-            callers = call.dups + 1
-            if error is None:
-                emit(hook, FlightFinished(self.name, key, id(call), duration, callers))
-            elif aborted:
-                emit(hook, FlightAborted(self.name, key, id(call), duration, callers, exc))
-            else:
-                emit(hook, FlightFailed(self.name, key, id(call), duration, callers, error))
-
-
-def _event_of(call: _Call) -> threading.Event:
-    if call.event is None:
-        call.event = threading.Event()
-    return call.event
-
-
-def _timeout_error(key: object, timeout: float | None) -> WaitTimeoutError:
-    return WaitTimeoutError(key, timeout)
+        if told is not None:
+            emit(self._table.hook, told)  # type: ignore[arg-type]

@@ -24,11 +24,10 @@ import asyncio
 import contextvars
 import math
 import sys
-import threading
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import InvalidStateError
+from functools import partial
 from inspect import isawaitable
 from time import perf_counter
 from types import TracebackType
@@ -44,22 +43,21 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "singleflight.anyio needs AnyIO 4 or later: install pysingleflight[anyio]"
     ) from exc
 
-from . import _flight
-from ._flight import Flight, reentry_error, waiter_error
-from ._options import check_flag, check_options, check_seconds
-from ._result import Result
-from .errors import AbortedError, TooManyFlightsError, WaitTimeoutError
-from .events import (
-    EventHook,
-    FlightAborted,
-    FlightFailed,
-    FlightFinished,
-    FlightStarted,
-    Joined,
-    Rejected,
-    TimedOut,
-    emit,
+from ._flight import (
+    Flight,
+    Full,
+    Table,
+    check_flag,
+    check_fn,
+    check_options,
+    check_seconds,
+    reentry_error,
 )
+from ._flight import stats as _stats
+from ._loops import LoopState, Registry, asyncio_call_soon, wake_in_loop
+from ._result import Result
+from .errors import AbortedError, WaitTimeoutError
+from .events import Event, EventHook, emit
 from .stats import GroupStats
 
 __all__ = ["AnyIOGroup", "FlightFuture"]
@@ -72,7 +70,7 @@ _TASK_NAME = "singleflight loader"
 _FUTURE_TASK_NAME = "singleflight do_future"
 
 
-class _Run:
+class _Run(LoopState):
     """The flights of one asyncio event loop or one ``trio.run``.
 
     It holds no reference to its loop or root task (it is the value of a weak
@@ -80,10 +78,15 @@ class _Run:
     the loop itself holds tasks only weakly.  Trio's system nursery holds its own.
     """
 
-    __slots__ = ("running", "slot_waiters", "table", "trio")
+    __slots__ = ("running", "slot_waiters", "trio")
 
-    def __init__(self, trio: bool) -> None:
-        self.table: dict[Any, _AnyIOFlight] = {}
+    def __init__(self, table: Table[_AnyIOFlight], token: object, trio: bool) -> None:
+        if trio:
+            import trio as trio_module
+
+            super().__init__(table, trio_module.lowlevel.current_trio_token().run_sync_soon)
+        else:
+            super().__init__(table, asyncio_call_soon(token))
         self.trio = trio
         self.running: set[asyncio.Task[None]] = set()
         # Callers waiting for a slot under max_flights (on_limit="wait"), oldest
@@ -140,7 +143,6 @@ class _Run:
 class _AnyIOFlight(Flight):
     """A flight whose loader runs in a task of its own; its callers wait on ``event``.
 
-    ``left`` counts callers that stopped waiting (for ``cancel_orphaned``).
     ``error`` is what every caller raises, ``tb`` its traceback as the loader
     left it: re-raising with it keeps a shared exception's traceback from growing.
     """
@@ -149,8 +151,6 @@ class _AnyIOFlight(Flight):
         "error",
         "event",
         "futures",
-        "key",
-        "left",
         "run",
         "scope",
         "started",
@@ -163,7 +163,6 @@ class _AnyIOFlight(Flight):
         self.dups = 0
         # The do_future() callers, resolved when the flight settles.
         self.futures: list[FlightFuture[Any]] | None = None
-        self.left = 0
         self.run = run
         self.key = key
         self.event = anyio.Event()
@@ -172,15 +171,6 @@ class _AnyIOFlight(Flight):
         self.value: Any = None
         self.error: Exception | None = None
         self.tb: TracebackType | None = None
-        self.started = 0.0
-
-
-def _dead_ref() -> None:
-    return None
-
-
-def _bad_key(key: object) -> TypeError:
-    return TypeError(f"singleflight keys must be hashable; got {type(key).__name__} {key!r}")
 
 
 def _cancelled_class(trio: bool) -> type[BaseException]:
@@ -208,10 +198,6 @@ def _run_token() -> tuple[object, bool]:
         "AnyIOGroup must be used from a running asyncio event loop or trio.run "
         "(directly or through anyio.run)"
     )
-
-
-class _NoSlot(Exception):
-    """Internal: ``max_flights`` is reached and the caller is to wait for a slot."""
 
 
 _PENDING, _DONE, _CANCELLED = 0, 1, 2
@@ -372,23 +358,11 @@ class AnyIOGroup(Generic[K, V]):
 
     __slots__ = (
         "__weakref__",
-        "_aborted",
         "_cancel_orphaned",
-        "_current",
-        "_errors",
-        "_flights",
-        "_joins",
+        "_limited",
         "_loader_timeout",
-        "_lock",
-        "_max_flights",
-        "_on_event",
-        "_on_limit",
-        "_rejected",
-        "_runs",
-        "_shared",
+        "_loops",
         "_timeout",
-        "_timeouts",
-        "_wait_seconds",
         "name",
     )
 
@@ -408,21 +382,16 @@ class AnyIOGroup(Generic[K, V]):
         check_flag("cancel_orphaned", cancel_orphaned)
         self._cancel_orphaned = cancel_orphaned
         self.name = name
-        self._on_event = on_event
-        self._max_flights = max_flights
-        self._on_limit = on_limit
+        self._limited = max_flights is not None
         self._timeout = timeout
         self._loader_timeout = loader_timeout
-        # Guards the runs and the counters: a group may be shared by loops in
-        # several threads.  Each run's table is only touched by its own thread.
-        self._lock = threading.Lock()
-        self._runs: weakref.WeakKeyDictionary[Any, _Run] = weakref.WeakKeyDictionary()
-        # The last run used, read as one tuple so that threads running different
-        # loops never pair one loop with another's table.
-        self._current: tuple[Callable[[], object], _Run] = (_dead_ref, _Run(False))
-        self._flights = self._joins = self._shared = self._errors = self._aborted = 0
-        self._timeouts = self._rejected = 0
-        self._wait_seconds = 0.0
+        make_table = partial(Table, name, on_event, max_flights, on_limit)
+        self._loops: Registry[_Run] = Registry(
+            lambda token: _Run(
+                make_table(), token, not isinstance(token, asyncio.AbstractEventLoop)
+            ),
+            make_table(),
+        )
 
     async def do(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
@@ -455,13 +424,13 @@ class AnyIOGroup(Generic[K, V]):
         made with ``cancel_orphaned=True`` and runs on otherwise.
         """
         deadline = None if self._timeout is None else self._deadline()
-        if self._max_flights is None:
-            flight = self._enter(key, fn, args, kwargs)
+        if self._limited:
+            flight, joined = await self._admit(key, fn, args, kwargs, deadline)
         else:
-            flight = await self._admit(key, fn, args, kwargs, deadline)
+            flight, joined = self._enter(key, fn, args, kwargs)
         del args, kwargs  # the loader has them; a parked caller need not keep them
         if not flight.event.is_set():
-            await self._wait(flight, flight.dups > 0, deadline)
+            await self._wait(flight, joined, deadline)
         error = flight.error
         if error is not None:
             raise error.with_traceback(flight.tb)
@@ -481,13 +450,13 @@ class AnyIOGroup(Generic[K, V]):
         :class:`~singleflight.TooManyFlightsError`, as by :meth:`do`.
         """
         deadline = None if self._timeout is None else self._deadline()
-        if self._max_flights is None:
-            flight = self._enter(key, fn, args, kwargs)
+        if self._limited:
+            flight, joined = await self._admit(key, fn, args, kwargs, deadline)
         else:
-            flight = await self._admit(key, fn, args, kwargs, deadline)
+            flight, joined = self._enter(key, fn, args, kwargs)
         del args, kwargs
         if not flight.event.is_set():
-            await self._wait(flight, flight.dups > 0, deadline)
+            await self._wait(flight, joined, deadline)
         return Result(flight.value, flight.error, flight.dups > 0)
 
     def do_future(
@@ -514,8 +483,8 @@ class AnyIOGroup(Generic[K, V]):
         """
         future: FlightFuture[V]
         try:
-            flight = self._enter(key, fn, args, kwargs)
-        except _NoSlot:
+            flight, joined = self._enter(key, fn, args, kwargs)
+        except Full:  # on_limit="wait" (a refusal is raised by _enter)
             future = FlightFuture(self)
             scope = future._scope = anyio.CancelScope()
             deadline = None if self._timeout is None else self._deadline()
@@ -538,8 +507,7 @@ class AnyIOGroup(Generic[K, V]):
             future._resolve(flight.value, flight.error, flight.tb)
             return future
         future._flight = flight
-        if flight.dups:
-            future._joined = perf_counter()
+        future._joined = joined
         if flight.futures is None:
             flight.futures = [future]
         else:
@@ -555,12 +523,9 @@ class AnyIOGroup(Generic[K, V]):
         trio run's) flights; outside any, on every one's (a caller there waiting
         for a slot then gets it when the forgotten flight ends).
         """
-        runs, inside = self._runs_of_caller()
-        for run in runs:
-            before = len(run.table)
-            _flight.forget(run.table, key)
-            if inside and len(run.table) < before:
-                run.free_slot()
+        for here, run in self._runs_of_caller():
+            if run.table.forget(key):
+                wake_in_loop(run, here, run.free_slot)
 
     def forget_unshared(self, key: K) -> bool:
         """Forget ``key`` only if nobody joined its flight.
@@ -570,12 +535,11 @@ class AnyIOGroup(Generic[K, V]):
         (outside any, on every one's), freeing slots as :meth:`forget` does.
         """
         forgotten = True
-        runs, inside = self._runs_of_caller()
-        for run in runs:
-            before = len(run.table)
-            forgotten = _flight.forget_unshared(run.table, key) and forgotten
-            if inside and len(run.table) < before:
-                run.free_slot()
+        for here, run in self._runs_of_caller():
+            gone, dropped = run.table.forget_unshared(key)
+            forgotten = gone and forgotten
+            if dropped:
+                wake_in_loop(run, here, run.free_slot)
         return forgotten
 
     def stats(self) -> GroupStats:
@@ -585,30 +549,15 @@ class AnyIOGroup(Generic[K, V]):
         stopped by ``loader_timeout``: those are ``errors``); ``rejected``
         counts calls refused by ``max_flights``.
         """
-        in_flight = len(self)
-        with self._lock:
-            return GroupStats(
-                calls=self._flights + self._joins,
-                flights=self._flights,
-                joins=self._joins,
-                shared=self._shared,
-                errors=self._errors,
-                aborted=self._aborted,
-                timeouts=self._timeouts,
-                rejected=self._rejected,
-                in_flight=in_flight,
-                wait_seconds=self._wait_seconds,
-            )
+        return _stats(self._loops.tables())
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is in flight in the running loop or run (outside any: in any)."""
-        return any(key in run.table for run in self._runs_of_caller()[0])
+        return any(key in run.table.calls for _, run in self._runs_of_caller())
 
     def __len__(self) -> int:
         """The number of keys in flight, over every loop and run still alive."""
-        with self._lock:
-            self._prune_closed()
-            return sum(len(run.table) for run in self._runs.values())
+        return sum(len(run.table.calls) for run in self._loops.all())
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} in_flight={len(self)}>"
@@ -616,17 +565,15 @@ class AnyIOGroup(Generic[K, V]):
     # -- the mechanism -------------------------------------------------------------
 
     def _run(self) -> _Run:
-        token, is_trio = _run_token()
-        current = self._current
-        if current[0]() is token:
-            return current[1]
-        with self._lock:
-            run = self._runs.get(token)
-            if run is None:
-                self._prune_closed()
-                run = self._runs[token] = _Run(is_trio)
-            self._current = (weakref.ref(token), run)
+        token, _ = _run_token()
+        current = self._loops.current
+        run = current[1] if current[0]() is token else self._loops.state_of(token)
+        assert run is not None
         return run
+
+    def _parked(self) -> int:
+        """Callers of the running loop or run waiting for a slot (white-box, for tests)."""
+        return len(self._run().slot_waiters)
 
     def _deadline(self) -> float:
         """This caller's deadline on the backend's clock (``timeout`` is set)."""
@@ -639,51 +586,41 @@ class AnyIOGroup(Generic[K, V]):
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> _AnyIOFlight:
+    ) -> tuple[_AnyIOFlight, float | None]:
         """Lead or join the flight of ``key``; a leader's loader task is started here.
 
-        Raises TooManyFlightsError (or, internally, _NoSlot) for a new key when
-        ``max_flights`` flights are open.
+        Returns the flight and this caller's join time (None for the leader).
+        Raises TooManyFlightsError for a new key when ``max_flights`` flights are
+        open (``on_limit="raise"``), or, internally, Full (``"wait"``).
         """
+        check_fn(fn)
         run = self._run()
         table = run.table
         try:
-            flight = table.get(key)
-        except TypeError:
-            raise _bad_key(key) from None
-        if not callable(fn):
-            raise TypeError(f"fn must be an async function; got {type(fn).__name__} {fn!r}")
-        hook = self._on_event
+            flight = table.enter(key)
+        except Full as full:
+            if full.wait:
+                raise
+            if full.event is not None:
+                emit(table.hook, full.event)  # type: ignore[arg-type]
+            assert full.error is not None
+            raise full.error from None
+        told: Event | None
         if flight is not None:
             if flight.task is not None and flight.task is run.current_task():
                 raise reentry_error(key)
-            flight.dups += 1
-            with self._lock:
-                self._joins += 1
-                if flight.dups == 1:
-                    self._shared += 1
-            if hook is not None:
-                emit(hook, Joined(self.name, key, id(flight)))
-            return flight
-        limit = self._max_flights
-        if limit is not None:
-            if len(table) >= limit:
-                if self._on_limit == "wait":
-                    raise _NoSlot
-                with self._lock:
-                    self._rejected += 1
-                if hook is not None:
-                    emit(hook, Rejected(self.name, key, len(table)))
-                raise TooManyFlightsError(key, limit)
-            if run.slot_waiters:
-                # Callers of this key waiting for a slot can join it now.
-                run.wake_slot_waiters()
-        flight = table[key] = _AnyIOFlight(run, key)
-        with self._lock:
-            self._flights += 1
-        if hook is not None:
-            flight.started = perf_counter()
-            emit(hook, FlightStarted(self.name, key, id(flight)))
+            joined = perf_counter()
+            told = table.join(flight, joined)
+            if told is not None:
+                emit(table.hook, told)  # type: ignore[arg-type]
+            return flight, joined
+        if run.slot_waiters:
+            # Callers of this key waiting for a slot can join it now.
+            run.wake_slot_waiters()
+        flight = _AnyIOFlight(run, key)
+        told = table.lead(flight)
+        if told is not None:
+            emit(table.hook, told)  # type: ignore[arg-type]
         try:
             task = run.spawn(_TASK_NAME, self._fly, flight, fn, args, kwargs)
         except BaseException as exc:
@@ -692,7 +629,7 @@ class AnyIOGroup(Generic[K, V]):
             raise
         # An eager task factory may have run the loader already; it set this too.
         flight.task = task
-        return flight
+        return flight, None
 
     async def _admit(
         self,
@@ -701,7 +638,7 @@ class AnyIOGroup(Generic[K, V]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         deadline: float | None,
-    ) -> _AnyIOFlight:
+    ) -> tuple[_AnyIOFlight, float | None]:
         """_enter(), waiting for a slot while ``max_flights`` is reached (``on_limit="wait"``).
 
         Raises WaitTimeoutError if no slot frees by ``deadline``.  A caller that is
@@ -711,7 +648,7 @@ class AnyIOGroup(Generic[K, V]):
         while True:
             try:
                 return self._enter(key, fn, args, kwargs)
-            except _NoSlot:
+            except Full:
                 pass
             run = self._run()
             slot = anyio.Event()
@@ -730,14 +667,14 @@ class AnyIOGroup(Generic[K, V]):
                 run.drop_slot_waiter(slot)
                 self._timed_out(key, deadline)
 
-    async def _wait(self, flight: _AnyIOFlight, joiner: bool, deadline: float | None) -> None:
+    async def _wait(
+        self, flight: _AnyIOFlight, joined: float | None, deadline: float | None
+    ) -> None:
         """Wait for the outcome until ``deadline``; a caller leaving may abandon the loader.
 
-        ``joiner`` (``dups > 0`` right after entering: only a joiner sees that)
-        says whether the wait counts in ``wait_seconds``.  Raises WaitTimeoutError
-        at the deadline, unless the outcome came in the same step.
+        ``joined`` is this caller's join time (None for the leader).  Raises
+        WaitTimeoutError at the deadline, unless the outcome came in the same step.
         """
-        joined = perf_counter()
         try:
             if deadline is None:
                 await flight.event.wait()
@@ -745,41 +682,29 @@ class AnyIOGroup(Generic[K, V]):
                 with anyio.CancelScope(deadline=deadline):
                     await flight.event.wait()
         finally:
-            if joiner:
-                with self._lock:
-                    self._wait_seconds += perf_counter() - joined
             if not flight.event.is_set():
-                self._leave(flight)
+                self._leave(flight, joined)
         if not flight.event.is_set():
             self._timed_out(flight.key, deadline)
 
     def _timed_out(self, key: object, deadline: float | None) -> NoReturn:
-        timeout = self._timeout or 0.0
-        with self._lock:
-            self._timeouts += 1
-        if self._on_event is not None:
-            waited = anyio.current_time() - ((deadline or 0.0) - timeout)
-            emit(self._on_event, TimedOut(self.name, key, waited))
+        table = self._run().table
+        waited = anyio.current_time() - ((deadline or 0.0) - (self._timeout or 0.0))
+        told = table.timed_out(key, waited)
+        if told is not None:
+            emit(table.hook, told)  # type: ignore[arg-type]
         raise WaitTimeoutError(key, self._timeout)
 
-    def _leave(self, flight: _AnyIOFlight) -> None:
+    def _leave(self, flight: _AnyIOFlight, joined: float | None) -> None:
         """A caller stopped waiting: with ``cancel_orphaned``, the last one cancels the loader."""
-        flight.left += 1
-        if self._cancel_orphaned and flight.left > flight.dups:
-            # Forget first: a caller arriving after this starts a new flight
-            # instead of joining one that is being cancelled.
-            run = flight.run
-            if run.table.get(flight.key) is flight:
-                del run.table[flight.key]
-                run.free_slot()
+        run = flight.run
+        if run.table.leave(flight, joined, self._cancel_orphaned):
+            run.free_slot()
             flight.scope.cancel()
 
     def _future_left(self, flight: _AnyIOFlight, joined: float | None) -> None:
         """A do_future() caller's future was cancelled before its flight ended."""
-        if joined is not None:
-            with self._lock:
-                self._wait_seconds += perf_counter() - joined
-        self._leave(flight)
+        self._leave(flight, joined)
 
     async def _call_for(
         self,
@@ -802,10 +727,10 @@ class AnyIOGroup(Generic[K, V]):
             return  # cancelled before this task first ran: it must not start a flight
         try:
             with scope:
-                flight = await self._admit(key, fn, args, kwargs, deadline)
+                flight, joined = await self._admit(key, fn, args, kwargs, deadline)
                 del args, kwargs
                 if not flight.event.is_set():
-                    await self._wait(flight, flight.dups > 0, deadline)
+                    await self._wait(flight, joined, deadline)
                 future._resolve(flight.value, flight.error, flight.tb)
         except Exception as exc:
             future._resolve(None, exc, exc.__traceback__)
@@ -867,75 +792,31 @@ class AnyIOGroup(Generic[K, V]):
             raise outcome
 
     def _settle(self, flight: _AnyIOFlight, exc: BaseException | None) -> None:
-        """End the flight: remove its entry, then wake every caller with its outcome."""
-        key = flight.key
+        """End the flight: the table removes its entry, then every caller wakes with its outcome."""
         run = flight.run
-        if run.table.get(key) is flight:
-            del run.table[key]
-            run.free_slot()
-        elif run.slot_waiters:
-            # Forgotten, maybe from outside the run, which could not wake anyone:
-            # a slot waiter looks again now (a spurious wake costs only a retry).
-            run.free_slot()
-        error: Exception | None = None
-        if exc is not None:
+        cancelled = exc is not None and isinstance(exc, _cancelled_class(run.trio))
+        error, told = run.table.settle(flight, exc, cancelled)
+        # A slot freed, or the flight was forgotten earlier (maybe from outside the
+        # run): a slot waiter looks again now (a spurious wake costs only a retry).
+        run.free_slot()
+        if error is not None:
             flight.value = None
-            if isinstance(exc, _cancelled_class(run.trio)):
-                error = AbortedError(key, "its loader task was cancelled")
-                error.__cause__ = exc
-            else:
-                error = waiter_error(key, exc)
             flight.error = error
             flight.tb = error.__traceback__
-        aborted = isinstance(error, AbortedError)
         futures, flight.futures = flight.futures, None
-        now = perf_counter()
-        with self._lock:
-            if aborted:
-                self._aborted += 1
-            elif error is not None:
-                self._errors += 1
-            if futures:
-                self._wait_seconds += sum(now - f._joined for f in futures if f._joined is not None)
         flight.event.set()
         if futures:
             for future in futures:
                 future._resolve(flight.value, error, flight.tb)
-        hook = self._on_event
-        if hook is not None:
-            duration = now - flight.started
-            callers = flight.dups + 1
-            fid = id(flight)
-            if error is None:
-                emit(hook, FlightFinished(self.name, key, fid, duration, callers))
-            elif aborted:
-                cause = exc if error is not exc else None
-                emit(hook, FlightAborted(self.name, key, fid, duration, callers, cause))
-            else:
-                emit(hook, FlightFailed(self.name, key, fid, duration, callers, error))
+        if told is not None:
+            emit(run.table.hook, told)  # type: ignore[arg-type]
 
-    def _prune_closed(self) -> None:
-        """Drop the runs of closed asyncio loops (the lock is held).
-
-        A loop closed with flights pending can never finish them, and their
-        tasks would keep the loop, the weak key of its run, alive.
-        """
-        closed = [
-            loop
-            for loop in self._runs
-            if isinstance(loop, asyncio.AbstractEventLoop) and loop.is_closed()
-        ]
-        for loop in closed:
-            del self._runs[loop]
-
-    def _runs_of_caller(self) -> tuple[list[_Run], bool]:
-        """The running loop's or run's state, or every one outside any; and whether inside."""
+    def _runs_of_caller(self) -> list[tuple[bool, _Run]]:
+        """The running loop's or run's state, or every one outside any; each with
+        whether it is the caller's."""
         try:
             token, _ = _run_token()
         except RuntimeError:
-            with self._lock:
-                self._prune_closed()
-                return list(self._runs.values()), False
-        with self._lock:
-            run = self._runs.get(token)
-        return ([] if run is None else [run]), True
+            return [(False, run) for run in self._loops.all()]
+        run = self._loops.get(token)
+        return [] if run is None else [(True, run)]

@@ -1,0 +1,128 @@
+"""One weak registry of per-event-loop state, for the drivers that run on event loops.
+
+A group may be used from several asyncio loops (threads, one ``asyncio.run``
+after another) or ``trio.run``s; calls of different loops never join each
+other, so each loop gets its own :class:`~._flight.Table`, touched only from
+that loop's thread.  Entries are keyed weakly by the loop (trio: the run's root
+task); when a loop is collected or closed its counters go to ``retired``, so
+``stats()`` never goes back.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from ._flight import Table
+
+__all__ = ["LoopState", "Registry"]
+
+
+class LoopState:
+    """One loop's table, and how to run a function in that loop's thread from any thread."""
+
+    __slots__ = ("call_soon", "finalizer", "table")
+
+    def __init__(self, table: Table[Any], call_soon: Callable[[Callable[[], object]], object]):
+        self.table = table
+        self.call_soon = call_soon  # thread-safe; raises RuntimeError once the loop is gone
+        self.finalizer: weakref.finalize[Any, Any] | None = None
+
+
+S = TypeVar("S", bound=LoopState)
+
+
+def _dead_ref() -> None:
+    return None
+
+
+class Registry(Generic[S]):
+    """The states of a group's loops.  ``current`` is the last loop used and its state,
+    read as one tuple so that threads running different loops never pair one loop
+    with another's state; drivers read it inline on their hot path."""
+
+    __slots__ = ("__weakref__", "current", "lock", "make", "retired", "states")
+
+    def __init__(self, make: Callable[[Any], S], retired: Table[Any]) -> None:
+        self.make = make  # token -> a new state (called in the token's loop)
+        self.retired = retired
+        self.states: weakref.WeakKeyDictionary[Any, S] = weakref.WeakKeyDictionary()
+        # Reentrant: a loop collected while it is held runs _retire(), which takes it.
+        self.lock = threading.RLock()
+        self.current: tuple[Callable[[], object], S | None] = (_dead_ref, None)
+
+    def state_of(self, token: Any) -> S:
+        """The state of the loop (or trio run) ``token`` (made on first use)."""
+        with self.lock:
+            state = self.states.get(token)
+            if state is None:
+                self.prune()
+                state = self.states[token] = self.make(token)
+                state.finalizer = weakref.finalize(token, _retire, weakref.ref(self), state)
+            self.current = (weakref.ref(token), state)
+        return state
+
+    def get(self, token: Any) -> S | None:
+        with self.lock:
+            return self.states.get(token)
+
+    def all(self) -> list[S]:
+        with self.lock:
+            self.prune()
+            return list(self.states.values())
+
+    def tables(self) -> list[Table[Any]]:
+        with self.lock:
+            self.prune()
+            return [*(s.table for s in self.states.values()), self.retired]
+
+    def prune(self) -> None:
+        """Drop the states of closed asyncio loops (the lock is held).
+
+        A loop closed with flights pending can never finish them, and its state
+        would keep it alive: its flights hold tasks that hold the loop.  Their
+        counters are kept.
+        """
+        closed = [t for t in self.states if getattr(t, "is_closed", bool)()]
+        for token in closed:
+            state = self.states.pop(token)
+            if state.finalizer is not None and state.finalizer.detach() is not None:
+                state.table.add_to(self.retired)
+        token = self.current[0]()
+        if token is not None and getattr(token, "is_closed", bool)():
+            self.current = (_dead_ref, None)
+
+
+def _retire(registry: weakref.ref[Registry[Any]], state: LoopState) -> None:
+    """A loop was collected: keep its counters in the group's totals."""
+    reg = registry()
+    if reg is not None:
+        with reg.lock:
+            state.table.add_to(reg.retired)
+
+
+def wake_in_loop(state: LoopState, here: bool, wake: Callable[[], object]) -> None:
+    """Run ``wake`` now if in ``state``'s loop, else in its thread (futures and events
+    of a loop are not thread-safe); nothing if the loop is gone."""
+    if here:
+        wake()
+        return
+    try:
+        state.call_soon(wake)
+    except RuntimeError:
+        pass  # the loop or run ended: nobody waits in it any more
+
+
+def asyncio_call_soon(loop: Any) -> Callable[[Callable[[], object]], object]:
+    """``loop.call_soon_threadsafe`` without keeping ``loop`` alive."""
+    ref = weakref.ref(loop)
+
+    def call_soon(fn: Callable[[], object]) -> object:
+        target = ref()
+        if target is None:
+            raise RuntimeError("the event loop is gone")
+        return target.call_soon_threadsafe(fn)
+
+    return call_soon
