@@ -395,6 +395,7 @@ class Group(Generic[K, V]):
         told: Event | None = None
         joined: float | None = None
         call: _Call | None = None
+        event: threading.Event | None = None
         refused: Full | None = None
         with self._lock:
             while True:
@@ -426,6 +427,9 @@ class Group(Generic[K, V]):
                     if call.owner == get_ident():
                         raise reentry_error(key)
                     told = table.join(call, joined)
+                    # The event exists before the lock is let go: the flight may
+                    # settle while this caller is telling its Joined event.
+                    event = self._wait_for(call)
                 break
         if refused is not None:
             raise self._refuse(refused)
@@ -443,8 +447,9 @@ class Group(Generic[K, V]):
                 return call
             self._settle(call, value, None)
             return call
-        with self._lock:
-            event = self._wait_for(call)
+        if event is None:  # the leader, whose loader runs elsewhere: not started yet
+            with self._lock:
+                event = self._wait_for(call)
         if joined is None:
             self._start(call, fn, args, kwargs)
         if not event.wait(None if deadline is None else max(0.0, deadline - monotonic())):

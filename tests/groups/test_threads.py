@@ -719,3 +719,31 @@ def test_stress_one_loader_per_key(seed: int) -> None:
 def test_stress_with_forget(seed: int) -> None:
     """As above plus random forget/forget_unshared; unforgotten key never overlaps."""
     run_stress(seed, forgets=True)
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_a_joiner_whose_joined_hook_outlasts_the_flight_still_gets_the_value(
+    timeout: float | None,
+) -> None:
+    # The joiner tells Joined after joining; the flight ends while its hook runs.
+    from singleflight.events import Event, Joined
+
+    hook_entered = threading.Event()
+    leader_done = threading.Event()
+
+    def hook(event: Event) -> None:
+        if isinstance(event, Joined):
+            hook_entered.set()
+            assert leader_done.wait(WAIT)
+
+    g: Group[str, Token] = Group(on_event=hook, timeout=timeout)
+    gate = threading.Event()
+    loader = Loader(name="v", gate=gate)
+    leader = CallThread(g.do, "k", loader)
+    loader.wait_started()
+    joiner = CallThread(g.do, "k", never_called)
+    assert hook_entered.wait(WAIT)
+    gate.set()
+    assert leader.result() is loader.value
+    leader_done.set()
+    assert joiner.result() is loader.value
