@@ -9,13 +9,16 @@ tested with made-up clocks.
 Keys of one flight share a hash tag, so they live in one Redis Cluster slot
 and one script may touch them all::
 
-    sf:{<namespace>:<key>}:res           the result, PX result_ttl (late joiners)
-    sf:{<namespace>:<key>}:lease         the leader's token, PX lease (liveness)
-    sf:{<namespace>:<key>}:fence         hash {tok, ep, w, det}: who may complete
-    sf:{<namespace>:<key>}:done:<token>  stream with one completion record
+    sf:{<ns>:<key>}:res           the result, PX result_ttl (late joiners)
+    sf:{<ns>:<key>}:lease         the leader's token, PX lease (liveness)
+    sf:{<ns>:<key>}:fence         hash {tok, ep, w, det}: who may complete
+    sf:{<ns>:<key>}:done:<token>  stream with one completion record
 
-The first ``}`` of a key ends the hash tag, so even a user key containing
-``}`` gives every key of its flight the same tag.
+``<ns>`` is the namespace with ``%`` and ``:`` percent-escaped, so the first
+``:`` after ``{`` always ends it: no two (namespace, key) pairs share a key
+(``users`` + ``admin:42`` is not ``users:admin`` + ``42``).  The first ``}``
+of a key ends the hash tag, so even a user key containing ``}`` gives every
+key of its flight the same tag.
 """
 
 from __future__ import annotations
@@ -187,13 +190,20 @@ class Keys:
     __slots__ = ("base", "fence", "lease", "res")
 
     def __init__(self, namespace: str, key: str) -> None:
-        self.base = base = f"{PREFIX}:{{{namespace}:{key}}}"
+        self.base = base = f"{PREFIX}:{{{escape_namespace(namespace)}:{key}}}"
         self.res = base + ":res"
         self.lease = base + ":lease"
         self.fence = base + ":fence"
 
     def done(self, token: str) -> str:
         return f"{self.base}:done:{token}"
+
+
+def escape_namespace(namespace: str) -> str:
+    """``namespace`` with ``%`` and ``:`` percent-escaped: it then holds no ``:``."""
+    if "%" in namespace or ":" in namespace:
+        return namespace.replace("%", "%25").replace(":", "%3A")
+    return namespace
 
 
 def check_namespace(namespace: object) -> str:
