@@ -83,10 +83,13 @@ _MESSAGE_LIMIT = 2000
 class FlightInfo:
     """The Redis flight the current loader leads; see :func:`current_flight`.
 
-    ``epoch`` is the key's fencing epoch: it grows by one with every new
-    leader of the key (for as long as the key's fence record lives, 10 minutes
-    after its last flight), so a store downstream can refuse writes carrying
-    an epoch older than one it has seen.  ``lost`` turns true once the
+    ``epoch`` is the key's fencing epoch: every new leader of the key gets a
+    larger one than the leaders before it, so a store downstream can refuse
+    writes carrying an epoch older than one it has seen.  It is the previous
+    epoch plus one, or the Redis server's clock in microseconds when that is
+    larger, so it still grows after the key's fence record is lost (FLUSHALL,
+    a restart without persistence, eviction), unless the server's clock went
+    back meanwhile.  ``lost`` turns true once the
     watchdog learns that the lease is gone (another process took over, or the
     key was forgotten): the loader may stop early, since its value will not
     be stored (a completion after a takeover is fenced and reaches only this

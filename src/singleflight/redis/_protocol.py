@@ -75,6 +75,10 @@ class Script:
 #   {0, payload}       hit: a result is stored
 #   {1, epoch}         lead: the lease is ours; epoch is this key's fencing epoch
 #   {2, holder, pttl}  wait for holder's completion, at most pttl ms
+# The epoch is the stored one plus one, or the server's clock (TIME, in
+# microseconds) when that is larger: it grows with every leader while the
+# fence record lives, and still grows after the record is lost (FLUSHALL, a
+# restart without persistence, eviction) unless the server's clock went back.
 # A retried ACQUIRE whose first reply was lost finds its own token in the lease
 # and leads, rather than waiting on itself for a whole lease.  A waiter counts
 # itself in fence.w, which each leader starts at 1: so HINCRBY answering 1
@@ -87,7 +91,14 @@ if ARGV[4] == '1' then
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local ep = redis.call('HINCRBY', KEYS[3], 'ep', 1)
-  redis.call('HSET', KEYS[3], 'tok', ARGV[1], 'w', 1)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if now > ep then
+    ep = now
+    redis.call('HSET', KEYS[3], 'tok', ARGV[1], 'w', 1, 'ep', string.format('%.0f', ep))
+  else
+    redis.call('HSET', KEYS[3], 'tok', ARGV[1], 'w', 1)
+  end
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
   return {1, ep}
 end
