@@ -66,9 +66,7 @@ def test_one_text_cut_at_two_colons_gives_two_flights(text: str, data: st.DataOb
         (("n", "x}:res"), ("n", "x}:lease")),
     ],
 )
-def test_adversarial_pairs_have_distinct_keys(
-    one: tuple[str, str], other: tuple[str, str]
-) -> None:
+def test_adversarial_pairs_have_distinct_keys(one: tuple[str, str], other: tuple[str, str]) -> None:
     assert not set(_names(*one)) & set(_names(*other))
 
 

@@ -53,11 +53,11 @@ def complete(r: redis.Redis, token: str, status: str = "o", payload: bytes = b"v
 
 
 def forget(r: redis.Redis, only_unshared: bool = False) -> Any:
-    return run(r, proto.FORGET_SCRIPT, [K.res, K.lease, K.fence], ["1" if only_unshared else "0"])
+    return run(r, proto.FORGET_SCRIPT, K.forget_keys(), ["1" if only_unshared else "0", DONE_MS])
 
 
 def led(reply: Any) -> int:
-    """The epoch of a lead reply (asserting it is one): the server's clock in microseconds or more."""
+    """The epoch of a lead reply (asserted to be one): the server clock in µs, or more."""
     assert reply[0] == 1, reply
     assert reply[1] > 1_600_000_000 * 10**6, reply
     return int(reply[1])
@@ -154,9 +154,11 @@ def test_forget_detaches_the_running_flight(r: redis.Redis) -> None:
     assert r.exists(K.res) == 0 and r.exists(K.lease) == 0
     assert renew(r, "A") == 0  # A learns it lost the key
     led(acquire(r, "B"))
-    assert complete(r, "A", payload=b"old") == [2, 0]  # its own waiters still hear of it
-    assert record(r, "A") == {b"s": b"o", b"v": b"old"}
-    assert r.exists(K.res) == 0  # but it is not stored
+    assert complete(r, "A", payload=b"old") == [2, 0]
+    # Its waiters read the forget first, and ask again: the old outcome reaches none.
+    assert record(r, "A") == {b"s": b"f", b"v": b""}
+    assert 0 < r.pttl(K.done("A")) <= DONE_MS
+    assert r.xlen(K.done("A")) == 1 and r.exists(K.res) == 0  # neither told nor stored
     assert complete(r, "B", payload=b"new")[0] == 1
     assert r.get(K.res) == b"new"
 

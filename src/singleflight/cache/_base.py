@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
 from .._options import check_name
-from .._protocols import crosses_processes
+from .._protocols import REMOTE_FLIGHT, Settling, crosses_processes
 from ..events import (
     CacheHit,
     CacheMiss,
@@ -401,8 +401,45 @@ class CacheBase(Generic[K, V]):
             return self._store.begin_load(key, seen, self._clock())
 
     def _finish_load(self, key: K, token: int, value: Any, started: float) -> None:
+        flight = self._shared_flight()
+        if flight is not None:  # written once the group says Redis took it
+            flight.when_settled(
+                lambda kept: self._settle_load(key, token, value, None, started, kept)
+            )
+            return
         with self._lock:
             self._store.finish_load(key, token, value, started, self._clock())
+
+    def _shared_flight(self) -> Settling | None:
+        """The flight shared with other processes that this load runs as the leader
+        of, when the group crosses processes: its outcome may yet be refused."""
+        if not self._remote:
+            return None
+        return REMOTE_FLIGHT.get()
+
+    def _settle_load(
+        self,
+        key: K,
+        token: int,
+        value: Any,
+        error: BaseException | None,
+        started: float,
+        kept: bool,
+    ) -> None:
+        """A load led for other processes too is settled: write it if Redis kept it.
+
+        A refused outcome (its leader fenced, its lease lost, the flight
+        forgotten) answers that flight's own callers at most, and is never kept.
+        """
+        if kept:
+            if error is None:
+                with self._lock:
+                    self._store.finish_load(key, token, value, started, self._clock())
+            else:
+                self._failed(key, token, error, started)
+            return
+        with self._lock:
+            self._store.discard_load(key, token, error)
 
     def _hold(self, key: K, seen: Entry | None) -> int:
         """Before a group call: the token to write its outcome back with, or 0 for
@@ -459,6 +496,15 @@ class CacheBase(Generic[K, V]):
             emit(self._hook, CacheMiss(self.name, key))
 
     def _load_failed(self, key: K, token: int, error: BaseException, started: float) -> None:
+        flight = self._shared_flight()
+        if flight is not None:
+            flight.when_settled(
+                lambda kept: self._settle_load(key, token, None, error, started, kept)
+            )
+            return
+        self._failed(key, token, error, started)
+
+    def _failed(self, key: K, token: int, error: BaseException, started: float) -> None:
         with self._lock:
             kept = self._store.fail_load(key, token, error, started, self._clock())
         if kept is not None and isinstance(error, Exception):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "COMPLETE_SCRIPT",
     "ERROR",
     "FAIL",
+    "FORGOTTEN",
     "FORGET_SCRIPT",
     "HIT",
     "LEAD",
@@ -132,7 +134,8 @@ return 0
 
 # COMPLETE(fence, res, lease, done; token, status, payload, result_ttl_ms, done_ttl_ms)
 #   {1, w}  completed: stored (status o) and announced; w > 0 if anyone waited
-#   {2, 0}  the flight had been forgotten: announced to its waiters, not stored
+#   {2, 0}  the flight had been forgotten: neither stored nor announced (FORGET
+#           told its waiters already)
 #   {0, 0}  fenced: another leader owns the key now; nothing written
 #   {3, 0}  already completed (a retried COMPLETE whose first reply was lost)
 # The token check is the fence: Redis holds the result, so a leader that lost
@@ -142,7 +145,6 @@ return 0
 # A forgotten flight's lease may be somebody else's by now: left alone.
 _COMPLETE = """
 local f = redis.call('HMGET', KEYS[1], 'tok', 'det', 'w')
-local code = 1
 if f[1] == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'tok', 'w')
   redis.call('DEL', KEYS[3])
@@ -151,7 +153,7 @@ if f[1] == ARGV[1] then
   end
 elseif f[2] == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'det')
-  code = 2
+  return {2, 0}
 elseif redis.call('EXISTS', KEYS[4]) == 1 then
   return {3, 0}
 else
@@ -159,14 +161,17 @@ else
 end
 redis.call('XADD', KEYS[4], '*', 's', ARGV[2], 'v', ARGV[3])
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
-if code == 2 then return {2, 0} end
 return {1, math.max(0, tonumber(f[3] or 1) - 1)}
 """
 
-# FORGET(res, lease, fence; only_unshared)
+# FORGET(res, lease, fence; only_unshared, done_ttl_ms)
 #   Drops the stored result and detaches the running flight: new callers lead
-#   a new one, while the old leader's completion still reaches its own waiters.
-#   Returns 0 (and does nothing) when only_unshared is 1 and somebody waited.
+#   a new one.  Its waiters in other processes find a "forgotten" record (f)
+#   on its completion stream, first, and ask again: the old flight's outcome
+#   reaches none of them (nor its leader's process, which runs again when its
+#   completion finds the flight detached).  Returns 0 (and does nothing) when
+#   only_unshared is 1 and somebody waited.  The stream's name is made from the
+#   fence's (same hash tag, same slot): the token is only known here.
 _FORGET = """
 local f = redis.call('HMGET', KEYS[3], 'tok', 'w')
 if ARGV[1] == '1' and f[2] and tonumber(f[2]) > 1 then return 0 end
@@ -175,6 +180,9 @@ if f[1] then
   redis.call('HDEL', KEYS[3], 'tok', 'w')
   redis.call('HSET', KEYS[3], 'det', f[1])
   if redis.call('GET', KEYS[2]) == f[1] then redis.call('DEL', KEYS[2]) end
+  local done = string.sub(KEYS[3], 1, -7) .. ':done:' .. f[1]
+  redis.call('XADD', done, '*', 's', 'f', 'v', '')
+  redis.call('PEXPIRE', done, ARGV[2])
 end
 return 1
 """
@@ -188,6 +196,7 @@ FORGET_SCRIPT = Script("forget", _FORGET)
 OK = "o"
 ERROR = "e"
 ABANDONED = "a"
+FORGOTTEN = "f"  # written by FORGET, never by a leader
 
 
 def new_token() -> str:
@@ -208,6 +217,9 @@ class Keys:
 
     def done(self, token: str) -> str:
         return f"{self.base}:done:{token}"
+
+    def forget_keys(self) -> list[str]:
+        return [self.res, self.lease, self.fence]
 
 
 def escape_namespace(namespace: str) -> str:
@@ -487,12 +499,19 @@ class Plan:
         "waited",
     )
 
-    def __init__(self, settings: Settings, keys: Keys, breaker: Breaker, now: float) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        keys: Keys,
+        breaker: Breaker,
+        now: float,
+        deadline: float | None = None,
+    ) -> None:
         self.settings = settings
         self.keys = keys
         self._breaker = breaker
         self._retry = RetryBudget(settings)
-        self.deadline = now + settings.max_wait
+        self.deadline = now + settings.max_wait if deadline is None else deadline
         self.token = new_token()
         self.use_hit = True
         self.waited = False  # true once it waited on another leader (a lead then is a takeover)
@@ -576,7 +595,7 @@ class Plan:
         elif status == b"e":
             self.payload = payload
             self.op = REMOTE_ERROR
-        else:  # abandoned (or unknown): the holder gave up, ask again at once
+        else:  # abandoned, forgotten (or unknown): ask again at once
             return self._again(now)
         return self.op
 
@@ -671,7 +690,7 @@ class Held:
     It belongs to the flight, never to a thread: a token is never shared.
     """
 
-    __slots__ = ("due", "epoch", "keys", "lost", "token")
+    __slots__ = ("_on_settled", "due", "epoch", "forgotten_here", "kept", "keys", "lost", "token")
 
     def __init__(self, keys: Keys, token: str, epoch: int) -> None:
         self.keys = keys
@@ -679,9 +698,28 @@ class Held:
         self.epoch = epoch
         self.due = 0.0
         self.lost = False
+        self.forgotten_here = False  # this process forgot the key while the flight ran
+        self.kept: bool | None = None  # once settled: whether Redis took the outcome
+        self._on_settled: list[Callable[[bool], None]] = []
 
     def renew_keys(self) -> list[str]:
         return [self.keys.lease, self.keys.fence]
+
+    def when_settled(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(kept)`` once the flight's outcome is settled (now if it is)."""
+        if self.kept is None:
+            self._on_settled.append(callback)
+        else:
+            callback(self.kept)
+
+    def settle(self, kept: bool) -> None:
+        """The outcome is settled: tell the callbacks, once."""
+        if self.kept is not None:
+            return
+        self.kept = kept
+        callbacks, self._on_settled = self._on_settled, []
+        for callback in callbacks:
+            callback(kept)
 
 
 class Renewals:
