@@ -192,3 +192,25 @@ def test_script_cache_flushed_mid_flight(sides: Any, own_server: RedisServer) ->
     admin.close()
     assert loader.runs == 1
     assert a.stats().lost_leases == 0
+
+
+def test_a_completion_timed_out_by_a_pause_is_retried(sides: Any, own_server: RedisServer) -> None:
+    """A 0.7 s CLIENT PAUSE at completion: the first COMPLETE times out (redis_timeout
+    0.5 s), a retry gets through after the pause, and the waiters get the value without
+    sitting out the lease: one load."""
+    a, b = sides(own_server.port, lease=3.0), sides(own_server.port, lease=3.0)
+    gate = threading.Event()
+    loader = Loader("value", gate=gate)
+    leader = a.submit("k", loader)
+    _wait_for(lambda: loader.runs == 1)
+    waiter = b.submit("k", loader)
+    _wait_for(lambda: b.stats().waits >= 1)
+    admin = own_server.client()
+    admin.client_pause(700, all=True)
+    gate.set()
+    outcomes = [leader.result(20), waiter.result(20)]
+    admin.close()
+    assert [(o.value, o.error) for o in outcomes] == [("value", None)] * 2, outcomes
+    assert loader.runs == 1
+    assert a.stats().redis_errors >= 1  # the first attempt did time out
+    assert b.stats().takeovers == 0

@@ -732,7 +732,7 @@ class AsyncRedisGroup(Generic[K, V]):
                 "completion",
                 plan.keys,
                 lambda: eval_script(state.commands, proto.COMPLETE_SCRIPT, keys, args),
-                deadline=_monotonic() + core.settings.retry_budget,
+                deadline=core.settings.operation_deadline(_monotonic()),
             )
         except RedisError:
             return None
@@ -757,7 +757,7 @@ class AsyncRedisGroup(Generic[K, V]):
                     keys.forget_keys(),
                     core.forget_args(only_unshared),
                 ),
-                deadline=_monotonic() + core.settings.retry_budget,
+                deadline=core.settings.operation_deadline(_monotonic()),
             )
         except RedisError as exc:
             core.forget_failed(key, exc, closed=closed)

@@ -337,6 +337,12 @@ class Settings:
         self.backoff_base = 0.01
         self.backoff_cap = 0.1
 
+    def operation_deadline(self, now: float) -> float:
+        """When a flight's own operation (COMPLETE, FORGET) stops retrying: one
+        attempt's timeout, then the retry budget, so a first attempt that timed
+        out (a pause) is always retried at least once."""
+        return now + self.redis_timeout + self.retry_budget
+
     @property
     def blocking_timeout(self) -> float:
         """Socket timeout for XREAD BLOCK: the longest slice plus one command's time."""
