@@ -8,6 +8,7 @@ RedisGroup and AsyncRedisGroup.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any
@@ -214,3 +215,34 @@ def test_a_completion_timed_out_by_a_pause_is_retried(sides: Any, own_server: Re
     assert loader.runs == 1
     assert a.stats().redis_errors >= 1  # the first attempt did time out
     assert b.stats().takeovers == 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_stopped_server_never_holds_a_waiter_past_its_deadline(
+    sides: Any, own_server: RedisServer, policy: str
+) -> None:
+    """max_wait=2 with lease=10: a waiter blocked in XREAD when the server is
+    SIGSTOPped returns by max_wait + redis_timeout, not after the lease."""
+    options = {"lease": 10.0, "max_wait": 2.0, "redis_timeout": 0.5, "on_redis_error": policy}
+    a, b = sides(own_server.port, **options), sides(own_server.port, **options)
+    gate = threading.Event()
+    slow = Loader("slow", gate=gate)
+    leader = a.submit("k", slow)
+    _wait_for(lambda: slow.runs == 1)
+    mine = Loader("mine")
+    waiter = b.submit("k", mine)
+    _wait_for(lambda: b.stats().waits >= 1)
+    assert own_server.process is not None
+    own_server.process.send_signal(signal.SIGSTOP)
+    try:
+        outcome = waiter.result(30)
+    finally:
+        own_server.process.send_signal(signal.SIGCONT)
+        gate.set()
+    # max_wait + one command's timeout, plus scheduling slack; the lease is 10 s.
+    assert outcome.elapsed <= 2.0 + 0.5 + 1.0, outcome
+    if policy == "open":
+        assert (outcome.value, mine.runs) == ("mine", 1)
+    else:
+        assert isinstance(outcome.error, (WaitTimeoutError, RedisUnavailableError)), outcome
+    leader.result(30)

@@ -35,7 +35,7 @@ from .._result import Result
 from ..events import EventHook
 from ..stats import RedisGroupStats
 from . import _protocol as proto
-from ._asyncio_only import Clients, call, eval_script, sleep
+from ._asyncio_only import Clients, call, eval_script, read_blocking, sleep
 from ._clients import configure_async
 from ._core import (
     _CURRENT,
@@ -45,7 +45,6 @@ from ._core import (
     GroupCore,
     Watch,
     calling,
-    command,
     with_shared,
 )
 from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
@@ -74,11 +73,10 @@ from .codecs import Codec, CodecError
 #     GroupCore,
 #     Watch,
 #     calling,
-#     command,
 #     with_shared,
 # )
 # from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
-# from ._threads_only import Clients, call, eval_script, sleep
+# from ._threads_only import Clients, call, eval_script, read_blocking, sleep
 # from .codecs import Codec, CodecError
 #
 # unasync: end
@@ -634,7 +632,9 @@ class AsyncRedisGroup(Generic[K, V]):
                 elif op == proto.READ:
                     watch.read()
                     try:
-                        reply = await command(state.blocking, *plan.read_command())
+                        reply = await read_blocking(
+                            state.blocking, plan.read_command(), plan.read_timeout()
+                        )
                     except RedisError as exc:
                         core.redis_error(plan, exc)
                         continue

@@ -548,6 +548,11 @@ class Plan:
         """READ's command: wait up to block_ms for the first entry of the holder's stream."""
         return ["XREAD", "COUNT", 1, "BLOCK", self.block_ms, "STREAMS", self.stream, "0-0"]
 
+    def read_timeout(self) -> float:
+        """How long READ may take in all: its block plus one command's time.  The block
+        never outlasts the deadline, so neither does the read, by more than redis_timeout."""
+        return self.block_ms / 1000 + self.settings.redis_timeout
+
     def complete_keys(self) -> list[str]:
         keys = self.keys
         return [keys.fence, keys.res, keys.lease, keys.done(self.token)]

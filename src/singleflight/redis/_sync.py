@@ -31,11 +31,10 @@ from ._core import (
     GroupCore,
     Watch,
     calling,
-    command,
     with_shared,
 )
 from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
-from ._threads_only import Clients, call, eval_script, sleep
+from ._threads_only import Clients, call, eval_script, read_blocking, sleep
 from .codecs import Codec, CodecError
 
 __all__ = ["RedisGroup"]
@@ -397,7 +396,9 @@ class RedisGroup(Generic[K, V]):
                 elif op == proto.READ:
                     watch.read()
                     try:
-                        reply = command(state.blocking, *plan.read_command())
+                        reply = read_blocking(
+                            state.blocking, plan.read_command(), plan.read_timeout()
+                        )
                     except RedisError as exc:
                         core.redis_error(plan, exc)
                         continue
