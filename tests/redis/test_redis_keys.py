@@ -81,3 +81,17 @@ def test_groups_of_colliding_names_share_no_flight_and_no_result(
     assert admins.call("42", other).value == "admin 42"
     assert other.runs == 1
     assert admins.stats().hits == 0
+
+
+@pytest.mark.parametrize("key", ["a\udc80b", ("user", "\ud800"), "\udfff"])
+def test_a_key_that_is_not_valid_unicode_is_refused_before_anything_runs(
+    sides: Any, server: RedisServer, key: Any
+) -> None:
+    a = sides(server.port)
+    loader = Loader("never")
+    outcome = a.call(key, loader)
+    assert isinstance(outcome.error, ValueError), outcome
+    assert not isinstance(outcome.error, UnicodeError), outcome
+    assert "surrogate" in str(outcome.error) and "key_to_str" in str(outcome.error)
+    assert loader.runs == 0
+    assert a.stats().redis_errors == 0

@@ -302,7 +302,8 @@ class AsyncRedisGroup(Generic[K, V]):
         :class:`LoaderError` in others, :class:`RedisUnavailableError` /
         :class:`WaitTimeoutError` under ``on_redis_error="closed"``,
         :class:`CodecError` for a value that cannot be encoded, ``TypeError``
-        for a bad key or ``fn`` before anything runs.
+        for a bad key or ``fn`` and ``ValueError`` for a key that is not valid
+        Unicode, before anything runs.
 
         Cancellation: as :meth:`AsyncGroup.do`: cancelling a caller affects
         that caller alone.  The Redis work runs in the local flight's loader
@@ -329,7 +330,8 @@ class AsyncRedisGroup(Generic[K, V]):
         # :class:`PayloadTooLargeError` / :class:`CodecError` when the value
         # cannot be encoded (in every caller of the flight).  ``TypeError`` for a
         # key that is unhashable or of another type (without ``key_to_str=``), or a
-        # non-callable ``fn``, before anything runs; ``RuntimeError`` for a
+        # non-callable ``fn``, and ``ValueError`` for a str key that is not valid
+        # Unicode (a lone surrogate), before anything runs; ``RuntimeError`` for a
         # loader calling ``do`` on its own key.
         #
         # Timing: a caller returns at most about ``max_wait + redis_timeout``

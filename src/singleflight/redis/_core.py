@@ -330,6 +330,14 @@ class GroupCore(Generic[K]):
             raise TypeError(
                 f"the key function returned {type(text).__name__}, not str, for {key!r}"
             )
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"key {key!r} is not valid Unicode (it holds a lone surrogate) and "
+                    "cannot be a Redis key; pass key_to_str=<function returning a valid str>"
+                ) from None
         return text
 
     def keys(self, text: str) -> Keys:

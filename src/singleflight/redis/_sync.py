@@ -229,7 +229,8 @@ class RedisGroup(Generic[K, V]):
         :class:`PayloadTooLargeError` / :class:`CodecError` when the value
         cannot be encoded (in every caller of the flight).  ``TypeError`` for a
         key that is unhashable or of another type (without ``key_to_str=``), or a
-        non-callable ``fn``, before anything runs; ``RuntimeError`` for a
+        non-callable ``fn``, and ``ValueError`` for a str key that is not valid
+        Unicode (a lone surrogate), before anything runs; ``RuntimeError`` for a
         loader calling ``do`` on its own key.
 
         Timing: a caller returns at most about ``max_wait + redis_timeout``
