@@ -16,14 +16,23 @@ group has of these, read with ``getattr``:
     without calling ``fn`` here: a value loaded elsewhere, or a
     :class:`~singleflight.RemoteError`.  The cache then writes such outcomes
     back itself.  Such a group must have ``forget``.
+
+And, from inside ``fn``, :data:`REMOTE_FLIGHT`: a group that crosses
+processes sets it, while ``fn`` runs as the leader of a flight shared with
+other processes, to an object with ``when_settled(callback)``.  The group calls
+``callback(kept)`` once the flight's outcome is settled, before ``do`` returns
+it to anyone: ``kept`` is False when the outcome was refused (the leader was
+fenced, lost its lease, or the flight was forgotten meanwhile).  A cache
+writes what ``fn`` loaded only when it is kept.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import ParamSpec, Protocol, TypeVar
 
-__all__ = ["AsyncGroupLike", "GroupLike", "crosses_processes"]
+__all__ = ["REMOTE_FLIGHT", "AsyncGroupLike", "GroupLike", "Settling", "crosses_processes"]
 
 K_contra = TypeVar("K_contra", contravariant=True)
 V = TypeVar("V")
@@ -47,3 +56,13 @@ class AsyncGroupLike(Protocol[K_contra, V]):
 def crosses_processes(group: object) -> bool:
     """Whether ``group`` says its ``do`` may return outcomes produced in another process."""
     return getattr(group, "crosses_processes", False) is True
+
+
+class Settling(Protocol):
+    """What :data:`REMOTE_FLIGHT` holds: a flight whose outcome may yet be refused."""
+
+    def when_settled(self, callback: Callable[[bool], None]) -> None: ...
+
+
+# The flight shared with other processes that the running loader leads, if any.
+REMOTE_FLIGHT: ContextVar[Settling | None] = ContextVar("singleflight_remote_flight", default=None)

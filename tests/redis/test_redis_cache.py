@@ -126,27 +126,26 @@ def test_loaded_once_then_both_processes_hit_their_own_cache(
 
 
 def test_invalidate_during_a_remote_load_is_not_overwritten(
-    procs: Callable[..., Proc], tmp_path: Path
+    procs: Callable[..., Proc], server: RedisServer, tmp_path: Path
 ) -> None:
     a, b = procs(), procs()
     _remote_flight(a, b, tmp_path, "k")
     b.cmd("invalidate", key="k")
+    client = server.client()  # the forget reached Redis (AsyncLoadingCache sends it in a task)
+    _wait_until("the forget", lambda: client.exists("sf:{test:k}:lease") == 0)
+    client.close()
     a.cmd("release")
     ra, rb = a.cmd("join"), b.cmd("join")
 
+    # The invalidate forgot A's flight in Redis: B's waiting flight asked again
+    # and led a new load (kept in B's cache: it began after the invalidate), and
+    # A's flight, forgotten by another process, ran again.  Nobody got the
+    # forgotten flight's value.
     old = {"key": "k", "pid": a.pid, "n": 1}
-    # B's reader that asked before the invalidate still gets the flight's value...
-    assert [o["value"] for o in ra["outcomes"] + rb["outcomes"]] == [old, old]
-    # ...but B's cache does not keep it: the invalidate came after the load started.
-    assert not b.cmd("contains", key="k")["contains"]
-    assert rb["cache"]["size"] == 0
-    assert a.cmd("contains", key="k")["contains"]  # A's own load was not invalidated in A
-
-    rb2 = b.cmd("get", key="k")
-    assert rb2["outcomes"][0]["value"] == {"key": "k", "pid": b.pid, "n": 1}
-    assert rb2["group_calls"] == rb["group_calls"] + 1
-    assert _starts(tmp_path) == [a.pid, b.pid]
+    assert old not in [o["value"] for o in ra["outcomes"]]
+    assert [o["value"] for o in rb["outcomes"]] == [{"key": "k", "pid": b.pid, "n": 1}]
     assert b.cmd("contains", key="k")["contains"]
+    assert _starts(tmp_path)[:2] == [a.pid, b.pid]
 
 
 def test_remote_not_found_is_cached_by_type_name_and_other_errors_are_not(

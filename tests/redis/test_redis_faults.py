@@ -9,6 +9,7 @@ RedisGroup and AsyncRedisGroup.
 from __future__ import annotations
 
 import functools
+import signal
 import threading
 import time
 from typing import Any
@@ -189,3 +190,56 @@ def test_script_cache_flushed_mid_flight(sides: Any, own_server: RedisServer) ->
     admin.close()
     assert loader.runs == 1
     assert a.stats().lost_leases == 0
+
+
+def test_a_completion_timed_out_by_a_pause_is_retried(sides: Any, own_server: RedisServer) -> None:
+    """A 0.7 s CLIENT PAUSE at completion: the first COMPLETE times out (redis_timeout
+    0.5 s), a retry gets through after the pause, and the waiters get the value without
+    sitting out the lease: one load."""
+    a, b = sides(own_server.port, lease=3.0), sides(own_server.port, lease=3.0)
+    gate = threading.Event()
+    loader = Loader("value", gate=gate)
+    leader = a.submit("k", loader)
+    _wait_for(lambda: loader.runs == 1)
+    waiter = b.submit("k", loader)
+    _wait_for(lambda: b.stats().waits >= 1)
+    admin = own_server.client()
+    admin.client_pause(700, all=True)
+    gate.set()
+    outcomes = [leader.result(20), waiter.result(20)]
+    admin.close()
+    assert [(o.value, o.error) for o in outcomes] == [("value", None)] * 2, outcomes
+    assert loader.runs == 1
+    assert a.stats().redis_errors >= 1  # the first attempt did time out
+    assert b.stats().takeovers == 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_stopped_server_never_holds_a_waiter_past_its_deadline(
+    sides: Any, own_server: RedisServer, policy: str
+) -> None:
+    """max_wait=2 with lease=10: a waiter blocked in XREAD when the server is
+    SIGSTOPped returns by max_wait + redis_timeout, not after the lease."""
+    options = {"lease": 10.0, "max_wait": 2.0, "redis_timeout": 0.5, "on_redis_error": policy}
+    a, b = sides(own_server.port, **options), sides(own_server.port, **options)
+    gate = threading.Event()
+    slow = Loader("slow", gate=gate)
+    leader = a.submit("k", slow)
+    _wait_for(lambda: slow.runs == 1)
+    mine = Loader("mine")
+    waiter = b.submit("k", mine)
+    _wait_for(lambda: b.stats().waits >= 1)
+    assert own_server.process is not None
+    own_server.process.send_signal(signal.SIGSTOP)
+    try:
+        outcome = waiter.result(30)
+    finally:
+        own_server.process.send_signal(signal.SIGCONT)
+        gate.set()
+    # max_wait + one command's timeout, plus scheduling slack; the lease is 10 s.
+    assert outcome.elapsed <= 2.0 + 0.5 + 1.0, outcome
+    if policy == "open":
+        assert (outcome.value, mine.runs) == ("mine", 1)
+    else:
+        assert isinstance(outcome.error, (WaitTimeoutError, RedisUnavailableError)), outcome
+    leader.result(30)

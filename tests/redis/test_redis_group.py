@@ -141,7 +141,9 @@ def test_forget_detaches_the_running_flight(sides: Any, server: RedisServer) -> 
     new = Loader("new")
     assert b.call("k", new).value == "new"  # a new flight, not the forgotten one
     gate.set()
-    assert first.result(10).value == "old"  # the forgotten flight's callers still get it
+    # Forgotten by another process, the flight does not answer with its value
+    # (a caller may have joined it after the forget): it asks again, and hits.
+    assert first.result(10).value == "new"
     assert (old.runs, new.runs) == (1, 1)
     # The forgotten flight's completion was not stored over the newer result.
     assert b.call("k", Loader("unused")).value == "new"
@@ -195,7 +197,9 @@ def test_epoch_grows_with_each_leader_and_is_none_outside(sides: Any, server: Re
 
     for _ in range(3):
         a.call("k", Recorder())
-    assert seen == [("k", 1, False), ("k", 2, False), ("k", 3, False)]
+    assert [(key, lost) for key, _, lost in seen] == [("k", False)] * 3
+    epochs = [epoch for _, epoch, _ in seen]
+    assert epochs == sorted(set(epochs)), epochs
     assert current_flight() is None
 
 
@@ -548,7 +552,9 @@ def test_own_clients_have_bounded_timeouts_and_no_retry(server: RedisServer) -> 
         user, namespace="n", lease=1.0, redis_timeout=0.25, max_wait=10
     )
     commands, blocking = group._clients.commands, group._clients.blocking
-    for client, read_timeout in ((commands, 0.25), (blocking, 1.0 + 0.02 + 0.25)):
+    # The sync group's blocking reads bound their wait per call: its pool's socket
+    # timeout bounds the rest (a connection's handshake included).
+    for client, read_timeout in ((commands, 0.25), (blocking, 0.25)):
         kwargs = client.connection_pool.connection_kwargs
         assert kwargs["socket_timeout"] == pytest.approx(read_timeout)
         assert kwargs["socket_connect_timeout"] == 0.25
@@ -627,7 +633,7 @@ def test_a_forgotten_leader_learns_it_lost_the_lease(sides: Any, server: RedisSe
     b.forget("k")
     gate.set()  # the loader now runs past at least one renewal (every 0.1 s)
     assert first.result(10).value == "old"
-    assert seen == [True]
+    assert seen == [True, False]  # lost; then, forgotten by another process, it ran again
     assert a.stats().lost_leases == 1
 
 

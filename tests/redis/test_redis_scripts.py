@@ -53,7 +53,14 @@ def complete(r: redis.Redis, token: str, status: str = "o", payload: bytes = b"v
 
 
 def forget(r: redis.Redis, only_unshared: bool = False) -> Any:
-    return run(r, proto.FORGET_SCRIPT, [K.res, K.lease, K.fence], ["1" if only_unshared else "0"])
+    return run(r, proto.FORGET_SCRIPT, K.forget_keys(), ["1" if only_unshared else "0", DONE_MS])
+
+
+def led(reply: Any) -> int:
+    """The epoch of a lead reply (asserted to be one): the server clock in µs, or more."""
+    assert reply[0] == 1, reply
+    assert reply[1] > 1_600_000_000 * 10**6, reply
+    return int(reply[1])
 
 
 def record(r: redis.Redis, token: str) -> dict[bytes, bytes] | None:
@@ -62,7 +69,7 @@ def record(r: redis.Redis, token: str) -> dict[bytes, bytes] | None:
 
 
 def test_one_leader_then_waiters_then_a_hit(r: redis.Redis) -> None:
-    assert acquire(r, "A") == [1, 1]
+    led(acquire(r, "A"))
     wait = acquire(r, "B")
     assert wait[:2] == [2, b"A"] and 900 < wait[2] <= LEASE_MS
     assert acquire(r, "C")[:2] == [2, b"A"]
@@ -75,14 +82,27 @@ def test_one_leader_then_waiters_then_a_hit(r: redis.Redis) -> None:
 
 
 def test_epochs_grow_per_leader(r: redis.Redis) -> None:
-    for epoch, token in enumerate("ABC", start=1):
-        assert acquire(r, token, use_hit="0") == [1, epoch]
+    epochs = []
+    for token in "ABC":
+        epochs.append(led(acquire(r, token, use_hit="0")))
         assert complete(r, token)[0] == 1
+    assert epochs == sorted(set(epochs))
+    # A stored epoch ahead of the clock (the clock went back) still grows by one.
+    r.hset(K.fence, "ep", str(epochs[-1] + 10**9))
+    assert acquire(r, "D", use_hit="0") == [1, epochs[-1] + 10**9 + 1]
+    complete(r, "D")
+
+
+def test_epochs_grow_after_the_fence_record_is_lost(r: redis.Redis) -> None:
+    first = led(acquire(r, "A"))
+    complete(r, "A")
+    r.flushall()
+    assert led(acquire(r, "B")) > first
 
 
 def test_a_retried_acquire_finds_its_own_lease(r: redis.Redis) -> None:
-    assert acquire(r, "A") == [1, 1]
-    assert acquire(r, "A") == [1, 1]
+    epoch = led(acquire(r, "A"))
+    assert acquire(r, "A") == [1, epoch]
 
 
 def test_renew_extends_resurrects_or_reports_loss(r: redis.Redis) -> None:
@@ -98,9 +118,9 @@ def test_renew_extends_resurrects_or_reports_loss(r: redis.Redis) -> None:
 
 
 def test_a_stale_leader_is_fenced(r: redis.Redis) -> None:
-    acquire(r, "A")
+    first = led(acquire(r, "A"))
     r.delete(K.lease)  # A's lease lapsed
-    assert acquire(r, "B") == [1, 2]
+    assert led(acquire(r, "B")) > first
     assert complete(r, "B", payload=b"new")[0] == 1
     assert complete(r, "A", payload=b"stale") == [0, 0]
     assert r.get(K.res) == b"new"
@@ -133,10 +153,12 @@ def test_forget_detaches_the_running_flight(r: redis.Redis) -> None:
     assert forget(r) == 1
     assert r.exists(K.res) == 0 and r.exists(K.lease) == 0
     assert renew(r, "A") == 0  # A learns it lost the key
-    assert acquire(r, "B") == [1, 2]
-    assert complete(r, "A", payload=b"old") == [2, 0]  # its own waiters still hear of it
-    assert record(r, "A") == {b"s": b"o", b"v": b"old"}
-    assert r.exists(K.res) == 0  # but it is not stored
+    led(acquire(r, "B"))
+    assert complete(r, "A", payload=b"old") == [2, 0]
+    # Its waiters read the forget first, and ask again: the old outcome reaches none.
+    assert record(r, "A") == {b"s": b"f", b"v": b""}
+    assert 0 < r.pttl(K.done("A")) <= DONE_MS
+    assert r.xlen(K.done("A")) == 1 and r.exists(K.res) == 0  # neither told nor stored
     assert complete(r, "B", payload=b"new")[0] == 1
     assert r.get(K.res) == b"new"
 
@@ -159,4 +181,4 @@ def test_waiting_on_a_lease_with_no_fence_creates_no_eternal_key(r: redis.Redis)
 def test_leases_expire_on_the_server_clock(r: redis.Redis) -> None:
     run(r, proto.ACQUIRE_SCRIPT, [K.res, K.lease, K.fence], ["A", 50, FENCE_MS, "1"])
     time.sleep(0.1)
-    assert acquire(r, "B") == [1, 2]
+    led(acquire(r, "B"))

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
 from .._options import check_name
-from .._protocols import crosses_processes
+from .._protocols import REMOTE_FLIGHT, Settling, crosses_processes
 from ..events import (
     CacheHit,
     CacheMiss,
@@ -422,10 +422,49 @@ class CacheBase(Generic[K, V]):
             return self._store.begin_load(key, seen, now)
 
     def _finish_load(self, key: K, token: int, value: Any, started: float) -> None:
+        flight = self._shared_flight()
+        if flight is not None:  # written once the group says Redis took it
+            flight.when_settled(
+                lambda kept: self._settle_load(key, token, value, None, started, kept)
+            )
+            return
         now = self._clock()
         entry = self._policy.value_entry(value, now, now - started)
         with self._lock:
             self._store.finish_load(key, token, value, started, now, entry)
+
+    def _shared_flight(self) -> Settling | None:
+        """The flight shared with other processes that this load runs as the leader
+        of, when the group crosses processes: its outcome may yet be refused."""
+        if not self._remote:
+            return None
+        return REMOTE_FLIGHT.get()
+
+    def _settle_load(
+        self,
+        key: K,
+        token: int,
+        value: Any,
+        error: BaseException | None,
+        started: float,
+        kept: bool,
+    ) -> None:
+        """A load led for other processes too is settled: write it if Redis kept it.
+
+        A refused outcome (its leader fenced, its lease lost, the flight
+        forgotten) answers that flight's own callers at most, and is never kept.
+        """
+        if kept:
+            if error is None:
+                now = self._clock()
+                entry = self._policy.value_entry(value, now, now - started)
+                with self._lock:
+                    self._store.finish_load(key, token, value, started, now, entry)
+            else:
+                self._failed(key, token, error, started)
+            return
+        with self._lock:
+            self._store.discard_load(key, token, error)
 
     def _hold(self, key: K, seen: Entry | None) -> int:
         """Before a group call: the token to write its outcome back with, or 0 for
@@ -483,6 +522,15 @@ class CacheBase(Generic[K, V]):
             emit(self._hook, CacheMiss(self.name, key))
 
     def _load_failed(self, key: K, token: int, error: BaseException, started: float) -> None:
+        flight = self._shared_flight()
+        if flight is not None:
+            flight.when_settled(
+                lambda kept: self._settle_load(key, token, None, error, started, kept)
+            )
+            return
+        self._failed(key, token, error, started)
+
+    def _failed(self, key: K, token: int, error: BaseException, started: float) -> None:
         now = self._clock()
         with self._lock:
             kept = self._store.fail_load(key, token, error, started, now)

@@ -217,6 +217,16 @@ class Store(Generic[K]):
         self._write(key, entry)
         return True
 
+    def discard_load(self, key: K, token: int, error: BaseException | None) -> None:
+        """A load ended but its outcome was refused (a fenced leader's): keep nothing,
+        and release its lease.  Counted as the load it was."""
+        if error is None:
+            self.loads += 1
+        elif isinstance(error, Exception):
+            self.load_failures += 1
+        if self.leases.get(key) == token:
+            del self.leases[key]
+
     def fail_load(
         self, key: K, token: int, error: BaseException, started: float, now: float
     ) -> Entry | None:

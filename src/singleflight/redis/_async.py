@@ -35,7 +35,7 @@ from .._result import Result
 from ..events import EventHook
 from ..stats import RedisGroupStats
 from . import _protocol as proto
-from ._asyncio_only import Clients, call, eval_script, sleep
+from ._asyncio_only import Clients, call, eval_script, read_blocking, sleep
 from ._clients import configure_async
 from ._core import (
     _CURRENT,
@@ -45,7 +45,6 @@ from ._core import (
     GroupCore,
     Watch,
     calling,
-    command,
     with_shared,
 )
 from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
@@ -74,11 +73,10 @@ from .codecs import Codec, CodecError
 #     GroupCore,
 #     Watch,
 #     calling,
-#     command,
 #     with_shared,
 # )
 # from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
-# from ._threads_only import Clients, call, eval_script, sleep
+# from ._threads_only import Clients, call, eval_script, read_blocking, sleep
 # from .codecs import Codec, CodecError
 #
 # unasync: end
@@ -304,7 +302,8 @@ class AsyncRedisGroup(Generic[K, V]):
         :class:`LoaderError` in others, :class:`RedisUnavailableError` /
         :class:`WaitTimeoutError` under ``on_redis_error="closed"``,
         :class:`CodecError` for a value that cannot be encoded, ``TypeError``
-        for a bad key or ``fn`` before anything runs.
+        for a bad key or ``fn`` and ``ValueError`` for a key that is not valid
+        Unicode, before anything runs.
 
         Cancellation: as :meth:`AsyncGroup.do`: cancelling a caller affects
         that caller alone.  The Redis work runs in the local flight's loader
@@ -331,7 +330,8 @@ class AsyncRedisGroup(Generic[K, V]):
         # :class:`PayloadTooLargeError` / :class:`CodecError` when the value
         # cannot be encoded (in every caller of the flight).  ``TypeError`` for a
         # key that is unhashable or of another type (without ``key_to_str=``), or a
-        # non-callable ``fn``, before anything runs; ``RuntimeError`` for a
+        # non-callable ``fn``, and ``ValueError`` for a str key that is not valid
+        # Unicode (a lone surrogate), before anything runs; ``RuntimeError`` for a
         # loader calling ``do`` on its own key.
         #
         # Timing: a caller returns at most about ``max_wait + redis_timeout``
@@ -410,6 +410,7 @@ class AsyncRedisGroup(Generic[K, V]):
         local part is done.  ``await`` :meth:`aforget` to wait for Redis.
         """
         text = self._core.redis_key(key)
+        self._core.forgetting(text)
         self._local.forget(key)
         try:
             loop = get_running_loop()
@@ -432,6 +433,7 @@ class AsyncRedisGroup(Generic[K, V]):
         :class:`RedisUnavailableError`.
         """
         text = self._core.redis_key(key)
+        self._core.forgetting(text)
         self._local.forget(key)
         await self._forget_remote(self._state(), key, text, False, quiet=False)
 
@@ -444,6 +446,7 @@ class AsyncRedisGroup(Generic[K, V]):
         text = self._core.redis_key(key)
         if not self._local.forget_unshared(key):
             return False
+        self._core.forgetting(text)
         try:
             get_running_loop()
         except RuntimeError:
@@ -457,13 +460,17 @@ class AsyncRedisGroup(Generic[K, V]):
     #     """Let the next call of ``key``, in any process, start a new flight.
     #
     #     Drops the result stored in Redis and detaches the running flight, if
-    #     any: new callers lead a new one, while the running loader's callers,
-    #     here and elsewhere, still get its outcome (it is not stored).  Under
-    #     ``on_redis_error="closed"`` a Redis failure raises
+    #     any: new callers lead a new one.  Once it returns, no caller that
+    #     starts after it, in any process, gets the outcome of a flight that
+    #     started before it: this process's callers of the detached flight still
+    #     get its outcome (they all came before), processes waiting on it ask
+    #     again, and a process leading it runs it again.  The outcome is not
+    #     stored.  Under ``on_redis_error="closed"`` a Redis failure raises
     #     :class:`RedisUnavailableError` (the local flight is forgotten anyway);
     #     under ``"open"`` it is logged.
     #     """
     #     text = self._core.redis_key(key)
+    #     self._core.forgetting(text)
     #     self._local.forget(key)
     #     self._forget_remote(self._clients, key, text, False, quiet=False)
     #
@@ -477,6 +484,7 @@ class AsyncRedisGroup(Generic[K, V]):
     #     text = self._core.redis_key(key)
     #     if not self._local.forget_unshared(key):
     #         return False
+    #     self._core.forgetting(text)
     #     return self._forget_remote(self._clients, key, text, True, quiet=False)
     # unasync: end
 
@@ -626,7 +634,9 @@ class AsyncRedisGroup(Generic[K, V]):
                 elif op == proto.READ:
                     watch.read()
                     try:
-                        reply = await command(state.blocking, *plan.read_command())
+                        reply = await read_blocking(
+                            state.blocking, plan.read_command(), plan.read_timeout()
+                        )
                     except RedisError as exc:
                         core.redis_error(plan, exc)
                         continue
@@ -639,10 +649,18 @@ class AsyncRedisGroup(Generic[K, V]):
                     if value is not RETRY:
                         return value
                 elif op == proto.LEAD:
-                    return await self._lead(state, key, plan, fn, args, kwargs, watch)
+                    led: V = await self._lead(state, key, plan, fn, args, kwargs, watch)
+                    if led is not RETRY:
+                        return led
+                    # Forgotten by another process while it ran: run again.
+                    plan = Plan(core.settings, keys, core.breaker, _monotonic(), plan.deadline)
                 elif op == proto.LOCAL:
                     core.local_run(key, plan, watch)
-                    return await call(fn, args, kwargs)
+                    context = _CURRENT.set(None)  # no flight shared with other processes
+                    try:
+                        return await call(fn, args, kwargs)
+                    finally:
+                        _CURRENT.reset(context)
                 else:
                     raise core.failure(key, plan, watch)
         finally:
@@ -658,7 +676,9 @@ class AsyncRedisGroup(Generic[K, V]):
         kwargs: dict[str, Any],
         watch: Watch,
     ) -> V:
-        """Run the loader holding the lease, then complete (or abandon) the flight in Redis."""
+        """Run the loader holding the lease, then complete (or abandon) the flight in Redis.
+
+        RETRY when another process forgot the key meanwhile: the flight must run again."""
         core = self._core
         held = core.lead(plan, watch)
         watchdog = state.watchdog
@@ -672,10 +692,13 @@ class AsyncRedisGroup(Generic[K, V]):
                 state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
             )
             core.note_waiters(watch, completion)
+            if not core.settled(held, completion):
+                return RETRY  # type: ignore[no-any-return]
             raise
         except BaseException:
             # Cancelled, KeyboardInterrupt, SystemExit: abandon so others take over at once.
             watchdog.release(held)
+            held.settle(False)
             await self._abandon(state, plan, wait=True)
             raise
         finally:
@@ -688,9 +711,14 @@ class AsyncRedisGroup(Generic[K, V]):
                 state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
             )
             core.note_waiters(watch, completion)
+            held.settle(False)  # its callers get the CodecError, not the value
+            if not core.settled(held, completion):
+                return RETRY  # type: ignore[no-any-return]
             raise
         completion = await self._complete(state, plan, proto.OK, payload)
         core.note_waiters(watch, completion)
+        if not core.settled(held, completion):
+            return RETRY  # type: ignore[no-any-return]
         return value
 
     async def _complete(
@@ -706,7 +734,7 @@ class AsyncRedisGroup(Generic[K, V]):
                 "completion",
                 plan.keys,
                 lambda: eval_script(state.commands, proto.COMPLETE_SCRIPT, keys, args),
-                deadline=_monotonic() + core.settings.retry_budget,
+                deadline=core.settings.operation_deadline(_monotonic()),
             )
         except RedisError:
             return None
@@ -728,10 +756,10 @@ class AsyncRedisGroup(Generic[K, V]):
                 lambda: eval_script(
                     state.commands,
                     proto.FORGET_SCRIPT,
-                    [keys.res, keys.lease, keys.fence],
-                    ["1" if only_unshared else "0"],
+                    keys.forget_keys(),
+                    core.forget_args(only_unshared),
                 ),
-                deadline=_monotonic() + core.settings.retry_budget,
+                deadline=core.settings.operation_deadline(_monotonic()),
             )
         except RedisError as exc:
             core.forget_failed(key, exc, closed=closed)

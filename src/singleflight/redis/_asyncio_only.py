@@ -20,7 +20,7 @@ from . import _protocol as proto
 from ._core import GroupCore, command, describe, log
 from ._protocol import Held, Renewals, Script
 
-__all__ = ["Clients", "Watchdog", "call", "eval_script", "sleep"]
+__all__ = ["Clients", "Watchdog", "call", "eval_script", "read_blocking", "sleep"]
 
 V = TypeVar("V")
 
@@ -35,6 +35,16 @@ async def eval_script(
         return await command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
         return await command(client, "EVAL", script.source, len(keys), *keys, *args)
+
+
+async def read_blocking(client: redis.asyncio.Redis, args: list[Any], timeout: float) -> Any:
+    """A blocking command (XREAD BLOCK) that ends within ``timeout`` seconds whatever
+    the server does: a server that never answers (stopped) raises redis's TimeoutError.
+    redis.asyncio drops the connection of a command cancelled by the timeout."""
+    try:
+        return await asyncio.wait_for(command(client, *args), timeout)
+    except TimeoutError as exc:
+        raise redis.exceptions.TimeoutError(f"no reply within {timeout:.3f}s") from exc
 
 
 class Watchdog:

@@ -7,9 +7,11 @@ connection pool we make two of our own, with the same address, credentials
 and TLS settings:
 
 * *commands*: ``socket_timeout = socket_connect_timeout = redis_timeout``;
-* *blocking reads* (``XREAD BLOCK``): ``socket_timeout`` = the longest wait
-  slice (``lease`` + 20 ms) + ``redis_timeout``, so a read the server never
-  answers still ends;
+* *blocking reads* (``XREAD BLOCK``): each read is bounded by its own block
+  plus ``redis_timeout`` (a per-call bound); the pool's ``socket_timeout`` is
+  ``redis_timeout`` for RedisGroup (whose reads wait for their reply apart),
+  the longest wait slice (``lease`` + 20 ms) + ``redis_timeout`` for
+  AsyncRedisGroup;
 
 both with redis-py's retry switched off (``Retry(NoBackoff(), 0)``): the group
 retries by itself, within its retry budget and the caller's deadline.  They
@@ -82,6 +84,7 @@ def _clone(
     client_type: type[Any],
     pools: tuple[type[Any], type[Any]],
     retry_type: type[Any],
+    blocking_read_timeout: float | None,
 ) -> tuple[Any, Any]:
     plain, blocking = pools
     pool = client.connection_pool
@@ -91,7 +94,7 @@ def _clone(
         )
     timeout = min(settings.redis_timeout, settings.max_wait)
     made = []
-    for read_timeout in (timeout, settings.blocking_timeout):
+    for read_timeout in (timeout, blocking_read_timeout or timeout):
         kwargs = _kwargs(pool, read_timeout, timeout, retry_type(NoBackoff(), 0))
         if type(pool) is blocking:
             # Waiting for a free connection counts against the same bound.
@@ -125,8 +128,16 @@ def configure_sync(
         return client, client
     from redis.retry import Retry
 
+    # Its blocking reads wait for their reply with a bound of their own (see
+    # read_blocking): the socket timeout bounds everything else, the connection's
+    # handshake included.
     return _clone(
-        client, settings, redis.Redis, (redis.ConnectionPool, redis.BlockingConnectionPool), Retry
+        client,
+        settings,
+        redis.Redis,
+        (redis.ConnectionPool, redis.BlockingConnectionPool),
+        Retry,
+        None,
     )
 
 
@@ -150,4 +161,5 @@ def configure_async(
         redis.asyncio.Redis,
         (redis.asyncio.ConnectionPool, redis.asyncio.BlockingConnectionPool),
         Retry,
+        settings.blocking_timeout,
     )

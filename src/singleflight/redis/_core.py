@@ -17,6 +17,7 @@ from time import perf_counter
 from typing import Any, Generic, TypeVar
 
 from .._options import check_name
+from .._protocols import REMOTE_FLIGHT
 from .._result import Result
 from ..errors import WaitTimeoutError, type_name
 from ..events import (
@@ -83,14 +84,24 @@ _MESSAGE_LIMIT = 2000
 class FlightInfo:
     """The Redis flight the current loader leads; see :func:`current_flight`.
 
-    ``epoch`` is the key's fencing epoch: it grows by one with every new
-    leader of the key (for as long as the key's fence record lives, 10 minutes
-    after its last flight), so a store downstream can refuse writes carrying
-    an epoch older than one it has seen.  ``lost`` turns true once the
-    watchdog learns that the lease is gone (another process took over, or the
-    key was forgotten): the loader may stop early, since its value will not
-    be stored (a completion after a takeover is fenced and reaches only this
-    process's callers; after a forget, only the flight's own waiters).
+    ``epoch`` is the key's fencing epoch: every new leader of the key gets a
+    larger one than the leaders before it, so a store downstream can refuse
+    writes carrying an epoch older than one it has seen.  It is the previous
+    epoch plus one, or the Redis server's clock in microseconds when that is
+    larger, so it still grows after the key's fence record is lost (FLUSHALL,
+    a restart without persistence, eviction), unless the server's clock went
+    back meanwhile.
+
+    ``lost`` turns true once the watchdog learns that the lease is gone
+    (another process took over, or the key was forgotten): the loader may
+    stop early, since its value will not be stored (a completion after a
+    takeover is fenced and reaches only this process's callers; after a
+    forget by another process the flight runs again here).
+
+    ``when_settled(callback)`` calls ``callback(kept)`` once the flight's
+    outcome is settled in Redis, before any caller gets it: ``kept`` is False
+    when it was refused (fenced, the lease lost, the flight forgotten).  A
+    LoadingCache in front uses it to keep only outcomes Redis took.
     """
 
     __slots__ = ("_held", "key")
@@ -107,11 +118,15 @@ class FlightInfo:
     def lost(self) -> bool:
         return self._held.lost
 
+    def when_settled(self, callback: Callable[[bool], None]) -> None:
+        self._held.when_settled(callback)
+
     def __repr__(self) -> str:
         return f"<FlightInfo key={self.key!r} epoch={self.epoch} lost={self.lost}>"
 
 
-_CURRENT: ContextVar[FlightInfo | None] = ContextVar("singleflight_redis_flight", default=None)
+# The generic variable a LoadingCache reads (it holds a FlightInfo here).
+_CURRENT = REMOTE_FLIGHT
 
 
 def current_flight() -> FlightInfo | None:
@@ -120,7 +135,8 @@ def current_flight() -> FlightInfo | None:
     None outside a loader, and in a loader run locally without Redis (under
     ``on_redis_error="open"``).  Works from the loader's own thread or task.
     """
-    return _CURRENT.get()
+    flight = _CURRENT.get()
+    return flight if isinstance(flight, FlightInfo) else None
 
 
 class Caller:
@@ -158,10 +174,11 @@ def calling() -> Iterator[Caller]:
 class _Lead:
     """A flight this process leads in Redis, from its lead until its local flight ends."""
 
-    __slots__ = ("key", "started", "waiters")
+    __slots__ = ("held", "key", "started", "waiters")
 
-    def __init__(self, key: object) -> None:
+    def __init__(self, key: object, held: Held) -> None:
         self.key = key
+        self.held = held
         self.started = perf_counter()
         self.waiters = 0  # callers in other processes that got its outcome
 
@@ -313,6 +330,14 @@ class GroupCore(Generic[K]):
             raise TypeError(
                 f"the key function returned {type(text).__name__}, not str, for {key!r}"
             )
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"key {key!r} is not valid Unicode (it holds a lone surrogate) and "
+                    "cannot be a Redis key; pass key_to_str=<function returning a valid str>"
+                ) from None
         return text
 
     def keys(self, text: str) -> Keys:
@@ -409,11 +434,41 @@ class GroupCore(Generic[K]):
         if plan.waited:
             self.counters.add("takeovers")
         fid = watch.caller.fid
+        held = Held(plan.keys, plan.token, plan.epoch)
         with self._leads_lock:
-            self._leads[fid] = _Lead(watch.key)
+            self._leads[fid] = _Lead(watch.key, held)
         if self.hook is not None:
             emit(self.hook, FlightStarted(self.name, watch.key, fid))
-        return Held(plan.keys, plan.token, plan.epoch)
+        return held
+
+    def forgetting(self, text: str) -> None:
+        """This process forgets the key: the flights it leads of it are detached by
+        their own process (their callers all came before), so they need not run again."""
+        base = self.keys(text).base
+        with self._leads_lock:
+            for lead in self._leads.values():
+                if lead.held.keys.base == base:
+                    lead.held.forgotten_here = True
+
+    def forget_args(self, only_unshared: bool) -> list[str | int]:
+        return ["1" if only_unshared else "0", self.settings.done_ttl_ms]
+
+    def settled(self, held: Held, completion: Completion | None) -> bool:
+        """A led flight's completion is known: settle its outcome (kept when Redis took
+        it; without a reply, unless the lease was lost).  False when another process
+        forgot the key while it ran: callers that came after that forget may have
+        joined it here, so it must run again rather than answer them."""
+        if completion is None:
+            kept = not held.lost
+        else:
+            kept = completion.code in (Completion.COMPLETED, Completion.ALREADY)
+        try:
+            held.settle(kept)
+        except Exception:  # a callback's bug must not lose the callers' outcome
+            log.exception("a settle callback of %s failed", held.keys.base)
+        if completion is not None and completion.code == Completion.DETACHED:
+            return held.forgotten_here
+        return True
 
     def note_waiters(self, watch: Watch, completion: Completion | None) -> None:
         """A led flight completed: other processes' waiters got its outcome (if any)."""

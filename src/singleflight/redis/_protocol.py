@@ -9,13 +9,16 @@ tested with made-up clocks.
 Keys of one flight share a hash tag, so they live in one Redis Cluster slot
 and one script may touch them all::
 
-    sf:{<namespace>:<key>}:res           the result, PX result_ttl (late joiners)
-    sf:{<namespace>:<key>}:lease         the leader's token, PX lease (liveness)
-    sf:{<namespace>:<key>}:fence         hash {tok, ep, w, det}: who may complete
-    sf:{<namespace>:<key>}:done:<token>  stream with one completion record
+    sf:{<ns>:<key>}:res           the result, PX result_ttl (late joiners)
+    sf:{<ns>:<key>}:lease         the leader's token, PX lease (liveness)
+    sf:{<ns>:<key>}:fence         hash {tok, ep, w, det}: who may complete
+    sf:{<ns>:<key>}:done:<token>  stream with one completion record
 
-The first ``}`` of a key ends the hash tag, so even a user key containing
-``}`` gives every key of its flight the same tag.
+``<ns>`` is the namespace with ``%`` and ``:`` percent-escaped, so the first
+``:`` after ``{`` always ends it: no two (namespace, key) pairs share a key
+(``users`` + ``admin:42`` is not ``users:admin`` + ``42``).  The first ``}``
+of a key ends the hash tag, so even a user key containing ``}`` gives every
+key of its flight the same tag.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -32,6 +36,7 @@ __all__ = [
     "COMPLETE_SCRIPT",
     "ERROR",
     "FAIL",
+    "FORGOTTEN",
     "FORGET_SCRIPT",
     "HIT",
     "LEAD",
@@ -72,6 +77,10 @@ class Script:
 #   {0, payload}       hit: a result is stored
 #   {1, epoch}         lead: the lease is ours; epoch is this key's fencing epoch
 #   {2, holder, pttl}  wait for holder's completion, at most pttl ms
+# The epoch is the stored one plus one, or the server's clock (TIME, in
+# microseconds) when that is larger: it grows with every leader while the
+# fence record lives, and still grows after the record is lost (FLUSHALL, a
+# restart without persistence, eviction) unless the server's clock went back.
 # A retried ACQUIRE whose first reply was lost finds its own token in the lease
 # and leads, rather than waiting on itself for a whole lease.  A waiter counts
 # itself in fence.w, which each leader starts at 1: so HINCRBY answering 1
@@ -84,7 +93,14 @@ if ARGV[4] == '1' then
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local ep = redis.call('HINCRBY', KEYS[3], 'ep', 1)
-  redis.call('HSET', KEYS[3], 'tok', ARGV[1], 'w', 1)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if now > ep then
+    ep = now
+    redis.call('HSET', KEYS[3], 'tok', ARGV[1], 'w', 1, 'ep', string.format('%.0f', ep))
+  else
+    redis.call('HSET', KEYS[3], 'tok', ARGV[1], 'w', 1)
+  end
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
   return {1, ep}
 end
@@ -118,7 +134,8 @@ return 0
 
 # COMPLETE(fence, res, lease, done; token, status, payload, result_ttl_ms, done_ttl_ms)
 #   {1, w}  completed: stored (status o) and announced; w > 0 if anyone waited
-#   {2, 0}  the flight had been forgotten: announced to its waiters, not stored
+#   {2, 0}  the flight had been forgotten: neither stored nor announced (FORGET
+#           told its waiters already)
 #   {0, 0}  fenced: another leader owns the key now; nothing written
 #   {3, 0}  already completed (a retried COMPLETE whose first reply was lost)
 # The token check is the fence: Redis holds the result, so a leader that lost
@@ -128,7 +145,6 @@ return 0
 # A forgotten flight's lease may be somebody else's by now: left alone.
 _COMPLETE = """
 local f = redis.call('HMGET', KEYS[1], 'tok', 'det', 'w')
-local code = 1
 if f[1] == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'tok', 'w')
   redis.call('DEL', KEYS[3])
@@ -137,7 +153,7 @@ if f[1] == ARGV[1] then
   end
 elseif f[2] == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'det')
-  code = 2
+  return {2, 0}
 elseif redis.call('EXISTS', KEYS[4]) == 1 then
   return {3, 0}
 else
@@ -145,14 +161,17 @@ else
 end
 redis.call('XADD', KEYS[4], '*', 's', ARGV[2], 'v', ARGV[3])
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
-if code == 2 then return {2, 0} end
 return {1, math.max(0, tonumber(f[3] or 1) - 1)}
 """
 
-# FORGET(res, lease, fence; only_unshared)
+# FORGET(res, lease, fence; only_unshared, done_ttl_ms)
 #   Drops the stored result and detaches the running flight: new callers lead
-#   a new one, while the old leader's completion still reaches its own waiters.
-#   Returns 0 (and does nothing) when only_unshared is 1 and somebody waited.
+#   a new one.  Its waiters in other processes find a "forgotten" record (f)
+#   on its completion stream, first, and ask again: the old flight's outcome
+#   reaches none of them (nor its leader's process, which runs again when its
+#   completion finds the flight detached).  Returns 0 (and does nothing) when
+#   only_unshared is 1 and somebody waited.  The stream's name is made from the
+#   fence's (same hash tag, same slot): the token is only known here.
 _FORGET = """
 local f = redis.call('HMGET', KEYS[3], 'tok', 'w')
 if ARGV[1] == '1' and f[2] and tonumber(f[2]) > 1 then return 0 end
@@ -161,6 +180,9 @@ if f[1] then
   redis.call('HDEL', KEYS[3], 'tok', 'w')
   redis.call('HSET', KEYS[3], 'det', f[1])
   if redis.call('GET', KEYS[2]) == f[1] then redis.call('DEL', KEYS[2]) end
+  local done = string.sub(KEYS[3], 1, -7) .. ':done:' .. f[1]
+  redis.call('XADD', done, '*', 's', 'f', 'v', '')
+  redis.call('PEXPIRE', done, ARGV[2])
 end
 return 1
 """
@@ -174,6 +196,7 @@ FORGET_SCRIPT = Script("forget", _FORGET)
 OK = "o"
 ERROR = "e"
 ABANDONED = "a"
+FORGOTTEN = "f"  # written by FORGET, never by a leader
 
 
 def new_token() -> str:
@@ -187,13 +210,23 @@ class Keys:
     __slots__ = ("base", "fence", "lease", "res")
 
     def __init__(self, namespace: str, key: str) -> None:
-        self.base = base = f"{PREFIX}:{{{namespace}:{key}}}"
+        self.base = base = f"{PREFIX}:{{{escape_namespace(namespace)}:{key}}}"
         self.res = base + ":res"
         self.lease = base + ":lease"
         self.fence = base + ":fence"
 
     def done(self, token: str) -> str:
         return f"{self.base}:done:{token}"
+
+    def forget_keys(self) -> list[str]:
+        return [self.res, self.lease, self.fence]
+
+
+def escape_namespace(namespace: str) -> str:
+    """``namespace`` with ``%`` and ``:`` percent-escaped: it then holds no ``:``."""
+    if "%" in namespace or ":" in namespace:
+        return namespace.replace("%", "%25").replace(":", "%3A")
+    return namespace
 
 
 def check_namespace(namespace: object) -> str:
@@ -303,6 +336,12 @@ class Settings:
         self.renew_interval = self.lease / 3
         self.backoff_base = 0.01
         self.backoff_cap = 0.1
+
+    def operation_deadline(self, now: float) -> float:
+        """When a flight's own operation (COMPLETE, FORGET) stops retrying: one
+        attempt's timeout, then the retry budget, so a first attempt that timed
+        out (a pause) is always retried at least once."""
+        return now + self.redis_timeout + self.retry_budget
 
     @property
     def blocking_timeout(self) -> float:
@@ -466,12 +505,19 @@ class Plan:
         "waited",
     )
 
-    def __init__(self, settings: Settings, keys: Keys, breaker: Breaker, now: float) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        keys: Keys,
+        breaker: Breaker,
+        now: float,
+        deadline: float | None = None,
+    ) -> None:
         self.settings = settings
         self.keys = keys
         self._breaker = breaker
         self._retry = RetryBudget(settings)
-        self.deadline = now + settings.max_wait
+        self.deadline = now + settings.max_wait if deadline is None else deadline
         self.token = new_token()
         self.use_hit = True
         self.waited = False  # true once it waited on another leader (a lead then is a takeover)
@@ -501,6 +547,11 @@ class Plan:
     def read_command(self) -> list[str | int]:
         """READ's command: wait up to block_ms for the first entry of the holder's stream."""
         return ["XREAD", "COUNT", 1, "BLOCK", self.block_ms, "STREAMS", self.stream, "0-0"]
+
+    def read_timeout(self) -> float:
+        """How long READ may take in all: its block plus one command's time.  The block
+        never outlasts the deadline, so neither does the read, by more than redis_timeout."""
+        return self.block_ms / 1000 + self.settings.redis_timeout
 
     def complete_keys(self) -> list[str]:
         keys = self.keys
@@ -555,7 +606,7 @@ class Plan:
         elif status == b"e":
             self.payload = payload
             self.op = REMOTE_ERROR
-        else:  # abandoned (or unknown): the holder gave up, ask again at once
+        else:  # abandoned, forgotten (or unknown): ask again at once
             return self._again(now)
         return self.op
 
@@ -650,7 +701,7 @@ class Held:
     It belongs to the flight, never to a thread: a token is never shared.
     """
 
-    __slots__ = ("due", "epoch", "keys", "lost", "token")
+    __slots__ = ("_on_settled", "due", "epoch", "forgotten_here", "kept", "keys", "lost", "token")
 
     def __init__(self, keys: Keys, token: str, epoch: int) -> None:
         self.keys = keys
@@ -658,9 +709,28 @@ class Held:
         self.epoch = epoch
         self.due = 0.0
         self.lost = False
+        self.forgotten_here = False  # this process forgot the key while the flight ran
+        self.kept: bool | None = None  # once settled: whether Redis took the outcome
+        self._on_settled: list[Callable[[bool], None]] = []
 
     def renew_keys(self) -> list[str]:
         return [self.keys.lease, self.keys.fence]
+
+    def when_settled(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(kept)`` once the flight's outcome is settled (now if it is)."""
+        if self.kept is None:
+            self._on_settled.append(callback)
+        else:
+            callback(self.kept)
+
+    def settle(self, kept: bool) -> None:
+        """The outcome is settled: tell the callbacks, once."""
+        if self.kept is not None:
+            return
+        self.kept = kept
+        callbacks, self._on_settled = self._on_settled, []
+        for callback in callbacks:
+            callback(kept)
 
 
 class Renewals:

@@ -22,7 +22,7 @@ from . import _protocol as proto
 from ._core import GroupCore, command, describe, log
 from ._protocol import Held, Renewals, Script
 
-__all__ = ["Clients", "Watchdog", "call", "eval_script", "sleep"]
+__all__ = ["Clients", "Watchdog", "call", "eval_script", "read_blocking", "sleep"]
 
 V = TypeVar("V")
 
@@ -35,6 +35,34 @@ def eval_script(client: redis.Redis, script: Script, keys: list[str], args: list
         return command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
         return command(client, "EVAL", script.source, len(keys), *keys, *args)
+
+
+def read_blocking(client: redis.Redis, args: list[Any], timeout: float) -> Any:
+    """A blocking command (XREAD BLOCK) that ends within ``timeout`` seconds whatever
+    the server does: a server that never answers (stopped) raises redis's TimeoutError.
+
+    Sent on a connection of the client's pool through redis-py's public
+    Connection methods, so the wait is bounded per call (the pool's socket
+    timeout is one for every call); the reply is the parsed RESP, without
+    redis-py's response callbacks.  A connection that timed out or failed is
+    dropped, never reused with a reply still owed.
+    """
+    pool = client.connection_pool
+    conn: Any  # redis-py leaves Connection's methods untyped
+    try:
+        conn = pool.get_connection()
+    except TypeError:  # redis-py 5 wants the command's name
+        conn = pool.get_connection(str(args[0]))
+    try:
+        conn.send_command(*args)
+        if not conn.can_read(timeout=timeout):
+            raise redis.exceptions.TimeoutError(f"no reply within {timeout:.3f}s")
+        return conn.read_response()
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
 
 
 class Watchdog:
