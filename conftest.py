@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from sybil import Example, Region, Sybil
+from sybil.integration import pytest as sybil_pytest
 from sybil.parsers.markdown import PythonCodeBlockParser
 
 REDIS = ("127.0.0.1", 6379)
@@ -50,6 +51,21 @@ def _needs_redis(evaluate: Any) -> Any:
 
     return evaluator
 
+
+_sybil_filter = sybil_pytest.SybilItem._traceback_filter
+
+
+def _traceback_filter(self: Any, excinfo: Any) -> Any:
+    # Sybil trims the traceback to the snippet's frames; an exception re-raised with the
+    # traceback of another thread (a group hands its loader's error over so) has none
+    # left to keep, and Sybil's trimming would stop the whole session: keep it whole.
+    try:
+        return _sybil_filter(self, excinfo)
+    except IndexError:
+        return excinfo.traceback
+
+
+sybil_pytest.SybilItem._traceback_filter = _traceback_filter  # type: ignore[method-assign]
 
 pytest_collect_file = Sybil(
     parsers=[_Snippets()],
