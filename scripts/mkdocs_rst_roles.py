@@ -71,10 +71,7 @@ class RstRoles(griffe.Extension):
         head, _, rest = target.partition(".")
         for scope in scopes:
             try:
-                if head in scope.members:
-                    path = scope.members[head].path
-                else:
-                    path = scope.resolve(head)
+                path = scope.members[head].path if head in scope.members else scope.resolve(head)
             except (griffe.NameResolutionError, AttributeError, KeyError):
                 continue
             return f"{path}.{rest}" if rest else path
