@@ -199,8 +199,9 @@ def test_load_script_says_when_the_service_is_down() -> None:
 def test_the_documented_run_waits_for_the_service_and_loads_each_user_once(
     tmp_path: Path,
 ) -> None:
-    """The README's two commands, started together: the load script waits for the service
-    (still building its database), then its first round queries each of the 10 users once.
+    """The two documented commands (docs/index.md), started together: the load script waits
+    for the service (still building its database), then its first round queries each of the
+    10 users once.
     The real app.py, with a TTL longer than any round (the script says when a round outlasts
     the TTL, which a slow machine may make happen with the default)."""
     port = _free_port()
