@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install the project with its test and lint extras, then run the checks:
+# Install the project with its dev extras (test, lint, docs), then run the checks:
 # the generated thread twins (scripts/unasync.py --check), ruff, mypy --strict
-# on src/, and pytest on every CPython 3.11, 3.12 and 3.13
-# found on this machine (at least the default python3).
+# on src/, the documentation site (mkdocs build --strict), and pytest -- which also
+# runs every Python snippet of README.md and docs/ -- on every CPython 3.11, 3.12
+# and 3.13 found on this machine (at least the default python3).
 #
 #   bash scripts/test.sh              # everything
 #   bash scripts/test.sh -k forget    # extra arguments go to pytest
@@ -51,6 +52,10 @@ for python in "${pythons[@]}"; do
         "$venv/bin/python" -m ruff format --check . || status=1
         echo "--- mypy --strict src/"
         "$venv/bin/python" -m mypy || status=1
+        echo "--- docs (mkdocs build --strict)"
+        site=$(mktemp -d)
+        NO_MKDOCS_2_WARNING=1 "$venv/bin/python" -m mkdocs build --strict --quiet --site-dir "$site" || status=1
+        rm -rf "$site"
         first=0
     fi
     echo "--- pytest (Python $version)"

@@ -2,7 +2,7 @@
 
     pip install 'pysingleflight[demo]'
     python -m uvicorn app:app --app-dir examples/web_service --port 8000
-    python examples/web_service/load.py --url http://127.0.0.1:8000
+    python examples/web_service/load.py --requests 500 --users 10 --rounds 3 --pause 11
 
 GET /users/{id}  the user's profile with their global and per-country rank: a slow query
                  (two scans of the users table), loaded once per key per TTL however many
@@ -11,7 +11,7 @@ GET /stats       how many profile queries SQLite really executed, and the cache'
 
 Settings from the environment: WEB_SERVICE_DB (the SQLite file; built if missing, default
 web_service.db in the temporary directory), WEB_SERVICE_ROWS (users, default 100000),
-WEB_SERVICE_TTL (seconds an entry lives, default 5).
+WEB_SERVICE_TTL (seconds an entry lives, default 10).
 
 The query count comes from SQLite itself: every connection has a trace callback, which
 SQLite calls for each statement it starts.  Nothing here counts calls of the loader.
@@ -40,7 +40,7 @@ from singleflight import AsyncLoadingCache
 
 DB_PATH = Path(os.environ.get("WEB_SERVICE_DB", Path(tempfile.gettempdir()) / "web_service.db"))
 ROWS = int(os.environ.get("WEB_SERVICE_ROWS", "100000"))
-TTL = float(os.environ.get("WEB_SERVICE_TTL", "5"))
+TTL = float(os.environ.get("WEB_SERVICE_TTL", "10"))
 
 PROFILE_SQL = """/* profile */
 SELECT u.id, u.name, u.country, u.score,

@@ -20,11 +20,15 @@ stale-if-error, probabilistic early refresh, negative caching, bulk loads)::
 and :func:`coalesce`, which shares in-flight calls of a function without caching.
 """
 
-from ._asyncio import AsyncGroup
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._protocols import AsyncGroupLike, GroupLike
 from ._result import Result
 from ._threads import Group
-from .cache import AsyncLoadingCache, LoadingCache
+from .cache._sync import LoadingCache
 from .errors import (
     AbortedError,
     ReentryError,
@@ -33,8 +37,21 @@ from .errors import (
     TooManyFlightsError,
     WaitTimeoutError,
 )
-from .func import cached, coalesce
 from .stats import CacheStats, GroupStats
+
+if TYPE_CHECKING:
+    from ._asyncio import AsyncGroup
+    from .cache._async import AsyncLoadingCache
+    from .func import cached, coalesce
+
+# Imported on first use, so that code using threads only never imports asyncio
+# (``cached`` and ``coalesce`` serve both, so their module needs it).
+_LAZY = {
+    "AsyncGroup": "._asyncio",
+    "AsyncLoadingCache": ".cache._async",
+    "cached": ".func",
+    "coalesce": ".func",
+}
 
 __all__ = [
     "AbortedError",
@@ -56,3 +73,16 @@ __all__ = [
     "coalesce",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

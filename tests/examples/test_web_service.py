@@ -183,11 +183,67 @@ def test_unknown_and_malformed_users(server: Server) -> None:
 @pytest.mark.timeout(60)
 def test_load_script_says_when_the_service_is_down() -> None:
     done = subprocess.run(
-        [sys.executable, str(EXAMPLE / "load.py"), "--url", f"http://127.0.0.1:{_free_port()}"],
+        [sys.executable, str(EXAMPLE / "load.py"), "--url", f"http://127.0.0.1:{_free_port()}",
+         "--wait", "0.5"],
         capture_output=True,
         text=True,
         timeout=30,
-    )
+    )  # fmt: skip
     assert done.returncode == 1
     assert "load.py: cannot reach the service" in done.stderr
+    assert "(waited 0.5 s)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_the_documented_run_waits_for_the_service_and_loads_each_user_once(
+    tmp_path: Path,
+) -> None:
+    """The two documented commands (docs/index.md), started together: the load script waits
+    for the service (still building its database), then its first round queries each of the
+    10 users once.
+    The real app.py, with a TTL longer than any round (the script says when a round outlasts
+    the TTL, which a slow machine may make happen with the default)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    load = subprocess.Popen(
+        [sys.executable, str(EXAMPLE / "load.py"), "--url", url, "--requests", "1000",
+         "--users", "10", "--rounds", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    server = None
+    try:
+        assert load.stderr is not None
+        assert load.stderr.readline().startswith(f"waiting for the service at {url}")
+        log = tmp_path / "server.log"
+        env = os.environ | {
+            "WEB_SERVICE_DB": str(tmp_path / "users.db"),
+            "WEB_SERVICE_ROWS": "20000",
+            "WEB_SERVICE_TTL": "120",
+        }
+        with log.open("wb") as out:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(EXAMPLE),
+                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        stdout, stderr = load.communicate(timeout=100)
+        assert load.returncode == 0, stderr + log.read_text()
+        assert re.fullmatch(
+            r"round 1: 1000 requests for 10 users in \d+\.\d\d s \(1000 x 200\) "
+            r"-> 10 database queries\n",
+            stdout,
+        ), stdout
+    finally:
+        for process in (load, server):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=10)

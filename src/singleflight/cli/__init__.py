@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+
+from ._redact import redact
 
 __all__ = ["main"]
 
@@ -16,7 +19,7 @@ _DEMO_MODULES = frozenset({"rich", "matplotlib", "psycopg", "redis", "numpy", "P
 
 
 def _fail(message: str, code: int) -> int:
-    print(message, file=sys.stderr)
+    print(redact(message), file=sys.stderr)
     return code
 
 
@@ -34,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     except KeyboardInterrupt:
         return _fail(f"singleflight {args.command}: interrupted", 130)
+    except Exception:
+        # A bug, or a failure nobody foresaw: the traceback, but never a password from
+        # the command line (a driver's message may quote a URL).
+        return _fail(traceback.format_exc().rstrip(), 1)
 
 
 def _bench(args: argparse.Namespace) -> int:

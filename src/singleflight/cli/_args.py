@@ -129,10 +129,22 @@ Needs a checkout of the repository (the benchmarks are not installed).
 """
 
 
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="singleflight",
         description="pysingleflight's command line: see it work, measure it.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"pysingleflight {_version()}",
+        help="print the version",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -16,6 +16,7 @@ queries per second over time, one line per mode.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import multiprocessing
 import os
@@ -29,13 +30,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.console import Group as RichGroup
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ._redact import redact
 from .db import Database, DatabaseError, PostgresDatabase, SqliteDatabase, attach, new_run_id
 from .measure import ModeSummary, ZipfKeys, summarize
 from .modes import build_async, build_sync, mode_title
@@ -450,31 +453,65 @@ peak q/s: the most DB queries per second, in {width:g} ms buckets, after the fir
 p50/p99/max: latency of a request, as its client saw it"""
 
 
-def render_table(summaries: list[ModeSummary], width: float) -> Table:
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        title="Queries the database executed, and request latency",
-        title_justify="left",
-    )
-    table.add_column("mode")
-    for name in ("requests", "DB queries", "duplicates", "at once", "peak q/s"):
+FIGURE_COLUMNS = ("requests", "DB queries", "duplicates", "at once", "peak q/s")
+LATENCY_COLUMNS = ("p50", "p99", "max", "errors")
+TABLE_TITLE = "Queries the database executed, and request latency"
+
+
+def _table(title: str | None, names: tuple[str, ...], rows: list[list[str]], wrap: bool) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
+    table.add_column("mode", no_wrap=not wrap)
+    for name in names:
         table.add_column(name, justify="right", no_wrap=True)
-    for name in ("p50", "p99", "max", "errors"):
-        table.add_column(name, justify="right", no_wrap=True)
-    for s in summaries:
-        table.add_row(
-            s.title,
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def render_table(
+    summaries: list[ModeSummary], width: float, columns: int | None = None
+) -> RenderableType:
+    """The results, one row per mode, for a terminal ``columns`` wide (``None``: any width).
+
+    When one row per mode does not fit, the figures and the latencies are two tables,
+    one above the other, and a long mode name may wrap; no figure is ever cut.
+    """
+    figures = [
+        [
             f"{s.requests:,}",
             f"{s.queries:,}",
             f"{s.duplicates:,}",
             f"{s.most_at_once:,}",
             f"{s.peak_qps:,.0f}",
-            latency(s.p50),
-            latency(s.p99),
-            latency(s.max),
-            f"{s.errors:,}",
-        )
-    return table
+        ]
+        for s in summaries
+    ]
+    latencies = [
+        [latency(s.p50), latency(s.p99), latency(s.max), f"{s.errors:,}"] for s in summaries
+    ]
+    titles = [s.title for s in summaries]
+    whole = _table(
+        TABLE_TITLE,
+        FIGURE_COLUMNS + LATENCY_COLUMNS,
+        [[t, *f, *lat] for t, f, lat in zip(titles, figures, latencies, strict=True)],
+        wrap=False,
+    )
+    if columns is None or Console(width=10_000).measure(whole).maximum <= columns:
+        return whole
+    return RichGroup(
+        _table(
+            TABLE_TITLE,
+            FIGURE_COLUMNS,
+            [[t, *f] for t, f in zip(titles, figures, strict=True)],
+            wrap=True,
+        ),
+        _table(
+            None,
+            LATENCY_COLUMNS,
+            [[t, *lat] for t, lat in zip(titles, latencies, strict=True)],
+            wrap=True,
+        ),
+    )
 
 
 def _verdict(summaries: list[ModeSummary]) -> str:
@@ -560,10 +597,14 @@ def _run_modes(cfg: DemoConfig, db: Database, out: Console, err: Console) -> lis
                 width=cfg.bucket,
             )
             if raw.last_error:
-                err.print(f"{title}: {raw.errors:,} errors, the last: {raw.last_error}")
+                err.print(
+                    f"{title}: {raw.errors:,} errors, the last: {redact(raw.last_error)}",
+                    highlight=False,
+                    markup=False,
+                )
             summaries.append(summary)
             raws[mode] = raw
-    out.print(render_table(summaries, cfg.bucket))
+    out.print(render_table(summaries, cfg.bucket, columns=out.width))
     out.print(TABLE_NOTES.format(width=cfg.bucket * 1000), style="dim", highlight=False)
     verdict = _verdict(summaries)
     if verdict:
@@ -584,6 +625,8 @@ def _write_json(
     config = asdict(cfg)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in config.items()}
     config.pop("dsn", None)  # may hold a password
+    if config["redis"] is not None:
+        config["redis"] = redact(config["redis"])
     config["bucket"] = cfg.bucket
     document = {
         "config": config,
@@ -597,8 +640,45 @@ def _write_json(
     tmp.replace(path)
 
 
+class _TrimmedLines(io.TextIOBase):
+    """A text file writing each line to ``file`` without its trailing spaces.
+
+    Output that is not a terminal gets no padding out to the console's width.
+    """
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._pending = ""
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._file, "encoding", None) or "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._file.write(line.rstrip() + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending.strip():
+            self._file.write(self._pending.rstrip())
+        self._pending = ""
+        self._file.flush()
+
+
 def main(cfg: DemoConfig) -> int:
-    out = Console(width=None if sys.stdout.isatty() else 150)
+    if sys.stdout.isatty():
+        out = Console()
+    else:
+        # Piped: one row per mode whatever $COLUMNS says, and no padding.
+        out = Console(file=cast(TextIO, _TrimmedLines(sys.stdout)), width=200, color_system=None)
     err = Console(stderr=True)
-    run_demo(cfg, out, err)
+    try:
+        run_demo(cfg, out, err)
+    finally:
+        out.file.flush()
     return 0
