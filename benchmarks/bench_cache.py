@@ -253,8 +253,9 @@ def simulate(
             if store.early_refreshes != refreshes:
                 # Let the background refresh finish before simulated time moves on
                 # (real threads would otherwise lag it by a GIL switch interval).
-                assert cache._executor is not None
-                cache._executor.submit(int).result()
+                pool = cache._background._executor
+                assert pool is not None
+                pool.submit(int).result()
             waited = store.misses != misses
             if waited:
                 busy_until[key] = now + load_time
