@@ -28,52 +28,31 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive_int(limit: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not 1 <= value <= limit:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: use 1 to {limit:,}")
-        return value
+def _number(
+    low: float,
+    high: float,
+    unit: str = "",
+    *,
+    integer: bool = False,
+    per: int = 1,
+    low_text: str = "",
+) -> Any:
+    """A parser of a number from ``low`` to ``high`` (of ``unit``), divided by ``per``."""
+    what = "a whole number" if integer else f"a number of {unit}" if unit else "a number"
+    spec = "," if integer else "g"
+    bounds = f"{low_text or format(low, spec)} to {high:{spec}}"
 
-    return parse
-
-
-def _seconds(low: float, high: float, *, zero: bool = False) -> Any:
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = int(text) if integer else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if zero and value == 0:
-            return 0.0
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not low <= value <= high:  # also false for nan
-            raise argparse.ArgumentTypeError(f"{text} is out of range: use {low:g} to {high:g}")
-        return value
+            shown = value if integer else text
+            raise argparse.ArgumentTypeError(f"{shown} is out of range: use {bounds}")
+        return value / per if per > 1 else value
 
     return parse
-
-
-def _milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
-    if not 0 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: use 0 to 10000")
-    return value / 1000
-
-
-def _exponent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 5:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: use 0 (uniform) to 5")
-    return value
 
 
 def _modes(text: str) -> list[str]:
@@ -158,39 +137,39 @@ def build_parser() -> argparse.ArgumentParser:
     load = demo.add_argument_group("load")
     load.add_argument(
         "--clients",
-        type=_positive_int(2_000),
+        type=_number(1, 2_000, integer=True),
         default=None,
         help="concurrent clients, all processes together (default: 200, or fewer if "
         "PostgreSQL has fewer free connections)",
     )
     load.add_argument(
         "--duration",
-        type=_seconds(0.5, 3600),
+        type=_number(0.5, 3600, "seconds"),
         default=12.0,
         help="seconds each mode runs (default: 12)",
     )
     load.add_argument(
         "--ttl",
-        type=_seconds(0.1, 3600),
+        type=_number(0.1, 3600, "seconds"),
         default=3.0,
         help="seconds a cache entry lives (default: 3)",
     )
     load.add_argument(
         "--keys",
-        type=_positive_int(1_000_000),
+        type=_number(1, 1_000_000, integer=True),
         default=50,
         help="hot users the clients ask for, with Zipf-distributed popularity (default: 50)",
     )
     load.add_argument(
         "--zipf",
-        type=_exponent,
+        type=_number(0, 5, low_text="0 (uniform)"),
         default=1.1,
         metavar="S",
         help="Zipf exponent: 0 is uniform, higher is more skewed (default: 1.1)",
     )
     load.add_argument(
         "--think",
-        type=_milliseconds,
+        type=_number(0, 10_000, "milliseconds", per=1000),
         default=0.01,
         metavar="MS",
         help="mean pause of a client between requests, in ms (default: 10)",
@@ -228,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     database.add_argument(
         "--rows",
-        type=_positive_int(10_000_000),
+        type=_number(1, 10_000_000, integer=True),
         default=100_000,
         help="users in the table; the query scans them all (default: 100000)",
     )
@@ -242,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cross.add_argument(
         "--processes",
-        type=_positive_int(64),
+        type=_number(1, 64, integer=True),
         default=1,
         help="worker processes sharing the clients; above 1 needs --redis (default: 1)",
     )
@@ -311,15 +290,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                 )
         return args
     if args.modes is None:
-        args.modes = (
-            ["naive", "group", "redis", "loading"]
-            if args.redis
-            else [
-                "naive",
-                "group",
-                "loading",
-            ]
-        )
+        args.modes = [name for name in MODE_NAMES if name != "redis" or args.redis]
     if "redis" in args.modes and args.redis is None:
         raise UsageError("singleflight demo: mode redis needs --redis URL")
     if args.processes > 1 and args.redis is None:
