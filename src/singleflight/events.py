@@ -1,16 +1,9 @@
-"""What groups and caches report: counters (``stats()``) and typed events (``on_event=``).
+"""What groups and caches report as typed events to their ``on_event`` hook.
 
-Events are plain frozen records, delivered synchronously to the ``on_event``
-callable in the thread or task where they happen, after the group's lock is
-released.  A hook that raises is logged (logger ``singleflight``) and
-otherwise ignored: a broken metrics exporter must not break loads.
-
-``flight`` in an event is an identifier of one flight, equal in its
-``FlightStarted``, ``Joined`` and final event (to link a joiner's span to its
-leader's, say); it may be reused once the flight is over.
-
-Redis groups (:mod:`singleflight.redis`) tell the same events from their
-process, and two of their own: :class:`RanLocally` and :class:`RedisUnavailable`.
+Frozen records, delivered synchronously after the group's lock is released;
+a hook that raises is logged (logger ``singleflight``) and ignored.  ``flight``
+is the same in a flight's ``FlightStarted``, ``Joined`` and final event (it may
+be reused once the flight is over).  When each is told: the docs, In production, Events.
 """
 
 from __future__ import annotations
@@ -42,78 +35,73 @@ log = logging.getLogger("singleflight")
 
 
 @dataclass(frozen=True, slots=True)
-class FlightStarted:
+class _KeyEvent:
+    group: str
+    key: object
+
+
+@dataclass(frozen=True, slots=True)
+class _FlightEvent(_KeyEvent):
+    flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class _FlightEnd(_FlightEvent):
+    duration: float
+    callers: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlightStarted(_FlightEvent):
     """A caller became a leader: the loader of ``key`` starts."""
 
-    group: str
-    key: object
-    flight: int
-
 
 @dataclass(frozen=True, slots=True)
-class Joined:
+class Joined(_FlightEvent):
     """A caller joined the flight of ``key`` in progress."""
 
-    group: str
-    key: object
-    flight: int
-
 
 @dataclass(frozen=True, slots=True)
-class FlightFinished:
+class FlightFinished(_FlightEnd):
     """The loader returned; ``callers`` is how many callers the flight had."""
 
-    group: str
-    key: object
-    flight: int
-    duration: float
-    callers: int
-
 
 @dataclass(frozen=True, slots=True)
-class FlightFailed:
+class FlightFailed(_FlightEnd):
     """The loader raised ``error`` (an Exception), which every caller gets."""
 
-    group: str
-    key: object
-    flight: int
-    duration: float
-    callers: int
     error: BaseException
 
 
 @dataclass(frozen=True, slots=True)
-class FlightAborted:
+class FlightAborted(_FlightEnd):
     """The flight ended without a result; its waiters get AbortedError caused by ``cause``."""
 
-    group: str
-    key: object
-    flight: int
-    duration: float
-    callers: int
     cause: BaseException | None
 
 
 @dataclass(frozen=True, slots=True)
-class TimedOut:
+class TimedOut(_KeyEvent):
     """A caller stopped waiting for ``key`` after ``waited`` seconds; the flight goes on."""
 
-    group: str
-    key: object
     waited: float
 
 
 @dataclass(frozen=True, slots=True)
-class Rejected:
+class Rejected(_KeyEvent):
     """A call for a new key was refused: ``in_flight`` flights were open (``max_flights``)."""
 
-    group: str
-    key: object
     in_flight: int
 
 
 @dataclass(frozen=True, slots=True)
-class RanLocally:
+class _RedisFallback(_KeyEvent):
+    reason: str
+    error: BaseException | None
+
+
+@dataclass(frozen=True, slots=True)
+class RanLocally(_RedisFallback):
     """A Redis group ran the loader of ``key`` here without the lease (``on_redis_error="open"``).
 
     ``reason`` is ``"unavailable"`` (Redis failed past the retry budget:
@@ -122,57 +110,43 @@ class RanLocally:
     flight of the group: other processes may load the key at the same time.
     """
 
-    group: str
-    key: object
-    reason: str
-    error: BaseException | None
-
 
 @dataclass(frozen=True, slots=True)
-class RedisUnavailable:
+class RedisUnavailable(_RedisFallback):
     """A Redis group under ``on_redis_error="closed"`` raised RedisUnavailableError for ``key``.
 
     ``reason`` is ``"unavailable"`` (Redis failed past the retry budget:
     ``error``) or ``"circuit open"``.
     """
 
-    group: str
+
+@dataclass(frozen=True, slots=True)
+class _CacheEvent:
+    cache: str
     key: object
-    reason: str
-    error: BaseException | None
 
 
 @dataclass(frozen=True, slots=True)
-class CacheHit:
+class CacheHit(_CacheEvent):
     """A cache answered ``key`` from a fresh entry."""
 
-    cache: str
-    key: object
-
 
 @dataclass(frozen=True, slots=True)
-class CacheMiss:
+class CacheMiss(_CacheEvent):
     """A cache had no usable entry for ``key``; the caller waits for a load."""
 
-    cache: str
-    key: object
-
 
 @dataclass(frozen=True, slots=True)
-class StaleServed:
+class StaleServed(_CacheEvent):
     """A cache answered ``key`` with an expired value (stale-while-revalidate or stale-if-error)."""
 
-    cache: str
-    key: object
     age: float
 
 
 @dataclass(frozen=True, slots=True)
-class RefreshStarted:
+class RefreshStarted(_CacheEvent):
     """A cache started a background refresh of ``key``; ``early`` for a probabilistic one."""
 
-    cache: str
-    key: object
     early: bool
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from dataclasses import fields
 
 from ._redact import redact
 
@@ -73,25 +74,9 @@ def _demo(args: argparse.Namespace) -> int:
             "pip install 'pysingleflight[demo]'",
             1,
         )
-    cfg = demo.DemoConfig(
-        clients=args.clients,
-        clients_fixed=args.clients_fixed,
-        duration=args.duration,
-        ttl=args.ttl,
-        keys=args.keys,
-        zipf=args.zipf,
-        think=args.think,
-        rows=args.rows,
-        seed=args.seed,
-        modes=args.modes,
-        use_asyncio=args.use_asyncio,
-        dsn=args.dsn,
-        db_file=args.db_file,
-        redis=args.redis,
-        processes=args.processes,
-        out=None if args.no_chart else args.out,
-        json_out=args.json_out,
-    )
+    cfg = demo.DemoConfig(**{f.name: getattr(args, f.name) for f in fields(demo.DemoConfig)})
+    if args.no_chart:
+        cfg.out = None
     try:
         return demo.main(cfg)
     except demo.DemoError as exc:

@@ -28,52 +28,31 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive_int(limit: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not 1 <= value <= limit:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: use 1 to {limit:,}")
-        return value
+def _number(
+    low: float,
+    high: float,
+    unit: str = "",
+    *,
+    integer: bool = False,
+    per: int = 1,
+    low_text: str = "",
+) -> Any:
+    """A parser of a number from ``low`` to ``high`` (of ``unit``), divided by ``per``."""
+    what = "a whole number" if integer else f"a number of {unit}" if unit else "a number"
+    spec = "," if integer else "g"
+    bounds = f"{low_text or format(low, spec)} to {high:{spec}}"
 
-    return parse
-
-
-def _seconds(low: float, high: float, *, zero: bool = False) -> Any:
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = int(text) if integer else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if zero and value == 0:
-            return 0.0
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not low <= value <= high:  # also false for nan
-            raise argparse.ArgumentTypeError(f"{text} is out of range: use {low:g} to {high:g}")
-        return value
+            shown = value if integer else text
+            raise argparse.ArgumentTypeError(f"{shown} is out of range: use {bounds}")
+        return value / per if per > 1 else value
 
     return parse
-
-
-def _milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
-    if not 0 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: use 0 to 10000")
-    return value / 1000
-
-
-def _exponent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 5:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: use 0 (uniform) to 5")
-    return value
 
 
 def _modes(text: str) -> list[str]:
@@ -135,6 +114,45 @@ def _version() -> str:
     return __version__
 
 
+_DATABASE = "database (default: a SQLite file in a temporary directory)"
+# (argument group, flag, add_argument's keywords) of each demo option; "where": the database's.
+_DEMO_OPTIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("load", "--clients", dict(type=_number(1, 2_000, integer=True), help="concurrent clients, all "
+        "processes together (default: 200, or fewer if PostgreSQL has fewer free connections)")),
+    ("load", "--duration", dict(type=_number(0.5, 3600, "seconds"), default=12.0,
+        help="seconds each mode runs (default: 12)")),
+    ("load", "--ttl", dict(type=_number(0.1, 3600, "seconds"), default=3.0,
+        help="seconds a cache entry lives (default: 3)")),
+    ("load", "--keys", dict(type=_number(1, 1_000_000, integer=True), default=50,
+        help="hot users the clients ask for, with Zipf-distributed popularity (default: 50)")),
+    ("load", "--zipf", dict(type=_number(0, 5, low_text="0 (uniform)"), default=1.1, metavar="S",
+        help="Zipf exponent: 0 is uniform, higher is more skewed (default: 1.1)")),
+    ("load", "--think", dict(type=_number(0, 10_000, "milliseconds", per=1000), default=0.01,
+        metavar="MS", help="mean pause of a client between requests, in ms (default: 10)")),
+    ("load", "--modes", dict(type=_modes, help=f"comma-separated modes to run, from "
+        f"{', '.join(MODE_NAMES)} (default: naive,group,loading; with --redis also redis)")),
+    ("load", "--asyncio", dict(action="store_true", dest="use_asyncio",
+        help="clients are asyncio tasks (queries run in a thread pool) instead of threads")),
+    ("load", "--seed", dict(type=int, default=1,
+        help="seed of the key choices and the data (default: 1)")),
+    ("where", "--dsn", dict(type=_dsn, help="run against PostgreSQL instead: "
+        "postgresql://user@host:port/database (creates schema singleflight_demo there)")),
+    ("where", "--db-file", dict(type=Path, metavar="PATH",
+        help="SQLite file to use (built if missing, kept afterwards)")),
+    (_DATABASE, "--rows", dict(type=_number(1, 10_000_000, integer=True), default=100_000,
+        help="users in the table; the query scans them all (default: 100000)")),
+    ("across processes", "--redis", dict(type=_redis_url, metavar="URL",
+        help="Redis for the cross-process modes (redis://host:port/db); adds mode redis")),
+    ("across processes", "--processes", dict(type=_number(1, 64, integer=True), default=1,
+        help="worker processes sharing the clients; above 1 needs --redis (default: 1)")),
+    ("output", "--out", dict(type=Path, default=Path("singleflight-demo.png"), metavar="PNG",
+        help="where to write the chart (default: ./singleflight-demo.png)")),
+    ("output", "--no-chart", dict(action="store_true", help="do not write the chart")),
+    ("output", "--json", dict(type=Path, dest="json_out", metavar="PATH",
+        help="also write the results, with every executed query, as JSON")),
+)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="singleflight",
@@ -155,114 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=DEMO_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    load = demo.add_argument_group("load")
-    load.add_argument(
-        "--clients",
-        type=_positive_int(2_000),
-        default=None,
-        help="concurrent clients, all processes together (default: 200, or fewer if "
-        "PostgreSQL has fewer free connections)",
-    )
-    load.add_argument(
-        "--duration",
-        type=_seconds(0.5, 3600),
-        default=12.0,
-        help="seconds each mode runs (default: 12)",
-    )
-    load.add_argument(
-        "--ttl",
-        type=_seconds(0.1, 3600),
-        default=3.0,
-        help="seconds a cache entry lives (default: 3)",
-    )
-    load.add_argument(
-        "--keys",
-        type=_positive_int(1_000_000),
-        default=50,
-        help="hot users the clients ask for, with Zipf-distributed popularity (default: 50)",
-    )
-    load.add_argument(
-        "--zipf",
-        type=_exponent,
-        default=1.1,
-        metavar="S",
-        help="Zipf exponent: 0 is uniform, higher is more skewed (default: 1.1)",
-    )
-    load.add_argument(
-        "--think",
-        type=_milliseconds,
-        default=0.01,
-        metavar="MS",
-        help="mean pause of a client between requests, in ms (default: 10)",
-    )
-    load.add_argument(
-        "--modes",
-        type=_modes,
-        default=None,
-        help=f"comma-separated modes to run, from {', '.join(MODE_NAMES)} "
-        "(default: naive,group,loading; with --redis also redis)",
-    )
-    load.add_argument(
-        "--asyncio",
-        action="store_true",
-        dest="use_asyncio",
-        help="clients are asyncio tasks (queries run in a thread pool) instead of threads",
-    )
-    load.add_argument(
-        "--seed", type=int, default=1, help="seed of the key choices and the data (default: 1)"
-    )
-
-    database = demo.add_argument_group("database (default: a SQLite file in a temporary directory)")
-    where = database.add_mutually_exclusive_group()
-    where.add_argument(
-        "--dsn",
-        type=_dsn,
-        help="run against PostgreSQL instead: postgresql://user@host:port/database "
-        "(creates schema singleflight_demo there)",
-    )
-    where.add_argument(
-        "--db-file",
-        type=Path,
-        metavar="PATH",
-        help="SQLite file to use (built if missing, kept afterwards)",
-    )
-    database.add_argument(
-        "--rows",
-        type=_positive_int(10_000_000),
-        default=100_000,
-        help="users in the table; the query scans them all (default: 100000)",
-    )
-
-    cross = demo.add_argument_group("across processes")
-    cross.add_argument(
-        "--redis",
-        type=_redis_url,
-        metavar="URL",
-        help="Redis for the cross-process modes (redis://host:port/db); adds mode redis",
-    )
-    cross.add_argument(
-        "--processes",
-        type=_positive_int(64),
-        default=1,
-        help="worker processes sharing the clients; above 1 needs --redis (default: 1)",
-    )
-
-    output = demo.add_argument_group("output")
-    output.add_argument(
-        "--out",
-        type=Path,
-        default=Path("singleflight-demo.png"),
-        metavar="PNG",
-        help="where to write the chart (default: ./singleflight-demo.png)",
-    )
-    output.add_argument("--no-chart", action="store_true", help="do not write the chart")
-    output.add_argument(
-        "--json",
-        type=Path,
-        dest="json_out",
-        metavar="PATH",
-        help="also write the results, with every executed query, as JSON",
-    )
+    groups = {
+        name: demo.add_argument_group(name)
+        for name in ("load", _DATABASE, "across processes", "output")
+    }
+    where = groups[_DATABASE].add_mutually_exclusive_group()
+    for group, flag, options in _DEMO_OPTIONS:
+        (where if group == "where" else groups[group]).add_argument(flag, **options)
 
     bench = commands.add_parser(
         "bench",
@@ -311,15 +228,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                 )
         return args
     if args.modes is None:
-        args.modes = (
-            ["naive", "group", "redis", "loading"]
-            if args.redis
-            else [
-                "naive",
-                "group",
-                "loading",
-            ]
-        )
+        args.modes = [name for name in MODE_NAMES if name != "redis" or args.redis]
     if "redis" in args.modes and args.redis is None:
         raise UsageError("singleflight demo: mode redis needs --redis URL")
     if args.processes > 1 and args.redis is None:

@@ -32,9 +32,7 @@ Figure = dict[str, Any]
 
 
 def _is_repo(path: Path) -> bool:
-    return (path / "benchmarks" / "_common.py").is_file() and (
-        path / "benchmarks" / SCRIPTS["core"]
-    ).is_file()
+    return all((path / "benchmarks" / name).is_file() for name in ("_common.py", SCRIPTS["core"]))
 
 
 def find_repo(

@@ -116,6 +116,22 @@ class Database:
     label: str
     counts_in_process: bool
 
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
     def profile(self, user_id: int) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -133,7 +149,11 @@ class Database:
 
     def close(self) -> None:
         """Close the per-thread connections (the database stays usable)."""
-        raise NotImplementedError
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
 
     def shutdown(self) -> None:
         """Close every connection, for good."""
@@ -164,12 +184,10 @@ class SqliteDatabase(Database):
     def __init__(
         self, path: Path, rows: int, *, create: bool = True, label: str | None = None
     ) -> None:
+        super().__init__()
         self.path = path
         self.rows = rows
         self._sql = PROFILE_SQL.format(users="users", param="?")
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
         self._origin = time.monotonic()
         self._entries: list[list[float]] = []  # [started, finished, user id]
         if create:
@@ -206,16 +224,11 @@ class SqliteDatabase(Database):
             return False
         return bool(count == self.rows)
 
-    def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # check_same_thread=False only so that close() may close it from
-            # another thread; each connection is used by its own thread alone.
-            conn = sqlite3.connect(self.path, check_same_thread=False)
-            conn.set_trace_callback(self._trace)
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
+    def _connect(self) -> sqlite3.Connection:
+        # check_same_thread=False only so that close() may close it from
+        # another thread; each connection is used by its own thread alone.
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        conn.set_trace_callback(self._trace)
         return conn
 
     def _trace(self, statement: str) -> None:
@@ -252,13 +265,6 @@ class SqliteDatabase(Database):
 
     def log(self) -> list[tuple[float, float, int]]:
         return [(started, finished, int(key)) for started, finished, key in self._entries]
-
-    def close(self) -> None:
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
 
     def spec(self) -> tuple[str, str, int]:
         return ("sqlite", str(self.path), self.rows)
@@ -316,13 +322,11 @@ class PostgresDatabase(Database):
             import psycopg
         except ImportError as exc:
             raise DatabaseError("--dsn needs psycopg: pip install 'pysingleflight[demo]'") from exc
+        super().__init__()
         self._psycopg = psycopg
         self.dsn = dsn
         self.rows = rows
         self.where = describe_dsn(dsn)
-        self._local = threading.local()
-        self._connections: list[Any] = []
-        self._lock = threading.Lock()
         self._run = ""
         self._server_origin = 0.0  # the server's epoch seconds at our origin
         self._monitor = self._connect()
@@ -374,15 +378,6 @@ class PostgresDatabase(Database):
         (reserved,) = self._monitor.execute("SHOW superuser_reserved_connections").fetchone()
         return int(limit) - int(reserved) - int(used) - 2
 
-    def _connection(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
-
     def profile(self, user_id: int) -> dict[str, Any]:
         row = (
             self._connection()
@@ -421,13 +416,6 @@ class PostgresDatabase(Database):
 
     def end(self) -> None:
         self._monitor.execute(f"DELETE FROM {_SCHEMA}.query_log WHERE run_id = %s", (self._run,))
-
-    def close(self) -> None:
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
 
     def shutdown(self) -> None:
         self.close()

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,11 +82,13 @@ class DemoConfig:
 class ClientStats:
     """What one client saw: each request's latency, and its errors."""
 
+    rng: random.Random
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     last_error: str = ""
 
     def failed(self, exc: Exception) -> None:
+        """Count ``exc``, keeping the first line of its message."""
         self.errors += 1
         self.last_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
 
@@ -111,12 +113,30 @@ def hot_keys(cfg: DemoConfig) -> list[int]:
 Ticker = Callable[[int, int], None]  # (requests so far, queries so far)
 
 
-def _merge(stats: list[ClientStats], log: list[tuple[float, float, int]]) -> RawRun:
-    last = next((s.last_error for s in stats if s.last_error), "")
+class _Clients:
+    """What the clients of one run share: the key choice, and each client's stats."""
+
+    def __init__(self, cfg: DemoConfig, clients: range) -> None:
+        self.pick = ZipfKeys(hot_keys(cfg), cfg.zipf)
+        self.stats = [ClientStats(random.Random(cfg.seed * 100_003 + i)) for i in clients]
+
+    def requests(self) -> int:
+        """Requests made so far, by every client."""
+        return sum(len(s.latencies) for s in self.stats)
+
+    def done(self, db: Database, tick: Ticker) -> RawRun:
+        """The last tick, and the run (``db`` is closed)."""
+        tick(self.requests(), db.executed())
+        run = _merged(self.stats, db.log() if db.counts_in_process else [])
+        db.close()
+        return run
+
+
+def _merged(parts: Sequence[ClientStats | RawRun], log: list[tuple[float, float, int]]) -> RawRun:
     return RawRun(
-        latencies=[lat for s in stats for lat in s.latencies],
-        errors=sum(s.errors for s in stats),
-        last_error=last,
+        latencies=[lat for p in parts for lat in p.latencies],
+        errors=sum(p.errors for p in parts),
+        last_error=next((p.last_error for p in parts if p.last_error), ""),
         log=log,
     )
 
@@ -137,19 +157,17 @@ def run_threads(
     ``origin + duration``.
     """
     service = build_sync(mode, db.profile, cfg.ttl, cfg.redis, f"singleflight-demo:{run}:{mode}")
-    pick = ZipfKeys(hot_keys(cfg), cfg.zipf)
-    stats = [ClientStats() for _ in clients]
+    everyone = _Clients(cfg, clients)
     go = threading.Event()
     stop = threading.Event()  # set early only when the run is interrupted
     origin = 0.0
 
-    def client(index: int, mine: ClientStats) -> None:
-        rng = random.Random(cfg.seed * 100_003 + index)
+    def client(mine: ClientStats) -> None:
         go.wait()
         deadline = origin + cfg.duration
-        get, clock, latencies = service.get, time.perf_counter, mine.latencies
+        get, clock, latencies, rng = service.get, time.perf_counter, mine.latencies, mine.rng
         while time.monotonic() < deadline and not stop.is_set():
-            key = pick(rng)
+            key = everyone.pick(rng)
             started = clock()
             try:
                 get(key)
@@ -159,8 +177,8 @@ def run_threads(
             stop.wait(rng.expovariate(1 / cfg.think) if cfg.think else 0)
 
     threads = [
-        threading.Thread(target=client, args=(i, s), name=f"demo-client-{i}", daemon=True)
-        for i, s in zip(clients, stats, strict=True)
+        threading.Thread(target=client, args=(s,), name=f"demo-client-{i}", daemon=True)
+        for i, s in zip(clients, everyone.stats, strict=True)
     ]
     try:
         for thread in threads:
@@ -169,18 +187,15 @@ def run_threads(
         db.begin(run, origin)
         go.set()
         while any(thread.is_alive() for thread in threads):
-            tick(sum(len(s.latencies) for s in stats), db.executed())
+            tick(everyone.requests(), db.executed())
             time.sleep(0.1)
-        tick(sum(len(s.latencies) for s in stats), db.executed())
     finally:
         stop.set()
         go.set()
         for thread in threads:
             thread.join()
         service.close()
-    result = _merge(stats, db.log() if db.counts_in_process else [])
-    db.close()
-    return result
+    return everyone.done(db, tick)
 
 
 def run_tasks(
@@ -198,64 +213,50 @@ def run_tasks(
     number of clients (what ``asyncio.to_thread`` does, without its small
     default pool capping the stampede).
     """
-    return asyncio.run(_run_tasks(cfg, mode, db, run, clients, start_at, tick))
 
+    async def main() -> RawRun:
+        loop = asyncio.get_running_loop()
+        pool = ThreadPoolExecutor(len(clients) + 4, thread_name_prefix="demo-query")
 
-async def _run_tasks(
-    cfg: DemoConfig,
-    mode: str,
-    db: Database,
-    run: str,
-    clients: range,
-    start_at: Callable[[], float],
-    tick: Ticker,
-) -> RawRun:
-    loop = asyncio.get_running_loop()
-    pool = ThreadPoolExecutor(len(clients) + 4, thread_name_prefix="demo-query")
+        async def query(key: int) -> dict[str, Any]:
+            return await loop.run_in_executor(pool, db.profile, key)
 
-    async def query(key: int) -> dict[str, Any]:
-        return await loop.run_in_executor(pool, db.profile, key)
+        service = build_async(mode, query, cfg.ttl, cfg.redis, f"singleflight-demo:{run}:{mode}")
+        everyone = _Clients(cfg, clients)
+        go = asyncio.Event()
+        origin = 0.0
 
-    service = build_async(mode, query, cfg.ttl, cfg.redis, f"singleflight-demo:{run}:{mode}")
-    pick = ZipfKeys(hot_keys(cfg), cfg.zipf)
-    stats = [ClientStats() for _ in clients]
-    go = asyncio.Event()
-    origin = 0.0
+        async def client(mine: ClientStats) -> None:
+            await go.wait()
+            deadline = origin + cfg.duration
+            get, clock, latencies, rng = service.get, time.perf_counter, mine.latencies, mine.rng
+            while time.monotonic() < deadline:
+                key = everyone.pick(rng)
+                started = clock()
+                try:
+                    await get(key)
+                except Exception as exc:
+                    mine.failed(exc)
+                latencies.append(clock() - started)
+                await asyncio.sleep(rng.expovariate(1 / cfg.think) if cfg.think else 0)
 
-    async def client(index: int, mine: ClientStats) -> None:
-        rng = random.Random(cfg.seed * 100_003 + index)
-        await go.wait()
-        deadline = origin + cfg.duration
-        get, clock, latencies = service.get, time.perf_counter, mine.latencies
-        while time.monotonic() < deadline:
-            key = pick(rng)
-            started = clock()
-            try:
-                await get(key)
-            except Exception as exc:
-                mine.failed(exc)
-            latencies.append(clock() - started)
-            await asyncio.sleep(rng.expovariate(1 / cfg.think) if cfg.think else 0)
+        tasks = [asyncio.create_task(client(s)) for s in everyone.stats]
+        try:
+            origin = await loop.run_in_executor(pool, start_at)
+            await loop.run_in_executor(pool, db.begin, run, origin)
+            go.set()
+            while not all(task.done() for task in tasks):
+                tick(everyone.requests(), await loop.run_in_executor(pool, db.executed))
+                await asyncio.wait(tasks, timeout=0.1)
+        finally:
+            for task in tasks:  # still running only if the run was interrupted
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await service.aclose()
+            pool.shutdown(wait=True)
+        return everyone.done(db, tick)
 
-    tasks = [asyncio.create_task(client(i, s)) for i, s in zip(clients, stats, strict=True)]
-    try:
-        origin = await loop.run_in_executor(pool, start_at)
-        await loop.run_in_executor(pool, db.begin, run, origin)
-        go.set()
-        while not all(task.done() for task in tasks):
-            executed = await loop.run_in_executor(pool, db.executed)
-            tick(sum(len(s.latencies) for s in stats), executed)
-            await asyncio.wait(tasks, timeout=0.1)
-        tick(sum(len(s.latencies) for s in stats), db.executed())
-    finally:
-        for task in tasks:  # still running only if the run was interrupted
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await service.aclose()
-        pool.shutdown(wait=True)
-    result = _merge(stats, db.log() if db.counts_in_process else [])
-    db.close()
-    return result
+    return asyncio.run(main())
 
 
 # -- several processes ------------------------------------------------------------------------
@@ -371,14 +372,8 @@ def run_processes(cfg: DemoConfig, mode: str, db: Database, run: str, tick: Tick
             if worker.is_alive():
                 worker.kill()
                 worker.join()
-    merged = list(raws.values())
-    log = [e for r in merged for e in r.log] if db.counts_in_process else db.log()
-    return RawRun(
-        latencies=[lat for r in merged for lat in r.latencies],
-        errors=sum(r.errors for r in merged),
-        last_error=next((r.last_error for r in merged if r.last_error), ""),
-        log=sorted(log),
-    )
+    log = [e for r in raws.values() for e in r.log] if db.counts_in_process else db.log()
+    return _merged(list(raws.values()), sorted(log))
 
 
 # -- the whole demo -----------------------------------------------------------------------------

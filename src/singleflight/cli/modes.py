@@ -49,6 +49,7 @@ __all__ = [
 Profile = dict[str, Any]
 Query = Callable[[int], Profile]
 AsyncQuery = Callable[[int], Awaitable[Profile]]
+AsyncClosing = Callable[[], Awaitable[None]]
 
 MODES: dict[str, str] = {
     "naive": "naive cache-aside",
@@ -103,21 +104,8 @@ class Mode:
         """Release what the mode holds (background refreshes, Redis connections)."""
 
 
-class _Naive(Mode):
-    def __init__(self, query: Query, ttl: float) -> None:
-        self._query = query
-        self._cache = TtlDict(ttl)
-
-    def get(self, key: int) -> Profile:
-        value = self._cache.fresh(key)
-        if value is None:
-            value = self._query(key)
-            self._cache.set(key, value)
-        return value
-
-
-class _Coalesced(Mode):
-    """TTL dict in front, a group behind; ``group`` is a Group or a RedisGroup."""
+class _CacheAside(Mode):
+    """TTL dict in front; behind it the query (naive), or a Group or RedisGroup running it."""
 
     def __init__(self, query: Query, ttl: float, group: Any, closing: Callable[[], None]) -> None:
         self._query = query
@@ -134,6 +122,8 @@ class _Coalesced(Mode):
 
     def get(self, key: int) -> Profile:
         value = self._cache.fresh(key)
+        if value is None and self._group is None:
+            return self._load(key)
         if value is None:
             value = self._group.do(key, self._load, key)
             if self._cache.fresh(key) is None:  # a value loaded by another process
@@ -149,12 +139,10 @@ class _Loading(Mode):
         self,
         load: Query,
         ttl: float,
+        group: GroupLike[int, Profile] | None,
         closing: Callable[[], None],
-        group: GroupLike[int, Profile] | None = None,
     ) -> None:
-        self._cache: LoadingCache[int, Profile] = LoadingCache(
-            load, ttl=ttl, stale=ttl, early_refresh=1.0, group=group
-        )
+        self._cache = LoadingCache(load, ttl=ttl, stale=ttl, early_refresh=1.0, group=group)
         self._closing = closing
 
     def get(self, key: int) -> Profile:
@@ -192,20 +180,16 @@ def build_sync(
     mode: str, query: Query, ttl: float, redis_url: str | None = None, namespace: str = ""
 ) -> Mode:
     """The mode named ``mode`` in front of ``query``."""
-    if mode == "naive":
-        return _Naive(query, ttl)
-    if mode == "group":
-        return _Coalesced(query, ttl, Group(), _nothing)
-    if mode == "redis":
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    group: Any = Group() if mode == "group" else None
+    closing = _nothing
+    if mode == "redis" or (mode == "loading" and redis_url is not None):
         assert redis_url is not None
         group, closing = _redis_group(redis_url, namespace, ttl)
-        return _Coalesced(query, ttl, group, closing)
     if mode == "loading":
-        if redis_url is None:
-            return _Loading(query, ttl, _nothing)
-        group, closing = _redis_group(redis_url, namespace, ttl)
-        return _Loading(query, ttl, closing, group)
-    raise ValueError(f"unknown mode {mode!r}")
+        return _Loading(query, ttl, group, closing)
+    return _CacheAside(query, ttl, group, closing)
 
 
 # -- asyncio -----------------------------------------------------------------------------
@@ -221,31 +205,8 @@ class AsyncMode:
         """Release what the mode holds (background refreshes, Redis connections)."""
 
 
-async def _anothing() -> None:
-    return None
-
-
-class _AsyncNaive(AsyncMode):
-    def __init__(self, query: AsyncQuery, ttl: float) -> None:
-        self._query = query
-        self._cache = TtlDict(ttl)
-
-    async def get(self, key: int) -> Profile:
-        value = self._cache.fresh(key)
-        if value is None:
-            value = await self._query(key)
-            self._cache.set(key, value)
-        return value
-
-
-class _AsyncCoalesced(AsyncMode):
-    def __init__(
-        self,
-        query: AsyncQuery,
-        ttl: float,
-        group: Any,
-        closing: Callable[[], Awaitable[None]],
-    ) -> None:
+class _AsyncCacheAside(AsyncMode):
+    def __init__(self, query: AsyncQuery, ttl: float, group: Any, closing: AsyncClosing) -> None:
         self._query = query
         self._cache = TtlDict(ttl)
         self._group = group
@@ -260,6 +221,8 @@ class _AsyncCoalesced(AsyncMode):
 
     async def get(self, key: int) -> Profile:
         value = self._cache.fresh(key)
+        if value is None and self._group is None:
+            return await self._load(key)
         if value is None:
             value = await self._group.do(key, self._load, key)
             if self._cache.fresh(key) is None:
@@ -275,12 +238,10 @@ class _AsyncLoading(AsyncMode):
         self,
         load: AsyncQuery,
         ttl: float,
-        closing: Callable[[], Awaitable[None]],
-        group: AsyncGroupLike[int, Profile] | None = None,
+        group: AsyncGroupLike[int, Profile] | None,
+        closing: AsyncClosing,
     ) -> None:
-        self._cache: AsyncLoadingCache[int, Profile] = AsyncLoadingCache(
-            load, ttl=ttl, stale=ttl, early_refresh=1.0, group=group
-        )
+        self._cache = AsyncLoadingCache(load, ttl=ttl, stale=ttl, early_refresh=1.0, group=group)
         self._closing = closing
 
     async def get(self, key: int) -> Profile:
@@ -291,9 +252,13 @@ class _AsyncLoading(AsyncMode):
         await self._closing()
 
 
+async def _anothing() -> None:
+    return None
+
+
 def _async_redis_group(
     redis_url: str, namespace: str, ttl: float
-) -> tuple[AsyncRedisGroup[int, Profile], Callable[[], Awaitable[None]]]:
+) -> tuple[AsyncRedisGroup[int, Profile], AsyncClosing]:
     import redis.asyncio
 
     from ..redis import AsyncRedisGroup
@@ -314,17 +279,13 @@ def build_async(
     mode: str, query: AsyncQuery, ttl: float, redis_url: str | None = None, namespace: str = ""
 ) -> AsyncMode:
     """The mode named ``mode`` in front of ``query``, for the running event loop."""
-    if mode == "naive":
-        return _AsyncNaive(query, ttl)
-    if mode == "group":
-        return _AsyncCoalesced(query, ttl, AsyncGroup(), _anothing)
-    if mode == "redis":
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    group: Any = AsyncGroup() if mode == "group" else None
+    closing: AsyncClosing = _anothing
+    if mode == "redis" or (mode == "loading" and redis_url is not None):
         assert redis_url is not None
         group, closing = _async_redis_group(redis_url, namespace, ttl)
-        return _AsyncCoalesced(query, ttl, group, closing)
     if mode == "loading":
-        if redis_url is None:
-            return _AsyncLoading(query, ttl, _anothing)
-        agroup, aclosing = _async_redis_group(redis_url, namespace, ttl)
-        return _AsyncLoading(query, ttl, aclosing, agroup)
-    raise ValueError(f"unknown mode {mode!r}")
+        return _AsyncLoading(query, ttl, group, closing)
+    return _AsyncCacheAside(query, ttl, group, closing)
