@@ -52,11 +52,12 @@ _COPIED = ("http_version", "reason_phrase")
 class _Unshared:
     """A leader's response too long to share: its caller alone reads the rest."""
 
-    __slots__ = ("head", "response")
+    __slots__ = ("head", "response", "rest")
 
-    def __init__(self, response: httpx.Response, head: list[bytes]) -> None:
+    def __init__(self, response: httpx.Response, head: list[bytes], rest: Any) -> None:
         self.response = response
         self.head = head
+        self.rest = rest  # the iterator of raw chunks the head came from
 
 
 class _Rest(httpx.SyncByteStream):
@@ -178,7 +179,7 @@ class CoalescingTransport(httpx.BaseTransport):
             return httpx.Response(
                 response.status_code,
                 headers=response.headers.raw,
-                stream=_Rest(outcome.head, response.iter_raw(), response),
+                stream=_Rest(outcome.head, outcome.rest, response),
                 request=request,
                 extensions=response.extensions,
             )
@@ -194,7 +195,7 @@ class CoalescingTransport(httpx.BaseTransport):
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > self._max_body:
-                    return _Unshared(response, chunks)
+                    return _Unshared(response, chunks, stream)
         except BaseException:
             response.close()
             raise
@@ -262,7 +263,7 @@ class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
             return httpx.Response(
                 response.status_code,
                 headers=response.headers.raw,
-                stream=_AsyncRest(outcome.head, response.aiter_raw(), response),
+                stream=_AsyncRest(outcome.head, outcome.rest, response),
                 request=request,
                 extensions=response.extensions,
             )
@@ -273,11 +274,12 @@ class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
         chunks: list[bytes] = []
         size = 0
         try:
-            async for chunk in response.aiter_raw():
+            stream = response.aiter_raw()
+            async for chunk in stream:
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > self._max_body:
-                    return _Unshared(response, chunks)
+                    return _Unshared(response, chunks, stream)
         except BaseException:
             await response.aclose()
             raise
