@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 try:
-    from django.core.cache import caches
-    from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
-    from django.http import HttpRequest, HttpResponse, HttpResponseBase
-    from django.utils.cache import cc_delim_re
-    from django.views.decorators.cache import cache_page
+    import django  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised without Django installed
     raise ImportError(
         "singleflight.django needs Django 4.2 or later: pip install 'pysingleflight[django]'"
     ) from exc
+
+from django.core.cache import caches
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.views.decorators.cache import cache_page
 
 from ._asyncio import AsyncGroup
 from ._protocols import AsyncGroupLike, GroupLike
@@ -45,6 +47,7 @@ from ._threads import Group
 __all__ = ["CoalescingCache", "coalesce_page"]
 
 _MISSING = object()
+_COMMAS = re.compile(r"\s*,\s*")
 
 
 class CoalescingCache:
@@ -154,7 +157,7 @@ class CoalescingCache:
 def _vary_names(response: HttpResponseBase) -> list[str]:
     if not response.has_header("Vary"):
         return []
-    return [name.strip().lower() for name in cc_delim_re.split(response["Vary"]) if name.strip()]
+    return [name.strip().lower() for name in _COMMAS.split(response["Vary"]) if name.strip()]
 
 
 def _shareable(response: HttpResponseBase) -> bool:
