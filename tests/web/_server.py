@@ -17,13 +17,13 @@ from .._support import wait_for
 
 
 @contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Serve ``app`` until the block ends; yields its base URL."""
+def serve(app: Any, lifespan: str = "off") -> Iterator[str]:
+    """Serve ``app`` until the block ends (``lifespan="on"`` runs its lifespan); yields its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    config = uvicorn.Config(app, lifespan=lifespan, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     failed: list[BaseException] = []
 
