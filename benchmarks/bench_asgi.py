@@ -35,7 +35,6 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _common import Figure, interleaved, report
-
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse

@@ -203,8 +203,6 @@ def test_a_cached_view_renders_once_for_concurrent_misses() -> None:
     bodies = sorted(response.content for response in responses)
     assert bodies == [b"dashboard for Bearer eve"] * 5 + [b"dashboard for anyone"] * 20
     assert len({id(response) for response in responses}) == 25  # a response each
-    dashboard(factory.get("/dashboard"))  # now a page-cache hit
-    assert len(calls) == 2
 
 
 def test_an_async_cached_view_renders_once() -> None:
@@ -225,6 +223,8 @@ def test_an_async_cached_view_renders_once() -> None:
     responses = run(burst(), WAIT)
     assert len(calls) == 1
     assert [r.content for r in responses] == [b"dashboard"] * 10
+    assert run(dashboard(factory.get("/d"))).content == b"dashboard"  # a page-cache hit
+    assert len(calls) == 1
 
 
 def test_posts_to_a_cached_view_are_not_coalesced() -> None:
