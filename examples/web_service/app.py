@@ -7,7 +7,9 @@
 GET /users/{id}  the user's profile with their global and per-country rank: a slow query
                  (two scans of the users table), loaded once per key per TTL however many
                  requests ask at the same time
-GET /stats       how many profile queries SQLite really executed, and the cache's counters
+GET /stats       how many profile queries SQLite really executed, and the counters of the cache
+                 and of the middleware in front (identical concurrent GETs share one call of
+                 the app: see singleflight.asgi)
 
 Settings from the environment: WEB_SERVICE_DB (the SQLite file; built if missing, default
 web_service.db in the temporary directory), WEB_SERVICE_ROWS (users, default 100000),
@@ -32,11 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from singleflight import AsyncLoadingCache
+from singleflight import AsyncGroup, AsyncLoadingCache
+from singleflight.asgi import STATUS_HEADER, CoalescingMiddleware
 
 DB_PATH = Path(os.environ.get("WEB_SERVICE_DB", Path(tempfile.gettempdir()) / "web_service.db"))
 ROWS = int(os.environ.get("WEB_SERVICE_ROWS", "100000"))
@@ -134,9 +138,19 @@ async def user(request: Request) -> JSONResponse:
     return JSONResponse(profile)
 
 
+# Identical concurrent requests (same URL, same Authorization and Cookie) share one call of
+# the app: the cache answers them once, and the JSON is rendered once.
+requests = AsyncGroup[object, object](name="requests")
+
+
 async def stats(request: Request) -> JSONResponse:
     return JSONResponse(
-        {"db_queries": db.queries, "ttl": TTL, "cache": dataclasses.asdict(profiles.stats())}
+        {
+            "db_queries": db.queries,
+            "ttl": TTL,
+            "cache": dataclasses.asdict(profiles.stats()),
+            "requests": dataclasses.asdict(requests.stats()),
+        }
     )
 
 
@@ -149,5 +163,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 app = Starlette(
     routes=[Route("/users/{user_id}", user), Route("/stats", stats)],
+    middleware=[Middleware(CoalescingMiddleware, group=requests, status_header=STATUS_HEADER)],
     lifespan=lifespan,
 )

@@ -1,0 +1,293 @@
+"""httpx transports: identical concurrent outbound GETs share one network round trip.
+
+Install with ``pip install 'pysingleflight[httpx]'``::
+
+    import httpx
+    from singleflight.httpx import AsyncCoalescingTransport, CoalescingTransport
+
+    client = httpx.Client(transport=CoalescingTransport())
+    aclient = httpx.AsyncClient(transport=AsyncCoalescingTransport())
+
+Requests are identical when they have the same method, URL and headers (the
+client's default headers included, so requests with different credentials
+never share).  Only ``GET`` and ``HEAD`` requests without a body are coalesced
+by default; the others go straight to the wrapped transport.
+
+The first request of a set (the leader) is sent; the others wait for its
+response, and each caller gets a :class:`httpx.Response` of its own with the
+same status, headers and raw body (decoded by its client as usual).  A body
+longer than ``max_body`` bytes is not shared: the leader gets it streamed, the
+others send their own requests.  So do the others when the leader's request
+timed out (its timeouts are its own) or its caller was cancelled: one caller's
+timeout or cancellation never fails the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any
+
+try:
+    # singleflight/httpx.py importing "httpx": imports are absolute, so this is
+    # the third-party package, never this module.
+    import httpx
+except ImportError as exc:  # pragma: no cover - exercised without httpx installed
+    raise ImportError(
+        "singleflight.httpx needs httpx 0.27 or later: pip install 'pysingleflight[httpx]'"
+    ) from exc
+
+from ._asyncio import AsyncGroup
+from ._protocols import AsyncGroupLike, GroupLike
+from ._threads import Group
+from .errors import AbortedError
+
+__all__ = ["AsyncCoalescingTransport", "CoalescingTransport"]
+
+# What a flight hands every caller: status, raw headers, raw body, extensions.
+_Shared = tuple[int, list[tuple[bytes, bytes]], bytes, dict[str, Any]]
+# Extensions that describe the response rather than the connection that carried it.
+_COPIED = ("http_version", "reason_phrase")
+
+
+class _Unshared:
+    """A leader's response too long to share: its caller alone reads the rest."""
+
+    __slots__ = ("head", "response", "rest")
+
+    def __init__(self, response: httpx.Response, head: list[bytes], rest: Any) -> None:
+        self.response = response
+        self.head = head
+        self.rest = rest  # the iterator of raw chunks the head came from
+
+
+class _Rest(httpx.SyncByteStream):
+    def __init__(self, head: list[bytes], rest: Iterator[bytes], response: httpx.Response):
+        self._head = head
+        self._rest = rest
+        self._response = response
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._head
+        yield from self._rest
+
+    def close(self) -> None:
+        self._response.close()
+
+
+class _AsyncRest(httpx.AsyncByteStream):
+    def __init__(self, head: list[bytes], rest: AsyncIterator[bytes], response: httpx.Response):
+        self._head = head
+        self._rest = rest
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._head:
+            yield chunk
+        async for chunk in self._rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+def _key(request: httpx.Request) -> tuple[str, str, tuple[tuple[bytes, bytes], ...]]:
+    return (request.method, str(request.url), tuple(request.headers.raw))
+
+
+def _shares(request: httpx.Request, methods: frozenset[str]) -> bool:
+    if request.method not in methods:
+        return False
+    length = request.headers.get("content-length")
+    return (length is None or length == "0") and "transfer-encoding" not in request.headers
+
+
+def _response(shared: _Shared, request: httpx.Request) -> httpx.Response:
+    status, headers, body, extensions = shared
+    return httpx.Response(
+        status,
+        headers=headers,
+        stream=httpx.ByteStream(body),
+        request=request,
+        extensions=dict(extensions),
+    )
+
+
+def _shared(response: httpx.Response, chunks: list[bytes]) -> _Shared:
+    extensions = {
+        name: response.extensions[name] for name in _COPIED if name in response.extensions
+    }
+    return (response.status_code, list(response.headers.raw), b"".join(chunks), extensions)
+
+
+def _check(max_body: int, methods: Iterable[str]) -> frozenset[str]:
+    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
+        raise ValueError(f"max_body must be a whole number of bytes >= 0, not {max_body!r}")
+    if isinstance(methods, str):
+        raise TypeError("methods is a collection of names, not one string")
+    return frozenset(method.upper() for method in methods)
+
+
+class CoalescingTransport(httpx.BaseTransport):
+    """An :class:`httpx.BaseTransport` for :class:`httpx.Client` that coalesces identical GETs.
+
+    Options: ``transport`` (what sends the requests, by default an
+    :class:`httpx.HTTPTransport`), ``group`` (a :class:`~singleflight.Group`
+    by default, or e.g. a :class:`~singleflight.redis.RedisGroup` with a codec
+    that carries bytes), ``methods`` (default ``GET`` and ``HEAD``) and
+    ``max_body`` (the longest body shared, in bytes; default 1 MiB).
+    """
+
+    def __init__(
+        self,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        group: GroupLike[Any, Any] | None = None,
+        methods: Iterable[str] = ("GET", "HEAD"),
+        max_body: int = 1 << 20,
+    ) -> None:
+        self._methods = _check(max_body, methods)
+        self.transport = httpx.HTTPTransport() if transport is None else transport
+        self.group: GroupLike[Any, Any] = Group(name="httpx") if group is None else group
+        self._max_body = max_body
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request``, or wait for the identical one in flight and copy its response.
+
+        Returns a response of this caller's own.  Raises what the wrapped
+        transport raises for the request that was sent (a joiner whose leader
+        timed out sends its own request and raises what that raises).
+        """
+        if not _shares(request, self._methods):
+            return self.transport.handle_request(request)
+        led = False
+
+        def send() -> _Shared | _Unshared:
+            nonlocal led
+            led = True
+            return self._send(request)
+
+        try:
+            outcome = self.group.do(_key(request), send)
+        except (httpx.TimeoutException, AbortedError):
+            if led:
+                raise
+            return self.transport.handle_request(request)
+        if isinstance(outcome, _Unshared):
+            if not led:
+                return self.transport.handle_request(request)
+            response = outcome.response
+            return httpx.Response(
+                response.status_code,
+                headers=response.headers.raw,
+                stream=_Rest(outcome.head, outcome.rest, response),
+                request=request,
+                extensions=response.extensions,
+            )
+        return _response(outcome, request)
+
+    def _send(self, request: httpx.Request) -> _Shared | _Unshared:
+        response = self.transport.handle_request(request)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            stream = response.iter_raw()
+            for chunk in stream:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self._max_body:
+                    return _Unshared(response, chunks, stream)
+        except BaseException:
+            response.close()
+            raise
+        response.close()
+        extensions = {
+            name: response.extensions[name] for name in _COPIED if name in response.extensions
+        }
+        return (response.status_code, list(response.headers.raw), b"".join(chunks), extensions)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
+    """An :class:`httpx.AsyncBaseTransport` for :class:`httpx.AsyncClient`; see
+    :class:`CoalescingTransport`.
+
+    ``transport`` defaults to an :class:`httpx.AsyncHTTPTransport` and
+    ``group`` to an :class:`~singleflight.AsyncGroup` (an
+    :class:`~singleflight.anyio.AnyIOGroup` on trio).
+    """
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        group: AsyncGroupLike[Any, Any] | None = None,
+        methods: Iterable[str] = ("GET", "HEAD"),
+        max_body: int = 1 << 20,
+    ) -> None:
+        self._methods = _check(max_body, methods)
+        self.transport = httpx.AsyncHTTPTransport() if transport is None else transport
+        self.group: AsyncGroupLike[Any, Any] = AsyncGroup(name="httpx") if group is None else group
+        self._max_body = max_body
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request``, or wait for the identical one in flight and copy its response.
+
+        Returns a response of this caller's own.  Raises what the wrapped
+        transport raises for the request that was sent.
+
+        Cancellation: cancelling a caller affects it alone; the request in
+        flight goes on for the others (a request whose every caller left runs
+        to its end unless the group cancels orphaned flights).
+        """
+        if not _shares(request, self._methods):
+            return await self.transport.handle_async_request(request)
+        led = False
+
+        async def send() -> _Shared | _Unshared:
+            nonlocal led
+            led = True
+            return await self._send(request)
+
+        try:
+            outcome = await self.group.do(_key(request), send)
+        except (httpx.TimeoutException, AbortedError):
+            if led:
+                raise
+            return await self.transport.handle_async_request(request)
+        if isinstance(outcome, _Unshared):
+            if not led:
+                return await self.transport.handle_async_request(request)
+            response = outcome.response
+            return httpx.Response(
+                response.status_code,
+                headers=response.headers.raw,
+                stream=_AsyncRest(outcome.head, outcome.rest, response),
+                request=request,
+                extensions=response.extensions,
+            )
+        return _response(outcome, request)
+
+    async def _send(self, request: httpx.Request) -> _Shared | _Unshared:
+        response = await self.transport.handle_async_request(request)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            stream = response.aiter_raw()
+            async for chunk in stream:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self._max_body:
+                    return _Unshared(response, chunks, stream)
+        except BaseException:
+            await response.aclose()
+            raise
+        await response.aclose()
+        extensions = {
+            name: response.extensions[name] for name in _COPIED if name in response.extensions
+        }
+        return (response.status_code, list(response.headers.raw), b"".join(chunks), extensions)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()

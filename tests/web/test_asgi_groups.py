@@ -1,0 +1,150 @@
+"""singleflight.asgi with the other groups: AnyIOGroup on trio, AsyncRedisGroup across workers.
+
+The app is driven in-process (an ASGI call per request); the endpoint waits at a gate until
+every request has joined, so its call count is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from singleflight.asgi import STATUS_HEADER, CoalescingMiddleware
+
+from .._support import until
+from ._apps import endpoint, starlette_app
+
+WAIT = 30.0
+HERE = Path(__file__).resolve().parent
+
+
+async def get(
+    app: Any, path: str, *headers: tuple[bytes, bytes]
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One GET through ``app``; (status, headers, body) of its response."""
+    sent: list[Any] = []
+    given = False
+
+    async def receive() -> Any:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep_forever()
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"test"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], dict(sent[0]["headers"]), body
+
+
+def test_anyio_group_on_trio() -> None:
+    from singleflight.anyio import AnyIOGroup
+
+    endpoint.reset()
+    group: AnyIOGroup[Any, Any] = AnyIOGroup()
+    app = CoalescingMiddleware(starlette_app(), group=group, status_header=STATUS_HEADER)
+    results: list[Any] = []
+
+    async def main() -> None:
+        async def one(auth: bytes) -> None:
+            results.append(await get(app, "/hello", (b"authorization", auth)))
+
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tasks:
+                for i in range(20):
+                    tasks.start_soon(one, b"u%d" % (i % 2))
+                await until(lambda: group.stats().joins == 18, WAIT, "18 requests to join")
+                endpoint.gate.open()
+
+    anyio.run(main, backend="trio")
+    assert endpoint.calls == 2
+    assert sorted((s, h[STATUS_HEADER.encode()], b) for s, h, b in results) == sorted(
+        [(200, b"leader", b"hello u0"), (200, b"leader", b"hello u1")]
+        + [(200, b"shared", b"hello u0")] * 9
+        + [(200, b"shared", b"hello u1")] * 9
+    )
+
+
+@pytest.fixture(scope="module")
+def redis_port() -> Iterator[int]:
+    sys.path.insert(0, str(HERE.parent / "redis"))
+    try:
+        from _redis_server import RedisServer, find_server
+    finally:
+        sys.path.remove(str(HERE.parent / "redis"))
+    binary = find_server("redis")
+    if binary is None:
+        if os.environ.get("SINGLEFLIGHT_REQUIRE_REDIS"):
+            pytest.fail("no redis-server binary, and SINGLEFLIGHT_REQUIRE_REDIS is set")
+        pytest.skip("no redis-server binary")
+    with RedisServer(binary) as server:
+        yield server.port
+
+
+def test_redis_group_shares_one_call_among_workers(redis_port: int) -> None:
+    import redis.asyncio
+
+    from singleflight.redis import AsyncRedisGroup
+
+    endpoint.reset()
+    namespace = f"asgi-{uuid.uuid4().hex[:8]}"
+    results: list[Any] = []
+
+    async def main() -> None:
+        # Two workers: an app and a middleware each, with a Redis client and group each.
+        clients = [redis.asyncio.Redis(port=redis_port) for _ in range(2)]
+        groups = [AsyncRedisGroup(client, namespace=namespace) for client in clients]
+        workers = [
+            CoalescingMiddleware(starlette_app(), group=group, status_header=STATUS_HEADER)
+            for group in groups
+        ]
+        try:
+            with anyio.fail_after(WAIT):
+                async with anyio.create_task_group() as tasks:
+                    for i in range(20):
+                        tasks.start_soon(_collect, workers[i % 2], results)
+                    await until(
+                        lambda: all(g.stats().joins >= 9 for g in groups), WAIT, "local joins"
+                    )
+                    endpoint.gate.open()
+        finally:
+            for group in groups:
+                await group.aclose()
+            for client in clients:
+                await client.aclose()
+
+    anyio.run(main, backend="asyncio")
+    assert endpoint.calls == 1
+    assert {(s, b) for s, _, b in results} == {(200, b"hello anyone")}
+    assert len(results) == 20
+    assert (
+        sorted(h[STATUS_HEADER.encode()] for _, h, _ in results) == [b"leader"] + [b"shared"] * 19
+    )
+
+
+async def _collect(app: Any, results: list[Any]) -> None:
+    results.append(await get(app, "/hello"))
