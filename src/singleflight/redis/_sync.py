@@ -14,7 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
-import redis
 from redis.exceptions import RedisError
 
 from .._result import Result
@@ -34,7 +33,7 @@ from ._core import (
     with_shared,
 )
 from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
-from ._threads_only import Clients, call, eval_script, read_blocking, sleep
+from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
 from .codecs import Codec, CodecError
 
 __all__ = ["RedisGroup"]
@@ -72,7 +71,8 @@ def _with_budget(
 class RedisGroup(Generic[K, V]):
     """Coalesces calls that share a key across threads, processes and machines, on Redis.
 
-    ``RedisGroup(redis.Redis(...), namespace="users")``.  It has the API of
+    ``RedisGroup(redis.Redis(...), namespace="users")`` (or a
+    ``redis.cluster.RedisCluster``, or a Sentinel's ``master_for`` client).  It has the API of
     :class:`singleflight.Group` (``do``, ``do_result``, ``do_future``,
     ``forget``, ``forget_unshared``, ``in``, ``len``), and calls of one key
     share one execution of the loader among every process using the same
@@ -115,8 +115,9 @@ class RedisGroup(Generic[K, V]):
         After that many failed Redis operations in a row, skip Redis for the
         cooldown, then probe with one call.
     ``configure_client`` (True)
-        Talk through copies of ``client``'s pool with bounded timeouts and no
-        redis-py retry (see the README); False uses ``client`` as given.
+        Talk through copies of ``client`` (its pool, its Sentinel pool, or its
+        cluster's nodes) with bounded timeouts and no redis-py retry (see the
+        README); False uses ``client`` as given.
     ``executor``
         Runs the loaders of :meth:`do_future`, as for :class:`Group`.
     ``name`` (the namespace)
@@ -153,7 +154,7 @@ class RedisGroup(Generic[K, V]):
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         *,
         namespace: str,
         lease: float = 3.0,
@@ -398,7 +399,7 @@ class RedisGroup(Generic[K, V]):
                     watch.read()
                     try:
                         reply = read_blocking(
-                            state.blocking, plan.read_command(), plan.read_timeout()
+                            state.blocking, plan.stream, plan.read_command(), plan.read_timeout()
                         )
                     except RedisError as exc:
                         core.redis_error(plan, exc)
