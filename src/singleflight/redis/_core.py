@@ -387,9 +387,12 @@ class GroupCore(Generic[K]):
             raise CodecError("malformed error record")
         return LoaderError(key, record[0], record[1])
 
-    def untrusted(self, keys: Keys, error: CodecError) -> None:
+    def untrusted(self, keys: Keys, error: CodecError, *, loud: bool = True) -> None:
+        """Count an untrusted payload; log it as a WARNING when ``loud`` (the first of
+        its flight), else at DEBUG."""
         self.counters.add("untrusted_payloads")
-        log.warning("payload of %s read as a miss: %s", keys.base, error)
+        level = logging.WARNING if loud else logging.DEBUG
+        log.log(level, "payload of %s read as a miss: %s", keys.base, error)
 
     # -- the drivers' steps that do no I/O (each driver awaits or blocks around them) --
 
@@ -409,14 +412,16 @@ class GroupCore(Generic[K]):
         keys = plan.keys
         hit = plan.op == HIT
         try:
+            if plan.bad_status is not None:
+                raise CodecError(f"completion record of unknown status {plan.bad_status!r}")
             outcome = (
                 self.decode(keys, plan.payload)
                 if hit
                 else self.remote_error(key, keys, plan.payload)
             )
         except CodecError as error:
-            self.untrusted(keys, error)
             plan.bad_payload(_monotonic())
+            self.untrusted(keys, error, loud=plan.first_bad)
             return RETRY
         watch.stop()
         self.counters.add("hits" if hit else "remote_errors")

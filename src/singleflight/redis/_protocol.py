@@ -489,15 +489,19 @@ class Plan:
         "_after_sleep",
         "_breaker",
         "_retry",
+        "_skip",
+        "bad_status",
         "block_ms",
         "deadline",
         "delay",
         "epoch",
         "error",
+        "first_bad",
         "keys",
         "op",
         "payload",
         "reason",
+        "record_id",
         "settings",
         "stream",
         "token",
@@ -528,6 +532,15 @@ class Plan:
         self.delay = 0.0
         self.error: BaseException | None = None
         self.reason = ""
+        # The entry of a completion stream the payload came from (None: from the
+        # stored result), and a status no leader writes, if the record had one.
+        self.record_id: bytes | None = None
+        self.bad_status: bytes | None = None
+        self.first_bad = False
+        # Per completion stream, the last entry read that did not end the wait
+        # (undecodable, of an unknown status, or "abandoned" / "forgotten" while
+        # its holder still held the lease): later reads start after it.
+        self._skip: dict[str, bytes] = {}
         self._after_sleep = ACQUIRE
         if breaker.allow(now):
             self.op = ACQUIRE
@@ -544,9 +557,11 @@ class Plan:
         s = self.settings
         return [self.token, s.lease_ms, s.fence_ttl_ms, "1" if self.use_hit else "0"]
 
-    def read_command(self) -> list[str | int]:
-        """READ's command: wait up to block_ms for the first entry of the holder's stream."""
-        return ["XREAD", "COUNT", 1, "BLOCK", self.block_ms, "STREAMS", self.stream, "0-0"]
+    def read_command(self) -> list[str | int | bytes]:
+        """READ's command: wait up to block_ms for the first entry of the holder's stream
+        (after the last one that did not end the wait, if any)."""
+        after = self._skip.get(self.stream, b"0-0")
+        return ["XREAD", "COUNT", 1, "BLOCK", self.block_ms, "STREAMS", self.stream, after]
 
     def read_timeout(self) -> float:
         """How long READ may take in all: its block plus one command's time.  The block
@@ -566,6 +581,7 @@ class Plan:
     def acquired(self, reply: Any, now: float) -> int:
         """Take ACQUIRE's reply; returns (and sets) the next op."""
         self._succeeded()
+        self.record_id = self.bad_status = None
         kind = int(reply[0])
         if kind == 0:
             self.payload = reply[1]
@@ -595,24 +611,43 @@ class Plan:
     def read(self, reply: Any, now: float) -> int:
         """Take XREAD's reply (empty when the slice ended); returns the next op."""
         self._succeeded()
-        record = _first_record(reply)
-        if record is None:
+        entry = _first_record(reply)
+        if entry is None:
             return self._again(now)
+        self.record_id, record = entry
         status = record.get(b"s")
-        payload = record.get(b"v", b"")
+        self.payload = record.get(b"v", b"")
         if status == b"o":
-            self.payload = payload
             self.op = HIT
         elif status == b"e":
-            self.payload = payload
             self.op = REMOTE_ERROR
-        else:  # abandoned, forgotten (or unknown): ask again at once
+        elif status == b"a" or status == b"f":
+            # Abandoned or forgotten: ask again at once.  The holder has let the
+            # lease go; if ACQUIRE still names it, the record was not its own
+            # (forged), and is skipped rather than read again.
+            self._skip[self.stream] = self.record_id
             return self._again(now)
+        else:  # no leader writes this: an untrusted record (see bad_payload)
+            self.bad_status = status if isinstance(status, bytes) else b""
+            self.op = REMOTE_ERROR
         return self.op
 
     def bad_payload(self, now: float) -> int:
-        """The payload did not decode: a miss.  Ask again, ignoring the stored result."""
-        self.use_hit = False
+        """The payload did not decode (or its record's status is unknown): a miss.
+
+        A stored result is ignored from now on; a completion record is skipped:
+        the next read of its stream waits for the records after it (the
+        holder's real completion), so a forged record costs one more ACQUIRE
+        and read, never a spin.  Then ask again; returns the next op.
+        ``first_bad`` tells whether this was the first bad payload of its stream
+        (or the stored result) in this plan: the one to log.
+        """
+        if self.record_id is None:
+            self.use_hit = False
+            self.first_bad = True
+        else:
+            self.first_bad = self.stream not in self._skip
+            self._skip[self.stream] = self.record_id
         return self._again(now)
 
     def failed(self, error: BaseException, transient: bool, now: float) -> int:
@@ -657,8 +692,8 @@ class Plan:
         return self.op
 
 
-def _first_record(reply: Any) -> dict[bytes, bytes] | None:
-    """The fields of the first entry of an XREAD reply, or None if it has none."""
+def _first_record(reply: Any) -> tuple[bytes, dict[bytes, bytes]] | None:
+    """The id and fields of the first entry of an XREAD reply, or None if it has none."""
     if not reply:
         return None
     if isinstance(reply, dict):  # RESP3 shape: {stream: [[id, fields]]}
@@ -668,10 +703,12 @@ def _first_record(reply: Any) -> dict[bytes, bytes] | None:
         entries = reply[0][1]
     if not entries:
         return None
-    fields = entries[0][1]
+    entry_id, fields = entries[0][0], entries[0][1]
+    if isinstance(entry_id, str):
+        entry_id = entry_id.encode()
     if isinstance(fields, dict):
-        return fields
-    return dict(zip(fields[::2], fields[1::2], strict=False))
+        return entry_id, fields
+    return entry_id, dict(zip(fields[::2], fields[1::2], strict=False))
 
 
 class Completion:
