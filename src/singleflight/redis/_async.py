@@ -303,7 +303,8 @@ class AsyncRedisGroup(Generic[K, V]):
         decoded copy in other processes), its exception in this process and
         :class:`LoaderError` in others, :class:`RedisUnavailableError` /
         :class:`WaitTimeoutError` under ``on_redis_error="closed"``,
-        :class:`CodecError` for a value that cannot be encoded, ``TypeError``
+        :class:`CodecError` / :class:`PayloadTooLargeError` for a value that
+        cannot be encoded (in every caller, in every process), ``TypeError``
         for a bad key or ``fn`` and ``ValueError`` for a key that is not valid
         Unicode, before anything runs.
 
@@ -330,7 +331,8 @@ class AsyncRedisGroup(Generic[K, V]):
         # or the breaker is open, :class:`WaitTimeoutError` after ``max_wait``;
         # under ``"open"`` the loader runs locally instead.
         # :class:`PayloadTooLargeError` / :class:`CodecError` when the value
-        # cannot be encoded (in every caller of the flight).  ``TypeError`` for a
+        # cannot be encoded: in every caller of the flight, in every process
+        # (never a :class:`LoaderError`).  ``TypeError`` for a
         # key that is unhashable or of another type (without ``key_to_str=``), or a
         # non-callable ``fn``, and ``ValueError`` for a str key that is not valid
         # Unicode (a lone surrogate), before anything runs; ``RuntimeError`` for a
@@ -710,7 +712,7 @@ class AsyncRedisGroup(Generic[K, V]):
             payload = core.encode(plan.keys, value)
         except CodecError as exc:
             completion = await self._complete(
-                state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
+                state, plan, proto.ERROR, core.error_payload(plan.keys, exc, encoding=True)
             )
             core.note_waiters(watch, completion)
             held.settle(False)  # its callers get the CodecError, not the value
