@@ -223,6 +223,11 @@ def test_renewals_schedule() -> None:
     assert b.due == pytest.approx(1.6)
     renewals.renewed(b, proto.LOST, 1.6)
     assert b.lost and list(renewals.held) == ["a"]
+    # RENEW carries how long the lease has left at least (lease - redis_timeout after
+    # its last reply), for the server to refuse a RENEW that waited behind a stall.
+    assert renewals.renew_args(a, 2.0)[3:] == [1500, 500]
+    renewals.renewed(a, proto.LATE, 2.0)
+    assert a.due == pytest.approx(2.1) and a.expires == pytest.approx(3.5)
     renewals.remove(a)
     assert renewals.next_wake(2.0) is None
 

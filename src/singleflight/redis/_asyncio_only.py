@@ -96,6 +96,9 @@ class Watchdog:
     def release(self, held: Held) -> None:
         self._renewals.remove(held)
 
+    def held(self) -> list[Held]:
+        return list(self._renewals.held.values())
+
     async def stop(self) -> None:
         task = self._task
         if task is not None and not task.done():
@@ -139,15 +142,15 @@ class Watchdog:
 
     async def _renew(self, due: list[Held]) -> list[int | None]:
         """RENEW every due lease in one round trip; None where it failed."""
-        settings = self._core.settings
         script = proto.RENEW_SCRIPT
-        extra = [settings.lease_ms, settings.fence_ttl_ms]
         replies: list[Any] = []
         for attempt in (0, 1):
             pipe = self._client.pipeline(transaction=False)
+            sent = _monotonic()
             for held in due:
                 name, code = ("EVAL", script.source) if attempt else ("EVALSHA", script.sha)
-                command(pipe, name, code, 2, *held.renew_keys(), held.token, *extra)
+                args = self._renewals.renew_args(held, sent)
+                command(pipe, name, code, 2, *held.renew_keys(), *args)
             try:
                 with cluster_errors():
                     replies = await pipe.execute(raise_on_error=False)

@@ -456,7 +456,7 @@ class GroupCore(Generic[K]):
         if plan.waited:
             self.counters.add("takeovers")
         fid = watch.caller.fid
-        held = Held(plan.keys, plan.token, plan.epoch)
+        held = Held(plan.keys, plan.token, plan.epoch, plan.leased_until)
         with self._leads_lock:
             self._leads[fid] = _Lead(watch.key, held)
         if self.hook is not None:

@@ -114,17 +114,28 @@ end
 return {2, holder, redis.call('PTTL', KEYS[2])}
 """
 
-# RENEW(lease, fence; token, lease_ms, fence_ttl_ms)
+# RENEW(lease, fence; token, lease_ms, fence_ttl_ms, expected_ms, tolerance_ms)
 #   1 renewed; 2 resurrected (the lease had lapsed and nobody took it);
-#   0 lost (another leader, or the flight was forgotten or completed)
+#   0 lost (another leader, or the flight was forgotten or completed);
+#   3 late: refused, nothing written
+# expected_ms is how long the watchdog, when it sent the RENEW, knew the lease
+# had left at least.  A RENEW the server runs later than that by more than
+# tolerance_ms (it waited behind a stall: a stopped or paused server, a slow
+# network) finds less left, or the lease lapsed although the watchdog thought
+# it live: it may come from a leader that has finished since (its completion
+# stuck behind the same stall), so it extends nothing and takes nothing back.
+# The watchdog's next RENEW, sent after the stall, does if the loader still runs.
 _RENEW = """
 local cur = redis.call('GET', KEYS[1])
+local late = tonumber(ARGV[4]) - tonumber(ARGV[5])
 if cur == ARGV[1] then
+  if late > 0 and redis.call('PTTL', KEYS[1]) < late then return 3 end
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
   return 1
 end
 if not cur and redis.call('HGET', KEYS[2], 'tok') == ARGV[1] then
+  if late > 0 then return 3 end
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
   return 2
@@ -337,6 +348,11 @@ class Settings:
         self.backoff_base = 0.01
         self.backoff_cap = 0.1
 
+    def leased_until(self, replied: float) -> float:
+        """The earliest the lease set (or renewed) by a command answered at ``replied``
+        can end: the command was sent at most ``redis_timeout`` before its reply."""
+        return replied + self.lease - self.redis_timeout
+
     def operation_deadline(self, now: float) -> float:
         """When a flight's own operation (COMPLETE, FORGET) stops retrying: one
         attempt's timeout, then the retry budget, so a first attempt that timed
@@ -498,6 +514,7 @@ class Plan:
         "error",
         "first_bad",
         "keys",
+        "leased_until",
         "op",
         "payload",
         "reason",
@@ -526,6 +543,7 @@ class Plan:
         self.use_hit = True
         self.waited = False  # true once it waited on another leader (a lead then is a takeover)
         self.epoch = 0
+        self.leased_until = 0.0
         self.payload = b""
         self.stream = ""
         self.block_ms = 0
@@ -588,6 +606,7 @@ class Plan:
             self.op = HIT
         elif kind == 1:
             self.epoch = int(reply[1]) if len(reply) > 1 and reply[1] is not None else 0
+            self.leased_until = self.settings.leased_until(now)
             self.op = LEAD
         else:
             holder = reply[1] if len(reply) > 1 else None
@@ -729,7 +748,7 @@ class Completion:
 
 # -- the watchdog's bookkeeping -------------------------------------------------------------
 
-RENEWED, RESURRECTED, LOST = 1, 2, 0
+RENEWED, RESURRECTED, LOST, LATE = 1, 2, 0, 3
 
 
 class Held:
@@ -738,12 +757,23 @@ class Held:
     It belongs to the flight, never to a thread: a token is never shared.
     """
 
-    __slots__ = ("_on_settled", "due", "epoch", "forgotten_here", "kept", "keys", "lost", "token")
+    __slots__ = (
+        "_on_settled",
+        "due",
+        "epoch",
+        "expires",
+        "forgotten_here",
+        "kept",
+        "keys",
+        "lost",
+        "token",
+    )
 
-    def __init__(self, keys: Keys, token: str, epoch: int) -> None:
+    def __init__(self, keys: Keys, token: str, epoch: int, expires: float = 0.0) -> None:
         self.keys = keys
         self.token = token
         self.epoch = epoch
+        self.expires = expires  # the earliest the lease can end, as this process knows it
         self.due = 0.0
         self.lost = False
         self.forgotten_here = False  # this process forgot the key while the flight ran
@@ -778,12 +808,19 @@ class Renewals:
     watchdog guards it with its lock.
     """
 
-    __slots__ = ("held", "interval", "retry_interval")
+    __slots__ = ("held", "interval", "retry_interval", "settings")
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.interval = settings.renew_interval
         self.retry_interval = min(self.interval, 0.1)
         self.held: dict[str, Held] = {}
+
+    def renew_args(self, held: Held, now: float) -> list[str | int]:
+        """RENEW's arguments for ``held``, sent at ``now`` (see RENEW_SCRIPT)."""
+        s = self.settings
+        expected = round((held.expires - now) * 1000)
+        return [held.token, s.lease_ms, s.fence_ttl_ms, expected, _ms(s.redis_timeout)]
 
     def add(self, held: Held, now: float) -> None:
         held.due = now + self.interval
@@ -802,10 +839,14 @@ class Renewals:
         return max(0.0, min(h.due for h in self.held.values()) - now)
 
     def renewed(self, held: Held, code: int, now: float) -> None:
+        """A RENEW answered at ``now``: ``code`` is its reply."""
         if code == LOST:
             held.lost = True
             self.remove(held)
+        elif code == LATE:  # it waited behind a stall: send a fresh one soon
+            self.failed(held, now)
         else:
+            held.expires = self.settings.leased_until(now)
             held.due = now + self.interval
 
     def failed(self, held: Held, now: float) -> None:

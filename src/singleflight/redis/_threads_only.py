@@ -172,14 +172,14 @@ class Watchdog:
 
     def _renew(self, due: list[Held]) -> list[int | None]:
         """RENEW every due lease in one round trip; None where it failed."""
-        settings = self._core.settings
         script = proto.RENEW_SCRIPT
-        extra = [settings.lease_ms, settings.fence_ttl_ms]
         for attempt in (0, 1):
             pipe = self._client.pipeline(transaction=False)
+            sent = _monotonic()
             for held in due:
                 name, code = ("EVAL", script.source) if attempt else ("EVALSHA", script.sha)
-                command(pipe, name, code, 2, *held.renew_keys(), held.token, *extra)
+                args = self._renewals.renew_args(held, sent)
+                command(pipe, name, code, 2, *held.renew_keys(), *args)
             try:
                 with cluster_errors():
                     replies = pipe.execute(raise_on_error=False)
