@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import redis
-import redis.asyncio
+from _redis_clients import async_client, sync_client
 
 from singleflight import AsyncLoadingCache, LoadingCache
 from singleflight.redis import AsyncRedisGroup, RedisGroup
@@ -65,7 +64,7 @@ def _stats(group: Any) -> dict[str, Any]:
 
 
 def run_sync(config: dict[str, Any]) -> None:
-    client = redis.Redis(port=config["port"])
+    client = sync_client(config)
     group: RedisGroup[str, Any] = RedisGroup(client, **_group_options(config))
     gate = threading.Event()
     gate.set()
@@ -135,7 +134,7 @@ def run_sync(config: dict[str, Any]) -> None:
 
 
 async def run_async(config: dict[str, Any]) -> None:
-    client = redis.asyncio.Redis(port=config["port"])
+    client = async_client(config)
     group: AsyncRedisGroup[str, Any] = AsyncRedisGroup(client, **_group_options(config))
     gate = asyncio.Event()
     gate.set()

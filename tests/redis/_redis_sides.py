@@ -15,8 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-import redis
-import redis.asyncio
+from _redis_clients import async_client, sync_client
 
 from singleflight import Result
 from singleflight.redis import AsyncRedisGroup, RedisGroup, RedisGroupStats
@@ -84,9 +83,9 @@ class Outcome:
 class SyncSide:
     mode = "sync"
 
-    def __init__(self, port: int, **options: Any) -> None:
+    def __init__(self, port: int, cluster: bool = False, **options: Any) -> None:
         options.setdefault("namespace", "test")
-        self.client = redis.Redis(port=port)
+        self.client = sync_client({"port": port, "cluster": cluster})
         self.group: RedisGroup[Any, Any] = RedisGroup(self.client, **options)
 
     def call(self, key: Any, loader: Loader, timeout: float = 30.0) -> Outcome:
@@ -133,12 +132,12 @@ class SyncSide:
 class AsyncSide:
     mode = "async"
 
-    def __init__(self, port: int, **options: Any) -> None:
+    def __init__(self, port: int, cluster: bool = False, **options: Any) -> None:
         options.setdefault("namespace", "test")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.client = redis.asyncio.Redis(port=port)
+        self.client = async_client({"port": port, "cluster": cluster})
         self.group: AsyncRedisGroup[Any, Any] = AsyncRedisGroup(self.client, **options)
 
     def run(self, coro: Any, timeout: float = 30.0) -> Any:

@@ -23,8 +23,7 @@ import threading
 import time
 from typing import Any
 
-import redis
-import redis.asyncio
+from _redis_clients import async_client, sync_client
 
 from singleflight.redis import AsyncRedisGroup, RedisGroup
 
@@ -69,7 +68,7 @@ def _sleep_until(t0: float) -> None:
 
 
 def run_sync(config: dict[str, Any]) -> dict[str, Any]:
-    client = redis.Redis(port=config["port"])
+    client = sync_client(config)
     group: RedisGroup[str, Any] = RedisGroup(client, **_options(config))
     loads_file = config["loads_file"]
 
@@ -101,7 +100,7 @@ def run_sync(config: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run_async(config: dict[str, Any]) -> dict[str, Any]:
-    client = redis.asyncio.Redis(port=config["port"])
+    client = async_client(config)
     group: AsyncRedisGroup[str, Any] = AsyncRedisGroup(client, **_options(config))
     loads_file = config["loads_file"]
 

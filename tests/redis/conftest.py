@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         ) from None
     collect_ignore_glob = ["test_*.py"]
 else:
+    from _redis_cluster import Cluster, SentinelServer
     from _redis_server import RedisServer, find_server
 
 
@@ -76,6 +77,30 @@ def server(shared_server: RedisServer) -> RedisServer:
     finally:
         client.close()
     return shared_server
+
+
+@pytest.fixture(scope="session")
+def cluster_session(redis_binary: str) -> Iterator[Cluster]:
+    """One private Redis Cluster (three masters) for the session: started once."""
+    with Cluster(redis_binary) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster(cluster_session: Cluster) -> Cluster:
+    """The session's cluster, every master up, emptied, with fresh command statistics."""
+    for port in cluster_session.ports:
+        if port not in cluster_session.processes:  # a test killed it and failed
+            cluster_session.restart(port)
+    cluster_session.flushall()
+    return cluster_session
+
+
+@pytest.fixture
+def sentinel(redis_binary: str) -> Iterator[SentinelServer]:
+    """A private master and one sentinel watching it as "mymaster"."""
+    with RedisServer(redis_binary) as master, SentinelServer(redis_binary, master.port) as s:
+        yield s
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from _redis_sides import Loader
 
 from singleflight import WaitTimeoutError
 from singleflight.redis import RedisUnavailableError
+from singleflight.redis import _protocol as proto
 from tests._support import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -243,3 +244,52 @@ def test_a_stopped_server_never_holds_a_waiter_past_its_deadline(
     else:
         assert isinstance(outcome.error, (WaitTimeoutError, RedisUnavailableError)), outcome
     leader.result(30)
+
+
+def _held(side: Any) -> list[Any]:
+    """The leases a side's watchdog holds (read from another thread: a snapshot)."""
+    if side.mode == "sync":
+        return list(side.group._clients.watchdog.held())
+    return [h for s in list(side.group._states.values()) for h in list(s.watchdog.held())]
+
+
+def test_a_renewal_delivered_after_a_stall_never_extends_a_finished_leaders_lease(
+    sides: Any, own_server: RedisServer
+) -> None:
+    """The server stops (SIGSTOP) while a leader loads: the watchdog's RENEW waits
+    in the server's socket, the loader returns and its completion cannot get
+    through (the leader's callers get the value anyway).  When the server goes
+    on after the lease's end, that RENEW must not take the lease back for a
+    lease more: the next caller leads at once, not after another lease."""
+    lease = 1.0
+    admin = own_server.client()
+    for script in (proto.RENEW_SCRIPT, proto.COMPLETE_SCRIPT):
+        admin.script_load(script.source)  # a warm server: the queued EVALSHA runs
+    admin.close()
+    a = sides(own_server.port, lease=lease, redis_timeout=0.2, retry_budget=0.1)
+    gate = threading.Event()
+    loader = Loader("first", gate=gate)
+    leading = a.submit("k", loader)
+    _wait_for(lambda: loader.runs == 1 and len(_held(a)) == 1)
+    started = time.monotonic()
+    (held,) = _held(a)
+    due = held.due
+    assert own_server.process is not None
+    own_server.process.send_signal(signal.SIGSTOP)
+    try:
+        _wait_for(lambda: held.due != due)  # a renewal was sent, and timed out
+        gate.set()
+        first = leading.result(20)  # its completion timed out too
+        time.sleep(max(0.0, started + lease + 0.3 - time.monotonic()))  # the lease ends
+    finally:
+        own_server.process.send_signal(signal.SIGCONT)
+        gate.set()
+    assert (first.value, first.error) == ("first", None)
+    admin = own_server.client()
+    assert admin.ping()  # the server has run what waited in its sockets
+    assert admin.pttl("sf:{test:k}:lease") == -2, "a late RENEW took the lease back"
+    admin.close()
+    b = sides(own_server.port, lease=lease)
+    second = b.call("k", Loader("second"))
+    assert (second.value, second.error) == ("second", None)
+    assert (b.stats().leads, b.stats().waits) == (1, 0)

@@ -283,13 +283,42 @@ def test_payload_over_max_payload_is_a_clear_error_everywhere(
     _wait_for(lambda: b.stats().waits >= 1)
     gate.set()
     mine, theirs = leader.result(10).error, waiter.result(10).error
-    assert isinstance(mine, PayloadTooLargeError)
-    assert "max_payload=100" in str(mine)
-    assert isinstance(theirs, LoaderError)
-    assert theirs.type_name == "singleflight.redis.codecs.PayloadTooLargeError"
+    # One exception type for one failure, whichever process the caller is in.
+    for error in (mine, theirs):
+        assert type(error) is PayloadTooLargeError, repr(error)
+        assert "max_payload=100" in str(error)
     client = server.client()
     assert client.exists("sf:{test:k}:res") == 0
     client.close()
+
+
+def test_a_value_the_codec_refuses_is_a_codec_error_everywhere(
+    sides: Any, server: RedisServer
+) -> None:
+    a, b = sides(server.port), sides(server.port)
+    gate = threading.Event()
+    refused = Loader(("a", 1), gate=gate)  # JsonCodec would give back a list
+    leader = a.submit("k", refused)
+    _wait_for(lambda: refused.runs == 1)
+    waiter = b.submit("k", refused)
+    _wait_for(lambda: b.stats().waits >= 1)
+    gate.set()
+    mine, theirs = leader.result(10).error, waiter.result(10).error
+    for error in (mine, theirs):
+        assert type(error) is CodecError, repr(error)
+        assert "tuples" in str(error)
+    assert b.stats().remote_errors == 1
+    # A loader's own exception still reaches other processes as a LoaderError.
+    failing = Loader(error=ValueError("nope"), gate=gate)
+    gate.clear()
+    leader = a.submit("v", failing)
+    _wait_for(lambda: failing.runs == 1)
+    waiter = b.submit("v", failing)
+    _wait_for(lambda: b.stats().waits >= 2)
+    gate.set()
+    assert type(leader.result(10).error) is ValueError
+    theirs = waiter.result(10).error
+    assert isinstance(theirs, LoaderError) and theirs.type_name == "ValueError"
 
 
 def test_value_json_cannot_give_back_is_refused(sides: Any, server: RedisServer) -> None:

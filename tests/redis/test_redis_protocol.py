@@ -101,6 +101,23 @@ def test_a_bad_payload_asks_again_without_the_stored_result() -> None:
     assert p.acquire_args()[-1] == "0"
 
 
+def test_a_bad_record_is_skipped_by_the_next_read_of_its_stream() -> None:
+    p = plan()
+    p.acquired([2, b"T", 1000], 100.0)
+    assert p.read_command()[-1] == b"0-0"
+    assert p.read([[b"s", [(b"7-1", [b"s", b"o", b"v", b"forged"])]]], 100.1) == proto.HIT
+    assert p.bad_payload(100.1) == proto.ACQUIRE and p.first_bad
+    assert p.acquire_args()[-1] == "1"  # the stored result is still welcome
+    p.acquired([2, b"T", 900], 100.2)
+    assert p.read_command()[-1] == b"7-1"  # waits for what comes after the forged record
+    assert p.read([[b"s", [(b"7-2", [b"s", b"x", b"v", b""])]]], 100.3) == proto.REMOTE_ERROR
+    assert p.bad_status == b"x"
+    p.bad_payload(100.3)
+    assert not p.first_bad  # logged once per stream and plan
+    p.acquired([2, b"T", 800], 100.4)
+    assert p.read_command()[-1] == b"7-2"
+
+
 @pytest.mark.parametrize(("policy", "op"), [("open", proto.LOCAL), ("closed", proto.FAIL)])
 def test_the_deadline_applies_the_policy(policy: str, op: int) -> None:
     p = plan(max_wait=1.0, on_redis_error=policy)
@@ -206,6 +223,11 @@ def test_renewals_schedule() -> None:
     assert b.due == pytest.approx(1.6)
     renewals.renewed(b, proto.LOST, 1.6)
     assert b.lost and list(renewals.held) == ["a"]
+    # RENEW carries how long the lease has left at least (lease - redis_timeout after
+    # its last reply), for the server to refuse a RENEW that waited behind a stall.
+    assert renewals.renew_args(a, 2.0)[3:] == [1500, 500]
+    renewals.renewed(a, proto.LATE, 2.0)
+    assert a.due == pytest.approx(2.1) and a.expires == pytest.approx(3.5)
     renewals.remove(a)
     assert renewals.next_wake(2.0) is None
 

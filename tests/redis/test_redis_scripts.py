@@ -39,8 +39,13 @@ def acquire(r: redis.Redis, token: str, use_hit: str = "1") -> Any:
     )
 
 
-def renew(r: redis.Redis, token: str) -> Any:
-    return run(r, proto.RENEW_SCRIPT, [K.lease, K.fence], [token, LEASE_MS, FENCE_MS])
+def renew(r: redis.Redis, token: str, expected_ms: int = 0, tolerance_ms: int = 500) -> Any:
+    return run(
+        r,
+        proto.RENEW_SCRIPT,
+        [K.lease, K.fence],
+        [token, LEASE_MS, FENCE_MS, expected_ms, tolerance_ms],
+    )
 
 
 def complete(r: redis.Redis, token: str, status: str = "o", payload: bytes = b"v") -> Any:
@@ -115,6 +120,20 @@ def test_renew_extends_resurrects_or_reports_loss(r: redis.Redis) -> None:
     assert acquire(r, "B")[0] == 1  # somebody took it
     assert renew(r, "A") == 0
     assert r.get(K.lease) == b"B"
+
+
+def test_a_late_renew_extends_nothing_and_takes_nothing_back(r: redis.Redis) -> None:
+    acquire(r, "A")
+    r.pexpire(K.lease, 300)
+    # Sent when 2 s were left at least, run with 0.3 s left: it waited behind a stall.
+    assert renew(r, "A", expected_ms=2000) == 3
+    assert 0 < r.pttl(K.lease) <= 300
+    assert renew(r, "A", expected_ms=700) == 1  # within the tolerance: renewed
+    assert r.pttl(K.lease) > 900
+    r.delete(K.lease)  # lapsed while the watchdog thought it live: a late RENEW
+    assert renew(r, "A", expected_ms=2000) == 3 and r.exists(K.lease) == 0
+    assert renew(r, "A", expected_ms=-100) == 2  # the watchdog knew: resurrected
+    assert r.get(K.lease) == b"A"
 
 
 def test_a_stale_leader_is_fenced(r: redis.Redis) -> None:

@@ -27,7 +27,6 @@ from asyncio import AbstractEventLoop, CancelledError, get_running_loop
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
-import redis.asyncio
 from redis.exceptions import RedisError
 
 from .._asyncio import AsyncGroup
@@ -35,7 +34,7 @@ from .._result import Result
 from ..events import EventHook
 from ..stats import RedisGroupStats
 from . import _protocol as proto
-from ._asyncio_only import Clients, call, eval_script, read_blocking, sleep
+from ._asyncio_only import Client, Clients, call, eval_script, read_blocking, sleep
 from ._clients import configure_async
 from ._core import (
     _CURRENT,
@@ -56,7 +55,6 @@ from .codecs import Codec, CodecError
 # from concurrent.futures import Executor, Future
 # from typing import Any, Generic, Literal, ParamSpec, TypeVar
 #
-# import redis
 # from redis.exceptions import RedisError
 #
 # from .._result import Result
@@ -76,7 +74,7 @@ from .codecs import Codec, CodecError
 #     with_shared,
 # )
 # from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
-# from ._threads_only import Clients, call, eval_script, read_blocking, sleep
+# from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
 # from .codecs import Codec, CodecError
 #
 # unasync: end
@@ -116,7 +114,9 @@ class AsyncRedisGroup(Generic[K, V]):
     # unasync: async-only
     """Coalesces calls that share a key across tasks, processes and machines, on Redis.
 
-    ``AsyncRedisGroup(redis.asyncio.Redis(...), namespace="users")``.  The API
+    ``AsyncRedisGroup(redis.asyncio.Redis(...), namespace="users")`` (or a
+    ``redis.asyncio.cluster.RedisCluster``, or a Sentinel's ``master_for``
+    client).  The API
     of :class:`singleflight.AsyncGroup` (``do``, ``do_result``, ``do_future``,
     ``forget``, ``forget_unshared``, ``in``, ``len``) plus :meth:`aforget` and
     :meth:`aclose`; the options of :class:`RedisGroup` (``max_flights``,
@@ -131,7 +131,8 @@ class AsyncRedisGroup(Generic[K, V]):
     # unasync: sync-only
     # """Coalesces calls that share a key across threads, processes and machines, on Redis.
     #
-    # ``RedisGroup(redis.Redis(...), namespace="users")``.  It has the API of
+    # ``RedisGroup(redis.Redis(...), namespace="users")`` (or a
+    # ``redis.cluster.RedisCluster``, or a Sentinel's ``master_for`` client).  It has the API of
     # :class:`singleflight.Group` (``do``, ``do_result``, ``do_future``,
     # ``forget``, ``forget_unshared``, ``in``, ``len``), and calls of one key
     # share one execution of the loader among every process using the same
@@ -174,8 +175,9 @@ class AsyncRedisGroup(Generic[K, V]):
     #     After that many failed Redis operations in a row, skip Redis for the
     #     cooldown, then probe with one call.
     # ``configure_client`` (True)
-    #     Talk through copies of ``client``'s pool with bounded timeouts and no
-    #     redis-py retry (see the README); False uses ``client`` as given.
+    #     Talk through copies of ``client`` (its pool, its Sentinel pool, or its
+    #     cluster's nodes) with bounded timeouts and no redis-py retry (see the
+    #     README); False uses ``client`` as given.
     # ``executor``
     #     Runs the loaders of :meth:`do_future`, as for :class:`Group`.
     # ``name`` (the namespace)
@@ -217,7 +219,7 @@ class AsyncRedisGroup(Generic[K, V]):
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: Client,
         *,
         namespace: str,
         lease: float = 3.0,
@@ -301,7 +303,8 @@ class AsyncRedisGroup(Generic[K, V]):
         decoded copy in other processes), its exception in this process and
         :class:`LoaderError` in others, :class:`RedisUnavailableError` /
         :class:`WaitTimeoutError` under ``on_redis_error="closed"``,
-        :class:`CodecError` for a value that cannot be encoded, ``TypeError``
+        :class:`CodecError` / :class:`PayloadTooLargeError` for a value that
+        cannot be encoded (in every caller, in every process), ``TypeError``
         for a bad key or ``fn`` and ``ValueError`` for a key that is not valid
         Unicode, before anything runs.
 
@@ -328,7 +331,8 @@ class AsyncRedisGroup(Generic[K, V]):
         # or the breaker is open, :class:`WaitTimeoutError` after ``max_wait``;
         # under ``"open"`` the loader runs locally instead.
         # :class:`PayloadTooLargeError` / :class:`CodecError` when the value
-        # cannot be encoded (in every caller of the flight).  ``TypeError`` for a
+        # cannot be encoded: in every caller of the flight, in every process
+        # (never a :class:`LoaderError`).  ``TypeError`` for a
         # key that is unhashable or of another type (without ``key_to_str=``), or a
         # non-callable ``fn``, and ``ValueError`` for a str key that is not valid
         # Unicode (a lone surrogate), before anything runs; ``RuntimeError`` for a
@@ -635,7 +639,7 @@ class AsyncRedisGroup(Generic[K, V]):
                     watch.read()
                     try:
                         reply = await read_blocking(
-                            state.blocking, plan.read_command(), plan.read_timeout()
+                            state.blocking, plan.stream, plan.read_command(), plan.read_timeout()
                         )
                     except RedisError as exc:
                         core.redis_error(plan, exc)
@@ -708,7 +712,7 @@ class AsyncRedisGroup(Generic[K, V]):
             payload = core.encode(plan.keys, value)
         except CodecError as exc:
             completion = await self._complete(
-                state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
+                state, plan, proto.ERROR, core.error_payload(plan.keys, exc, encoding=True)
             )
             core.note_waiters(watch, completion)
             held.settle(False)  # its callers get the CodecError, not the value

@@ -14,10 +14,12 @@ from time import monotonic as _monotonic
 from typing import Any, TypeVar
 
 import redis.asyncio
+import redis.asyncio.cluster
 from redis.exceptions import NoScriptError, RedisError
 
 from . import _protocol as proto
 from ._core import GroupCore, command, describe, log
+from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
 
 __all__ = ["Clients", "Watchdog", "call", "eval_script", "read_blocking", "sleep"]
@@ -26,25 +28,39 @@ V = TypeVar("V")
 
 sleep = asyncio.sleep
 
-
-async def eval_script(
-    client: redis.asyncio.Redis, script: Script, keys: list[str], args: list[Any]
-) -> Any:
-    """EVALSHA, or EVAL when the server has lost its script cache (after a restart)."""
-    try:
-        return await command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
-    except NoScriptError:
-        return await command(client, "EVAL", script.source, len(keys), *keys, *args)
+# A redis.asyncio.Redis or a redis.asyncio.cluster.RedisCluster.
+Client = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
 
-async def read_blocking(client: redis.asyncio.Redis, args: list[Any], timeout: float) -> Any:
-    """A blocking command (XREAD BLOCK) that ends within ``timeout`` seconds whatever
-    the server does: a server that never answers (stopped) raises redis's TimeoutError.
+async def eval_script(client: Client, script: Script, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA, or EVAL when the server has lost its script cache (after a restart).
+    On a cluster, the node owning the keys' slot runs it (they share one)."""
+    with cluster_errors():
+        try:
+            return await command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await command(client, "EVAL", script.source, len(keys), *keys, *args)
+
+
+async def read_blocking(client: Client, key: str, args: list[Any], timeout: float) -> Any:
+    """A blocking command (XREAD BLOCK) on ``key`` that ends within ``timeout`` seconds
+    whatever the server does: a server that never answers (stopped) raises redis's
+    TimeoutError.  On a cluster it goes to the node owning ``key``'s slot
+    (``get_node_from_key``; learning the slots first counts in ``timeout``).
     redis.asyncio drops the connection of a command cancelled by the timeout."""
-    try:
-        return await asyncio.wait_for(command(client, *args), timeout)
-    except TimeoutError as exc:
-        raise redis.exceptions.TimeoutError(f"no reply within {timeout:.3f}s") from exc
+
+    async def read() -> Any:
+        if isinstance(client, redis.asyncio.cluster.RedisCluster):
+            await client.initialize()  # learns the slots on first use; then returns at once
+            node = client.get_node_from_key(key)
+            return await client.execute_command(*args, target_nodes=node)
+        return await command(client, *args)
+
+    with cluster_errors():
+        try:
+            return await asyncio.wait_for(read(), timeout)
+        except TimeoutError as exc:
+            raise redis.exceptions.TimeoutError(f"no reply within {timeout:.3f}s") from exc
 
 
 class Watchdog:
@@ -59,7 +75,7 @@ class Watchdog:
 
     __slots__ = ("_client", "_core", "_idle_exit", "_renewals", "_task", "_wake")
 
-    def __init__(self, core: GroupCore[Any], client: redis.asyncio.Redis) -> None:
+    def __init__(self, core: GroupCore[Any], client: Client) -> None:
         self._core = core
         self._client = client
         self._idle_exit = max(core.settings.lease, 1.0)
@@ -79,6 +95,9 @@ class Watchdog:
 
     def release(self, held: Held) -> None:
         self._renewals.remove(held)
+
+    def held(self) -> list[Held]:
+        return list(self._renewals.held.values())
 
     async def stop(self) -> None:
         task = self._task
@@ -123,17 +142,18 @@ class Watchdog:
 
     async def _renew(self, due: list[Held]) -> list[int | None]:
         """RENEW every due lease in one round trip; None where it failed."""
-        settings = self._core.settings
         script = proto.RENEW_SCRIPT
-        extra = [settings.lease_ms, settings.fence_ttl_ms]
         replies: list[Any] = []
         for attempt in (0, 1):
             pipe = self._client.pipeline(transaction=False)
+            sent = _monotonic()
             for held in due:
                 name, code = ("EVAL", script.source) if attempt else ("EVALSHA", script.sha)
-                command(pipe, name, code, 2, *held.renew_keys(), held.token, *extra)
+                args = self._renewals.renew_args(held, sent)
+                command(pipe, name, code, 2, *held.renew_keys(), *args)
             try:
-                replies = await pipe.execute(raise_on_error=False)
+                with cluster_errors():
+                    replies = await pipe.execute(raise_on_error=False)
             except RedisError as exc:
                 log.debug("lease renewal failed: %s", describe(exc))
                 return [None] * len(due)
@@ -148,9 +168,7 @@ class Clients:
 
     __slots__ = ("background", "blocking", "commands", "forgets", "watchdog")
 
-    def __init__(
-        self, core: GroupCore[Any], commands: redis.asyncio.Redis, blocking: redis.asyncio.Redis
-    ) -> None:
+    def __init__(self, core: GroupCore[Any], commands: Client, blocking: Client) -> None:
         self.commands = commands
         self.blocking = blocking
         self.watchdog = Watchdog(core, commands)

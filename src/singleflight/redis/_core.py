@@ -80,6 +80,10 @@ log = logging.getLogger("singleflight.redis")
 
 _MESSAGE_LIMIT = 2000
 
+# The third field of an error record for a value the leader could not encode.
+_CODEC = "codec"
+_TOO_LARGE = "too large"
+
 
 class FlightInfo:
     """The Redis flight the current loader leads; see :func:`current_flight`.
@@ -363,33 +367,49 @@ class GroupCore(Generic[K]):
             raise CodecError(f"payload of {keys.base} is larger than max_payload")
         return self.codec.decode(keys.base.encode(), payload)
 
-    def error_payload(self, keys: Keys, exc: BaseException) -> bytes:
-        """An error record: type name and message, through the codec (so signed if it signs)."""
+    def error_payload(self, keys: Keys, exc: BaseException, *, encoding: bool = False) -> bytes:
+        """An error record: type name and message, through the codec (so signed if it signs).
+
+        ``encoding``: ``exc`` is the CodecError of encoding the loader's value; the
+        record then says so (a third field, ``"codec"`` or ``"too large"``), and
+        other processes raise the same error type as the leader's (see
+        :meth:`remote_error`), not a LoaderError."""
         message = str(exc)
         if len(message) > _MESSAGE_LIMIT:
             message = message[:_MESSAGE_LIMIT] + "..."
         record = [type_name(type(exc)), message]
+        if encoding:
+            record.append(_TOO_LARGE if isinstance(exc, PayloadTooLargeError) else _CODEC)
         try:
             return self.codec.encode(_error_context(keys), record)
         except CodecError:  # a codec that cannot carry two strings: send the type alone
-            return self.codec.encode(_error_context(keys), [record[0], ""])
+            return self.codec.encode(_error_context(keys), [record[0], "", *record[2:]])
 
-    def remote_error(self, key: object, keys: Keys, payload: Any) -> LoaderError:
-        """The LoaderError an error record stands for.  CodecError: treat it as a miss."""
+    def remote_error(self, key: object, keys: Keys, payload: Any) -> Exception:
+        """The exception an error record stands for: :class:`LoaderError` for the
+        loader's, the :class:`CodecError` / :class:`PayloadTooLargeError` of a value
+        the leader could not encode.  CodecError: the record is untrusted (a miss)."""
         if not isinstance(payload, bytes):
             raise CodecError("error record is not bytes")
         record = self.codec.decode(_error_context(keys), payload)
         if (
             not isinstance(record, (list, tuple))
-            or len(record) != 2
+            or len(record) not in (2, 3)
             or not all(isinstance(part, str) for part in record)
+            or (len(record) == 3 and record[2] not in (_CODEC, _TOO_LARGE))
         ):
             raise CodecError("malformed error record")
+        if len(record) == 3:
+            error_type = PayloadTooLargeError if record[2] == _TOO_LARGE else CodecError
+            return error_type(record[1])
         return LoaderError(key, record[0], record[1])
 
-    def untrusted(self, keys: Keys, error: CodecError) -> None:
+    def untrusted(self, keys: Keys, error: CodecError, *, loud: bool = True) -> None:
+        """Count an untrusted payload; log it as a WARNING when ``loud`` (the first of
+        its flight), else at DEBUG."""
         self.counters.add("untrusted_payloads")
-        log.warning("payload of %s read as a miss: %s", keys.base, error)
+        level = logging.WARNING if loud else logging.DEBUG
+        log.log(level, "payload of %s read as a miss: %s", keys.base, error)
 
     # -- the drivers' steps that do no I/O (each driver awaits or blocks around them) --
 
@@ -400,7 +420,7 @@ class GroupCore(Generic[K]):
 
     def received(self, key: object, plan: Plan, watch: Watch) -> Any:
         """HIT / REMOTE_ERROR: the value the plan's payload holds, or raise the
-        :class:`LoaderError` it records; counted (a join), and the caller marked shared.
+        error it records (see :meth:`remote_error`); counted (a join), and the caller marked shared.
 
         RETRY when the payload does not decode: it is logged as untrusted and
         the plan has moved on (it asks again, as on a miss).
@@ -409,14 +429,16 @@ class GroupCore(Generic[K]):
         keys = plan.keys
         hit = plan.op == HIT
         try:
+            if plan.bad_status is not None:
+                raise CodecError(f"completion record of unknown status {plan.bad_status!r}")
             outcome = (
                 self.decode(keys, plan.payload)
                 if hit
                 else self.remote_error(key, keys, plan.payload)
             )
         except CodecError as error:
-            self.untrusted(keys, error)
             plan.bad_payload(_monotonic())
+            self.untrusted(keys, error, loud=plan.first_bad)
             return RETRY
         watch.stop()
         self.counters.add("hits" if hit else "remote_errors")
@@ -434,7 +456,7 @@ class GroupCore(Generic[K]):
         if plan.waited:
             self.counters.add("takeovers")
         fid = watch.caller.fid
-        held = Held(plan.keys, plan.token, plan.epoch)
+        held = Held(plan.keys, plan.token, plan.epoch, plan.leased_until)
         with self._leads_lock:
             self._leads[fid] = _Lead(watch.key, held)
         if self.hook is not None:

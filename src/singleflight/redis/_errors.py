@@ -6,6 +6,9 @@ A caller's deadline (``max_wait``) passing raises the library's one
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from redis import exceptions as _rx
 
 from ..errors import RemoteError, SingleflightError, safe_repr
@@ -13,6 +16,7 @@ from ..errors import RemoteError, SingleflightError, safe_repr
 __all__ = [
     "LoaderError",
     "RedisUnavailableError",
+    "cluster_errors",
     "is_transient",
 ]
 
@@ -43,8 +47,26 @@ class RedisUnavailableError(SingleflightError, ConnectionError):
 
 
 # Errors a retry can cure: a dropped or refused connection, a timeout, a
-# server still loading its data, a replica promoted under us.
-_TRANSIENT = (_rx.ConnectionError, _rx.TimeoutError, _rx.ReadOnlyError, _rx.TryAgainError)
+# server still loading its data, a replica promoted under us, a cluster slot
+# moving or a cluster failing over.
+_TRANSIENT = (
+    _rx.ConnectionError,
+    _rx.TimeoutError,
+    _rx.ReadOnlyError,
+    _rx.TryAgainError,
+    _rx.AskError,
+    _rx.ClusterError,
+)
+
+
+@contextmanager
+def cluster_errors() -> Iterator[None]:
+    """A RedisCluster client that reaches no node for a key (its slot uncovered, or
+    every node down) raises exceptions outside RedisError: make them ConnectionErrors."""
+    try:
+        yield
+    except (_rx.SlotNotCoveredError, _rx.RedisClusterUnreachableError) as exc:
+        raise _rx.ConnectionError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def is_transient(error: BaseException) -> bool:

@@ -114,17 +114,28 @@ end
 return {2, holder, redis.call('PTTL', KEYS[2])}
 """
 
-# RENEW(lease, fence; token, lease_ms, fence_ttl_ms)
+# RENEW(lease, fence; token, lease_ms, fence_ttl_ms, expected_ms, tolerance_ms)
 #   1 renewed; 2 resurrected (the lease had lapsed and nobody took it);
-#   0 lost (another leader, or the flight was forgotten or completed)
+#   0 lost (another leader, or the flight was forgotten or completed);
+#   3 late: refused, nothing written
+# expected_ms is how long the watchdog, when it sent the RENEW, knew the lease
+# had left at least.  A RENEW the server runs later than that by more than
+# tolerance_ms (it waited behind a stall: a stopped or paused server, a slow
+# network) finds less left, or the lease lapsed although the watchdog thought
+# it live: it may come from a leader that has finished since (its completion
+# stuck behind the same stall), so it extends nothing and takes nothing back.
+# The watchdog's next RENEW, sent after the stall, does if the loader still runs.
 _RENEW = """
 local cur = redis.call('GET', KEYS[1])
+local late = tonumber(ARGV[4]) - tonumber(ARGV[5])
 if cur == ARGV[1] then
+  if late > 0 and redis.call('PTTL', KEYS[1]) < late then return 3 end
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
   return 1
 end
 if not cur and redis.call('HGET', KEYS[2], 'tok') == ARGV[1] then
+  if late > 0 then return 3 end
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
   return 2
@@ -337,6 +348,11 @@ class Settings:
         self.backoff_base = 0.01
         self.backoff_cap = 0.1
 
+    def leased_until(self, replied: float) -> float:
+        """The earliest the lease set (or renewed) by a command answered at ``replied``
+        can end: the command was sent at most ``redis_timeout`` before its reply."""
+        return replied + self.lease - self.redis_timeout
+
     def operation_deadline(self, now: float) -> float:
         """When a flight's own operation (COMPLETE, FORGET) stops retrying: one
         attempt's timeout, then the retry budget, so a first attempt that timed
@@ -489,15 +505,20 @@ class Plan:
         "_after_sleep",
         "_breaker",
         "_retry",
+        "_skip",
+        "bad_status",
         "block_ms",
         "deadline",
         "delay",
         "epoch",
         "error",
+        "first_bad",
         "keys",
+        "leased_until",
         "op",
         "payload",
         "reason",
+        "record_id",
         "settings",
         "stream",
         "token",
@@ -522,12 +543,22 @@ class Plan:
         self.use_hit = True
         self.waited = False  # true once it waited on another leader (a lead then is a takeover)
         self.epoch = 0
+        self.leased_until = 0.0
         self.payload = b""
         self.stream = ""
         self.block_ms = 0
         self.delay = 0.0
         self.error: BaseException | None = None
         self.reason = ""
+        # The entry of a completion stream the payload came from (None: from the
+        # stored result), and a status no leader writes, if the record had one.
+        self.record_id: bytes | None = None
+        self.bad_status: bytes | None = None
+        self.first_bad = False
+        # Per completion stream, the last entry read that did not end the wait
+        # (undecodable, of an unknown status, or "abandoned" / "forgotten" while
+        # its holder still held the lease): later reads start after it.
+        self._skip: dict[str, bytes] = {}
         self._after_sleep = ACQUIRE
         if breaker.allow(now):
             self.op = ACQUIRE
@@ -544,9 +575,11 @@ class Plan:
         s = self.settings
         return [self.token, s.lease_ms, s.fence_ttl_ms, "1" if self.use_hit else "0"]
 
-    def read_command(self) -> list[str | int]:
-        """READ's command: wait up to block_ms for the first entry of the holder's stream."""
-        return ["XREAD", "COUNT", 1, "BLOCK", self.block_ms, "STREAMS", self.stream, "0-0"]
+    def read_command(self) -> list[str | int | bytes]:
+        """READ's command: wait up to block_ms for the first entry of the holder's stream
+        (after the last one that did not end the wait, if any)."""
+        after = self._skip.get(self.stream, b"0-0")
+        return ["XREAD", "COUNT", 1, "BLOCK", self.block_ms, "STREAMS", self.stream, after]
 
     def read_timeout(self) -> float:
         """How long READ may take in all: its block plus one command's time.  The block
@@ -566,12 +599,14 @@ class Plan:
     def acquired(self, reply: Any, now: float) -> int:
         """Take ACQUIRE's reply; returns (and sets) the next op."""
         self._succeeded()
+        self.record_id = self.bad_status = None
         kind = int(reply[0])
         if kind == 0:
             self.payload = reply[1]
             self.op = HIT
         elif kind == 1:
             self.epoch = int(reply[1]) if len(reply) > 1 and reply[1] is not None else 0
+            self.leased_until = self.settings.leased_until(now)
             self.op = LEAD
         else:
             holder = reply[1] if len(reply) > 1 else None
@@ -595,24 +630,43 @@ class Plan:
     def read(self, reply: Any, now: float) -> int:
         """Take XREAD's reply (empty when the slice ended); returns the next op."""
         self._succeeded()
-        record = _first_record(reply)
-        if record is None:
+        entry = _first_record(reply)
+        if entry is None:
             return self._again(now)
+        self.record_id, record = entry
         status = record.get(b"s")
-        payload = record.get(b"v", b"")
+        self.payload = record.get(b"v", b"")
         if status == b"o":
-            self.payload = payload
             self.op = HIT
         elif status == b"e":
-            self.payload = payload
             self.op = REMOTE_ERROR
-        else:  # abandoned, forgotten (or unknown): ask again at once
+        elif status == b"a" or status == b"f":
+            # Abandoned or forgotten: ask again at once.  The holder has let the
+            # lease go; if ACQUIRE still names it, the record was not its own
+            # (forged), and is skipped rather than read again.
+            self._skip[self.stream] = self.record_id
             return self._again(now)
+        else:  # no leader writes this: an untrusted record (see bad_payload)
+            self.bad_status = status if isinstance(status, bytes) else b""
+            self.op = REMOTE_ERROR
         return self.op
 
     def bad_payload(self, now: float) -> int:
-        """The payload did not decode: a miss.  Ask again, ignoring the stored result."""
-        self.use_hit = False
+        """The payload did not decode (or its record's status is unknown): a miss.
+
+        A stored result is ignored from now on; a completion record is skipped:
+        the next read of its stream waits for the records after it (the
+        holder's real completion), so a forged record costs one more ACQUIRE
+        and read, never a spin.  Then ask again; returns the next op.
+        ``first_bad`` tells whether this was the first bad payload of its stream
+        (or the stored result) in this plan: the one to log.
+        """
+        if self.record_id is None:
+            self.use_hit = False
+            self.first_bad = True
+        else:
+            self.first_bad = self.stream not in self._skip
+            self._skip[self.stream] = self.record_id
         return self._again(now)
 
     def failed(self, error: BaseException, transient: bool, now: float) -> int:
@@ -657,8 +711,8 @@ class Plan:
         return self.op
 
 
-def _first_record(reply: Any) -> dict[bytes, bytes] | None:
-    """The fields of the first entry of an XREAD reply, or None if it has none."""
+def _first_record(reply: Any) -> tuple[bytes, dict[bytes, bytes]] | None:
+    """The id and fields of the first entry of an XREAD reply, or None if it has none."""
     if not reply:
         return None
     if isinstance(reply, dict):  # RESP3 shape: {stream: [[id, fields]]}
@@ -668,10 +722,12 @@ def _first_record(reply: Any) -> dict[bytes, bytes] | None:
         entries = reply[0][1]
     if not entries:
         return None
-    fields = entries[0][1]
+    entry_id, fields = entries[0][0], entries[0][1]
+    if isinstance(entry_id, str):
+        entry_id = entry_id.encode()
     if isinstance(fields, dict):
-        return fields
-    return dict(zip(fields[::2], fields[1::2], strict=False))
+        return entry_id, fields
+    return entry_id, dict(zip(fields[::2], fields[1::2], strict=False))
 
 
 class Completion:
@@ -692,7 +748,7 @@ class Completion:
 
 # -- the watchdog's bookkeeping -------------------------------------------------------------
 
-RENEWED, RESURRECTED, LOST = 1, 2, 0
+RENEWED, RESURRECTED, LOST, LATE = 1, 2, 0, 3
 
 
 class Held:
@@ -701,12 +757,23 @@ class Held:
     It belongs to the flight, never to a thread: a token is never shared.
     """
 
-    __slots__ = ("_on_settled", "due", "epoch", "forgotten_here", "kept", "keys", "lost", "token")
+    __slots__ = (
+        "_on_settled",
+        "due",
+        "epoch",
+        "expires",
+        "forgotten_here",
+        "kept",
+        "keys",
+        "lost",
+        "token",
+    )
 
-    def __init__(self, keys: Keys, token: str, epoch: int) -> None:
+    def __init__(self, keys: Keys, token: str, epoch: int, expires: float = 0.0) -> None:
         self.keys = keys
         self.token = token
         self.epoch = epoch
+        self.expires = expires  # the earliest the lease can end, as this process knows it
         self.due = 0.0
         self.lost = False
         self.forgotten_here = False  # this process forgot the key while the flight ran
@@ -741,12 +808,19 @@ class Renewals:
     watchdog guards it with its lock.
     """
 
-    __slots__ = ("held", "interval", "retry_interval")
+    __slots__ = ("held", "interval", "retry_interval", "settings")
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.interval = settings.renew_interval
         self.retry_interval = min(self.interval, 0.1)
         self.held: dict[str, Held] = {}
+
+    def renew_args(self, held: Held, now: float) -> list[str | int]:
+        """RENEW's arguments for ``held``, sent at ``now`` (see RENEW_SCRIPT)."""
+        s = self.settings
+        expected = round((held.expires - now) * 1000)
+        return [held.token, s.lease_ms, s.fence_ttl_ms, expected, _ms(s.redis_timeout)]
 
     def add(self, held: Held, now: float) -> None:
         held.due = now + self.interval
@@ -765,10 +839,14 @@ class Renewals:
         return max(0.0, min(h.due for h in self.held.values()) - now)
 
     def renewed(self, held: Held, code: int, now: float) -> None:
+        """A RENEW answered at ``now``: ``code`` is its reply."""
         if code == LOST:
             held.lost = True
             self.remove(held)
+        elif code == LATE:  # it waited behind a stall: send a fresh one soon
+            self.failed(held, now)
         else:
+            held.expires = self.settings.leased_until(now)
             held.due = now + self.interval
 
     def failed(self, held: Held, now: float) -> None:

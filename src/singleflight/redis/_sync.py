@@ -14,7 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
-import redis
 from redis.exceptions import RedisError
 
 from .._result import Result
@@ -34,7 +33,7 @@ from ._core import (
     with_shared,
 )
 from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
-from ._threads_only import Clients, call, eval_script, read_blocking, sleep
+from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
 from .codecs import Codec, CodecError
 
 __all__ = ["RedisGroup"]
@@ -72,7 +71,8 @@ def _with_budget(
 class RedisGroup(Generic[K, V]):
     """Coalesces calls that share a key across threads, processes and machines, on Redis.
 
-    ``RedisGroup(redis.Redis(...), namespace="users")``.  It has the API of
+    ``RedisGroup(redis.Redis(...), namespace="users")`` (or a
+    ``redis.cluster.RedisCluster``, or a Sentinel's ``master_for`` client).  It has the API of
     :class:`singleflight.Group` (``do``, ``do_result``, ``do_future``,
     ``forget``, ``forget_unshared``, ``in``, ``len``), and calls of one key
     share one execution of the loader among every process using the same
@@ -115,8 +115,9 @@ class RedisGroup(Generic[K, V]):
         After that many failed Redis operations in a row, skip Redis for the
         cooldown, then probe with one call.
     ``configure_client`` (True)
-        Talk through copies of ``client``'s pool with bounded timeouts and no
-        redis-py retry (see the README); False uses ``client`` as given.
+        Talk through copies of ``client`` (its pool, its Sentinel pool, or its
+        cluster's nodes) with bounded timeouts and no redis-py retry (see the
+        README); False uses ``client`` as given.
     ``executor``
         Runs the loaders of :meth:`do_future`, as for :class:`Group`.
     ``name`` (the namespace)
@@ -153,7 +154,7 @@ class RedisGroup(Generic[K, V]):
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         *,
         namespace: str,
         lease: float = 3.0,
@@ -227,7 +228,8 @@ class RedisGroup(Generic[K, V]):
         or the breaker is open, :class:`WaitTimeoutError` after ``max_wait``;
         under ``"open"`` the loader runs locally instead.
         :class:`PayloadTooLargeError` / :class:`CodecError` when the value
-        cannot be encoded (in every caller of the flight).  ``TypeError`` for a
+        cannot be encoded: in every caller of the flight, in every process
+        (never a :class:`LoaderError`).  ``TypeError`` for a
         key that is unhashable or of another type (without ``key_to_str=``), or a
         non-callable ``fn``, and ``ValueError`` for a str key that is not valid
         Unicode (a lone surrogate), before anything runs; ``RuntimeError`` for a
@@ -398,7 +400,7 @@ class RedisGroup(Generic[K, V]):
                     watch.read()
                     try:
                         reply = read_blocking(
-                            state.blocking, plan.read_command(), plan.read_timeout()
+                            state.blocking, plan.stream, plan.read_command(), plan.read_timeout()
                         )
                     except RedisError as exc:
                         core.redis_error(plan, exc)
@@ -471,7 +473,7 @@ class RedisGroup(Generic[K, V]):
             payload = core.encode(plan.keys, value)
         except CodecError as exc:
             completion = self._complete(
-                state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
+                state, plan, proto.ERROR, core.error_payload(plan.keys, exc, encoding=True)
             )
             core.note_waiters(watch, completion)
             held.settle(False)  # its callers get the CodecError, not the value

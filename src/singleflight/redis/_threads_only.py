@@ -16,10 +16,12 @@ from time import monotonic as _monotonic
 from typing import Any, TypeVar
 
 import redis
+import redis.cluster
 from redis.exceptions import NoScriptError, RedisError
 
 from . import _protocol as proto
 from ._core import GroupCore, command, describe, log
+from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
 
 __all__ = ["Clients", "Watchdog", "call", "eval_script", "read_blocking", "sleep"]
@@ -28,26 +30,40 @@ V = TypeVar("V")
 
 sleep = time.sleep
 
-
-def eval_script(client: redis.Redis, script: Script, keys: list[str], args: list[Any]) -> Any:
-    """EVALSHA, or EVAL when the server has lost its script cache (after a restart)."""
-    try:
-        return command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
-    except NoScriptError:
-        return command(client, "EVAL", script.source, len(keys), *keys, *args)
+# A redis.Redis or a redis.cluster.RedisCluster.
+Client = redis.Redis | redis.cluster.RedisCluster
 
 
-def read_blocking(client: redis.Redis, args: list[Any], timeout: float) -> Any:
-    """A blocking command (XREAD BLOCK) that ends within ``timeout`` seconds whatever
-    the server does: a server that never answers (stopped) raises redis's TimeoutError.
+def eval_script(client: Client, script: Script, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA, or EVAL when the server has lost its script cache (after a restart).
+    On a cluster, the node owning the keys' slot runs it (they share one)."""
+    with cluster_errors():
+        try:
+            return command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return command(client, "EVAL", script.source, len(keys), *keys, *args)
 
-    Sent on a connection of the client's pool through redis-py's public
-    Connection methods, so the wait is bounded per call (the pool's socket
-    timeout is one for every call); the reply is the parsed RESP, without
-    redis-py's response callbacks.  A connection that timed out or failed is
-    dropped, never reused with a reply still owed.
+
+def read_blocking(client: Client, key: str, args: list[Any], timeout: float) -> Any:
+    """A blocking command (XREAD BLOCK) on ``key`` that ends within ``timeout`` seconds
+    whatever the server does: a server that never answers (stopped) raises redis's
+    TimeoutError.
+
+    Sent on a connection of the client's pool (on a cluster: of the client of
+    the node owning ``key``'s slot, ``get_redis_connection(get_node_from_key(key))``)
+    through redis-py's public Connection methods, so the wait is bounded per
+    call (the pool's socket timeout is one for every call); the reply is the
+    parsed RESP, without redis-py's response callbacks.  A connection that
+    timed out or failed is dropped, never reused with a reply still owed.
     """
-    pool = client.connection_pool
+    node: redis.Redis
+    if isinstance(client, redis.cluster.RedisCluster):
+        cluster: Any = client  # redis-py leaves RedisCluster's methods untyped
+        with cluster_errors():
+            node = cluster.get_redis_connection(cluster.get_node_from_key(key))
+    else:
+        node = client
+    pool = node.connection_pool
     conn: Any  # redis-py leaves Connection's methods untyped
     try:
         conn = pool.get_connection()
@@ -85,7 +101,7 @@ class Watchdog:
         "_wake",
     )
 
-    def __init__(self, core: GroupCore[Any], client: redis.Redis) -> None:
+    def __init__(self, core: GroupCore[Any], client: Client) -> None:
         self._core = core
         self._client = client
         self._idle_exit = max(core.settings.lease, 1.0)
@@ -156,16 +172,17 @@ class Watchdog:
 
     def _renew(self, due: list[Held]) -> list[int | None]:
         """RENEW every due lease in one round trip; None where it failed."""
-        settings = self._core.settings
         script = proto.RENEW_SCRIPT
-        extra = [settings.lease_ms, settings.fence_ttl_ms]
         for attempt in (0, 1):
             pipe = self._client.pipeline(transaction=False)
+            sent = _monotonic()
             for held in due:
                 name, code = ("EVAL", script.source) if attempt else ("EVALSHA", script.sha)
-                command(pipe, name, code, 2, *held.renew_keys(), held.token, *extra)
+                args = self._renewals.renew_args(held, sent)
+                command(pipe, name, code, 2, *held.renew_keys(), *args)
             try:
-                replies = pipe.execute(raise_on_error=False)
+                with cluster_errors():
+                    replies = pipe.execute(raise_on_error=False)
             except RedisError as exc:
                 log.debug("lease renewal failed: %s", describe(exc))
                 return [None] * len(due)
@@ -212,7 +229,7 @@ class Clients:
 
     __slots__ = ("blocking", "commands", "watchdog")
 
-    def __init__(self, core: GroupCore[Any], commands: redis.Redis, blocking: redis.Redis) -> None:
+    def __init__(self, core: GroupCore[Any], commands: Client, blocking: Client) -> None:
         self.commands = commands
         self.blocking = blocking
         self.watchdog = Watchdog(core, commands)
