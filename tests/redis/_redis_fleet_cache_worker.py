@@ -1,4 +1,4 @@
-"""A worker process with a fleet cache, driven line by line on stdin (see test_redis_fleet_cache.py).
+"""A worker with a fleet cache, driven line by line on stdin (test_redis_fleet_cache.py).
 
 Its loader counts each load in Redis (``INCR loads:<key>``), returns the
 source's current value (``GET src:<key>``) with the server's time of the load,
