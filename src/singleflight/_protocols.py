@@ -23,7 +23,10 @@ other processes, to an object with ``when_settled(callback)``.  The group calls
 ``callback(kept)`` once the flight's outcome is settled, before ``do`` returns
 it to anyone: ``kept`` is False when the outcome was refused (the leader was
 fenced, lost its lease, or the flight was forgotten meanwhile).  A cache
-writes what ``fn`` loaded only when it is kept.
+writes what ``fn`` loaded only when it is kept.  A fleet group's flight also
+has ``store_as(fresh_ms, stale_ms, error_ms, delta_ms, error)``: the lifetimes
+the cache gives the outcome, for the entry the group stores for every process;
+its ``do`` answers with a :class:`SharedEntry` what it read from that store.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import ParamSpec, Protocol, TypeVar
 
-__all__ = ["REMOTE_FLIGHT", "AsyncGroupLike", "GroupLike", "Settling", "crosses_processes"]
+__all__ = [
+    "REMOTE_FLIGHT",
+    "AsyncGroupLike",
+    "GroupLike",
+    "Settling",
+    "SharedEntry",
+    "crosses_processes",
+]
 
 K_contra = TypeVar("K_contra", contravariant=True)
 V = TypeVar("V")
@@ -66,3 +76,40 @@ class Settling(Protocol):
 
 # The flight shared with other processes that the running loader leads, if any.
 REMOTE_FLIGHT: ContextVar[Settling | None] = ContextVar("singleflight_remote_flight", default=None)
+
+
+class SharedEntry:
+    """An entry a fleet group read from the store its processes share, handed to the
+    cache in front (in place of a bare value) by ``do`` of such a group.
+
+    ``value`` or ``error`` (a :class:`~singleflight.RemoteError` for a stored
+    not-found result), and what remains of its lifetimes, in seconds, as the
+    store's clock counted them when it was read: ``fresh`` (negative once
+    expired), then the ``stale`` and ``stale_if_error`` windows after expiry;
+    ``delta`` is how long its load took.  ``read_at`` is ``time.monotonic()``
+    when the read was sent: the entry is at least that old.
+    """
+
+    __slots__ = ("delta", "error", "fresh", "read_at", "stale", "stale_if_error", "value")
+
+    def __init__(
+        self,
+        value: object,
+        error: BaseException | None,
+        fresh: float,
+        stale: float,
+        stale_if_error: float,
+        delta: float,
+        read_at: float,
+    ) -> None:
+        self.value = value
+        self.error = error
+        self.fresh = fresh
+        self.stale = stale
+        self.stale_if_error = stale_if_error
+        self.delta = delta
+        self.read_at = read_at
+
+    def __repr__(self) -> str:
+        what = f"error={self.error!r}" if self.error is not None else f"value={self.value!r}"
+        return f"<SharedEntry {what} fresh={self.fresh:.3f}s>"

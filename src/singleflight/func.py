@@ -196,6 +196,7 @@ def cached(
     negative_ttl: float | None = None,
     make_key: _KeyFunction | None = None,
     group: Any = None,
+    fleet: Any = None,
     clock: Callable[[], float] = time.monotonic,
     random: Callable[[], float] = _random.random,
     name: str | None = None,
@@ -220,6 +221,7 @@ def cached(
     negative_ttl: float | None = None,
     make_key: _KeyFunction | None = None,
     group: Any = None,
+    fleet: Any = None,
     clock: Callable[[], float] = time.monotonic,
     random: Callable[[], float] = _random.random,
     name: str | None = None,
@@ -239,6 +241,10 @@ def cached(
     would use) and ``invalidate(*args, **kwargs)`` (drop that call's entry).
     ``name`` labels the cache's events and metrics (default: the function's
     qualified name); ``on_event`` receives every read's event, hits included.
+    ``fleet=`` (a ``redis.Redis`` / ``redis.asyncio.Redis`` client, or a
+    :class:`~singleflight.redis.Fleet`) shares the entries with every process
+    on that Redis, under the function's qualified name (see the cache's
+    ``fleet=``).
     Errors, cancellation and the handling of methods are as for the cache and
     for :func:`coalesce`.
     """
@@ -253,6 +259,7 @@ def cached(
         "negative": negative,
         "negative_ttl": negative_ttl,
         "group": group,
+        "fleet": fleet,
         "clock": clock,
         "random": random,
     }
@@ -262,7 +269,7 @@ def cached(
         is_async = inspect.iscoroutinefunction(fn)
         if group is not None:
             _check_group(group, is_async, fn, "cached")
-        build = _key_of(fn, make_key, _prefix(fn, group))
+        build = _key_of(fn, make_key, _prefix(fn, group))  # a fleet: its namespace
         raw = build.raw
         # A method's entries hold self by identity: stored, such a key drops its
         # entry when the instance dies (only misses pay for it).

@@ -115,6 +115,13 @@ class CacheStats(GroupStats):
     refreshes XFetch started before expiry; ``evictions`` counts entries
     dropped by the size bound or because they expired; ``size`` is the number
     of entries held now.
+
+    A fleet cache's (``fleet=``; zeros otherwise): ``l2_hits`` are misses
+    answered by the entry in Redis, ``l2_misses`` loads this process led for
+    the fleet, ``fleet_refreshes`` background refreshes it led for the fleet,
+    ``invalidations_sent`` / ``invalidations_received`` the messages on the
+    invalidation channel (a tag counts once), ``l1_drops`` the times the
+    channel was lost and the in-process entries dropped.
     """
 
     hits: int = 0
@@ -126,6 +133,12 @@ class CacheStats(GroupStats):
     early_refreshes: int = 0
     evictions: int = 0
     size: int = 0
+    l2_hits: int = 0
+    l2_misses: int = 0
+    fleet_refreshes: int = 0
+    invalidations_sent: int = 0
+    invalidations_received: int = 0
+    l1_drops: int = 0
 
     @property
     def hit_ratio(self) -> float:

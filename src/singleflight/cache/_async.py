@@ -31,7 +31,7 @@ from functools import partial
 from typing import Any, Generic, TypeVar
 
 from .._asyncio import AsyncGroup
-from .._protocols import AsyncGroupLike
+from .._protocols import AsyncGroupLike, SharedEntry
 from ..events import EventHook
 from ._asyncio_only import Background, Batch, check_loaders, not_awaitable, outcomes_of
 from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
@@ -45,7 +45,7 @@ from ._store import JOIN, SERVE
 # from functools import partial
 # from typing import Any, Generic, TypeVar
 #
-# from .._protocols import GroupLike
+# from .._protocols import GroupLike, SharedEntry
 # from .._threads import Group
 # from ..events import EventHook
 # from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
@@ -149,6 +149,8 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         # unasync: end
         name: str = "default",
         on_event: EventHook | None = None,
+        fleet: Any = None,
+        tags: Callable[[K, V], Iterable[str]] | None = None,
     ) -> None:
         check_loaders(load, load_many, group)
         # unasync: async-only
@@ -169,11 +171,13 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             negative_ttl=negative_ttl,
             maxsize=maxsize,
             load_many=load_many,
-            group=AsyncGroup() if group is None else group,
+            group=AsyncGroup() if group is None and fleet is None else group,
             clock=clock,
             random=random,
             name=name,
             on_event=on_event,
+            fleet=fleet,
+            tags=tags,
         )
 
     # -- reads -------------------------------------------------------------------------
@@ -373,6 +377,8 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         # nothing.  A group that stays in this process is called as it is.
         # """
         # unasync: end
+        if self._fleet is not None:
+            return await self._through_fleet(key, seen, thunk, background)
         token = self._hold(key, seen)
         if not token:
             return await self._group.do(key, self._lead, key, seen, thunk, background)  # type: ignore[no-any-return]
@@ -387,6 +393,31 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             raise
         self._landed(key, token, value, None, started)
         return value  # type: ignore[no-any-return]
+
+    async def _through_fleet(
+        self,
+        key: K,
+        seen: Entry | None,
+        thunk: Callable[[], Awaitable[V]] | None,
+        background: bool,
+    ) -> V:
+        """:meth:`_through` for a fleet cache: one fleet flight (the entry in Redis, or
+        the one load of the fleet), its outcome written back as long as it lives there."""
+        call = self._fleet_call(seen, background)
+        self._index(key)
+        token = self._hold(key, seen)
+        started = self._clock()
+        try:
+            got = await self._group._fetch(key, call, self._lead, key, seen, thunk, background)
+        except Exception as exc:
+            self._landed(key, token, None, exc, started)
+            raise
+        except BaseException:
+            self._unhold(key, token)
+            raise
+        if background and not isinstance(got, SharedEntry):
+            self._fleet_refreshes += 1
+        return self._arrived(key, token, got, started, thunk)  # type: ignore[no-any-return]
 
     async def _lead(
         self,

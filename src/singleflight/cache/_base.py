@@ -7,10 +7,13 @@ a caller waits for one, how background refreshes are started and stopped.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import replace
@@ -18,7 +21,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
 from .._options import check_name
-from .._protocols import REMOTE_FLIGHT, Settling, crosses_processes
+from .._protocols import REMOTE_FLIGHT, Settling, SharedEntry, crosses_processes
 from ..events import (
     CacheHit,
     CacheMiss,
@@ -163,6 +166,8 @@ class CacheBase(Generic[K, V]):
         "_data",
         "_dead",
         "_fast",
+        "_fleet",
+        "_fleet_refreshes",
         "_forget",
         "_group",
         "_hook",
@@ -172,6 +177,9 @@ class CacheBase(Generic[K, V]):
         "_policy",
         "_remote",
         "_store",
+        "_tag_index",
+        "_tags",
+        "_texts",
         "name",
     )
 
@@ -193,6 +201,8 @@ class CacheBase(Generic[K, V]):
         random: Callable[[], float],
         name: str = "default",
         on_event: EventHook | None = None,
+        fleet: Any = None,
+        tags: Callable[[Any, Any], Iterable[str]] | None = None,
     ) -> None:
         check_name(name)
         if on_event is not None and not callable(on_event):
@@ -210,6 +220,12 @@ class CacheBase(Generic[K, V]):
         now = clock()
         if not isinstance(now, int | float) or math.isnan(now):
             raise TypeError(f"clock() must return a number of seconds; it returned {now!r}")
+        if fleet is not None:
+            fleet, group = self._fleet_group(fleet, group, load, ttl, load_many, name)
+        elif tags is not None:
+            raise TypeError("tags= tag entries shared by a fleet: give fleet= too")
+        if tags is not None and not callable(tags):
+            raise TypeError(f"tags must be a function of key and value; got {tags!r}")
         if not callable(getattr(group, "do", None)):
             raise TypeError(
                 f"group must have a do(key, fn, *args) method like Group/AsyncGroup; got {group!r}"
@@ -252,6 +268,43 @@ class CacheBase(Generic[K, V]):
                 "it invalidate() cannot keep a load that started before it from being "
                 "written back"
             )
+        # A fleet cache: key texts and tags of the entries (what messages name),
+        # and the L1 unused until the invalidation channel is subscribed.
+        self._texts: dict[str, set[Any]] = {}
+        self._tags = tags
+        self._tag_index: dict[str, set[Any]] = {}
+        self._fleet_refreshes = 0
+        self._fleet: Any = fleet
+        if fleet is not None:
+            self._store.frozen = True
+            fleet._bind(self)
+
+    def _fleet_group(
+        self,
+        fleet: Any,
+        group: Any,
+        load: Any,
+        ttl: float | None,
+        load_many: Any,
+        name: str,
+    ) -> tuple[Any, Any]:
+        """Check ``fleet=`` (a Fleet, or a Redis client to make one of): the Fleet, and
+        the group it coalesces misses with."""
+        if group is not None:
+            raise TypeError("give group= or fleet=, not both: a fleet makes its own group")
+        if ttl is None:
+            raise ValueError("a fleet's entries expire: give ttl= as well")
+        if load_many is not None:
+            raise TypeError("load_many= is not supported with fleet= yet")
+        if not hasattr(fleet, "_prepare"):
+            from ..redis import Fleet  # only a fleet cache needs redis-py
+
+            fleet = Fleet(fleet)
+        is_async = inspect.iscoroutinefunction(load)
+        if fleet.is_async != is_async:
+            kind = "redis.asyncio.Redis" if is_async else "redis.Redis"
+            raise TypeError(f"this cache's fleet needs a {kind} client")
+        return fleet, fleet._prepare(name)
 
     # -- methods that never wait -----------------------------------------------------
 
@@ -261,9 +314,21 @@ class CacheBase(Generic[K, V]):
         A load of ``key`` already in flight still answers the callers that
         asked before this call, but its value is not written into the cache,
         and callers after this call start a new load rather than join it.
-        ``TypeError`` for an unhashable key.
+        With ``fleet=``, in every process: the entry in Redis goes, a load in
+        flight anywhere stores nothing, and every process drops its own copy
+        as the message reaches it.
+        ``TypeError`` for an unhashable key; with ``fleet=``,
+        :class:`~singleflight.redis.RedisUnavailableError` when Redis could not
+        be told (the entry is dropped here all the same).
         """
         check_key(key)
+        if self._fleet is not None:
+            try:
+                self._fleet.invalidate(key)
+            finally:
+                with self._lock:
+                    self._store.invalidate(key)
+            return
         # Forget first: a caller arriving between the two steps must not join
         # the old flight with a lease taken after the revocation (it would
         # write the old value back).  The other order loses at most a write.
@@ -282,6 +347,18 @@ class CacheBase(Generic[K, V]):
         :meth:`invalidate` on a key to drop that too).
         """
         forget = self._forget
+        fleet = self._fleet
+        if fleet is not None:
+            with self._lock:
+                flying = self._store.in_flight()
+            for key in flying:
+                fleet._forget_local(key, fleet.text(key))
+            try:
+                fleet.clear()
+            finally:
+                with self._lock:
+                    self._store.clear()
+            return
         if forget is None:
             with self._lock:
                 self._store.clear()
@@ -303,10 +380,26 @@ class CacheBase(Generic[K, V]):
         overwrite it.  ``TypeError`` for an unhashable key.
         """
         check_key(key)
-        if self._forget is not None:  # first, as in invalidate()
-            self._forget(key)
+        fleet = self._fleet
         now = self._clock()
         entry = self._policy.value_entry(value, now, 0.0)
+        if fleet is not None:
+            text = self._index(key)
+            tags = self._tags_of(key, value)
+            if tags:
+                fleet.tag(text, tags, 0, self._lifetimes(entry, now)[0] + 1)
+            try:
+                fleet.put(key, value, self._shared(entry, now, False))
+            except BaseException:
+                with self._lock:
+                    self._store.invalidate(key)
+                raise
+            with self._lock:
+                self._store.put(key, value, now, entry)
+                self._index_tags(key, tags)
+            return
+        if self._forget is not None:  # first, as in invalidate()
+            self._forget(key)
         with self._lock:
             self._store.put(key, value, now, entry)
 
@@ -319,6 +412,17 @@ class CacheBase(Generic[K, V]):
         with self._lock:
             stats = self._store.stats()
         group = _group_stats(self._group)
+        fleet = self._fleet
+        if fleet is not None:
+            stats = replace(
+                stats,
+                l2_hits=getattr(group, "hits", 0),
+                l2_misses=getattr(group, "leads", 0),
+                fleet_refreshes=self._fleet_refreshes,
+                invalidations_sent=fleet.invalidations_sent,
+                invalidations_received=fleet.invalidations_received,
+                l1_drops=fleet.l1_drops,
+            )
         return replace(
             stats,
             calls=stats.hits + stats.misses,
@@ -406,7 +510,9 @@ class CacheBase(Generic[K, V]):
     def _force(self, key: K) -> Entry | None:
         """Start a forced reload of ``key`` (:meth:`refresh`): the entry it replaces."""
         check_key(key)
-        if self._forget is not None:  # first, as in invalidate()
+        if self._fleet is not None:
+            self._fleet.invalidate(key)
+        elif self._forget is not None:  # first, as in invalidate()
             self._forget(key)
         with self._lock:
             seen = self._store.force(key)
@@ -423,6 +529,17 @@ class CacheBase(Generic[K, V]):
 
     def _finish_load(self, key: K, token: int, value: Any, started: float) -> None:
         flight = self._shared_flight()
+        if flight is not None and self._fleet is not None:
+            now = self._clock()
+            entry = self._policy.value_entry(value, now, now - started)
+            if self._fleet_stores(flight, key, value, entry, now):
+                flight.when_settled(
+                    lambda kept: self._settle_load(key, token, value, None, started, kept, entry)
+                )
+            else:  # tagged after a tag was invalidated: nobody keeps it
+                with self._lock:
+                    self._store.discard_load(key, token, None)
+            return
         if flight is not None:  # written once the group says Redis took it
             flight.when_settled(
                 lambda kept: self._settle_load(key, token, value, None, started, kept)
@@ -448,6 +565,7 @@ class CacheBase(Generic[K, V]):
         error: BaseException | None,
         started: float,
         kept: bool,
+        entry: Entry | None = None,
     ) -> None:
         """A load led for other processes too is settled: write it if Redis kept it.
 
@@ -457,9 +575,11 @@ class CacheBase(Generic[K, V]):
         if kept:
             if error is None:
                 now = self._clock()
-                entry = self._policy.value_entry(value, now, now - started)
+                if entry is None:
+                    entry = self._policy.value_entry(value, now, now - started)
                 with self._lock:
-                    self._store.finish_load(key, token, value, started, now, entry)
+                    if self._store.finish_load(key, token, value, started, now, entry):
+                        self._index_tags(key, self._tags_of(key, value))
             else:
                 self._failed(key, token, error, started)
             return
@@ -523,6 +643,12 @@ class CacheBase(Generic[K, V]):
 
     def _load_failed(self, key: K, token: int, error: BaseException, started: float) -> None:
         flight = self._shared_flight()
+        if flight is not None and self._fleet is not None:
+            now = self._clock()
+            negative = self._policy.error_entry(error, now, now - started)
+            store_as = getattr(flight, "store_as", None)
+            if negative is not None and store_as is not None:
+                store_as(*self._lifetimes(negative, now), True)
         if flight is not None:
             flight.when_settled(
                 lambda kept: self._settle_load(key, token, None, error, started, kept)
@@ -560,6 +686,171 @@ class CacheBase(Generic[K, V]):
                 exc_info=error,
             )
 
+    # -- fleet caches (fleet=): the steps that do not wait ------------------------------------
+
+    @staticmethod
+    def _lifetimes(entry: Entry, now: float) -> tuple[int, int, int, int]:
+        """An entry's lifetimes from ``now``, in ms: fresh, stale, stale-if-error, load time."""
+        expires_at = entry.expires_at
+        return (
+            int((expires_at - now) * 1000),
+            int((entry.stale_until - expires_at) * 1000),
+            int((entry.error_until - expires_at) * 1000),
+            int(entry.delta * 1000),
+        )
+
+    def _shared(self, entry: Entry, now: float, error: bool) -> Any:
+        from ..redis._protocol import ERROR_ENTRY, VALUE_ENTRY, FleetEntry
+
+        fresh, stale, stale_if_error, delta = self._lifetimes(entry, now)
+        return FleetEntry(
+            fresh, stale, stale_if_error, delta, ERROR_ENTRY if error else VALUE_ENTRY
+        )
+
+    def _fleet_stores(self, flight: Any, key: K, value: Any, entry: Entry, now: float) -> bool:
+        """A fleet leader loaded ``value``: tell the flight the entry to store (after
+        tagging the key in Redis).  False when a tag of it was invalidated after
+        the flight began: the value is then kept nowhere."""
+        tags = self._tags_of(key, value)
+        lifetimes = self._lifetimes(entry, now)
+        if tags:
+            try:
+                if not self._fleet.tag(self._fleet.text(key), tags, flight.epoch, sum(lifetimes)):
+                    return False
+            except Exception:
+                logger.warning("tagging %r failed: its value is not shared", key, exc_info=True)
+                return False
+        store_as = getattr(flight, "store_as", None)
+        if store_as is not None:
+            store_as(*lifetimes, False)
+        return True
+
+    def _tags_of(self, key: K, value: Any) -> list[str]:
+        tags = self._tags
+        if tags is None:
+            return []
+        found = list(tags(key, value))
+        for tag in found:
+            if not isinstance(tag, str) or not tag:
+                raise TypeError(f"tags= must give non-empty strs; it gave {tag!r} for {key!r}")
+        return found
+
+    def _index_tags(self, key: K, tags: list[str]) -> None:
+        """Under the lock: remember ``key`` under its tags (what a tag message names)."""
+        for tag in tags:
+            self._tag_index.setdefault(tag, set()).add(key)
+
+    def _index(self, key: K) -> str:
+        """Remember ``key`` under its Redis text (what messages name); returns the text.
+        Before the key's flight asks Redis, so a message sent after reaches its lease."""
+        text: str = self._fleet.text(key)
+        with self._lock:
+            texts = self._texts
+            texts.setdefault(text, set()).add(key)
+            if len(texts) > 2 * (self._store.maxsize or 10_000) + 64:
+                keep = self._data.keys() | self._store.leases.keys() | {key}
+                for name, keys in list(texts.items()):
+                    keys &= keep
+                    if not keys:
+                        del texts[name]
+        return text
+
+    def _arrived(self, key: K, token: int, got: Any, started: float, thunk: Any) -> Any:
+        """After a fleet flight: write back what it brought (an entry read from Redis
+        lives only as long as it has left there), and return its value or raise."""
+        if not isinstance(got, SharedEntry):
+            self._landed(key, token, got, None, started)
+            return got
+        now = self._clock()
+        age = max(0.0, time.monotonic() - got.read_at)
+        entry = self._policy.shared_entry(
+            got.value, got.error, now - age + got.fresh, got.stale, got.stale_if_error, got.delta
+        )
+        if token:
+            with self._lock:
+                if entry is None:
+                    self._store.unhold(key, token)
+                elif self._store.landed(key, token, got.value, got.error, started, now, entry):
+                    if got.error is None:
+                        self._index_tags(key, self._tags_of(key, got.value))
+                    if (
+                        entry.expires_at <= now < entry.stale_until
+                        and not self._closed
+                        and not entry.refreshing
+                    ):
+                        entry.refreshing = True  # served stale: refresh it for the fleet
+                        self._store.refreshes += 1
+                        self._store.stale_served += 1
+                    else:
+                        entry = None
+                else:
+                    entry = None
+            if entry is not None and entry.refreshing:
+                self._start_refresh(key, entry, thunk)
+        if got.error is not None:
+            raise _error_copy(got.error)
+        return got.value
+
+    def _fleet_call(self, seen: Entry | None, background: bool) -> Any:
+        """What a fleet flight accepts from Redis: a stale entry for a caller with
+        nothing better; for an early refresh, only an entry newer than ``seen``."""
+        from ..redis._protocol import FleetCall
+
+        if not background:
+            return FleetCall(0, bool(self._policy.stale) and not self._closed)
+        if seen is not None:
+            left = seen.expires_at - self._clock()
+            if left > 0:
+                return FleetCall(int(left * 1000) + 1, False)
+        return FleetCall(0, False)
+
+    def _fleet_drop(self, kind: str, arg: str) -> None:
+        """A message from the invalidation channel: drop what it names here."""
+        with self._lock:
+            store = self._store
+            if kind == "*":
+                store.clear()
+                self._tag_index.clear()
+            elif kind == "k":
+                for key in list(self._texts.get(arg, ())):
+                    store.invalidate(key)
+            elif kind == "t":
+                for key in list(self._tag_index.pop(arg, ())):
+                    store.invalidate(key)
+
+    def _fleet_trust(self, trusted: bool) -> None:
+        """The invalidation channel was lost (or subscribed again): the L1 may have
+        missed messages, so every entry goes and loads in flight write nothing;
+        while it is lost nothing is written."""
+        with self._lock:
+            self._store.clear()
+            self._tag_index.clear()
+            self._store.frozen = not trusted
+
+    def invalidate_tags(self, *tags: str) -> None:
+        """Drop every entry tagged (``tags=``) with one of ``tags``, in every process.
+
+        As :meth:`invalidate` for each such key: the entries in Redis go, loads
+        in flight of keys tagged so store nothing, every process drops its own
+        copies as the message reaches it.  ``TypeError`` without ``fleet=``;
+        :class:`~singleflight.redis.RedisUnavailableError` when Redis could
+        not be told (the entries are dropped here all the same).
+        """
+        fleet = self._fleet
+        if fleet is None or self._tags is None:
+            raise TypeError("invalidate_tags() needs a cache made with fleet= and tags=")
+        try:
+            texts = fleet.invalidate_tags(tags)
+        finally:
+            with self._lock:
+                for tag in tags:
+                    for key in list(self._tag_index.pop(tag, ())):
+                        self._store.invalidate(key)
+        with self._lock:
+            for text in texts:
+                for key in list(self._texts.get(text, ())):
+                    self._store.invalidate(key)
+
     def _after_fork(self) -> None:
         """In a forked child: a fresh lock (another thread may have held it at the
         fork), no load or batch in flight, no refresh workers (their threads are
@@ -570,6 +861,15 @@ class CacheBase(Generic[K, V]):
 
 # Every live cache, reset in a forked child (os.register_at_fork).
 _caches: weakref.WeakSet[CacheBase[Any, Any]] = weakref.WeakSet()
+
+
+def _error_copy(error: BaseException) -> BaseException:
+    """A copy of a shared outcome's error, so no caller's raise changes another's."""
+    try:
+        copied = copy.copy(error)
+    except Exception:
+        return error
+    return copied if type(copied) is type(error) else error
 
 
 def _reset_after_fork() -> None:

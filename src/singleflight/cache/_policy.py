@@ -291,6 +291,42 @@ class Policy:
             delta,
         )
 
+    def shared_entry(
+        self,
+        value: Any,
+        error: BaseException | None,
+        expires_at: float,
+        stale: float,
+        stale_if_error: float,
+        delta: float,
+    ) -> Entry | None:
+        """The entry for an outcome read from a store shared by several processes,
+        which says when it expires and its windows: it lives no longer than there.
+        None for an error that is not a not-found result here."""
+        if delta < 0.0:
+            delta = 0.0
+        if error is not None:
+            if not self.negative_errors or not (
+                isinstance(error, self.negative_errors)
+                or (isinstance(error, RemoteError) and named_as(error, self.negative_errors))
+            ):
+                return None
+            return Entry(None, error, True, -_INF, expires_at, expires_at, expires_at, delta)
+        is_negative = self.is_negative
+        if is_negative is not None and is_negative(value):
+            return Entry(value, None, True, expires_at, expires_at, expires_at, expires_at, delta)
+        fresh_until = expires_at - MAX_DRAW * delta * self.beta if self.beta else expires_at
+        return Entry(
+            value,
+            None,
+            False,
+            fresh_until,
+            expires_at,
+            expires_at + stale,
+            expires_at + stale_if_error,
+            delta,
+        )
+
     def error_entry(self, error: BaseException, now: float, delta: float) -> Entry | None:
         """The entry caching ``error`` as a not-found result, or None if it is not one.
 

@@ -71,6 +71,7 @@ class Store(Generic[K]):
         "early_refreshes",
         "evictions",
         "forced",
+        "frozen",
         "holders",
         "leases",
         "load_failures",
@@ -89,6 +90,9 @@ class Store(Generic[K]):
         self.data: OrderedDict[K, Entry] = OrderedDict()
         self.leases: dict[K, int] = {}
         self.forced: set[K] = set()
+        # Set while the entries cannot be trusted (a fleet cache that lost its
+        # invalidation channel): nothing is written.
+        self.frozen = False
         # token -> callers holding it (tokens granted by hold() only).
         self.holders: dict[int, int] = {}
         # key -> the driver's handle of the batch load that has it in flight.
@@ -329,6 +333,7 @@ class Store(Generic[K]):
         error: BaseException | None,
         started: float,
         now: float,
+        entry: Entry | None = None,
     ) -> bool:
         """The group answered a caller holding ``token`` with ``value`` (or raised ``error``).
 
@@ -337,19 +342,20 @@ class Store(Generic[K]):
         entry is made as for a load that started at ``started`` and ended now;
         an error is written only if it is a not-found result (``negative=``).
         Counts nothing: ``loads`` and ``load_failures`` are loads run here.
-        True if written.
+        ``entry``: the entry to write, made beforehand (an entry read from a
+        shared store, which says how long it lives).  True if written.
         """
         try:
             if self.leases.get(key) != token:
                 return False
             del self.leases[key]
-            if error is None:
+            if entry is None and error is None:
                 entry = self.policy.value_entry(value, now, now - started)
-            else:
-                negative = self.policy.error_entry(error, now, now - started)
-                if negative is None:
+            elif entry is None:
+                assert error is not None
+                entry = self.policy.error_entry(error, now, now - started)
+                if entry is None:
                     return False
-                entry = negative
             self._write(key, entry)
             return True
         finally:
@@ -423,6 +429,8 @@ class Store(Generic[K]):
         self.batches.pop(key, None)
 
     def _write(self, key: K, entry: Entry) -> None:
+        if self.frozen:
+            return
         data = self.data
         old = data.get(key)
         if old is not None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from .._protocols import GroupLike
+from .._protocols import GroupLike, SharedEntry
 from .._threads import Group
 from ..events import EventHook
 from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
@@ -98,6 +98,8 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         refresh_workers: int = 4,
         name: str = "default",
         on_event: EventHook | None = None,
+        fleet: Any = None,
+        tags: Callable[[K, V], Iterable[str]] | None = None,
     ) -> None:
         check_loaders(load, load_many, group)
         self._background = Background(refresh_workers)
@@ -112,11 +114,13 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
             negative_ttl=negative_ttl,
             maxsize=maxsize,
             load_many=load_many,
-            group=Group() if group is None else group,
+            group=Group() if group is None and fleet is None else group,
             clock=clock,
             random=random,
             name=name,
             on_event=on_event,
+            fleet=fleet,
+            tags=tags,
         )
 
     # -- reads -------------------------------------------------------------------------
@@ -252,6 +256,8 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         not-found result); an interrupted wait (``KeyboardInterrupt``) writes
         nothing.  A group that stays in this process is called as it is.
         """
+        if self._fleet is not None:
+            return self._through_fleet(key, seen, thunk, background)
         token = self._hold(key, seen)
         if not token:
             return self._group.do(key, self._lead, key, seen, thunk, background)  # type: ignore[no-any-return]
@@ -266,6 +272,31 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
             raise
         self._landed(key, token, value, None, started)
         return value  # type: ignore[no-any-return]
+
+    def _through_fleet(
+        self,
+        key: K,
+        seen: Entry | None,
+        thunk: Callable[[], V] | None,
+        background: bool,
+    ) -> V:
+        """:meth:`_through` for a fleet cache: one fleet flight (the entry in Redis, or
+        the one load of the fleet), its outcome written back as long as it lives there."""
+        call = self._fleet_call(seen, background)
+        self._index(key)
+        token = self._hold(key, seen)
+        started = self._clock()
+        try:
+            got = self._group._fetch(key, call, self._lead, key, seen, thunk, background)
+        except Exception as exc:
+            self._landed(key, token, None, exc, started)
+            raise
+        except BaseException:
+            self._unhold(key, token)
+            raise
+        if background and not isinstance(got, SharedEntry):
+            self._fleet_refreshes += 1
+        return self._arrived(key, token, got, started, thunk)  # type: ignore[no-any-return]
 
     def _lead(
         self,

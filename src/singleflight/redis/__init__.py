@@ -15,6 +15,10 @@ Each process coalesces its own callers first (a :class:`singleflight.Group` /
 decides who leads across processes.  Waiters block on the leader's completion
 stream (``XREAD BLOCK``) rather than polling; leases are short and renewed by a
 watchdog; completions are fenced.  See the README's "Redis" section.
+
+A :class:`Fleet` turns a loading cache into a two-level one shared by every
+process (``@cached(ttl=60, fleet=redis.Redis())``): see the README's "Fleet"
+section.
 """
 
 try:
@@ -34,6 +38,7 @@ from ..stats import RedisGroupStats
 from ._async import AsyncRedisGroup
 from ._core import FlightInfo, current_flight
 from ._errors import LoaderError, RedisUnavailableError
+from ._fleet import Fleet
 from ._sync import RedisGroup
 from .codecs import (
     Codec,
@@ -49,6 +54,7 @@ __all__ = [
     "Codec",
     "CodecError",
     "FlightInfo",
+    "Fleet",
     "JsonCodec",
     "LoaderError",
     "MsgpackCodec",

@@ -46,7 +46,7 @@ from ._core import (
     calling,
     with_shared,
 )
-from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
+from ._protocol import Completion, FleetCall, Keys, Plan, RetryBudget, Settings
 from .codecs import Codec, CodecError
 
 # unasync: sync-only
@@ -73,7 +73,7 @@ from .codecs import Codec, CodecError
 #     calling,
 #     with_shared,
 # )
-# from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
+# from ._protocol import Completion, FleetCall, Keys, Plan, RetryBudget, Settings
 # from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
 # from .codecs import Codec, CodecError
 #
@@ -403,6 +403,16 @@ class AsyncRedisGroup(Generic[K, V]):
         with calling() as caller:
             return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, caller)
 
+    async def _fetch(
+        self, key: K, fleet: FleetCall, fn: Callable[..., Awaitable[V]], /, *args: Any
+    ) -> Any:
+        """:meth:`do` for a fleet cache: the flight reads and stores entries (see
+        ``FleetCall``); answers with a :class:`SharedEntry` for an entry read from
+        Redis, or the loader's value when it ran here."""
+        text = self._core.checked(key, fn)
+        with calling() as caller:
+            return await self._local.do(key, self._fly, key, text, fn, args, {}, caller, fleet)
+
     # unasync: async-only
     def forget(self, key: K) -> None:
         """Let the next call of ``key``, in any process, start a new flight.
@@ -602,6 +612,7 @@ class AsyncRedisGroup(Generic[K, V]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         caller: Caller,
+        fleet: FleetCall | None = None,
     ) -> V:
         """The local flight's loader: get the value through Redis, or lead and load it."""
         core = self._core
@@ -612,16 +623,17 @@ class AsyncRedisGroup(Generic[K, V]):
             await asyncio.shield(forgetting)  # never raises: quiet forgets log their errors
         # unasync: end
         keys = core.keys(text)
-        plan = Plan(core.settings, keys, core.breaker, _monotonic())
+        plan = Plan(core.settings, keys, core.breaker, _monotonic(), fleet=fleet)
         watch = Watch(core, key, caller)
         try:
             while True:
                 op = plan.op
                 if op == proto.ACQUIRE:
+                    plan.sent = _monotonic()
                     try:
                         reply = await eval_script(
                             state.commands,
-                            proto.ACQUIRE_SCRIPT,
+                            plan.acquire_script(),
                             plan.acquire_keys(),
                             plan.acquire_args(),
                         )
@@ -648,6 +660,10 @@ class AsyncRedisGroup(Generic[K, V]):
                 elif op == proto.SLEEP:
                     await sleep(plan.delay)
                     plan.resume(_monotonic())
+                elif op == proto.HIT and fleet is not None:
+                    found: V = core.fetched(key, plan, watch)
+                    if found is not RETRY:
+                        return found
                 elif op == proto.HIT or op == proto.REMOTE_ERROR:
                     value: V = core.received(key, plan, watch)
                     if value is not RETRY:
@@ -657,7 +673,9 @@ class AsyncRedisGroup(Generic[K, V]):
                     if led is not RETRY:
                         return led
                     # Forgotten by another process while it ran: run again.
-                    plan = Plan(core.settings, keys, core.breaker, _monotonic(), plan.deadline)
+                    plan = Plan(
+                        core.settings, keys, core.breaker, _monotonic(), plan.deadline, fleet
+                    )
                 elif op == proto.LOCAL:
                     core.local_run(key, plan, watch)
                     context = _CURRENT.set(None)  # no flight shared with other processes
@@ -692,9 +710,13 @@ class AsyncRedisGroup(Generic[K, V]):
             value = await call(fn, args, kwargs)
         except Exception as exc:
             watchdog.release(held)
-            completion = await self._complete(
-                state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
-            )
+            stored = core.stored_entry(plan, held, None, exc)  # a fleet's not-found entry
+            if stored is not None:
+                completion = await self._complete(state, plan, proto.OK, stored)
+            else:
+                completion = await self._complete(
+                    state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
+                )
             core.note_waiters(watch, completion)
             if not core.settled(held, completion):
                 return RETRY  # type: ignore[no-any-return]
@@ -709,7 +731,13 @@ class AsyncRedisGroup(Generic[K, V]):
             _CURRENT.reset(context)
         watchdog.release(held)
         try:
-            payload = core.encode(plan.keys, value)
+            if plan.fleet is None:
+                payload = core.encode(plan.keys, value)
+            else:
+                stored = core.stored_entry(plan, held, value, None)
+                payload = b"" if stored is None else stored
+                if stored is None:
+                    plan.result_ms = 0  # no lifetimes given: announce, store nothing
         except CodecError as exc:
             completion = await self._complete(
                 state, plan, proto.ERROR, core.error_payload(plan.keys, exc, encoding=True)

@@ -17,7 +17,7 @@ from time import perf_counter
 from typing import Any, Generic, TypeVar
 
 from .._options import check_name
-from .._protocols import REMOTE_FLIGHT
+from .._protocols import REMOTE_FLIGHT, SharedEntry
 from .._result import Result
 from ..errors import WaitTimeoutError, type_name
 from ..events import (
@@ -37,14 +37,17 @@ from ..events import (
 from ..stats import GroupStats, RedisGroupStats
 from ._errors import LoaderError, RedisUnavailableError, is_transient
 from ._protocol import (
+    ERROR_ENTRY,
     HIT,
     LOST,
     REASON_CIRCUIT_OPEN,
     REASON_TIMEOUT,
     RESURRECTED,
+    VALUE_ENTRY,
     Breaker,
     Completion,
     Counters,
+    FleetEntry,
     Held,
     Keys,
     Plan,
@@ -124,6 +127,20 @@ class FlightInfo:
 
     def when_settled(self, callback: Callable[[bool], None]) -> None:
         self._held.when_settled(callback)
+
+    def store_as(
+        self, fresh_ms: int, stale_ms: int, error_ms: int, delta_ms: int, error: bool
+    ) -> None:
+        """A fleet cache's lifetimes for the outcome (``error``: a not-found error to
+        store as such): the entry this flight stores in Redis.  Without it a
+        fleet flight stores nothing."""
+        self._held.stored = FleetEntry(
+            max(0, fresh_ms),
+            max(0, stale_ms),
+            max(0, error_ms),
+            max(0, delta_ms),
+            ERROR_ENTRY if error else VALUE_ENTRY,
+        )
 
     def __repr__(self) -> str:
         return f"<FlightInfo key={self.key!r} epoch={self.epoch} lost={self.lost}>"
@@ -446,6 +463,58 @@ class GroupCore(Generic[K]):
         if hit:
             return outcome
         raise outcome
+
+    def fetched(self, key: object, plan: Plan, watch: Watch) -> Any:
+        """HIT of a fleet flight: the :class:`SharedEntry` its stored entry holds
+        (counted as :meth:`received` counts a hit); RETRY when it does not decode."""
+        watch.waiting()
+        keys = plan.keys
+        entry = (
+            FleetEntry.parse(plan.payload, plan.pttl) if isinstance(plan.payload, bytes) else None
+        )
+        try:
+            if entry is None:
+                raise CodecError(f"entry of {keys.base} is malformed")
+            value: Any = None
+            error: BaseException | None = None
+            if entry.kind == VALUE_ENTRY:
+                value = self.decode(keys, entry.payload)
+            else:
+                error = self.remote_error(key, keys, entry.payload)
+        except CodecError as exc:
+            self.untrusted(keys, exc)
+            plan.bad_payload(_monotonic())
+            return RETRY
+        watch.stop()
+        self.counters.add("hits")
+        watch.caller.shared = True
+        return SharedEntry(
+            value,
+            error,
+            entry.fresh_ms / 1000,
+            entry.stale_ms / 1000,
+            entry.error_ms / 1000,
+            entry.delta_ms / 1000,
+            plan.sent,
+        )
+
+    def stored_entry(
+        self, plan: Plan, held: Held, value: Any, error: BaseException | None
+    ) -> bytes | None:
+        """A fleet leader's outcome as the entry to store (setting the plan's PX), or
+        None when it stores none (not a fleet flight, or no lifetimes given for it).
+        CodecError when the value cannot be encoded."""
+        entry = held.stored
+        if (
+            plan.fleet is None
+            or entry is None
+            or (error is not None) != (entry.kind == ERROR_ENTRY)
+        ):
+            return None
+        keys = plan.keys
+        payload = self.encode(keys, value) if error is None else self.error_payload(keys, error)
+        plan.result_ms = entry.px()
+        return entry.header() + payload
 
     def lead(self, plan: Plan, watch: Watch) -> Held:
         """LEAD: count it (a takeover if the plan waited first), tell FlightStarted;

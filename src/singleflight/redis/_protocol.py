@@ -33,6 +33,9 @@ __all__ = [
     "ABANDONED",
     "ACQUIRE",
     "ACQUIRE_SCRIPT",
+    "FLEET_ACQUIRE_SCRIPT",
+    "FleetCall",
+    "FleetEntry",
     "COMPLETE_SCRIPT",
     "ERROR",
     "FAIL",
@@ -198,7 +201,30 @@ end
 return 1
 """
 
+# FLEET_ACQUIRE(res, lease, fence; token, lease_ms, fence_ttl_ms, use_hit, min_fresh_ms,
+#               stale_ok): ACQUIRE for a fleet cache, whose stored result is an entry
+#   (see entry_header): {0, entry, pttl} when the entry is fresh for more than
+#   min_fresh_ms, or (stale_ok = 1) still in its stale window; else lead or wait
+#   as ACQUIRE.  Freshness is the entry's PTTL minus its tail (the windows after
+#   expiry): the server's clock alone, so the clients' clocks never matter.
+_FLEET_ACQUIRE = """
+if ARGV[4] == '1' then
+  local v = redis.call('GET', KEYS[1])
+  if v then
+    local pttl = redis.call('PTTL', KEYS[1])
+    local tail, stale = string.match(v, '^(%d+),(%d+),')
+    if tail then
+      local fresh = pttl - tonumber(tail)
+      if fresh > tonumber(ARGV[5]) or (ARGV[6] == '1' and fresh + tonumber(stale) > 0) then
+        return {0, v, pttl}
+      end
+    end
+  end
+end
+""" + _ACQUIRE.split("end\n", 2)[2]
+
 ACQUIRE_SCRIPT = Script("acquire", _ACQUIRE)
+FLEET_ACQUIRE_SCRIPT = Script("fleet acquire", _FLEET_ACQUIRE)
 RENEW_SCRIPT = Script("renew", _RENEW)
 COMPLETE_SCRIPT = Script("complete", _COMPLETE)
 FORGET_SCRIPT = Script("forget", _FORGET)
@@ -513,12 +539,16 @@ class Plan:
         "epoch",
         "error",
         "first_bad",
+        "fleet",
         "keys",
         "leased_until",
         "op",
         "payload",
+        "pttl",
         "reason",
         "record_id",
+        "result_ms",
+        "sent",
         "settings",
         "stream",
         "token",
@@ -533,8 +563,13 @@ class Plan:
         breaker: Breaker,
         now: float,
         deadline: float | None = None,
+        fleet: FleetCall | None = None,
     ) -> None:
         self.settings = settings
+        self.fleet = fleet
+        self.pttl = 0
+        self.sent = now  # when the last ACQUIRE was sent (monotonic): a fleet entry's age
+        self.result_ms = settings.result_ttl_ms
         self.keys = keys
         self._breaker = breaker
         self._retry = RetryBudget(settings)
@@ -571,9 +606,21 @@ class Plan:
         keys = self.keys
         return [keys.res, keys.lease, keys.fence]
 
+    def acquire_script(self) -> Script:
+        return ACQUIRE_SCRIPT if self.fleet is None else FLEET_ACQUIRE_SCRIPT
+
     def acquire_args(self) -> list[str | int]:
         s = self.settings
-        return [self.token, s.lease_ms, s.fence_ttl_ms, "1" if self.use_hit else "0"]
+        args: list[str | int] = [
+            self.token,
+            s.lease_ms,
+            s.fence_ttl_ms,
+            "1" if self.use_hit else "0",
+        ]
+        fleet = self.fleet
+        if fleet is not None:
+            args += [fleet.min_fresh_ms, "1" if fleet.stale_ok else "0"]
+        return args
 
     def read_command(self) -> list[str | int | bytes]:
         """READ's command: wait up to block_ms for the first entry of the holder's stream
@@ -592,7 +639,7 @@ class Plan:
 
     def complete_args(self, status: str, payload: bytes) -> list[str | int | bytes]:
         s = self.settings
-        return [self.token, status, payload, s.result_ttl_ms, s.done_ttl_ms]
+        return [self.token, status, payload, self.result_ms, s.done_ttl_ms]
 
     # -- replies --
 
@@ -603,6 +650,7 @@ class Plan:
         kind = int(reply[0])
         if kind == 0:
             self.payload = reply[1]
+            self.pttl = int(reply[2]) if len(reply) > 2 and reply[2] is not None else 0
             self.op = HIT
         elif kind == 1:
             self.epoch = int(reply[1]) if len(reply) > 1 and reply[1] is not None else 0
@@ -636,6 +684,10 @@ class Plan:
         self.record_id, record = entry
         status = record.get(b"s")
         self.payload = record.get(b"v", b"")
+        if status == b"o" and self.fleet is not None:
+            # A fleet entry's freshness is read with it (PTTL): ask again, for the entry.
+            self.fleet.min_fresh_ms = 0
+            return self._again(now)
         if status == b"o":
             self.op = HIT
         elif status == b"e":
@@ -766,6 +818,7 @@ class Held:
         "kept",
         "keys",
         "lost",
+        "stored",
         "token",
     )
 
@@ -778,6 +831,7 @@ class Held:
         self.lost = False
         self.forgotten_here = False  # this process forgot the key while the flight ran
         self.kept: bool | None = None  # once settled: whether Redis took the outcome
+        self.stored: FleetEntry | None = None  # a fleet flight: the entry to store
         self._on_settled: list[Callable[[bool], None]] = []
 
     def renew_keys(self) -> list[str]:
@@ -917,3 +971,82 @@ class Counters:
         """The counts, and the seconds waited, read together."""
         with self._lock:
             return {name: getattr(self, name) for name in self.FIELDS}, self.wait_seconds
+
+
+# -- fleet caches: entries stored in Redis ----------------------------------------------------
+
+VALUE_ENTRY = "v"
+ERROR_ENTRY = "e"  # a not-found error (the cache's negative=), stored as its error record
+
+
+class FleetCall:
+    """What a fleet cache asks of one flight: which stored entry is good enough.
+
+    ``min_fresh_ms``: an entry fresh for at most this long is the one being
+    refreshed (an early refresh); ``stale_ok``: an entry in its stale window
+    answers (stale-while-revalidate, for a caller with nothing better).
+    """
+
+    __slots__ = ("min_fresh_ms", "stale_ok")
+
+    def __init__(self, min_fresh_ms: int = 0, stale_ok: bool = False) -> None:
+        self.min_fresh_ms = min_fresh_ms
+        self.stale_ok = stale_ok
+
+
+class FleetEntry:
+    """An entry as stored in Redis, or as read back: its lifetimes in milliseconds.
+
+    ``fresh_ms`` is what remains of its freshness (negative once expired),
+    ``stale_ms`` / ``error_ms`` its stale-while-revalidate and stale-if-error
+    windows after expiry, ``delta_ms`` how long its load took (XFetch), ``kind``
+    :data:`VALUE_ENTRY` or :data:`ERROR_ENTRY`.  Stored as
+    ``b"<tail>,<stale>,<error>,<delta>,<kind>|" + payload`` with
+    ``PX fresh + tail``, ``tail = max(stale, error)``: PTTL minus the tail is
+    the freshness left, on the server's clock.
+    """
+
+    __slots__ = ("delta_ms", "error_ms", "fresh_ms", "kind", "payload", "stale_ms")
+
+    def __init__(
+        self,
+        fresh_ms: int,
+        stale_ms: int,
+        error_ms: int,
+        delta_ms: int,
+        kind: str,
+        payload: bytes = b"",
+    ) -> None:
+        self.fresh_ms = fresh_ms
+        self.stale_ms = stale_ms
+        self.error_ms = error_ms
+        self.delta_ms = delta_ms
+        self.kind = kind
+        self.payload = payload
+
+    @property
+    def tail_ms(self) -> int:
+        return max(self.stale_ms, self.error_ms)
+
+    def px(self) -> int:
+        """The PX to store it with (at least 1: PX 0 is an error)."""
+        return max(1, self.fresh_ms + self.tail_ms)
+
+    def header(self) -> bytes:
+        return (
+            f"{self.tail_ms},{self.stale_ms},{self.error_ms},{self.delta_ms},{self.kind}|"
+        ).encode()
+
+    @classmethod
+    def parse(cls, stored: bytes, pttl: int) -> FleetEntry | None:
+        """The entry ``stored`` holds, read with ``pttl`` ms left; None if malformed."""
+        head, sep, payload = stored.partition(b"|")
+        if not sep:
+            return None
+        try:
+            tail, stale, error, delta, kind = head.decode("ascii").split(",")
+            if kind not in (VALUE_ENTRY, ERROR_ENTRY):
+                return None
+            return cls(pttl - int(tail), int(stale), int(error), int(delta), kind, payload)
+        except ValueError:
+            return None

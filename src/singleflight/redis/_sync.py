@@ -32,7 +32,7 @@ from ._core import (
     calling,
     with_shared,
 )
-from ._protocol import Completion, Keys, Plan, RetryBudget, Settings
+from ._protocol import Completion, FleetCall, Keys, Plan, RetryBudget, Settings
 from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
 from .codecs import Codec, CodecError
 
@@ -280,6 +280,16 @@ class RedisGroup(Generic[K, V]):
         with calling() as caller:
             return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, caller)
 
+    def _fetch(
+        self, key: K, fleet: FleetCall, fn: Callable[..., V], /, *args: Any
+    ) -> Any:
+        """:meth:`do` for a fleet cache: the flight reads and stores entries (see
+        ``FleetCall``); answers with a :class:`SharedEntry` for an entry read from
+        Redis, or the loader's value when it ran here."""
+        text = self._core.checked(key, fn)
+        with calling() as caller:
+            return self._local.do(key, self._fly, key, text, fn, args, {}, caller, fleet)
+
     def forget(self, key: K) -> None:
         """Let the next call of ``key``, in any process, start a new flight.
 
@@ -368,21 +378,23 @@ class RedisGroup(Generic[K, V]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         caller: Caller,
+        fleet: FleetCall | None = None,
     ) -> V:
         """The local flight's loader: get the value through Redis, or lead and load it."""
         core = self._core
         state = self._state()
         keys = core.keys(text)
-        plan = Plan(core.settings, keys, core.breaker, _monotonic())
+        plan = Plan(core.settings, keys, core.breaker, _monotonic(), fleet=fleet)
         watch = Watch(core, key, caller)
         try:
             while True:
                 op = plan.op
                 if op == proto.ACQUIRE:
+                    plan.sent = _monotonic()
                     try:
                         reply = eval_script(
                             state.commands,
-                            proto.ACQUIRE_SCRIPT,
+                            plan.acquire_script(),
                             plan.acquire_keys(),
                             plan.acquire_args(),
                         )
@@ -409,6 +421,10 @@ class RedisGroup(Generic[K, V]):
                 elif op == proto.SLEEP:
                     sleep(plan.delay)
                     plan.resume(_monotonic())
+                elif op == proto.HIT and fleet is not None:
+                    found: V = core.fetched(key, plan, watch)
+                    if found is not RETRY:
+                        return found
                 elif op == proto.HIT or op == proto.REMOTE_ERROR:
                     value: V = core.received(key, plan, watch)
                     if value is not RETRY:
@@ -418,7 +434,9 @@ class RedisGroup(Generic[K, V]):
                     if led is not RETRY:
                         return led
                     # Forgotten by another process while it ran: run again.
-                    plan = Plan(core.settings, keys, core.breaker, _monotonic(), plan.deadline)
+                    plan = Plan(
+                        core.settings, keys, core.breaker, _monotonic(), plan.deadline, fleet
+                    )
                 elif op == proto.LOCAL:
                     core.local_run(key, plan, watch)
                     context = _CURRENT.set(None)  # no flight shared with other processes
@@ -453,9 +471,13 @@ class RedisGroup(Generic[K, V]):
             value = call(fn, args, kwargs)
         except Exception as exc:
             watchdog.release(held)
-            completion = self._complete(
-                state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
-            )
+            stored = core.stored_entry(plan, held, None, exc)  # a fleet's not-found entry
+            if stored is not None:
+                completion = self._complete(state, plan, proto.OK, stored)
+            else:
+                completion = self._complete(
+                    state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
+                )
             core.note_waiters(watch, completion)
             if not core.settled(held, completion):
                 return RETRY  # type: ignore[no-any-return]
@@ -470,7 +492,13 @@ class RedisGroup(Generic[K, V]):
             _CURRENT.reset(context)
         watchdog.release(held)
         try:
-            payload = core.encode(plan.keys, value)
+            if plan.fleet is None:
+                payload = core.encode(plan.keys, value)
+            else:
+                stored = core.stored_entry(plan, held, value, None)
+                payload = b"" if stored is None else stored
+                if stored is None:
+                    plan.result_ms = 0  # no lifetimes given: announce, store nothing
         except CodecError as exc:
             completion = self._complete(
                 state, plan, proto.ERROR, core.error_payload(plan.keys, exc, encoding=True)

@@ -1,0 +1,526 @@
+"""A fleet-wide cache tier: entries every process shares in Redis, and the channel
+that tells each process's in-process cache what was invalidated.
+
+A :class:`Fleet` is given to a loading cache (``LoadingCache(..., fleet=Fleet(r))``,
+``@cached(ttl=60, fleet=r)``).  The cache stays the first level (L1): its hits
+never touch Redis.  An L1 miss runs one fleet flight of a Redis group
+(``FLEET_ACQUIRE``): it returns the stored entry with its remaining freshness
+(PTTL: the server's clock), or makes this process the key's one leader in the
+fleet, or waits for that leader.  A leader stores the entry it loaded for
+everybody, with the cache's lifetimes.
+
+Invalidation: ``invalidate``, ``put``, ``clear`` and ``refresh`` detach the
+key's flight in Redis (a load that started before never stores its value),
+change the stored entry, and publish on the namespace's channel
+``sf:{<ns>}:inv``; every process drops the key from its L1 when the message
+arrives.  One subscriber connection and thread per process and Redis address
+(a :class:`_Hub`) carries the channels of every fleet, and PINGs on it: while
+no PING sent in the last ``channel_timeout`` seconds has been answered, a
+message may have been missed, so every L1 it serves is dropped, and stays
+unused (nothing is written to it) until the channel is subscribed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+
+from .._protocols import crosses_processes
+from ._clients import _kwargs
+from ._errors import RedisUnavailableError
+from ._protocol import FORGET_SCRIPT, FleetEntry, Script, escape_namespace
+
+__all__ = ["Fleet"]
+
+log = logging.getLogger("singleflight.redis.fleet")
+
+_monotonic = time.monotonic
+
+# PUT(res, lease, fence; payload, px, done_ttl_ms): FORGET, then store the entry.
+_PUT = FORGET_SCRIPT.source.replace(
+    "return 1\n", "redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])\nreturn 1\n"
+)
+PUT_SCRIPT = Script("fleet put", _PUT)
+
+# TAG(tag sets..., tag versions...; text, ttl_ms, epoch, version_ttl_ms): remember
+# that the key (text) carries these tags; 0 (and nothing done) when a tag was
+# invalidated after the flight of the given epoch began (its version, the
+# server's clock then in microseconds, is larger): that load must not be kept.
+_TAG = """
+local n = #KEYS / 2
+if tonumber(ARGV[3]) > 0 then
+  for i = 1, n do
+    local v = redis.call('GET', KEYS[n + i])
+    if v and tonumber(v) >= tonumber(ARGV[3]) then return 0 end
+  end
+end
+for i = 1, n do
+  redis.call('SADD', KEYS[i], ARGV[1])
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[2]) then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  end
+end
+return 1
+"""
+TAG_SCRIPT = Script("fleet tag", _TAG)
+
+# UNTAG(tag sets..., tag versions...; version_ttl_ms): the keys these tags carry,
+# and the tags' new versions (the server's clock, in microseconds): a flight that
+# began before cannot tag (TAG), so cannot store, a key with them any more.
+_UNTAG = """
+local n = #KEYS / 2
+local t = redis.call('TIME')
+local now = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+local found = {}
+for i = 1, n do
+  redis.call('SET', KEYS[n + i], now, 'PX', ARGV[1])
+  for _, m in ipairs(redis.call('SMEMBERS', KEYS[i])) do table.insert(found, m) end
+  redis.call('DEL', KEYS[i])
+end
+return found
+"""
+UNTAG_SCRIPT = Script("fleet untag", _UNTAG)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class Fleet:
+    """The shared tier of one loading cache: Redis holds its entries for every process.
+
+    ``Fleet(client, namespace=None, channel_timeout=0.5, **options)``; ``client``
+    is a ``redis.Redis`` (for :class:`~singleflight.LoadingCache` and sync
+    ``@cached``) or a ``redis.asyncio.Redis`` (for the async ones).  The cache
+    passes a bare client through this class itself, so ``fleet=client`` is
+    enough.  ``namespace`` defaults to the cache's name (``@cached``: the
+    function's qualified name).  ``channel_timeout``: how long a process goes on
+    serving its L1 while its invalidation channel does not answer.  The other
+    options are those of :class:`RedisGroup` (``lease``, ``max_wait``,
+    ``on_redis_error``, ``codec``, ``key_to_str``, ``redis_timeout``,
+    ``retry_budget``, ``max_payload``, ``breaker_*``, ``on_event``, ...), for
+    the group the fleet's misses go through; ``result_ttl`` is not one (each
+    entry lives as long as the cache says).  One fleet serves one cache.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis | redis.asyncio.Redis,
+        *,
+        namespace: str | None = None,
+        channel_timeout: float = 0.5,
+        **options: Any,
+    ) -> None:
+        if not isinstance(client, (redis.Redis, redis.asyncio.Redis)):
+            raise TypeError(
+                f"fleet= needs a redis.Redis or redis.asyncio.Redis client; got {client!r}"
+            )
+        if "result_ttl" in options:
+            raise TypeError("a fleet's entries live as long as its cache says: no result_ttl=")
+        if isinstance(channel_timeout, bool) or not isinstance(channel_timeout, (int, float)):
+            raise TypeError(f"channel_timeout must be a number of seconds; got {channel_timeout!r}")
+        if not 0.01 <= channel_timeout < 3600:
+            raise ValueError(
+                f"channel_timeout must be in [0.01, 3600) seconds; got {channel_timeout!r}"
+            )
+        self.is_async = isinstance(client, redis.asyncio.Redis)
+        self.channel_timeout = float(channel_timeout)
+        self._client = client
+        self._namespace = namespace
+        self._options = options
+        self._cache: Any = None
+        self.group: Any = None
+        self._lock = threading.Lock()
+        self.trusted = False
+        # Counters (see CacheStats).
+        self.invalidations_sent = 0
+        self.invalidations_received = 0
+        self.l1_drops = 0
+        self.channel: bytes = b""
+
+    # -- binding to its cache ------------------------------------------------------------
+
+    def _prepare(self, name: str) -> Any:
+        """Make the group of the cache named ``name`` (once); returns it."""
+        if self.group is not None:
+            raise ValueError("a Fleet serves one cache; make one per cache")
+        namespace = self._namespace if self._namespace is not None else name
+        if self.is_async:
+            from ._async import AsyncRedisGroup
+
+            self.group = AsyncRedisGroup(
+                self._client,  # type: ignore[arg-type]
+                namespace=namespace,
+                result_ttl=0,
+                **self._options,
+            )
+        else:
+            from ._sync import RedisGroup
+
+            self.group = RedisGroup(
+                self._client,  # type: ignore[arg-type]
+                namespace=namespace,
+                result_ttl=0,
+                **self._options,
+            )
+        assert crosses_processes(self.group)
+        core = self.group._core
+        self._core = core
+        self.namespace = core.namespace
+        self.channel = f"sf:{{{escape_namespace(core.namespace)}}}:inv".encode()
+        self._tag_prefix = f"sf:{{{escape_namespace(core.namespace)}}}:tag:"
+        self._version_prefix = f"sf:{{{escape_namespace(core.namespace)}}}:tagv:"
+        # Commands of invalidations, from any thread or loop: a sync client of
+        # the same server with the group's bounded timeouts.
+        settings = core.settings
+        self._kw = _kwargs(
+            self._client.connection_pool,
+            settings.redis_timeout,
+            settings.redis_timeout,
+            Retry(NoBackoff(), 0),
+        )
+        self._commands = redis.Redis(**self._kw)
+        return self.group
+
+    def _bind(self, cache: Any) -> None:
+        """Serve ``cache``: subscribe its channel (its L1 is unused until then)."""
+        self._cache = weakref.ref(cache)
+        _FLEETS.add(self)
+        _hub_for(self._kw, self.channel_timeout).add(self)
+
+    def wait_trusted(self, timeout: float) -> bool:
+        """Wait until the channel is subscribed (the L1 is in use); True if it is."""
+        deadline = _monotonic() + timeout
+        while not self.trusted and _monotonic() < deadline:
+            time.sleep(0.002)
+        return self.trusted
+
+    # -- what the cache asks ----------------------------------------------------------------
+
+    def text(self, key: Any) -> str:
+        return str(self._core.redis_key(key))
+
+    def _origin(self) -> str:
+        return f"{os.getpid()}-{id(self):x}"
+
+    def _message(self, kind: str, arg: str) -> bytes:
+        return f"{self._origin()}|{kind}|{arg}".encode()
+
+    def _run(self, what: str, build: Callable[[Any], None]) -> list[Any]:
+        """One pipeline (built by ``build``), retried within the group's budget.
+        RedisUnavailableError when it cannot reach Redis: an invalidation that
+        returns has reached it."""
+        settings = self._core.settings
+        deadline = _monotonic() + settings.redis_timeout + settings.retry_budget
+        delay = settings.backoff_base
+        loaded = False
+        while True:
+            pipe = self._commands.pipeline(transaction=True)
+            build(pipe)
+            try:
+                replies: list[Any] = pipe.execute()
+                return replies
+            except NoScriptError:
+                if loaded:  # pragma: no cover - a server flushing scripts in a loop
+                    raise
+                loaded = True
+                try:  # after a restart (or SCRIPT FLUSH): load ours, then again
+                    for script in (FORGET_SCRIPT, PUT_SCRIPT, TAG_SCRIPT, UNTAG_SCRIPT):
+                        self._commands.script_load(script.source)
+                except RedisError:
+                    pass
+                continue
+            except RedisError as exc:
+                if _monotonic() + delay > deadline:
+                    raise RedisUnavailableError(
+                        f"{what} of fleet {self.namespace!r} did not reach Redis: {exc}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, settings.backoff_cap)
+
+    def _forget_local(self, key: Any, text: str) -> None:
+        self._core.forgetting(text)
+        self.group._local.forget(key)
+
+    def invalidate(self, key: Any) -> None:
+        """Drop ``key``'s entry in Redis, detach its flight, tell every process."""
+        text = self.text(key)
+        self._forget_local(key, text)
+        keys = self._core.keys(text)
+        args = self._core.forget_args(False)
+        message = self._message("k", text)
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(FORGET_SCRIPT.sha, 3, *keys.forget_keys(), *args)
+            pipe.publish(self.channel, message)
+
+        self._run("invalidate", build)
+        self.invalidations_sent += 1
+
+    def put(self, key: Any, value: Any, entry: FleetEntry) -> None:
+        """Store ``value`` as ``key``'s entry (detaching its flight), tell every process."""
+        text = self.text(key)
+        keys = self._core.keys(text)
+        stored = entry.header() + self._core.encode(keys, value)
+        self._forget_local(key, text)
+        args = [*self._core.forget_args(False), stored, entry.px()]
+        message = self._message("k", text)
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(PUT_SCRIPT.sha, 3, *keys.forget_keys(), *args)
+            pipe.publish(self.channel, message)
+
+        self._run("put", build)
+        self.invalidations_sent += 1
+
+    def tag(self, text: str, tags: Iterable[str], epoch: int, ttl_ms: int) -> bool:
+        """Record (before its entry is stored) that the key ``text`` carries ``tags``.
+        False when one was invalidated after the flight of ``epoch`` began (0: no check)."""
+        names = [self._tag_prefix + t for t in tags]
+        if not names:
+            return True
+        names += [self._version_prefix + t for t in tags]
+        args = [text, max(1, ttl_ms), epoch, self._core.settings.fence_ttl_ms]
+        replies = self._run(
+            "tag", lambda pipe: pipe.evalsha(TAG_SCRIPT.sha, len(names), *names, *args)
+        )
+        return bool(replies[0])
+
+    def invalidate_tags(self, tags: Iterable[str]) -> list[str]:
+        """Drop every key tagged with one of ``tags``, in Redis and in every process.
+        Returns the keys' texts."""
+        tags = list(tags)
+        names = [self._tag_prefix + t for t in tags] + [self._version_prefix + t for t in tags]
+        ttl = self._core.settings.fence_ttl_ms
+        if not tags:
+            return []
+        members = self._run(
+            "invalidate_tags",
+            lambda pipe: pipe.evalsha(UNTAG_SCRIPT.sha, len(names), *names, ttl),
+        )
+        texts = sorted({m.decode() for m in members[0]})
+        args = self._core.forget_args(False)
+
+        def build(pipe: Any) -> None:
+            for text in texts:
+                pipe.evalsha(FORGET_SCRIPT.sha, 3, *self._core.keys(text).forget_keys(), *args)
+            for tag in tags:
+                pipe.publish(self.channel, self._message("t", tag))
+            for text in texts:
+                pipe.publish(self.channel, self._message("k", text))
+
+        self._run("invalidate_tags", build)
+        self.invalidations_sent += len(tags)
+        return texts
+
+    def clear(self) -> None:
+        """Drop every entry of the namespace in Redis, detach its flights, tell every process."""
+        pattern = _glob_escape(f"sf:{{{escape_namespace(self.namespace)}:") + "*"
+        try:
+            found = {
+                key.decode().rsplit(":", 1)[0]
+                for key in self._commands.scan_iter(match=pattern, count=1000)
+                if key.endswith((b"}:res", b"}:fence"))
+            }
+        except RedisError as exc:
+            raise RedisUnavailableError(f"clear of fleet {self.namespace!r}: {exc}") from exc
+        args = self._core.forget_args(False)
+        bases = sorted(found)
+
+        def build(pipe: Any) -> None:
+            for base in bases:
+                pipe.evalsha(
+                    FORGET_SCRIPT.sha, 3, base + ":res", base + ":lease", base + ":fence", *args
+                )
+            pipe.publish(self.channel, self._message("*", ""))
+
+        self._run("clear", build)
+        self.invalidations_sent += 1
+
+    # -- what the hub tells ----------------------------------------------------------------------
+
+    def _received(self, data: bytes) -> None:
+        origin, _, rest = data.decode("utf-8", "replace").partition("|")
+        kind, _, arg = rest.partition("|")
+        if origin == self._origin():
+            return  # ours: applied here before it was sent
+        self.invalidations_received += 1
+        cache = self._cache() if self._cache is not None else None
+        if cache is not None:
+            cache._fleet_drop(kind, arg)
+
+    def _set_trusted(self, trusted: bool) -> None:
+        """The channel was lost (False) or subscribed (True): either way, the L1 goes."""
+        with self._lock:
+            was, self.trusted = self.trusted, trusted
+            if was and not trusted:
+                self.l1_drops += 1
+        cache = self._cache() if self._cache is not None else None
+        if cache is not None:
+            cache._fleet_trust(trusted)
+        if was and not trusted:
+            log.warning("fleet %s lost its invalidation channel: its L1 is dropped", self.namespace)
+
+    def _after_fork(self) -> None:
+        self.trusted = False
+        cache = self._cache() if self._cache is not None else None
+        if cache is not None:
+            cache._fleet_trust(False)
+            _hub_for(self._kw, self.channel_timeout).add(self)
+
+    def __repr__(self) -> str:
+        state = "trusted" if self.trusted else "untrusted"
+        return f"<Fleet namespace={getattr(self, 'namespace', self._namespace)!r} {state}>"
+
+
+class _Hub:
+    """One subscriber connection (and thread) per process and server, carrying the
+    invalidation channels of every fleet on that server, with a PING heartbeat."""
+
+    def __init__(self, kwargs: dict[str, Any], timeout: float) -> None:
+        kw = dict(kwargs)
+        kw["socket_timeout"] = kw["socket_connect_timeout"] = timeout
+        self._client = redis.Redis(**kw)
+        self.timeout = timeout
+        self.interval = timeout / 4
+        self._lock = threading.Lock()
+        self._fleets: dict[bytes, weakref.WeakSet[Fleet]] = {}
+        self._pending: list[bytes] = []
+        self._thread: threading.Thread | None = None
+
+    def add(self, fleet: Fleet) -> None:
+        with self._lock:
+            self._fleets.setdefault(fleet.channel, weakref.WeakSet()).add(fleet)
+            self._pending.append(fleet.channel)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="singleflight fleet channel", daemon=True
+                )
+                self._thread.start()
+
+    def _of(self, channel: bytes) -> list[Fleet]:
+        with self._lock:
+            return list(self._fleets.get(channel, ()))
+
+    def _all(self) -> list[Fleet]:
+        with self._lock:
+            return [fleet for fleets in self._fleets.values() for fleet in fleets]
+
+    def _run(self) -> None:
+        backoff = 0.02
+        while True:
+            with self._lock:
+                if not any(self._fleets.values()):
+                    self._thread = None
+                    return
+            try:
+                if self._session():
+                    backoff = 0.02
+            except (RedisError, OSError, ValueError) as exc:
+                log.debug("fleet channel lost: %s", exc)
+            for fleet in self._all():
+                if fleet.trusted:
+                    fleet._set_trusted(False)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _session(self) -> bool:
+        """Subscribe and serve until the channel is lost; True if it was ever subscribed."""
+        pubsub = self._client.pubsub()
+        subscribed = False
+        try:
+            with self._lock:
+                channels = list(self._fleets)
+                self._pending.clear()
+            sent = _monotonic()
+            sending: dict[bytes, float] = dict.fromkeys(channels, sent)
+            pubsub.subscribe(*channels)
+            acked_channels: set[bytes] = set()
+            acked = sent  # a reply to anything sent from then on proves the channel live
+            pings: deque[float] = deque()
+            last_ping = sent
+            while True:
+                with self._lock:
+                    fresh = [c for c in self._pending if c not in sending]
+                    fresh_acked = [c for c in self._pending if c in acked_channels]
+                    self._pending.clear()
+                for channel in fresh_acked:
+                    for fleet in self._of(channel):
+                        if not fleet.trusted:  # another fleet of the channel: subscribed
+                            fleet._set_trusted(True)
+                if fresh:
+                    now = _monotonic()
+                    for channel in fresh:
+                        sending[channel] = now
+                    pubsub.subscribe(*fresh)
+                now = _monotonic()
+                if now - acked > self.timeout:
+                    return subscribed
+                if now - last_ping >= self.interval:
+                    pubsub.ping()
+                    pings.append(now)
+                    last_ping = now
+                wait = max(
+                    0.0, min(self.interval - (now - last_ping), acked + self.timeout - now, 0.05)
+                )
+                message = pubsub.get_message(timeout=wait)
+                if message is None:
+                    continue
+                kind = message["type"]
+                if kind == "message":
+                    for fleet in self._of(message["channel"]):
+                        fleet._received(message["data"])
+                elif kind == "pong":
+                    if pings:
+                        acked = max(acked, pings.popleft())
+                elif kind == "subscribe":
+                    channel = message["channel"]
+                    acked = max(acked, sending.get(channel, acked))
+                    acked_channels.add(channel)
+                    subscribed = True
+                    for fleet in self._of(channel):
+                        fleet._set_trusted(True)
+        finally:
+            try:
+                pubsub.reset()
+            except (RedisError, OSError):
+                pass
+
+
+_HUBS: dict[tuple[int, str, float], _Hub] = {}
+_HUBS_LOCK = threading.Lock()
+_FLEETS: weakref.WeakSet[Fleet] = weakref.WeakSet()
+
+
+def _hub_for(kwargs: dict[str, Any], timeout: float) -> _Hub:
+    ident = repr(sorted((k, repr(v)) for k, v in kwargs.items() if k != "retry"))
+    with _HUBS_LOCK:
+        hub = _HUBS.get((os.getpid(), ident, timeout))
+        if hub is None:
+            hub = _HUBS[(os.getpid(), ident, timeout)] = _Hub(kwargs, timeout)
+        return hub
+
+
+def _reset_after_fork() -> None:
+    global _HUBS_LOCK
+    _HUBS_LOCK = threading.Lock()
+    _HUBS.clear()
+    for fleet in list(_FLEETS):
+        fleet._lock = threading.Lock()
+        fleet._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)

@@ -1,0 +1,275 @@
+"""Fleet caches (``fleet=``) across real processes on a private redis-server.
+
+Loads are counted in Redis by the workers' loader; the time scale (TTL) is
+short and every bound is loose, so a loaded machine passes.  Waits are bounded
+and synchronize on replies, except where the test is about the propagation
+bound itself (then it waits out that documented bound).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from _redis_fleet import Worker
+from _redis_server import RedisServer
+
+from singleflight import LoadingCache
+from singleflight.redis import Fleet, RedisUnavailableError
+
+WORKER = str(__import__("pathlib").Path(__file__).with_name("_redis_fleet_cache_worker.py"))
+CHANNEL_TIMEOUT = 0.5
+BOUND = CHANNEL_TIMEOUT + 0.5  # propagation bound, with room for a loaded machine
+
+
+def ask(worker: Worker, line: str, timeout: float = 20.0) -> Any:
+    worker.send(line)
+    reply = json.loads(worker._line(timeout))
+    if isinstance(reply, dict) and "error" in reply:
+        raise AssertionError(f"worker {worker.pid}: {reply['error']}")
+    return reply
+
+
+@pytest.fixture
+def workers(server: RedisServer, request: pytest.FixtureRequest) -> Iterator[list[Worker]]:
+    n, ttl = getattr(request, "param", (4, 30.0))
+    config = {"port": server.port, "ttl": ttl, "channel_timeout": CHANNEL_TIMEOUT}
+    made = [Worker(config, WORKER) for _ in range(n)]
+    try:
+        for worker in made:
+            worker.wait_ready(30)
+        yield made
+    finally:
+        for worker in made:
+            worker.stop()
+
+
+def loads(server: RedisServer, key: str) -> int:
+    client = server.client()
+    try:
+        return int(client.get(f"loads:{key}") or 0)
+    finally:
+        client.close()
+
+
+def set_source(server: RedisServer, key: str, value: str) -> None:
+    client = server.client()
+    try:
+        client.set(f"src:{key}", value)
+    finally:
+        client.close()
+
+
+def test_one_load_for_the_fleet_and_l1_lives_as_long_as_the_shared_entry(
+    server: RedisServer, workers: list[Worker]
+) -> None:
+    set_source(server, "k", "one")
+    first = [ask(w, "get k") for w in workers]
+    assert {v["v"] for v in first} == {"one"}
+    assert len({v["t"] for v in first}) == 1  # one load's value everywhere
+    assert loads(server, "k") == 1
+    stats = [ask(w, "stats") for w in workers]
+    assert sum(s["l2_misses"] for s in stats) == 1
+    assert sum(s["l2_hits"] for s in stats) == len(workers) - 1
+    again = [ask(w, "get k") for w in workers]  # L1 hits now
+    assert again == first
+    assert sum(ask(w, "stats")["hits"] for w in workers) == len(workers)
+
+
+@pytest.mark.parametrize("workers", [(4, 30.0)], indirect=True)
+def test_invalidate_put_clear_and_tags_reach_every_process(
+    server: RedisServer, workers: list[Worker]
+) -> None:
+    for key in ("a1", "a2", "b1"):
+        set_source(server, key, "old")
+        assert {ask(w, f"get {key}")["v"] for w in workers} == {"old"}
+    # invalidate in one process: after it returns (and the bound), nobody has "old"
+    set_source(server, "a1", "new")
+    ask(workers[0], "inv a1")
+    time.sleep(BOUND)
+    assert {ask(w, "get a1")["v"] for w in workers} == {"new"}
+    assert loads(server, "a1") == 2
+    # put: every process reads the put value
+    ask(workers[1], "put a2 put")
+    time.sleep(BOUND)
+    assert {ask(w, "get a2")["v"] for w in workers} == {"put"}
+    # tags: tag-a covers a1 and a2, not b1
+    for key in ("a1", "a2", "b1"):
+        set_source(server, key, "tagged")
+    ask(workers[2], "tags tag-a")
+    time.sleep(BOUND)
+    assert {ask(w, "get a1")["v"] for w in workers} == {"tagged"}
+    assert {ask(w, "get a2")["v"] for w in workers} == {"tagged"}
+    assert {ask(w, "get b1")["v"] for w in workers} == {"old"}
+    # clear
+    ask(workers[3], "clear")
+    time.sleep(BOUND)
+    assert {ask(w, "get b1")["v"] for w in workers} == {"tagged"}
+    received = [ask(w, "stats")["invalidations_received"] for w in workers]
+    assert all(r >= 3 for r in received), received
+
+
+@pytest.mark.parametrize("workers", [(3, 30.0)], indirect=True)
+def test_a_load_that_started_before_an_invalidation_never_lands(
+    server: RedisServer, workers: list[Worker]
+) -> None:
+    client = server.client()
+    try:
+        set_source(server, "k", "old")
+        client.set("gate:k", 1, ex=60)
+        workers[0].send("get k")  # its load waits at the gate, in flight
+        deadline = time.monotonic() + 20
+        while loads(server, "k") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        set_source(server, "k", "new")
+        ask(workers[1], "inv k")  # the flight in worker 0 is detached
+        client.delete("gate:k")
+        assert json.loads(workers[0]._line(20))["v"] in ("old", "new")  # it answered its caller
+        time.sleep(BOUND)
+        assert {ask(w, "get k")["v"] for w in workers} == {"new"}
+    finally:
+        client.close()
+
+
+def test_a_value_read_before_the_invalidation_is_never_stored(server: RedisServer) -> None:
+    """In-process twin of the above, with the load holding a value it read before."""
+    client = redis.Redis(port=server.port)
+    released = __import__("threading").Event()
+    reading = __import__("threading").Event()
+    source = {"k": "old"}
+
+    def load(key: str) -> str:
+        value = source[key]
+        reading.set()
+        assert released.wait(20)
+        return value
+
+    one: LoadingCache[str, str] = LoadingCache(
+        load, ttl=30, fleet=Fleet(client, namespace="before", channel_timeout=CHANNEL_TIMEOUT)
+    )
+    two: LoadingCache[str, str] = LoadingCache(
+        lambda key: source[key],
+        ttl=30,
+        fleet=Fleet(client, namespace="before", channel_timeout=CHANNEL_TIMEOUT),
+    )
+    with one, two:
+        assert one._fleet.wait_trusted(10) and two._fleet.wait_trusted(10)
+        thread = __import__("threading").Thread(target=one.get, args=("k",))
+        thread.start()
+        assert reading.wait(20)
+        source["k"] = "new"
+        two.invalidate("k")
+        released.set()
+        thread.join(20)
+        assert not thread.is_alive()
+        time.sleep(BOUND)
+        assert one.get("k") == "new"
+        assert two.get("k") == "new"
+        assert client.get("sf:{before:k}:res") is None or b"new" in client.get("sf:{before:k}:res")
+
+
+@pytest.mark.parametrize("workers", [(2, 30.0)], indirect=True)
+def test_a_process_that_lost_its_channel_serves_no_l1_until_resubscribed(
+    server: RedisServer, workers: list[Worker]
+) -> None:
+    set_source(server, "k", "one")
+    for w in workers:
+        ask(w, "get k")
+        ask(w, "get k")
+    assert all(ask(w, "stats")["l1"] == ["k"] for w in workers)
+    client = server.client()
+    try:
+        assert client.client_kill_filter(_type="pubsub") >= 1
+    finally:
+        client.close()
+    # Each process drops its L1 when it notices (at once: the socket closed),
+    # then subscribes again; a drop is counted either way.
+    deadline = time.monotonic() + 20
+    while not all(ask(w, "stats")["l1_drops"] >= 1 for w in workers):
+        assert time.monotonic() < deadline, [ask(w, "stats") for w in workers]
+        time.sleep(0.02)
+    for w in workers:
+        stats = ask(w, "stats")
+        assert stats["hits"] == 1  # nothing served from the dropped L1 since
+    deadline = time.monotonic() + 20
+    while not all(ask(w, "stats")["trusted"] for w in workers):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert {ask(w, "get k")["v"] for w in workers} == {"one"}
+    assert loads(server, "k") == 1  # the entry in Redis answered
+
+
+@pytest.mark.parametrize("workers", [(2, 2.0)], indirect=True)
+def test_redis_stopped_then_restarted_empty(server: RedisServer, workers: list[Worker]) -> None:
+    """SIGSTOP 3 s: callers keep their deadlines, L1 is dropped after the channel
+    timeout; an invalidation during the stop does not return.  Then a restart
+    with nothing: L1s are dropped again and the fleet loads afresh."""
+    set_source(server, "k", "one")
+    for w in workers:
+        ask(w, "get k")
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        workers[0].send("inv k")
+        reply = json.loads(workers[0]._line(20))
+        assert "RedisUnavailableError" in reply["error"]  # it did not return
+        assert time.monotonic() - started < 5  # within redis_timeout + budget, loosely
+        time.sleep(BOUND)
+        for w in workers:
+            stats = ask(w, "stats")
+            assert stats["l1"] == [] and not stats["trusted"]
+            started = time.monotonic()
+            ask(w, "get k", timeout=20)  # loaded locally (policy "open")
+            assert time.monotonic() - started < 8  # max_wait 5 s + a load, loosely
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    server.restart()
+    set_source(server, "k", "two")
+    deadline = time.monotonic() + 20
+    while not all(ask(w, "stats")["trusted"] for w in workers):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert {ask(w, "get k")["v"] for w in workers} == {"two"}
+
+
+def test_invalidate_raises_when_redis_is_unreachable(server: RedisServer) -> None:
+    client = redis.Redis(port=server.port)
+    cache: LoadingCache[str, str] = LoadingCache(
+        lambda key: key, ttl=30, fleet=Fleet(client, namespace="down", retry_budget=0.05)
+    )
+    with cache:
+        assert cache._fleet.wait_trusted(10)
+        assert cache.get("k") == "k"
+        server.stop()
+        try:
+            with pytest.raises(RedisUnavailableError):
+                cache.invalidate("k")
+            assert "k" not in cache
+        finally:
+            server.start()
+
+
+@pytest.mark.parametrize("workers", [(4, 1.0)], indirect=True)
+def test_one_load_per_key_per_ttl_with_staggered_processes(
+    server: RedisServer, workers: list[Worker]
+) -> None:
+    keys = [f"h{i}" for i in range(5)]
+    for key in keys:
+        set_source(server, key, "v")
+    run_seconds = 4.0
+    for i, w in enumerate(workers):  # staggered over one TTL
+        w.send(f"run {run_seconds - i * 0.25} {' '.join(keys)}")
+        time.sleep(0.25)
+    reports = [json.loads(w._line(60)) for w in workers]
+    total = sum(loads(server, key) for key in keys)
+    per_key_per_ttl = total / len(keys) / (run_seconds / 1.0)
+    assert per_key_per_ttl <= 1.5, (total, reports)
+    oldest = max(r["oldest"] for r in reports)
+    assert oldest <= 1.0 * 1.5 + 0.3, reports  # TTL + one load time, loosely
