@@ -858,17 +858,52 @@ class Renewals:
     """Which held leases are due for renewal, and when the watchdog should wake next.
 
     Renewal runs every ``lease / 3``: two renewals can fail before a lease
-    lapses.  A failed renewal is retried sooner.  Not thread-safe: the sync
+    lapses.  A failed renewal is retried sooner.  The watchdog ends once
+    nothing was held for ``idle_exit`` seconds.  Not thread-safe: the sync
     watchdog guards it with its lock.
     """
 
-    __slots__ = ("held", "interval", "retry_interval", "settings")
+    __slots__ = ("_idle_since", "held", "idle_exit", "interval", "retry_interval", "settings")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.interval = settings.renew_interval
         self.retry_interval = min(self.interval, 0.1)
+        self.idle_exit = max(settings.lease, 1.0)
         self.held: dict[str, Held] = {}
+        self._idle_since: float | None = None
+
+    def wait(self, now: float) -> float | None:
+        """The watchdog's next step: seconds to sleep (0: renew ``due(now)`` now), or
+        None when nothing was held for ``idle_exit`` (the watchdog ends)."""
+        wait = self.next_wake(now)
+        if wait is not None:
+            self._idle_since = None
+            return wait
+        if self._idle_since is None:
+            self._idle_since = now
+        idle = now - self._idle_since
+        return None if idle >= self.idle_exit else self.idle_exit - idle
+
+    def renew_commands(self, due: list[Held], now: float, *, fallback: bool) -> list[list[Any]]:
+        """One RENEW per lease of ``due``, sent at ``now``: EVALSHA, or EVAL as the
+        ``fallback`` after NOSCRIPT."""
+        name, code = ("EVAL", RENEW_SCRIPT.source) if fallback else ("EVALSHA", RENEW_SCRIPT.sha)
+        return [[name, code, 2, *h.renew_keys(), *self.renew_args(h, now)] for h in due]
+
+    def apply(self, due: list[Held], codes: list[int | None], now: float) -> list[tuple[Held, int]]:
+        """The RENEW replies of ``due`` arrived at ``now`` (None where one failed);
+        returns the (lease, code) pairs to count, of leases still held."""
+        news = []
+        for held, code in zip(due, codes, strict=True):
+            if held.token not in self.held:
+                continue  # its loader finished meanwhile
+            if code is None:
+                self.failed(held, now)
+            else:
+                self.renewed(held, code, now)
+                news.append((held, code))
+        return news
 
     def renew_args(self, held: Held, now: float) -> list[str | int]:
         """RENEW's arguments for ``held``, sent at ``now`` (see RENEW_SCRIPT)."""
