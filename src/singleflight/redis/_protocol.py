@@ -29,39 +29,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = [
-    "ABANDONED",
-    "ACQUIRE",
-    "ACQUIRE_SCRIPT",
-    "FLEET_ACQUIRE_SCRIPT",
-    "FleetCall",
-    "FleetEntry",
-    "COMPLETE_SCRIPT",
-    "ERROR",
-    "FAIL",
-    "FORGOTTEN",
-    "FORGET_SCRIPT",
-    "HIT",
-    "LEAD",
-    "LOCAL",
-    "OK",
-    "READ",
-    "RENEW_SCRIPT",
-    "REMOTE_ERROR",
-    "SLEEP",
-    "Breaker",
-    "Completion",
-    "Counters",
-    "Held",
-    "Keys",
-    "Plan",
-    "RetryBudget",
-    "Renewals",
-    "Script",
-    "Settings",
-    "new_token",
-]
-
 PREFIX = "sf"
 
 

@@ -24,8 +24,6 @@ from ._core import GroupCore, command, describe, log
 from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
 
-__all__ = ["Clients", "Watchdog", "call", "eval_script", "read_blocking", "sleep"]
-
 V = TypeVar("V")
 
 sleep = time.sleep
