@@ -29,6 +29,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .._options import check_count, check_duration
+
 PREFIX = "sf"
 
 
@@ -248,17 +250,6 @@ def check_namespace(namespace: object) -> str:
 # -- settings ----------------------------------------------------------------------
 
 
-def _seconds(name: str, value: object, *, zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds; got {value!r}")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite; got {value!r}")
-    if value < 0 or (value == 0 and not zero):
-        limit = ">= 0" if zero else "> 0"
-        raise ValueError(f"{name} must be {limit} seconds; got {value!r}")
-    return float(value)
-
-
 def _ms(seconds: float) -> int:
     """Whole milliseconds for PX, never 0 for a positive duration (PX 0 is an error)."""
     return max(1, round(seconds * 1000)) if seconds > 0 else 0
@@ -302,37 +293,29 @@ class Settings:
         fence_ttl: float = 600.0,
         slack: float = 0.02,
     ) -> None:
-        self.lease = _seconds("lease", lease)
+        self.lease = check_duration("lease", lease)
         if self.lease < 0.01:
             raise ValueError(f"lease must be at least 0.01 seconds; got {lease!r}")
-        self.result_ttl = _seconds("result_ttl", result_ttl, zero=True)
-        self.max_wait = _seconds("max_wait", max_wait)
+        self.result_ttl = check_duration("result_ttl", result_ttl, zero=True)
+        self.max_wait = check_duration("max_wait", max_wait)
         if on_redis_error not in ("open", "closed"):
             raise ValueError(
                 f'on_redis_error must be "open" (run the loader locally) or "closed" '
                 f"(raise RedisUnavailableError); got {on_redis_error!r}"
             )
         self.policy = on_redis_error
-        self.redis_timeout = _seconds("redis_timeout", redis_timeout)
-        self.retry_budget = _seconds("retry_budget", retry_budget, zero=True)
-        if isinstance(max_payload, bool) or not isinstance(max_payload, int) or max_payload < 1:
-            raise ValueError(f"max_payload must be a positive number of bytes; got {max_payload!r}")
-        self.max_payload = max_payload
-        if (
-            isinstance(breaker_threshold, bool)
-            or not isinstance(breaker_threshold, int)
-            or breaker_threshold < 1
-        ):
-            raise ValueError(f"breaker_threshold must be an int >= 1; got {breaker_threshold!r}")
-        self.breaker_threshold = breaker_threshold
-        self.breaker_cooldown = _seconds("breaker_cooldown", breaker_cooldown, zero=True)
-        fence_ttl = _seconds("fence_ttl", fence_ttl)
+        self.redis_timeout = check_duration("redis_timeout", redis_timeout)
+        self.retry_budget = check_duration("retry_budget", retry_budget, zero=True)
+        self.max_payload = check_count("max_payload", max_payload, "a positive number of bytes")
+        self.breaker_threshold = check_count("breaker_threshold", breaker_threshold, "an int >= 1")
+        self.breaker_cooldown = check_duration("breaker_cooldown", breaker_cooldown, zero=True)
+        fence_ttl = check_duration("fence_ttl", fence_ttl)
         if fence_ttl < self.lease:
             raise ValueError(f"fence_ttl ({fence_ttl}) must be at least the lease ({self.lease})")
         self.lease_ms = _ms(self.lease)
         self.result_ttl_ms = _ms(self.result_ttl)
         self.fence_ttl_ms = _ms(fence_ttl)
-        self.slack_ms = _ms(_seconds("slack", slack, zero=True))
+        self.slack_ms = _ms(check_duration("slack", slack, zero=True))
         # A completion record only has to outlive the gap between a waiter's
         # ACQUIRE and its XREAD; a waiter that still misses it waits out one
         # lease slice and asks again.
