@@ -49,11 +49,14 @@ WORDS = [
     ("__aenter__", "__enter__"),
     ("__aexit__", "__exit__"),
     ("aclose", "close"),
+    ("aforget", "forget"),
     ("Awaitable[V]", "V"),
     ("Awaitable[Any]", "Any"),
     ("Awaitable[Mapping[K, V]]", "Mapping[K, V]"),
     ("StopAsyncIteration", "StopIteration"),
     ("__anext__", "__next__"),
+    ("asyncio.Future", "Future"),
+    ("Awaitable, Callable", "Callable"),
     ("__aiter__", "__iter__"),
 ]
 

@@ -6,7 +6,14 @@ instead; nothing is registered or started by a call with a bad option.
 
 from __future__ import annotations
 
-__all__ = ["check_flag", "check_name", "check_options", "check_seconds"]
+__all__ = [
+    "check_count",
+    "check_duration",
+    "check_flag",
+    "check_name",
+    "check_options",
+    "check_seconds",
+]
 
 
 def check_options(
@@ -52,3 +59,21 @@ def check_flag(option: str, value: object) -> None:
     """A yes/no option: exactly True or False (a truthy string is a mistake, not a yes)."""
     if not isinstance(value, bool):
         raise TypeError(f"{option} must be True or False; got {value!r}")
+
+
+def check_duration(option: str, value: object, *, zero: bool = False) -> float:
+    """A required duration: a finite number of seconds, > 0 (>= 0 with ``zero``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{option} must be a number of seconds; got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{option} must be finite; got {value!r}")
+    if value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{option} must be {'>= 0' if zero else '> 0'} seconds; got {value!r}")
+    return float(value)
+
+
+def check_count(option: str, value: object, expected: str) -> int:
+    """A positive int (not a bool); the message says ``option must be <expected>``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{option} must be {expected}; got {value!r}")
+    return value

@@ -206,7 +206,7 @@ def group_forgets(group: Any) -> list[Any]:
     """The Redis parts of forgets an AsyncRedisGroup runs in tasks: awaited before replying."""
     return [
         asyncio.shield(task)
-        for state in list(group._states.values())
+        for state in list(group._clients.values())
         for task in list(state.forgets.values())
     ]
 

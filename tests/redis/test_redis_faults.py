@@ -250,7 +250,7 @@ def _held(side: Any) -> list[Any]:
     """The leases a side's watchdog holds (read from another thread: a snapshot)."""
     if side.mode == "sync":
         return list(side.group._clients.watchdog.held())
-    return [h for s in list(side.group._states.values()) for h in list(s.watchdog.held())]
+    return [h for s in list(side.group._clients.values()) for h in list(s.watchdog.held())]
 
 
 def test_a_renewal_delivered_after_a_stall_never_extends_a_finished_leaders_lease(

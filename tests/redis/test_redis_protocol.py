@@ -232,6 +232,37 @@ def test_renewals_schedule() -> None:
     assert renewals.next_wake(2.0) is None
 
 
+def test_renewals_steps_of_the_watchdog() -> None:
+    """wait() says sleep, renew now, or end after idle_exit with nothing held; apply()
+    takes the replies and names the news of the leases still held."""
+    renewals = Renewals(Settings(lease=3.0))
+    a, b, c = Held(KEYS, "a", 1), Held(KEYS, "b", 2), Held(KEYS, "c", 3)
+    assert renewals.wait(0.0) == 3.0  # idle: wait out idle_exit (the lease)
+    assert renewals.wait(2.0) == 1.0
+    assert renewals.wait(3.0) is None
+    renewals.add(a, 3.0)
+    renewals.add(b, 3.0)
+    renewals.add(c, 3.0)
+    assert renewals.wait(3.5) == pytest.approx(0.5)
+    assert renewals.wait(4.0) == 0.0
+    due = renewals.due(4.0)
+    commands = renewals.renew_commands(due, 4.0, fallback=False)
+    assert [command[:5] for command in commands] == [
+        ["EVALSHA", proto.RENEW_SCRIPT.sha, 2, *h.renew_keys()] for h in due
+    ]
+    assert renewals.renew_commands(due, 4.0, fallback=True)[0][:2] == [
+        "EVAL",
+        proto.RENEW_SCRIPT.source,
+    ]
+    renewals.remove(c)  # its loader finished while the RENEWs were out
+    news = renewals.apply(due, [proto.LOST, None, proto.RENEWED], 4.1)
+    assert news == [(a, proto.LOST)]
+    assert a.lost and list(renewals.held) == ["b"]
+    assert b.due == pytest.approx(4.2)  # failed: retried sooner
+    renewals.remove(b)
+    assert renewals.wait(5.0) == 3.0  # idle again: a fresh idle_exit
+
+
 def test_completion_replies() -> None:
     assert Completion([1, 3]).waiters == 3
     assert Completion([0, 0]).fenced

@@ -1,81 +1,42 @@
-# unasync: async-only
-"""The asyncio driver: :class:`AsyncRedisGroup`, coalescing across processes on redis.asyncio.
+"""A driver of the Redis groups: :class:`AsyncRedisGroup`, generated into its twin.
 
-The twin of ``_sync.py``: the same :class:`_protocol.Plan` and
-:class:`_core.GroupCore`, awaited instead of blocked on.  An
-:class:`singleflight.AsyncGroup` in front keeps one Redis waiter per key per
-event loop.  Redis clients, the watchdog task and pending forgets are kept per
-event loop, since redis.asyncio connections belong to the loop that made them.
+Both drivers follow the same :class:`_protocol.Plan` and share a
+:class:`_core.GroupCore`; one awaits where the other blocks.  An in-process
+:class:`singleflight.AsyncGroup` in front means only the caller leading a key's
+local flight talks to Redis.  The clients, the watchdog that renews leases and
+how loaders are called come from ``_asyncio_only.py`` (the asyncio driver keeps
+them per event loop, since its connections belong to the loop that made them).
 """
-# unasync: sync-only
-# """The thread driver: :class:`RedisGroup`, coalescing across processes on redis.Redis.
-#
-# In front, an in-process :class:`singleflight.Group`: only the thread leading a
-# key's local flight talks to Redis, so a process sends at most one waiter per
-# key there.  That thread follows a :class:`_protocol.Plan`; one watchdog
-# thread per group renews the leases of the loaders it runs.
-# """
-# unasync: end
 
 from __future__ import annotations
 
-# unasync: async-only
-import asyncio
 import time
-import weakref
-from asyncio import AbstractEventLoop, CancelledError, get_running_loop
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 from redis.exceptions import RedisError
 
-from .._asyncio import AsyncGroup
+from .. import AsyncGroup
 from .._result import Result
 from ..events import EventHook
 from ..stats import RedisGroupStats
 from . import _protocol as proto
-from ._asyncio_only import Client, Clients, call, eval_script, read_blocking, sleep
 from ._clients import configure_async
-from ._core import (
-    _CURRENT,
-    RETRY,
-    Caller,
-    FlightInfo,
-    GroupCore,
-    Watch,
-    calling,
-    with_shared,
-)
+from ._core import _CURRENT, RETRY, Caller, FlightInfo, GroupCore, Watch, calling, with_shared
 from ._protocol import Completion, FleetCall, Keys, Plan, RetryBudget, Settings
 from .codecs import Codec, CodecError
 
+# isort: split
+# unasync: async-only
+import asyncio
+import weakref
+
+from ._asyncio_only import Client, Clients, call, eval_script, read_blocking, sleep
+
 # unasync: sync-only
-# import time
-# from collections.abc import Callable
 # from concurrent.futures import Executor, Future
-# from typing import Any, Generic, Literal, ParamSpec, TypeVar
 #
-# from redis.exceptions import RedisError
-#
-# from .._result import Result
-# from .._threads import Group
-# from ..events import EventHook
-# from ..stats import RedisGroupStats
-# from . import _protocol as proto
-# from ._clients import configure_sync
-# from ._core import (
-#     _CURRENT,
-#     RETRY,
-#     Caller,
-#     FlightInfo,
-#     GroupCore,
-#     Watch,
-#     calling,
-#     with_shared,
-# )
-# from ._protocol import Completion, FleetCall, Keys, Plan, RetryBudget, Settings
 # from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
-# from .codecs import Codec, CodecError
 #
 # unasync: end
 __all__ = ["AsyncRedisGroup"]
@@ -111,111 +72,40 @@ async def _with_budget(
 
 
 class AsyncRedisGroup(Generic[K, V]):
-    # unasync: async-only
-    """Coalesces calls that share a key across tasks, processes and machines, on Redis.
+    """Coalesces calls that share a key across processes and machines, on Redis.
 
     ``AsyncRedisGroup(redis.asyncio.Redis(...), namespace="users")`` (or a
     ``redis.asyncio.cluster.RedisCluster``, or a Sentinel's ``master_for``
-    client).  The API
-    of :class:`singleflight.AsyncGroup` (``do``, ``do_result``, ``do_future``,
-    ``forget``, ``forget_unshared``, ``in``, ``len``) plus :meth:`aforget` and
-    :meth:`aclose`; the options of :class:`RedisGroup` (``max_flights``,
-    ``on_limit`` and ``timeout`` as for :class:`AsyncGroup`), and
-    ``cancel_orphaned`` as for :class:`AsyncGroup`.
+    client).  It has the API of :class:`singleflight.AsyncGroup` (``do``,
+    ``do_result``, ``do_future``, ``forget``, ``forget_unshared``, ``in``,
+    ``len``), and calls of one key share one execution of the loader among
+    every process using the same Redis and namespace while its lease is live.
 
-    The group makes its own Redis clients per event loop (copies of
-    ``client``'s pool with bounded timeouts); close them with ``await
-    group.aclose()`` or ``async with group:`` before the loop ends.
+    Options (keyword-only): ``namespace`` (required), ``lease``,
+    ``result_ttl``, ``max_wait``, ``on_redis_error``, ``codec``,
+    ``key_to_str``, ``redis_timeout``, ``retry_budget``, ``max_payload``,
+    ``breaker_threshold``, ``breaker_cooldown``, ``configure_client``,
+    ``name``, ``on_event``, and those of :class:`AsyncGroup` it keeps, applied
+    in this process (``max_flights``, ``on_limit``, ``timeout``, and
+    ``cancel_orphaned`` with asyncio, ``executor`` with threads).  The Options
+    table of the Redis guide gives each one's default and meaning, its
+    Events section the events a group tells; :meth:`stats` returns the
+    counters.
+
+    The group talks through its own copies of ``client`` (bounded timeouts,
+    no redis-py retry); close them with ``await group.aclose()`` or
+    ``async with group:``.
+
+    Guarantee: an efficiency lock.  Duplicate loads can happen when a leader
+    stalls past its lease, when Redis restarts or fails over, or under the
+    ``"open"`` policy; a stale leader never overwrites a newer result.
     """
-
-    # unasync: sync-only
-    # """Coalesces calls that share a key across threads, processes and machines, on Redis.
-    #
-    # ``RedisGroup(redis.Redis(...), namespace="users")`` (or a
-    # ``redis.cluster.RedisCluster``, or a Sentinel's ``master_for`` client).  It has the API of
-    # :class:`singleflight.Group` (``do``, ``do_result``, ``do_future``,
-    # ``forget``, ``forget_unshared``, ``in``, ``len``), and calls of one key
-    # share one execution of the loader among every process using the same
-    # Redis and namespace, while the loader's lease is live.
-    #
-    # Options (keyword-only):
-    #
-    # ``namespace``
-    #     Prefix of every Redis key of the group (required).  Groups with the
-    #     same namespace and Redis share flights: give each kind of value its own.
-    # ``lease`` (3 s)
-    #     How long a leader's claim lasts without renewal.  A watchdog thread
-    #     renews it every ``lease / 3`` while the loader runs, so it bounds how
-    #     long others wait for a leader that died, not how long a loader may run.
-    # ``result_ttl`` (5 s)
-    #     How long a result stays in Redis for callers arriving just after the
-    #     flight; ``0`` keeps none (coalescing only).  Errors are never kept.
-    # ``max_wait`` (30 s)
-    #     The longest a process's flight waits on other processes; then
-    #     ``on_redis_error`` applies.
-    # ``on_redis_error`` (``"open"``)
-    #     ``"open"``: when Redis fails (after the retry budget) or ``max_wait``
-    #     passes, run the loader locally.  ``"closed"``: raise
-    #     :class:`RedisUnavailableError` or :class:`WaitTimeoutError`.
-    # ``codec`` (:class:`JsonCodec`)
-    #     How values travel: :class:`JsonCodec`, :class:`MsgpackCodec` or
-    #     :class:`SignedPickleCodec`.  A payload that fails to decode is a miss.
-    # ``key_to_str``
-    #     A function turning the caller's key into a str for Redis; by default
-    #     str and int keys, and tuples of str, int, float, bool and None, are
-    #     accepted (``42`` and ``"42"`` are the same key).
-    # ``redis_timeout`` (0.5 s)
-    #     Socket connect and read timeout of each Redis command.
-    # ``retry_budget`` (0.5 s)
-    #     How long one operation retries transient Redis errors (within the
-    #     caller's deadline) before the error policy applies.
-    # ``max_payload`` (1 MiB)
-    #     Largest encoded value; a larger one raises :class:`PayloadTooLargeError`.
-    # ``breaker_threshold`` (5), ``breaker_cooldown`` (2 s)
-    #     After that many failed Redis operations in a row, skip Redis for the
-    #     cooldown, then probe with one call.
-    # ``configure_client`` (True)
-    #     Talk through copies of ``client`` (its pool, its Sentinel pool, or its
-    #     cluster's nodes) with bounded timeouts and no redis-py retry (see the
-    #     README); False uses ``client`` as given.
-    # ``executor``
-    #     Runs the loaders of :meth:`do_future`, as for :class:`Group`.
-    # ``name`` (the namespace)
-    #     Labels the group's events and metrics; a non-empty str.
-    # ``on_event``
-    #     A callable given each :mod:`singleflight.events` event, in the thread
-    #     of the call it concerns: ``FlightStarted`` when this process leads
-    #     (holding the lease), ``Joined`` when a call waits on another's flight
-    #     (here, or in another process; also for a stored result), the flight's
-    #     ``FlightFinished`` / ``FlightFailed`` / ``FlightAborted`` (``callers``
-    #     counts those here and in other processes), ``TimedOut`` at
-    #     ``max_wait``, ``RanLocally`` when the loader runs without Redis
-    #     (policy "open"), ``RedisUnavailable`` when a call fails for Redis
-    #     (policy "closed").  A hook that raises is logged
-    #     and ignored.  :meth:`stats` returns the counters.
-    # ``max_flights``, ``on_limit`` (``"raise"``), ``timeout``
-    #     As for :class:`Group`, applied in this process: at most
-    #     ``max_flights`` keys in flight here (a new key beyond it raises
-    #     :class:`TooManyFlightsError` or waits for a slot), and a caller waits at
-    #     most ``timeout`` seconds, then alone raises ``WaitTimeoutError`` while the
-    #     flight goes on (``Rejected`` and ``TimedOut`` events; counted in
-    #     ``rejected`` and ``timeouts``).
-    #
-    # Guarantee: an efficiency lock.  Duplicate loads can happen when a leader
-    # stalls past its lease, when Redis restarts or fails over, or under the
-    # ``"open"`` policy; a stale leader never overwrites a newer result.
-    # """
-    # unasync: end
 
     # Its do() may return a value (or raise a RemoteError) loaded by another
     # process: a LoadingCache in front writes such outcomes back (see GroupLike).
     crosses_processes = True
 
-    # unasync: async-only
-    __slots__ = ("__weakref__", "_client", "_configure", "_core", "_local", "_states")
-    # unasync: sync-only
-    # __slots__ = ("__weakref__", "_clients", "_configure", "_core", "_local")
-    # unasync: end
+    __slots__ = ("__weakref__", "_client", "_clients", "_configure", "_core", "_local")
 
     def __init__(
         self,
@@ -264,13 +154,16 @@ class AsyncRedisGroup(Generic[K, V]):
             name=name,
             on_event=on_event,
         )
+        self._client = client
+        self._configure = configure_client
         # unasync: async-only
         configure_async(client, settings, configure_client)  # check the client now
-        self._client = client
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Clients] = (
+            weakref.WeakKeyDictionary()
+        )
         # unasync: sync-only
         # self._clients = Clients(self._core, *configure_sync(client, settings, configure_client))
         # unasync: end
-        self._configure = configure_client
         # The local group tells the core of its flights and joins (always: the
         # counts of led flights come from there, hook or not).
         self._local: AsyncGroup[K, V] = AsyncGroup(
@@ -285,64 +178,45 @@ class AsyncRedisGroup(Generic[K, V]):
             on_limit=on_limit,
             timeout=timeout,
         )
-        # unasync: async-only
-        self._states: weakref.WeakKeyDictionary[AbstractEventLoop, Clients] = (
-            weakref.WeakKeyDictionary()
-        )
-        # unasync: end
 
     # -- the AsyncGroup API ----------------------------------------------------------
 
     async def do(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
     ) -> V:
-        # unasync: async-only
         """Run ``fn(*args, **kwargs)`` once for ``key`` across every process, or join that run.
 
-        Returns and raises as :meth:`RedisGroup.do`: the loader's value (a
-        decoded copy in other processes), its exception in this process and
-        :class:`LoaderError` in others, :class:`RedisUnavailableError` /
-        :class:`WaitTimeoutError` under ``on_redis_error="closed"``,
-        :class:`CodecError` / :class:`PayloadTooLargeError` for a value that
-        cannot be encoded (in every caller, in every process), ``TypeError``
-        for a bad key or ``fn`` and ``ValueError`` for a key that is not valid
-        Unicode, before anything runs.
+        Returns:
 
-        Cancellation: as :meth:`AsyncGroup.do`: cancelling a caller affects
-        that caller alone.  The Redis work runs in the local flight's loader
-        task; when that task is cancelled (``cancel_orphaned=True`` and every
-        caller left, or the loop shutting down) while it leads, the flight is
-        abandoned in Redis so another process takes over at once; local
-        waiters get :class:`AbortedError`.
+        * the loader's value: the object itself in the leader's process, a copy
+          decoded by the codec in other processes.
+
+        Raises:
+
+        * the loader's :class:`Exception` in the leader's process (as
+          :class:`AsyncGroup` raises it); :class:`LoaderError` (its type name and
+          message) in other processes;
+        * :class:`AbortedError` in local waiters when a ``BaseException`` stops
+          the loader (a cancelled loader, ``KeyboardInterrupt``, ``SystemExit``):
+          the flight is then abandoned in Redis, so other processes take over
+          at once;
+        * under ``on_redis_error="closed"``: :class:`RedisUnavailableError` when
+          Redis fails past the retry budget or the breaker is open,
+          :class:`~singleflight.WaitTimeoutError` after ``max_wait`` (under
+          ``"open"`` the loader runs locally instead);
+        * :class:`PayloadTooLargeError` / :class:`CodecError` when the value cannot
+          be encoded: in every caller of the flight, in every process;
+        * ``TypeError`` for a key that is unhashable or of another type (without
+          ``key_to_str=``) or a non-callable ``fn``, ``ValueError`` for a str key
+          that is not valid Unicode, before anything runs; ``RuntimeError`` for a
+          loader calling ``do`` on its own key.
+
+        Cancellation:
+
+        * as for :meth:`AsyncGroup.do`.  A caller returns at most about
+          ``max_wait + redis_timeout`` after its process's flight started, plus
+          the loader's own time when it runs here.
         """
-        # unasync: sync-only
-        # """Run ``fn(*args, **kwargs)`` once for ``key`` across every process, or join that run.
-        #
-        # Returns the loader's value: the object itself in the leader's process,
-        # a copy decoded by the codec elsewhere.
-        #
-        # Errors: in the leader's process the loader's :class:`Exception` is
-        # raised as :class:`Group` raises it; callers in other processes raise
-        # :class:`LoaderError` (type name and message).  A ``BaseException``
-        # stopping the loader (``KeyboardInterrupt``, ``SystemExit``) abandons
-        # the flight in Redis, so other processes take over at once; local
-        # waiters get :class:`AbortedError`.  Under ``on_redis_error="closed"``:
-        # :class:`RedisUnavailableError` when Redis fails past the retry budget
-        # or the breaker is open, :class:`WaitTimeoutError` after ``max_wait``;
-        # under ``"open"`` the loader runs locally instead.
-        # :class:`PayloadTooLargeError` / :class:`CodecError` when the value
-        # cannot be encoded: in every caller of the flight, in every process
-        # (never a :class:`LoaderError`).  ``TypeError`` for a
-        # key that is unhashable or of another type (without ``key_to_str=``), or a
-        # non-callable ``fn``, and ``ValueError`` for a str key that is not valid
-        # Unicode (a lone surrogate), before anything runs; ``RuntimeError`` for a
-        # loader calling ``do`` on its own key.
-        #
-        # Timing: a caller returns at most about ``max_wait + redis_timeout``
-        # after its process's flight started, plus the loader's own time when
-        # it runs here.  A waiting ``do`` cannot be cancelled; use :meth:`do_future`.
-        # """
-        # unasync: end
         text = self._core.checked(key, fn)
         with calling() as caller:
             return await self._local.do(key, self._fly, key, text, fn, args, kwargs, caller)
@@ -350,23 +224,22 @@ class AsyncRedisGroup(Generic[K, V]):
     async def do_result(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
     ) -> Result[V]:
-        # unasync: async-only
         """Like :meth:`do`, but returns a :class:`Result` instead of raising.
 
-        ``shared`` as for :meth:`RedisGroup.do_result`.  Cancellation, and
-        ``TypeError`` / ``RuntimeError``, as for :meth:`do`.
+        Returns:
+
+        * a :class:`Result`: ``error`` holds what :meth:`do` would raise but for
+          the errors below; ``shared`` is true when the value reached more than
+          one caller, in this process or through Redis.
+
+        Raises:
+
+        * ``TypeError``, ``ValueError`` and ``RuntimeError`` as :meth:`do`.
+
+        Cancellation:
+
+        * as for :meth:`do`.
         """
-        # unasync: sync-only
-        # """Like :meth:`do`, but returns a :class:`Result` instead of raising.
-        #
-        # ``Result.error`` holds the loader's exception, a :class:`LoaderError`,
-        # :class:`AbortedError`, or under ``"closed"`` the Redis errors of
-        # :meth:`do`.  ``shared`` is true when the value reached more than one
-        # caller: in this process, or through Redis (taken from another process,
-        # or given to one that waited).  ``TypeError`` and ``RuntimeError`` are
-        # raised as by :meth:`do`.
-        # """
-        # unasync: end
         text = self._core.checked(key, fn)
         with calling() as caller:
             result = await self._local.do_result(
@@ -375,30 +248,17 @@ class AsyncRedisGroup(Generic[K, V]):
         return with_shared(result, caller)
 
     def do_future(
-        self,
-        key: K,
-        fn: Callable[P, Awaitable[V]],
-        /,
-        *args: P.args,
-        **kwargs: P.kwargs,
-        # unasync: async-only
+        self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
     ) -> asyncio.Future[V]:
-        # unasync: sync-only
-        # ) -> Future[V]:
-        # unasync: end
-        # unasync: async-only
         """Start or join the flight of ``key``; return at once with a future of its outcome.
 
-        As :meth:`AsyncGroup.do_future`: each caller's future is its own.
+        As :meth:`AsyncGroup.do_future`: each caller's future is its own, to
+        cancel or wait on with a timeout without affecting the flight.
+
+        Returns:
+
+        * a future holding what :meth:`do` would return or raise.
         """
-        # unasync: sync-only
-        # """Start or join the flight of ``key`` and return at once with a future of its outcome.
-        #
-        # As :meth:`Group.do_future`: each caller gets its own future, which it
-        # may cancel or wait on with a timeout without affecting the flight.
-        # The future holds what :meth:`do` would return or raise.
-        # """
-        # unasync: end
         text = self._core.checked(key, fn)
         with calling() as caller:
             return self._local.do_future(key, self._fly, key, text, fn, args, kwargs, caller)
@@ -415,19 +275,17 @@ class AsyncRedisGroup(Generic[K, V]):
 
     # unasync: async-only
     def forget(self, key: K) -> None:
-        """Let the next call of ``key``, in any process, start a new flight.
+        """:meth:`aforget` without waiting: the local flight is forgotten at once.
 
-        The local flight is forgotten at once.  The Redis part (dropping the
-        stored result, detaching the running flight, as :meth:`RedisGroup.forget`)
-        runs in a task of the running loop, and this loop's next flight of the
-        key waits for it; a failure is logged.  Outside an event loop only the
-        local part is done.  ``await`` :meth:`aforget` to wait for Redis.
+        The Redis part runs in a task of the running loop, and this loop's next
+        flight of the key waits for it; a failure is logged.  Outside an event
+        loop only the local part is done.
         """
         text = self._core.redis_key(key)
         self._core.forgetting(text)
         self._local.forget(key)
         try:
-            loop = get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
             return
         state = self._state()
@@ -440,17 +298,6 @@ class AsyncRedisGroup(Generic[K, V]):
 
         task.add_done_callback(done)
 
-    async def aforget(self, key: K) -> None:
-        """:meth:`forget`, waiting for Redis.
-
-        Under ``on_redis_error="closed"`` a Redis failure raises
-        :class:`RedisUnavailableError`.
-        """
-        text = self._core.redis_key(key)
-        self._core.forgetting(text)
-        self._local.forget(key)
-        await self._forget_remote(self._state(), key, text, False, quiet=False)
-
     def forget_unshared(self, key: K) -> bool:
         """Forget ``key`` only if nobody joined its flight in this loop.
 
@@ -462,7 +309,7 @@ class AsyncRedisGroup(Generic[K, V]):
             return False
         self._core.forgetting(text)
         try:
-            get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
             return True
         state = self._state()
@@ -470,24 +317,6 @@ class AsyncRedisGroup(Generic[K, V]):
         return True
 
     # unasync: sync-only
-    # def forget(self, key: K) -> None:
-    #     """Let the next call of ``key``, in any process, start a new flight.
-    #
-    #     Drops the result stored in Redis and detaches the running flight, if
-    #     any: new callers lead a new one.  Once it returns, no caller that
-    #     starts after it, in any process, gets the outcome of a flight that
-    #     started before it: this process's callers of the detached flight still
-    #     get its outcome (they all came before), processes waiting on it ask
-    #     again, and a process leading it runs it again.  The outcome is not
-    #     stored.  Under ``on_redis_error="closed"`` a Redis failure raises
-    #     :class:`RedisUnavailableError` (the local flight is forgotten anyway);
-    #     under ``"open"`` it is logged.
-    #     """
-    #     text = self._core.redis_key(key)
-    #     self._core.forgetting(text)
-    #     self._local.forget(key)
-    #     self._forget_remote(self._clients, key, text, False, quiet=False)
-    #
     # def forget_unshared(self, key: K) -> bool:
     #     """Forget ``key`` only if nobody joined its flight, here or in another process.
     #
@@ -502,12 +331,31 @@ class AsyncRedisGroup(Generic[K, V]):
     #     return self._forget_remote(self._clients, key, text, True, quiet=False)
     # unasync: end
 
+    async def aforget(self, key: K) -> None:
+        """Let the next call of ``key``, in any process, start a new flight.
+
+        Drops the result stored in Redis and detaches the running flight, if
+        any: new callers lead a new one.  Once it returns, no caller that
+        starts after it, in any process, gets the outcome of a flight that
+        started before it: this process's callers of the detached flight still
+        get its outcome (they all came before), processes waiting on it ask
+        again, and a process leading it runs it again.  The outcome is not
+        stored.
+
+        Raises:
+
+        * :class:`RedisUnavailableError` under ``on_redis_error="closed"`` when
+          Redis fails (the local flight is forgotten anyway); under ``"open"``
+          the failure is logged.
+        """
+        text = self._core.redis_key(key)
+        self._core.forgetting(text)
+        self._local.forget(key)
+        await self._forget_remote(self._state(), key, text, False, quiet=False)
+
     def __contains__(self, key: object) -> bool:
-        # unasync: async-only
-        """Whether ``key`` is in flight in the running loop (outside a loop: in any loop)."""
-        # unasync: sync-only
-        # """Whether ``key`` is in flight in this process."""
-        # unasync: end
+        """Whether ``key`` is in flight in this process (with asyncio: in the running
+        loop, or outside a loop in any loop)."""
         return key in self._local
 
     def __len__(self) -> int:
@@ -538,7 +386,7 @@ class AsyncRedisGroup(Generic[K, V]):
         running keep their leases until they end or the leases lapse.  The
         caller's own client is not closed.
         """
-        state = self._states.pop(get_running_loop(), None)
+        state = self._clients.pop(asyncio.get_running_loop(), None)
         if state is None:
             return
         pending = [*state.forgets.values(), *state.background]
@@ -572,11 +420,11 @@ class AsyncRedisGroup(Generic[K, V]):
     # unasync: async-only
     def _state(self) -> Clients:
         """The running loop's clients, watchdog and background work."""
-        loop = get_running_loop()
-        state = self._states.get(loop)
+        loop = asyncio.get_running_loop()
+        state = self._clients.get(loop)
         if state is None:
             commands, blocking = configure_async(self._client, self._core.settings, self._configure)
-            state = self._states[loop] = Clients(self._core, commands, blocking)
+            state = self._clients[loop] = Clients(self._core, commands, blocking)
         return state
 
     def _spawn(self, state: Clients, work: Awaitable[Any]) -> asyncio.Task[Any]:
@@ -592,7 +440,7 @@ class AsyncRedisGroup(Generic[K, V]):
         if wait:
             try:
                 await asyncio.shield(abandon)
-            except CancelledError:
+            except asyncio.CancelledError:
                 pass
 
     # unasync: sync-only

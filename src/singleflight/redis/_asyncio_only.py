@@ -17,12 +17,9 @@ import redis.asyncio
 import redis.asyncio.cluster
 from redis.exceptions import NoScriptError, RedisError
 
-from . import _protocol as proto
 from ._core import GroupCore, command, describe, log
 from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
-
-__all__ = ["Clients", "Watchdog", "call", "eval_script", "read_blocking", "sleep"]
 
 V = TypeVar("V")
 
@@ -73,12 +70,11 @@ class Watchdog:
     nothing to renew.
     """
 
-    __slots__ = ("_client", "_core", "_idle_exit", "_renewals", "_task", "_wake")
+    __slots__ = ("_client", "_core", "_renewals", "_task", "_wake")
 
     def __init__(self, core: GroupCore[Any], client: Client) -> None:
         self._core = core
         self._client = client
-        self._idle_exit = max(core.settings.lease, 1.0)
         self._renewals = Renewals(core.settings)
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -110,17 +106,7 @@ class Watchdog:
 
     async def _run(self) -> None:
         renewals = self._renewals
-        idle_since: float | None = None
-        while True:
-            now = _monotonic()
-            wait = renewals.next_wake(now)
-            if wait is None:
-                idle_since = now if idle_since is None else idle_since
-                if now - idle_since >= self._idle_exit:
-                    return
-                wait = self._idle_exit - (now - idle_since)
-            else:
-                idle_since = None
+        while (wait := renewals.wait(_monotonic())) is not None:
             if wait > 0:
                 self._wake.clear()
                 try:
@@ -128,36 +114,25 @@ class Watchdog:
                 except TimeoutError:
                     pass
                 continue
-            due = renewals.due(now)
+            due = renewals.due(_monotonic())
             codes = await self._renew(due)
-            now = _monotonic()
-            for held, code in zip(due, codes, strict=True):
-                if held.token not in renewals.held:
-                    continue  # its loader finished meanwhile
-                if code is None:
-                    renewals.failed(held, now)
-                    continue
-                renewals.renewed(held, code, now)
+            for held, code in renewals.apply(due, codes, _monotonic()):
                 self._core.renewed(held, code)
 
     async def _renew(self, due: list[Held]) -> list[int | None]:
         """RENEW every due lease in one round trip; None where it failed."""
-        script = proto.RENEW_SCRIPT
         replies: list[Any] = []
-        for attempt in (0, 1):
+        for fallback in (False, True):
             pipe = self._client.pipeline(transaction=False)
-            sent = _monotonic()
-            for held in due:
-                name, code = ("EVAL", script.source) if attempt else ("EVALSHA", script.sha)
-                args = self._renewals.renew_args(held, sent)
-                command(pipe, name, code, 2, *held.renew_keys(), *args)
+            for args in self._renewals.renew_commands(due, _monotonic(), fallback=fallback):
+                command(pipe, *args)
             try:
                 with cluster_errors():
                     replies = await pipe.execute(raise_on_error=False)
             except RedisError as exc:
                 log.debug("lease renewal failed: %s", describe(exc))
                 return [None] * len(due)
-            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
+            if not any(isinstance(r, NoScriptError) for r in replies):
                 break
         return [None if isinstance(r, Exception) else int(r) for r in replies]
 

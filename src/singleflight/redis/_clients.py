@@ -52,8 +52,6 @@ from redis.backoff import NoBackoff
 
 from ._protocol import Settings
 
-__all__ = ["configure_async", "configure_sync", "is_cluster"]
-
 # Entries redis-py keeps among a pool's connection kwargs for itself (its
 # maintenance notifications, the original address, a sentinel pool's proxy...):
 # a new pool makes its own.

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import fields
 from time import monotonic as _monotonic
 from time import perf_counter
 from typing import Any, Generic, TypeVar
@@ -57,21 +58,6 @@ from ._protocol import (
 )
 from .codecs import Codec, CodecError, JsonCodec, PayloadTooLargeError
 
-__all__ = [
-    "CALLER",
-    "calling",
-    "RETRY",
-    "Caller",
-    "FlightInfo",
-    "GroupCore",
-    "Watch",
-    "check_callable",
-    "current_flight",
-    "describe",
-    "log",
-    "with_shared",
-]
-
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -82,6 +68,9 @@ RETRY: Any = object()
 log = logging.getLogger("singleflight.redis")
 
 _MESSAGE_LIMIT = 2000
+
+# The counters RedisGroupStats adds to GroupStats's (hits, leads...).
+_REDIS_COUNTS = {f.name for f in fields(RedisGroupStats)} - {f.name for f in fields(GroupStats)}
 
 # The third field of an error record for a value the leader could not encode.
 _CODEC = "codec"
@@ -721,18 +710,7 @@ class GroupCore(Generic[K]):
             rejected=local.rejected,
             in_flight=local.in_flight,
             wait_seconds=local.wait_seconds + waited,
-            hits=c["hits"],
-            leads=c["leads"],
-            takeovers=c["takeovers"],
-            waits=c["waits"],
-            fenced=c["fenced"],
-            lost_leases=c["lost_leases"],
-            resurrections=c["resurrections"],
-            remote_errors=c["remote_errors"],
-            local_runs=c["local_runs"],
-            unavailable=c["unavailable"],
-            redis_errors=c["redis_errors"],
-            untrusted_payloads=c["untrusted_payloads"],
+            **{name: count for name, count in c.items() if name in _REDIS_COUNTS},
             breaker_opens=self.breaker.opens,
             breaker=self.breaker.state,
         )

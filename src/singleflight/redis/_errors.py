@@ -13,13 +13,6 @@ from redis import exceptions as _rx
 
 from ..errors import RemoteError, SingleflightError, safe_repr
 
-__all__ = [
-    "LoaderError",
-    "RedisUnavailableError",
-    "cluster_errors",
-    "is_transient",
-]
-
 
 class LoaderError(RemoteError):
     """The loader raised in another process; its type name and message, never the object.

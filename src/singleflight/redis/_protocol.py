@@ -29,38 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = [
-    "ABANDONED",
-    "ACQUIRE",
-    "ACQUIRE_SCRIPT",
-    "FLEET_ACQUIRE_SCRIPT",
-    "FleetCall",
-    "FleetEntry",
-    "COMPLETE_SCRIPT",
-    "ERROR",
-    "FAIL",
-    "FORGOTTEN",
-    "FORGET_SCRIPT",
-    "HIT",
-    "LEAD",
-    "LOCAL",
-    "OK",
-    "READ",
-    "RENEW_SCRIPT",
-    "REMOTE_ERROR",
-    "SLEEP",
-    "Breaker",
-    "Completion",
-    "Counters",
-    "Held",
-    "Keys",
-    "Plan",
-    "RetryBudget",
-    "Renewals",
-    "Script",
-    "Settings",
-    "new_token",
-]
+from .._options import check_count, check_duration
 
 PREFIX = "sf"
 
@@ -281,17 +250,6 @@ def check_namespace(namespace: object) -> str:
 # -- settings ----------------------------------------------------------------------
 
 
-def _seconds(name: str, value: object, *, zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds; got {value!r}")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite; got {value!r}")
-    if value < 0 or (value == 0 and not zero):
-        limit = ">= 0" if zero else "> 0"
-        raise ValueError(f"{name} must be {limit} seconds; got {value!r}")
-    return float(value)
-
-
 def _ms(seconds: float) -> int:
     """Whole milliseconds for PX, never 0 for a positive duration (PX 0 is an error)."""
     return max(1, round(seconds * 1000)) if seconds > 0 else 0
@@ -335,37 +293,29 @@ class Settings:
         fence_ttl: float = 600.0,
         slack: float = 0.02,
     ) -> None:
-        self.lease = _seconds("lease", lease)
+        self.lease = check_duration("lease", lease)
         if self.lease < 0.01:
             raise ValueError(f"lease must be at least 0.01 seconds; got {lease!r}")
-        self.result_ttl = _seconds("result_ttl", result_ttl, zero=True)
-        self.max_wait = _seconds("max_wait", max_wait)
+        self.result_ttl = check_duration("result_ttl", result_ttl, zero=True)
+        self.max_wait = check_duration("max_wait", max_wait)
         if on_redis_error not in ("open", "closed"):
             raise ValueError(
                 f'on_redis_error must be "open" (run the loader locally) or "closed" '
                 f"(raise RedisUnavailableError); got {on_redis_error!r}"
             )
         self.policy = on_redis_error
-        self.redis_timeout = _seconds("redis_timeout", redis_timeout)
-        self.retry_budget = _seconds("retry_budget", retry_budget, zero=True)
-        if isinstance(max_payload, bool) or not isinstance(max_payload, int) or max_payload < 1:
-            raise ValueError(f"max_payload must be a positive number of bytes; got {max_payload!r}")
-        self.max_payload = max_payload
-        if (
-            isinstance(breaker_threshold, bool)
-            or not isinstance(breaker_threshold, int)
-            or breaker_threshold < 1
-        ):
-            raise ValueError(f"breaker_threshold must be an int >= 1; got {breaker_threshold!r}")
-        self.breaker_threshold = breaker_threshold
-        self.breaker_cooldown = _seconds("breaker_cooldown", breaker_cooldown, zero=True)
-        fence_ttl = _seconds("fence_ttl", fence_ttl)
+        self.redis_timeout = check_duration("redis_timeout", redis_timeout)
+        self.retry_budget = check_duration("retry_budget", retry_budget, zero=True)
+        self.max_payload = check_count("max_payload", max_payload, "a positive number of bytes")
+        self.breaker_threshold = check_count("breaker_threshold", breaker_threshold, "an int >= 1")
+        self.breaker_cooldown = check_duration("breaker_cooldown", breaker_cooldown, zero=True)
+        fence_ttl = check_duration("fence_ttl", fence_ttl)
         if fence_ttl < self.lease:
             raise ValueError(f"fence_ttl ({fence_ttl}) must be at least the lease ({self.lease})")
         self.lease_ms = _ms(self.lease)
         self.result_ttl_ms = _ms(self.result_ttl)
         self.fence_ttl_ms = _ms(fence_ttl)
-        self.slack_ms = _ms(_seconds("slack", slack, zero=True))
+        self.slack_ms = _ms(check_duration("slack", slack, zero=True))
         # A completion record only has to outlive the gap between a waiter's
         # ACQUIRE and its XREAD; a waiter that still misses it waits out one
         # lease slice and asks again.
@@ -858,17 +808,52 @@ class Renewals:
     """Which held leases are due for renewal, and when the watchdog should wake next.
 
     Renewal runs every ``lease / 3``: two renewals can fail before a lease
-    lapses.  A failed renewal is retried sooner.  Not thread-safe: the sync
+    lapses.  A failed renewal is retried sooner.  The watchdog ends once
+    nothing was held for ``idle_exit`` seconds.  Not thread-safe: the sync
     watchdog guards it with its lock.
     """
 
-    __slots__ = ("held", "interval", "retry_interval", "settings")
+    __slots__ = ("_idle_since", "held", "idle_exit", "interval", "retry_interval", "settings")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.interval = settings.renew_interval
         self.retry_interval = min(self.interval, 0.1)
+        self.idle_exit = max(settings.lease, 1.0)
         self.held: dict[str, Held] = {}
+        self._idle_since: float | None = None
+
+    def wait(self, now: float) -> float | None:
+        """The watchdog's next step: seconds to sleep (0: renew ``due(now)`` now), or
+        None when nothing was held for ``idle_exit`` (the watchdog ends)."""
+        wait = self.next_wake(now)
+        if wait is not None:
+            self._idle_since = None
+            return wait
+        if self._idle_since is None:
+            self._idle_since = now
+        idle = now - self._idle_since
+        return None if idle >= self.idle_exit else self.idle_exit - idle
+
+    def renew_commands(self, due: list[Held], now: float, *, fallback: bool) -> list[list[Any]]:
+        """One RENEW per lease of ``due``, sent at ``now``: EVALSHA, or EVAL as the
+        ``fallback`` after NOSCRIPT."""
+        name, code = ("EVAL", RENEW_SCRIPT.source) if fallback else ("EVALSHA", RENEW_SCRIPT.sha)
+        return [[name, code, 2, *h.renew_keys(), *self.renew_args(h, now)] for h in due]
+
+    def apply(self, due: list[Held], codes: list[int | None], now: float) -> list[tuple[Held, int]]:
+        """The RENEW replies of ``due`` arrived at ``now`` (None where one failed);
+        returns the (lease, code) pairs to count, of leases still held."""
+        news = []
+        for held, code in zip(due, codes, strict=True):
+            if held.token not in self.held:
+                continue  # its loader finished meanwhile
+            if code is None:
+                self.failed(held, now)
+            else:
+                self.renewed(held, code, now)
+                news.append((held, code))
+        return news
 
     def renew_args(self, held: Held, now: float) -> list[str | int]:
         """RENEW's arguments for ``held``, sent at ``now`` (see RENEW_SCRIPT)."""

@@ -24,8 +24,6 @@ from ._core import GroupCore, command, describe, log
 from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
 
-__all__ = ["Clients", "Watchdog", "call", "eval_script", "read_blocking", "sleep"]
-
 V = TypeVar("V")
 
 sleep = time.sleep
@@ -93,7 +91,6 @@ class Watchdog:
         "__weakref__",
         "_client",
         "_core",
-        "_idle_exit",
         "_lock",
         "_pid",
         "_renewals",
@@ -104,7 +101,6 @@ class Watchdog:
     def __init__(self, core: GroupCore[Any], client: Client) -> None:
         self._core = core
         self._client = client
-        self._idle_exit = max(core.settings.lease, 1.0)
         self._reset()
 
     def _reset(self) -> None:
@@ -139,60 +135,35 @@ class Watchdog:
 
     def _run(self) -> None:
         renewals = self._renewals
-        idle_since: float | None = None
         while True:
             with self._lock:
-                while True:
-                    now = _monotonic()
-                    wait = renewals.next_wake(now)
+                while (wait := renewals.wait(_monotonic())) != 0:
                     if wait is None:
-                        idle_since = now if idle_since is None else idle_since
-                        if now - idle_since >= self._idle_exit:
-                            self._thread = None
-                            return
-                        self._wake.wait(self._idle_exit - (now - idle_since))
-                        continue
-                    idle_since = None
-                    if wait > 0:
-                        self._wake.wait(wait)
-                        continue
-                    due = renewals.due(now)
-                    break
+                        self._thread = None
+                        return
+                    self._wake.wait(wait)
+                due = renewals.due(_monotonic())
             codes = self._renew(due)
-            now = _monotonic()
             with self._lock:
-                for held, code in zip(due, codes, strict=True):
-                    if held.token not in renewals.held:
-                        continue  # its loader finished meanwhile
-                    if code is None:
-                        renewals.failed(held, now)
-                    else:
-                        renewals.renewed(held, code, now)
-            self._count(due, codes)
+                news = renewals.apply(due, codes, _monotonic())
+            for held, code in news:
+                self._core.renewed(held, code)
 
     def _renew(self, due: list[Held]) -> list[int | None]:
         """RENEW every due lease in one round trip; None where it failed."""
-        script = proto.RENEW_SCRIPT
-        for attempt in (0, 1):
+        for fallback in (False, True):
             pipe = self._client.pipeline(transaction=False)
-            sent = _monotonic()
-            for held in due:
-                name, code = ("EVAL", script.source) if attempt else ("EVALSHA", script.sha)
-                args = self._renewals.renew_args(held, sent)
-                command(pipe, name, code, 2, *held.renew_keys(), *args)
+            for args in self._renewals.renew_commands(due, _monotonic(), fallback=fallback):
+                command(pipe, *args)
             try:
                 with cluster_errors():
                     replies = pipe.execute(raise_on_error=False)
             except RedisError as exc:
                 log.debug("lease renewal failed: %s", describe(exc))
                 return [None] * len(due)
-            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
+            if not any(isinstance(r, NoScriptError) for r in replies):
                 break
         return [None if isinstance(r, Exception) else int(r) for r in replies]
-
-    def _count(self, due: list[Held], codes: list[int | None]) -> None:
-        for held, code in zip(due, codes, strict=True):
-            self._core.renewed(held, code)
 
 
 _WATCHDOGS: weakref.WeakSet[Watchdog] = weakref.WeakSet()

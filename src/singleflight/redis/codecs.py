@@ -61,7 +61,51 @@ def _strip(tag: bytes, data: bytes, name: str) -> memoryview:
     return memoryview(data)[len(tag) :]
 
 
-class JsonCodec:
+class _PlainCodec:
+    """A codec of plain data: ``strict`` refuses a value that would not come back equal."""
+
+    __slots__ = ("_strict",)
+
+    tag = b""
+    _cannot = ""  # advice after "cannot encode"
+    _unequal = ""  # what comes back different, and what to do
+
+    def __init__(self, *, strict: bool = True) -> None:
+        self._strict = strict
+
+    def _dump(self, value: Any) -> bytes:
+        raise NotImplementedError
+
+    def _load(self, data: bytes | memoryview) -> Any:
+        raise NotImplementedError
+
+    def encode(self, key: bytes, value: Any) -> bytes:
+        name, where = type(self).__name__, key.decode(errors="replace")
+        try:
+            data = self._dump(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise CodecError(
+                f"{name} cannot encode the value of {where}: {exc}{self._cannot}"
+            ) from exc
+        if self._strict and self._load(data) != value:
+            raise CodecError(
+                f"{name} would not give back an equal value for {where} {self._unequal}"
+            )
+        return self.tag + data
+
+    def decode(self, key: bytes, data: bytes) -> Any:
+        name = type(self).__name__
+        body = _strip(self.tag, data, name)
+        try:
+            return self._load(body)
+        except Exception as exc:  # JSONDecodeError, UnicodeDecodeError, msgpack's several
+            raise CodecError(f"undecodable {name} payload: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(strict={self._strict})"
+
+
+class JsonCodec(_PlainCodec):
     """JSON values: ``None``, ``bool``, ``int``, ``float``, ``str``, lists and str-keyed dicts.
 
     With ``strict=True`` (the default) a value JSON would not give back equal,
@@ -71,42 +115,25 @@ class JsonCodec:
     callers got.  NaN and infinities are refused too.
     """
 
-    __slots__ = ("_strict",)
+    __slots__ = ()
 
     tag = b"j1:"
+    _cannot = "; return JSON types, or use MsgpackCodec or SignedPickleCodec"
+    _unequal = (
+        "(tuples come back as lists, dict keys as strings); return JSON types, "
+        "or pass JsonCodec(strict=False)"
+    )
 
-    def __init__(self, *, strict: bool = True) -> None:
-        self._strict = strict
+    def _dump(self, value: Any) -> bytes:
+        return json.dumps(
+            value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
 
-    def encode(self, key: bytes, value: Any) -> bytes:
-        try:
-            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise CodecError(
-                f"JsonCodec cannot encode the value of {key.decode(errors='replace')}: {exc}; "
-                "return JSON types, or use MsgpackCodec or SignedPickleCodec"
-            ) from exc
-        data = text.encode()
-        if self._strict and json.loads(data) != value:
-            raise CodecError(
-                f"JsonCodec would not give back an equal value for "
-                f"{key.decode(errors='replace')} (tuples come back as lists, dict keys as "
-                "strings); return JSON types, or pass JsonCodec(strict=False)"
-            )
-        return self.tag + data
-
-    def decode(self, key: bytes, data: bytes) -> Any:
-        body = _strip(self.tag, data, "JsonCodec")
-        try:
-            return json.loads(body.tobytes())
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            raise CodecError(f"undecodable JsonCodec payload: {exc}") from exc
-
-    def __repr__(self) -> str:
-        return f"JsonCodec(strict={self._strict})"
+    def _load(self, data: bytes | memoryview) -> Any:
+        return json.loads(bytes(data))
 
 
-class MsgpackCodec:
+class MsgpackCodec(_PlainCodec):
     """msgpack values (needs the ``msgpack`` package: ``pip install 'pysingleflight[msgpack]'``).
 
     Like JSON plus ``bytes`` and non-str dict keys.  ``strict`` refuses values
@@ -114,9 +141,10 @@ class MsgpackCodec:
     types are decoded as inert ``msgpack.ExtType`` records, never by a hook.
     """
 
-    __slots__ = ("_msgpack", "_strict")
+    __slots__ = ("_msgpack",)
 
     tag = b"m1:"
+    _unequal = "(tuples come back as lists); pass MsgpackCodec(strict=False) to accept that"
 
     def __init__(self, *, strict: bool = True) -> None:
         try:
@@ -126,36 +154,14 @@ class MsgpackCodec:
                 "MsgpackCodec needs the msgpack package: pip install 'pysingleflight[msgpack]'"
             ) from exc
         self._msgpack: Any = msgpack
-        self._strict = strict
+        super().__init__(strict=strict)
 
-    def encode(self, key: bytes, value: Any) -> bytes:
-        msgpack = self._msgpack
-        try:
-            data: bytes = msgpack.packb(value, use_bin_type=True)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise CodecError(
-                f"MsgpackCodec cannot encode the value of {key.decode(errors='replace')}: {exc}"
-            ) from exc
-        if self._strict and self._unpack(data) != value:
-            raise CodecError(
-                f"MsgpackCodec would not give back an equal value for "
-                f"{key.decode(errors='replace')} (tuples come back as lists); "
-                "pass MsgpackCodec(strict=False) to accept that"
-            )
-        return self.tag + data
+    def _dump(self, value: Any) -> bytes:
+        data: bytes = self._msgpack.packb(value, use_bin_type=True)
+        return data
 
-    def decode(self, key: bytes, data: bytes) -> Any:
-        body = _strip(self.tag, data, "MsgpackCodec")
-        try:
-            return self._unpack(body)
-        except Exception as exc:  # msgpack raises several unrelated types
-            raise CodecError(f"undecodable MsgpackCodec payload: {exc}") from exc
-
-    def _unpack(self, data: bytes | memoryview) -> Any:
+    def _load(self, data: bytes | memoryview) -> Any:
         return self._msgpack.unpackb(data, raw=False, strict_map_key=False)
-
-    def __repr__(self) -> str:
-        return f"MsgpackCodec(strict={self._strict})"
 
 
 _MAC_SIZE = hashlib.sha256().digest_size
