@@ -26,6 +26,8 @@ from ..events import (
     CacheHit,
     CacheMiss,
     EventHook,
+    InvalidationReceived,
+    L1Dropped,
     RefreshStarted,
     StaleServed,
     emit,
@@ -791,15 +793,23 @@ class CacheBase(Generic[K, V]):
             elif kind == "t":
                 for key in list(self._tag_index.pop(arg, ())):
                     store.invalidate(key)
+            else:
+                return
+        if self._hook is not None:
+            what = {"*": "clear", "k": "key", "t": "tag"}[kind]
+            emit(self._hook, InvalidationReceived(self.name, what, arg))
 
     def _fleet_trust(self, trusted: bool) -> None:
         """The invalidation channel was lost (or subscribed again): the L1 may have
         missed messages, so every entry goes and loads in flight write nothing;
         while it is lost nothing is written."""
         with self._lock:
+            entries = len(self._data)
             self._store.clear()
             self._tag_index.clear()
             self._store.frozen = not trusted
+        if not trusted and self._hook is not None:
+            emit(self._hook, L1Dropped(self.name, entries))
 
     def invalidate_tags(self, *tags: str) -> None:
         """Drop every entry tagged (``tags=``) with one of ``tags``, in every process.

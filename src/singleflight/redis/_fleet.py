@@ -152,6 +152,7 @@ class Fleet:
         self.channel: bytes = b""
         # The async cache's invalidations go to Redis on this one thread, in order.
         self._sender: ThreadPoolExecutor | None = None
+        self._scripts_loaded = False
 
     # -- binding to its cache ------------------------------------------------------------
 
@@ -229,6 +230,16 @@ class Fleet:
         deadline = _monotonic() + settings.redis_timeout + settings.retry_budget
         delay = settings.backoff_base
         loaded = False
+        if not self._scripts_loaded:
+            # Before the first pipeline: a NOSCRIPT inside MULTI fails only its
+            # EVALSHA, so the PUBLISH after it would go out twice (once more on
+            # the retry; after a restart or SCRIPT FLUSH it still may).
+            try:
+                for script in (FORGET_SCRIPT, PUT_SCRIPT, TAG_SCRIPT, UNTAG_SCRIPT):
+                    self._commands.script_load(script.source)
+                self._scripts_loaded = True
+            except RedisError:
+                pass
         while True:
             pipe = self._commands.pipeline(transaction=True)
             build(pipe)
