@@ -365,3 +365,25 @@ async def _changes_without_a_fleet() -> None:
     assert await cache.get("b") == "B"
     await cache.clear()
     assert len(cache) == 0
+
+
+def test_load_many_with_a_fleet_is_refused_and_get_many_loads_key_by_key(
+    server: RedisServer,
+) -> None:
+    client = redis.Redis(port=server.port)
+    try:
+        with pytest.raises(TypeError, match="own leader"):
+            LoadingCache(str.upper, ttl=30, load_many=lambda keys: {}, fleet=client)
+        loaded: list[str] = []
+
+        def load(key: str) -> str:
+            loaded.append(key)
+            return key.upper()
+
+        with LoadingCache(load, ttl=30, fleet=Fleet(client, namespace="many")) as cache:
+            assert cache._fleet.wait_trusted(10)
+            assert cache.get_many(["a", "b", "a"]) == {"a": "A", "b": "B"}
+            assert sorted(loaded) == ["a", "b"]
+            assert client.exists("sf:{many:a}:res", "sf:{many:b}:res") == 2
+    finally:
+        client.close()

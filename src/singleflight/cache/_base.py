@@ -297,7 +297,14 @@ class CacheBase(Generic[K, V]):
         if ttl is None:
             raise ValueError("a fleet's entries expire: give ttl= as well")
         if load_many is not None:
-            raise TypeError("load_many= is not supported with fleet= yet")
+            # Each key of a fleet has its own leader in Redis (its lease), so the
+            # misses of one get_many may be led by several processes: one
+            # load_many call per batch and one load per key for the fleet
+            # cannot both hold without leases taken for many keys at once.
+            raise TypeError(
+                "load_many= cannot be combined with fleet=: each key of a fleet is loaded by "
+                "its own leader, so get_many loads its misses one key at a time (with load=)"
+            )
         if not hasattr(fleet, "_prepare"):
             from ..redis import Fleet  # only a fleet cache needs redis-py
 
