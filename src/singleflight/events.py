@@ -22,7 +22,9 @@ __all__ = [
     "FlightFailed",
     "FlightFinished",
     "FlightStarted",
+    "InvalidationReceived",
     "Joined",
+    "L1Dropped",
     "RanLocally",
     "RedisUnavailable",
     "RefreshStarted",
@@ -150,6 +152,28 @@ class RefreshStarted(_CacheEvent):
     early: bool
 
 
+@dataclass(frozen=True, slots=True)
+class InvalidationReceived:
+    """A fleet cache (``fleet=``) got another process's invalidation: ``kind`` is
+    ``"key"`` (``name`` is the key's Redis text: an ``invalidate`` or ``put``),
+    ``"tag"`` (``name`` is the tag) or ``"clear"`` (``name`` is empty).  Told
+    on the thread of the invalidation channel, after the entries are dropped."""
+
+    cache: str
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class L1Dropped:
+    """A fleet cache lost its invalidation channel: every in-process entry
+    (``entries`` of them) was dropped, and none is kept until it is subscribed
+    again.  Told on the thread of the invalidation channel."""
+
+    cache: str
+    entries: int
+
+
 Event: TypeAlias = (
     FlightStarted
     | Joined
@@ -164,6 +188,8 @@ Event: TypeAlias = (
     | CacheMiss
     | StaleServed
     | RefreshStarted
+    | InvalidationReceived
+    | L1Dropped
 )
 EventHook: TypeAlias = Callable[[Event], object]
 

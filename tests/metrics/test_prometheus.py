@@ -41,6 +41,12 @@ CACHE_FIELDS = {
     "singleflight_cache_early_refreshes_total": "early_refreshes",
     "singleflight_cache_evictions_total": "evictions",
     "singleflight_cache_size": "size",
+    "singleflight_cache_l2_hits_total": "l2_hits",
+    "singleflight_cache_l2_misses_total": "l2_misses",
+    "singleflight_cache_fleet_refreshes_total": "fleet_refreshes",
+    "singleflight_cache_invalidations_sent_total": "invalidations_sent",
+    "singleflight_cache_invalidations_received_total": "invalidations_received",
+    "singleflight_cache_l1_drops_total": "l1_drops",
 }
 
 

@@ -23,6 +23,12 @@ from singleflight import LoadingCache
 from singleflight.redis import Fleet, RedisUnavailableError
 
 WORKER = str(__import__("pathlib").Path(__file__).with_name("_redis_fleet_cache_worker.py"))
+ASYNC_WORKER = str(
+    __import__("pathlib").Path(__file__).with_name("_redis_fleet_cache_async_worker.py")
+)
+# The sides of a fleet's processes: LoadingCache, AsyncLoadingCache (redis.asyncio),
+# or both alternating in one fleet.
+SIDES = {"sync": [WORKER], "async": [ASYNC_WORKER], "mixed": [WORKER, ASYNC_WORKER]}
 CHANNEL_TIMEOUT = 0.5
 BOUND = CHANNEL_TIMEOUT + 0.5  # propagation bound, with room for a loaded machine
 
@@ -37,9 +43,10 @@ def ask(worker: Worker, line: str, timeout: float = 20.0) -> Any:
 
 @pytest.fixture
 def workers(server: RedisServer, request: pytest.FixtureRequest) -> Iterator[list[Worker]]:
-    n, ttl = getattr(request, "param", (4, 30.0))
+    n, ttl, *side = getattr(request, "param", (4, 30.0))
+    scripts = SIDES[side[0] if side else "sync"]
     config = {"port": server.port, "ttl": ttl, "channel_timeout": CHANNEL_TIMEOUT}
-    made = [Worker(config, WORKER) for _ in range(n)]
+    made = [Worker(config, scripts[i % len(scripts)]) for i in range(n)]
     try:
         for worker in made:
             worker.wait_ready(30)
@@ -65,6 +72,9 @@ def set_source(server: RedisServer, key: str, value: str) -> None:
         client.close()
 
 
+@pytest.mark.parametrize(
+    "workers", [(4, 30.0, "sync"), (4, 30.0, "async"), (4, 30.0, "mixed")], indirect=True
+)
 def test_one_load_for_the_fleet_and_l1_lives_as_long_as_the_shared_entry(
     server: RedisServer, workers: list[Worker]
 ) -> None:
@@ -81,7 +91,7 @@ def test_one_load_for_the_fleet_and_l1_lives_as_long_as_the_shared_entry(
     assert sum(ask(w, "stats")["hits"] for w in workers) == len(workers)
 
 
-@pytest.mark.parametrize("workers", [(4, 30.0)], indirect=True)
+@pytest.mark.parametrize("workers", [(4, 30.0, "sync"), (4, 30.0, "async")], indirect=True)
 def test_invalidate_put_clear_and_tags_reach_every_process(
     server: RedisServer, workers: list[Worker]
 ) -> None:
@@ -114,7 +124,7 @@ def test_invalidate_put_clear_and_tags_reach_every_process(
     assert all(r >= 3 for r in received), received
 
 
-@pytest.mark.parametrize("workers", [(3, 30.0)], indirect=True)
+@pytest.mark.parametrize("workers", [(3, 30.0, "sync"), (3, 30.0, "async")], indirect=True)
 def test_a_load_that_started_before_an_invalidation_never_lands(
     server: RedisServer, workers: list[Worker]
 ) -> None:
@@ -273,3 +283,107 @@ def test_one_load_per_key_per_ttl_with_staggered_processes(
     assert per_key_per_ttl <= 1.5, (total, reports)
     oldest = max(r["oldest"] for r in reports)
     assert oldest <= 1.0 * 1.5 + 0.3, reports  # TTL + one load time, loosely
+
+
+def test_async_changes_do_not_block_the_event_loop(server: RedisServer) -> None:
+    __import__("asyncio").run(_changes_do_not_block(server))
+
+
+async def _changes_do_not_block(server: RedisServer) -> None:
+    """With Redis stopped, invalidate/put/clear/invalidate_tags return at once (the
+    change made here), other tasks run meanwhile, and awaiting one raises
+    RedisUnavailableError once its round trip gives up."""
+    import asyncio
+
+    import redis.asyncio
+
+    from singleflight import AsyncLoadingCache
+
+    async def load(key: str) -> str:
+        return key.upper()
+
+    client = redis.asyncio.Redis(port=server.port)
+    fleet = Fleet(client, namespace="async-down", redis_timeout=0.3, retry_budget=0.05)
+    cache: AsyncLoadingCache[str, str] = AsyncLoadingCache(
+        load, ttl=30, fleet=fleet, tags=lambda key, value: ["t"]
+    )
+    async with cache:
+        deadline = time.monotonic() + 10
+        while not fleet.trusted:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        assert await cache.get("a") == "A"
+        assert await cache.get("b") == "B"
+        assert "a" in cache
+        await cache.invalidate("nothing")  # awaited: Redis has it
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            sent = [cache.invalidate("a"), cache.put("c", "put")]
+            assert "a" not in cache  # dropped here at once
+            assert not any(s.done() for s in sent)  # Redis cannot have answered
+            ticked = asyncio.Event()
+            asyncio.get_running_loop().call_soon(ticked.set)
+            await asyncio.wait_for(ticked.wait(), 10)  # the loop runs meanwhile
+            assert not sent[0].done()
+            tags = cache.invalidate_tags("t")
+            assert "b" not in cache
+            cleared = cache.clear()
+            for pending in [*sent, tags, cleared]:
+                with pytest.raises(RedisUnavailableError):
+                    await asyncio.wait_for(pending, 20)
+            assert "c" not in cache  # a put Redis did not take is not kept here
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while not fleet.trusted:  # the channel is subscribed again: the L1 in use
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert await cache.put("c", "put") is None
+        assert "c" in cache and await cache.get("c") == "put"
+        with pytest.raises(TypeError):
+            AsyncLoadingCache(load).invalidate_tags("t")
+    await client.aclose()
+
+
+def test_async_changes_without_a_fleet_are_awaitable() -> None:
+    __import__("asyncio").run(_changes_without_a_fleet())
+
+
+async def _changes_without_a_fleet() -> None:
+    from singleflight import AsyncLoadingCache
+
+    async def load(key: str) -> str:
+        return key
+
+    cache: AsyncLoadingCache[str, str] = AsyncLoadingCache(load, ttl=30)
+    assert await cache.get("a") == "a"
+    done = cache.invalidate("a")
+    assert done.done() and "a" not in cache
+    assert await done is None
+    await cache.put("b", "B")
+    assert await cache.get("b") == "B"
+    await cache.clear()
+    assert len(cache) == 0
+
+
+def test_load_many_with_a_fleet_is_refused_and_get_many_loads_key_by_key(
+    server: RedisServer,
+) -> None:
+    client = redis.Redis(port=server.port)
+    try:
+        with pytest.raises(TypeError, match="own leader"):
+            LoadingCache(str.upper, ttl=30, load_many=lambda keys: {}, fleet=client)
+        loaded: list[str] = []
+
+        def load(key: str) -> str:
+            loaded.append(key)
+            return key.upper()
+
+        with LoadingCache(load, ttl=30, fleet=Fleet(client, namespace="many")) as cache:
+            assert cache._fleet.wait_trusted(10)
+            assert cache.get_many(["a", "b", "a"]) == {"a": "A", "b": "B"}
+            assert sorted(loaded) == ["a", "b"]
+            assert client.exists("sf:{many:a}:res", "sf:{many:b}:res") == 2
+    finally:
+        client.close()

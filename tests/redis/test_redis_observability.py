@@ -594,3 +594,72 @@ def test_do_future_waiting_for_a_slot_is_told_and_counted_as_one_flight(
         gate.set()
         group.close()
         client.close()
+
+
+FLEET_FIELDS = ("l2_hits", "l2_misses", "invalidations_sent", "invalidations_received", "l1_drops")
+
+
+def test_a_fleet_cache_tells_invalidations_and_l1_drops_and_exports_its_counters(
+    server: RedisServer, otel: Any
+) -> None:
+    """Two fleet caches on one namespace stand for two processes: one loads, the
+    other reads the entry in Redis; an invalidation reaches the other as an
+    event; the channel killed drops both L1s.  Both exporters carry the counters."""
+    from prometheus_client import CollectorRegistry
+
+    from singleflight import LoadingCache
+    from singleflight.events import InvalidationReceived, L1Dropped
+    from singleflight.metrics.prometheus import register
+    from singleflight.redis import Fleet
+
+    client = redis.Redis(port=server.port)
+    recorders = [Recorder(), Recorder()]
+    caches = [
+        LoadingCache(
+            str.upper,
+            ttl=30,
+            name=f"fleet-{i}",
+            on_event=recorders[i],
+            fleet=Fleet(client, namespace="observed"),
+        )
+        for i in range(2)
+    ]
+    hook = otel.hook()
+    registry = CollectorRegistry()
+    for cache in caches:
+        assert cache._fleet.wait_trusted(10)
+        register(cache, registry=registry)
+        hook.observe(cache)
+    try:
+        assert caches[0].get("k") == "K"  # loaded: an L2 miss
+        assert caches[1].get("k") == "K"  # the entry in Redis: an L2 hit
+        caches[0].invalidate("k")
+        wait_for(lambda: any(isinstance(e, InvalidationReceived) for e in recorders[1].events), 10)
+        received = [e for e in recorders[1].events if isinstance(e, InvalidationReceived)]
+        assert received == [InvalidationReceived("fleet-1", "key", "k")], recorders[1].kinds()
+        assert not [e for e in recorders[0].events if isinstance(e, InvalidationReceived)]
+        assert caches[1].get("k") == "K"
+        killer = redis.Redis(port=server.port)
+        try:
+            assert killer.client_kill_filter(_type="pubsub") >= 1
+        finally:
+            killer.close()
+        wait_for(lambda: all(c.stats().l1_drops >= 1 for c in caches), 10)
+        dropped = [e for e in recorders[1].events if isinstance(e, L1Dropped)]
+        assert dropped and dropped[0] == L1Dropped("fleet-1", 1)
+        stats = [c.stats() for c in caches]
+        assert (stats[0].l2_misses, stats[1].l2_hits) == (1, 1)
+        assert (stats[0].invalidations_sent, stats[1].invalidations_received) == (1, 1)
+        samples = _scrape(registry)
+        points = otel.points()
+        for cache, stat in zip(caches, stats, strict=True):
+            for field in FLEET_FIELDS:
+                value = getattr(stat, field)
+                labels = (("cache", cache.name),)
+                assert samples[f"singleflight_cache_{field}_total", labels] == value, field
+                attrs = (("singleflight.cache", cache.name),)
+                assert points[f"singleflight.cache.{field}", attrs].value == value, field
+    finally:
+        for cache in caches:
+            cache.close()
+        client.close()

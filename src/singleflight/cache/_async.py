@@ -33,8 +33,23 @@ from typing import Any, Generic, TypeVar
 from .._asyncio import AsyncGroup
 from .._protocols import AsyncGroupLike, SharedEntry
 from ..events import EventHook
-from ._asyncio_only import Background, Batch, check_loaders, not_awaitable, outcomes_of
-from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
+from ._asyncio_only import (
+    Background,
+    Batch,
+    Broadcast,
+    check_loaders,
+    not_awaitable,
+    outcomes_of,
+)
+from ._base import (
+    DEFAULT_MAXSIZE,
+    CacheBase,
+    assemble,
+    check_key,
+    logger,
+    served,
+    wanted_keys,
+)
 from ._policy import Entry
 from ._store import JOIN, SERVE
 
@@ -74,8 +89,11 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
     :class:`~singleflight.redis.AsyncRedisGroup`, whose outcomes from other
     processes are written back as for :class:`~singleflight.LoadingCache`).
     :meth:`get`, :meth:`get_many` and :meth:`refresh` are coroutines;
-    :meth:`invalidate`, :meth:`clear`, :meth:`put` and :meth:`stats` are plain
-    methods.  Use one event loop at a time: background work belongs to the loop
+    :meth:`invalidate`, :meth:`clear`, :meth:`put` and :meth:`invalidate_tags`
+    make their change here at once and return a :class:`Broadcast`: await it
+    to wait until Redis has it too (``fleet=``; a no-op otherwise), or leave
+    it; the round trip never blocks the event loop.  :meth:`stats` is a plain
+    method.  Use one event loop at a time: background work belongs to the loop
     that started it.  ``async with`` calls :meth:`aclose` on the way out.
     """
 
@@ -324,12 +342,78 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         # unhashable key.
         # """
         # unasync: end
-        seen = self._force(key)
+        # unasync: async-only
+        seen = self._force(key) if self._fleet is None else await self._fleet_force(key)
+        # unasync: sync-only
+        # seen = self._force(key)
+        # unasync: end
         try:
             return await self._through(key, seen, None, False)
         finally:
             self._unforce(key)
 
+    # unasync: async-only
+    # -- changes: made here at once, sent to Redis off the event loop ----------------------
+
+    def invalidate(self, key: K) -> Broadcast:  # type: ignore[override]
+        """Drop ``key``'s entry, as :meth:`LoadingCache.invalidate
+        <singleflight.LoadingCache.invalidate>` does (in every process, with
+        ``fleet=``).
+
+        Returns a :class:`Broadcast` at once: the entry is gone here and a load
+        in flight here writes nothing; ``await`` it to wait until Redis has the
+        invalidation (it raises
+        :class:`~singleflight.redis.RedisUnavailableError` if Redis could not
+        be told).  ``TypeError`` for an unhashable key.
+        """
+        check_key(key)
+        if self._fleet is None:
+            super().invalidate(key)
+            return Broadcast(None)
+        return Broadcast(self._fleet.submit(self._fleet_invalidation(key)))
+
+    def put(self, key: K, value: V) -> Broadcast:  # type: ignore[override]
+        """Store ``value`` for ``key`` as if it had just been loaded (see
+        :meth:`LoadingCache.put <singleflight.LoadingCache.put>`).
+
+        With ``fleet=`` the old entry is dropped here at once and the new one
+        is kept here once Redis has it; ``await`` the returned
+        :class:`Broadcast` for that.  ``TypeError`` for an unhashable key.
+        """
+        check_key(key)
+        if self._fleet is None:
+            super().put(key, value)
+            return Broadcast(None)
+        return Broadcast(self._fleet.submit(self._fleet_putting(key, value)))
+
+    def clear(self) -> Broadcast:  # type: ignore[override]
+        """Drop every entry (see :meth:`LoadingCache.clear <singleflight.LoadingCache.clear>`);
+        with ``fleet=``, in every process: ``await`` the returned :class:`Broadcast`."""
+        if self._fleet is None:
+            super().clear()
+            return Broadcast(None)
+        return Broadcast(self._fleet.submit(self._fleet_clearing()))
+
+    def invalidate_tags(self, *tags: str) -> Broadcast:  # type: ignore[override]
+        """Drop every entry tagged with one of ``tags``, in every process (see
+        :meth:`LoadingCache.invalidate_tags
+        <singleflight.LoadingCache.invalidate_tags>`); ``await`` the returned
+        :class:`Broadcast` to wait until Redis has it.  ``TypeError`` without
+        ``fleet=`` and ``tags=``."""
+        send = self._fleet_untagging(tags)
+        return Broadcast(self._fleet.submit(send))
+
+    async def _fleet_force(self, key: K) -> Entry | None:
+        """:meth:`_force` for a fleet cache, with the invalidation sent off the loop."""
+        check_key(key)
+        fleet = self._fleet
+        fleet._forget_local(key, fleet.text(key))
+        await Broadcast(fleet.submit(partial(fleet.invalidate, key, False)))
+        with self._lock:
+            seen = self._store.force(key)
+        return seen
+
+    # unasync: end
     # -- the slow paths ------------------------------------------------------------------
 
     async def _get(self, key: K, thunk: Callable[[], Awaitable[V]] | None) -> V:

@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 from asyncio import Task, current_task, get_running_loop
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
 from ..errors import AbortedError
 from ._base import BatchBase
 
-__all__ = ["Background", "Batch", "check_loaders", "not_awaitable", "outcomes_of"]
+__all__ = ["Background", "Batch", "Broadcast", "check_loaders", "not_awaitable", "outcomes_of"]
 
 
 class Batch(BatchBase):
@@ -51,6 +52,39 @@ class Batch(BatchBase):
         if self.task.cancelled():
             raise AbortedError(key, "its batch load was cancelled")
         return super().outcome(key)
+
+
+class Broadcast:
+    """What :class:`~singleflight.AsyncLoadingCache`'s ``invalidate``, ``put``,
+    ``clear`` and ``invalidate_tags`` return: the change is made in this process
+    already; awaiting it waits for Redis to have it too (so every process is
+    told), off the event loop.
+
+    ``await`` returns ``None`` at once for a cache without ``fleet=``.  With
+    ``fleet=``, it raises :class:`~singleflight.redis.RedisUnavailableError`
+    when Redis could not be told (the change stands here all the same; not
+    awaited, that failure is logged).  Cancelling the waiter does not cancel
+    the round trip.  :meth:`done` tells whether it has ended.
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Future[None] | None) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        """Whether the round trip to Redis has ended (always, without ``fleet=``)."""
+        return self._future is None or self._future.done()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> None:
+        if self._future is not None:
+            await asyncio.shield(asyncio.wrap_future(self._future))
+
+    def __repr__(self) -> str:
+        return f"<Broadcast {'done' if self.done() else 'pending'}>"
 
 
 class Background:

@@ -26,6 +26,8 @@ from ..events import (
     CacheHit,
     CacheMiss,
     EventHook,
+    InvalidationReceived,
+    L1Dropped,
     RefreshStarted,
     StaleServed,
     emit,
@@ -295,7 +297,14 @@ class CacheBase(Generic[K, V]):
         if ttl is None:
             raise ValueError("a fleet's entries expire: give ttl= as well")
         if load_many is not None:
-            raise TypeError("load_many= is not supported with fleet= yet")
+            # Each key of a fleet has its own leader in Redis (its lease), so the
+            # misses of one get_many may be led by several processes: one
+            # load_many call per batch and one load per key for the fleet
+            # cannot both hold without leases taken for many keys at once.
+            raise TypeError(
+                "load_many= cannot be combined with fleet=: each key of a fleet is loaded by "
+                "its own leader, so get_many loads its misses one key at a time (with load=)"
+            )
         if not hasattr(fleet, "_prepare"):
             from ..redis import Fleet  # only a fleet cache needs redis-py
 
@@ -323,11 +332,7 @@ class CacheBase(Generic[K, V]):
         """
         check_key(key)
         if self._fleet is not None:
-            try:
-                self._fleet.invalidate(key)
-            finally:
-                with self._lock:
-                    self._store.invalidate(key)
+            self._fleet_invalidation(key)()
             return
         # Forget first: a caller arriving between the two steps must not join
         # the old flight with a lease taken after the revocation (it would
@@ -347,17 +352,8 @@ class CacheBase(Generic[K, V]):
         :meth:`invalidate` on a key to drop that too).
         """
         forget = self._forget
-        fleet = self._fleet
-        if fleet is not None:
-            with self._lock:
-                flying = self._store.in_flight()
-            for key in flying:
-                fleet._forget_local(key, fleet.text(key))
-            try:
-                fleet.clear()
-            finally:
-                with self._lock:
-                    self._store.clear()
+        if self._fleet is not None:
+            self._fleet_clearing()()
             return
         if forget is None:
             with self._lock:
@@ -380,24 +376,11 @@ class CacheBase(Generic[K, V]):
         overwrite it.  ``TypeError`` for an unhashable key.
         """
         check_key(key)
-        fleet = self._fleet
+        if self._fleet is not None:
+            self._fleet_putting(key, value)()
+            return
         now = self._clock()
         entry = self._policy.value_entry(value, now, 0.0)
-        if fleet is not None:
-            text = self._index(key)
-            tags = self._tags_of(key, value)
-            if tags:
-                fleet.tag(text, tags, 0, self._lifetimes(entry, now)[0] + 1)
-            try:
-                fleet.put(key, value, self._shared(entry, now, False))
-            except BaseException:
-                with self._lock:
-                    self._store.invalidate(key)
-                raise
-            with self._lock:
-                self._store.put(key, value, now, entry)
-                self._index_tags(key, tags)
-            return
         if self._forget is not None:  # first, as in invalidate()
             self._forget(key)
         with self._lock:
@@ -817,15 +800,23 @@ class CacheBase(Generic[K, V]):
             elif kind == "t":
                 for key in list(self._tag_index.pop(arg, ())):
                     store.invalidate(key)
+            else:
+                return
+        if self._hook is not None:
+            what = {"*": "clear", "k": "key", "t": "tag"}[kind]
+            emit(self._hook, InvalidationReceived(self.name, what, arg))
 
     def _fleet_trust(self, trusted: bool) -> None:
         """The invalidation channel was lost (or subscribed again): the L1 may have
         missed messages, so every entry goes and loads in flight write nothing;
         while it is lost nothing is written."""
         with self._lock:
+            entries = len(self._data)
             self._store.clear()
             self._tag_index.clear()
             self._store.frozen = not trusted
+        if not trusted and self._hook is not None:
+            emit(self._hook, L1Dropped(self.name, entries))
 
     def invalidate_tags(self, *tags: str) -> None:
         """Drop every entry tagged (``tags=``) with one of ``tags``, in every process.
@@ -836,20 +827,96 @@ class CacheBase(Generic[K, V]):
         :class:`~singleflight.redis.RedisUnavailableError` when Redis could
         not be told (the entries are dropped here all the same).
         """
+        self._fleet_untagging(tags)()
+
+    # The fleet's invalidations in two steps: what changes here at once (returns
+    # the second step), and the round trip to Redis, which the async cache runs
+    # off its event loop.  After it, the keys are dropped here again: a read
+    # meanwhile may have brought back the old entry from Redis.
+
+    def _fleet_invalidation(self, key: K) -> Callable[[], None]:
+        fleet = self._fleet
+        fleet._forget_local(key, fleet.text(key))
+        with self._lock:
+            self._store.invalidate(key)
+
+        def send() -> None:
+            try:
+                fleet.invalidate(key, local=False)
+            finally:
+                with self._lock:
+                    self._store.invalidate(key)
+
+        return send
+
+    def _fleet_putting(self, key: K, value: V) -> Callable[[], None]:
+        fleet = self._fleet
+        now = self._clock()
+        entry = self._policy.value_entry(value, now, 0.0)
+        text = self._index(key)
+        tags = self._tags_of(key, value)
+        shared = self._shared(entry, now, False)
+        fleet._forget_local(key, text)
+        with self._lock:
+            self._store.invalidate(key)
+
+        def send() -> None:
+            try:
+                if tags:
+                    fleet.tag(text, tags, 0, self._lifetimes(entry, now)[0] + 1)
+                fleet.put(key, value, shared, local=False)
+            except BaseException:
+                with self._lock:
+                    self._store.invalidate(key)
+                raise
+            with self._lock:
+                self._store.put(key, value, now, entry)
+                self._index_tags(key, tags)
+
+        return send
+
+    def _fleet_clearing(self) -> Callable[[], None]:
+        fleet = self._fleet
+        with self._lock:
+            flying = self._store.in_flight()
+        for key in flying:
+            fleet._forget_local(key, fleet.text(key))
+        with self._lock:
+            self._store.clear()
+
+        def send() -> None:
+            try:
+                fleet.clear()
+            finally:
+                with self._lock:
+                    self._store.clear()
+
+        return send
+
+    def _fleet_untagging(self, tags: tuple[str, ...]) -> Callable[[], None]:
         fleet = self._fleet
         if fleet is None or self._tags is None:
             raise TypeError("invalidate_tags() needs a cache made with fleet= and tags=")
-        try:
-            texts = fleet.invalidate_tags(tags)
-        finally:
+
+        def drop_tagged() -> None:
             with self._lock:
                 for tag in tags:
                     for key in list(self._tag_index.pop(tag, ())):
                         self._store.invalidate(key)
-        with self._lock:
-            for text in texts:
-                for key in list(self._texts.get(text, ())):
-                    self._store.invalidate(key)
+
+        drop_tagged()
+
+        def send() -> None:
+            try:
+                texts = fleet.invalidate_tags(tags)
+            finally:
+                drop_tagged()
+            with self._lock:
+                for text in texts:
+                    for key in list(self._texts.get(text, ())):
+                        self._store.invalidate(key)
+
+        return send
 
     def _after_fork(self) -> None:
         """In a forked child: a fresh lock (another thread may have held it at the

@@ -29,6 +29,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -149,6 +150,9 @@ class Fleet:
         self.invalidations_received = 0
         self.l1_drops = 0
         self.channel: bytes = b""
+        # The async cache's invalidations go to Redis on this one thread, in order.
+        self._sender: ThreadPoolExecutor | None = None
+        self._scripts_loaded = False
 
     # -- binding to its cache ------------------------------------------------------------
 
@@ -226,6 +230,16 @@ class Fleet:
         deadline = _monotonic() + settings.redis_timeout + settings.retry_budget
         delay = settings.backoff_base
         loaded = False
+        if not self._scripts_loaded:
+            # Before the first pipeline: a NOSCRIPT inside MULTI fails only its
+            # EVALSHA, so the PUBLISH after it would go out twice (once more on
+            # the retry; after a restart or SCRIPT FLUSH it still may).
+            try:
+                for script in (FORGET_SCRIPT, PUT_SCRIPT, TAG_SCRIPT, UNTAG_SCRIPT):
+                    self._commands.script_load(script.source)
+                self._scripts_loaded = True
+            except RedisError:
+                pass
         while True:
             pipe = self._commands.pipeline(transaction=True)
             build(pipe)
@@ -254,10 +268,32 @@ class Fleet:
         self._core.forgetting(text)
         self.group._local.forget(key)
 
-    def invalidate(self, key: Any) -> None:
-        """Drop ``key``'s entry in Redis, detach its flight, tell every process."""
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
+        """Run ``fn`` (an invalidation's round trip) off the event loop: on one thread,
+        so the invalidations of one async cache reach Redis in the order asked."""
+        with self._lock:
+            if self._sender is None:
+                self._sender = ThreadPoolExecutor(1, "singleflight fleet sender")
+            future = self._sender.submit(fn)
+        future.add_done_callback(self._sent)
+        return future
+
+    def _sent(self, future: Future[None]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            log.warning(
+                "an invalidation of fleet %s did not reach Redis: other processes may "
+                "serve the old entry until it expires",
+                self.namespace,
+                exc_info=error,
+            )
+
+    def invalidate(self, key: Any, local: bool = True) -> None:
+        """Drop ``key``'s entry in Redis, detach its flight, tell every process;
+        ``local=False``: the caller has detached the flight here already."""
         text = self.text(key)
-        self._forget_local(key, text)
+        if local:
+            self._forget_local(key, text)
         keys = self._core.keys(text)
         args = self._core.forget_args(False)
         message = self._message("k", text)
@@ -269,12 +305,13 @@ class Fleet:
         self._run("invalidate", build)
         self.invalidations_sent += 1
 
-    def put(self, key: Any, value: Any, entry: FleetEntry) -> None:
+    def put(self, key: Any, value: Any, entry: FleetEntry, local: bool = True) -> None:
         """Store ``value`` as ``key``'s entry (detaching its flight), tell every process."""
         text = self.text(key)
         keys = self._core.keys(text)
         stored = entry.header() + self._core.encode(keys, value)
-        self._forget_local(key, text)
+        if local:
+            self._forget_local(key, text)
         args = [*self._core.forget_args(False), stored, entry.px()]
         message = self._message("k", text)
 
@@ -375,6 +412,7 @@ class Fleet:
 
     def _after_fork(self) -> None:
         self.trusted = False
+        self._sender = None  # its thread is not in the child
         cache = self._cache() if self._cache is not None else None
         if cache is not None:
             cache._fleet_trust(False)
