@@ -40,6 +40,8 @@ from ._flight import (
     check_fn,
     check_options,
     check_seconds,
+    loader_timed_out,
+    not_awaitable,
     reentry_error,
     waiter_error,
 )
@@ -69,18 +71,19 @@ else:  # pragma: no cover - exercised on 3.11 only
 # the latter is a Python-level method call on asyncio's loops, a tenth of the
 # cost of joining a flight.
 
-# Done callbacks of loader tasks need no context variables; sharing one empty
-# context saves a copy_context() per flight.
-_NO_CONTEXT = contextvars.Context()
-
 
 class _LoopState(LoopState):
     """One event loop's flights of a group; only that loop's thread touches it."""
 
-    __slots__ = ("slot_waiters",)
+    __slots__ = ("context", "slot_waiters")
 
     def __init__(self, table: Table[_AsyncFlight], loop: AbstractEventLoop) -> None:
         super().__init__(table, asyncio_call_soon(loop))
+        # The context the group's own done callbacks run in: they need no context
+        # variables, and one empty context per loop saves a copy_context() per
+        # flight.  Never one for every loop: a context cannot be entered by two
+        # threads at once.
+        self.context = contextvars.Context()
         # Callers waiting for a slot under max_flights with on_limit="wait".
         self.slot_waiters: list[asyncio.Future[None]] = []
 
@@ -320,7 +323,7 @@ class AsyncGroup(Generic[K, V]):
             # Waiting for a slot must not block: the call runs in a task of its
             # own, which is this caller's future (cancelling it is leaving).
             call = get_running_loop().create_task(self.do(key, fn, *args, **kwargs))
-            call.add_done_callback(_mark_retrieved, context=_NO_CONTEXT)
+            call.add_done_callback(_mark_retrieved, context=self._state_here().context)
             return call
         if flight is None:
             # Finished while starting: the caller still gets a future of its own.
@@ -332,7 +335,9 @@ class AsyncGroup(Generic[K, V]):
                 future.set_exception(exc)
                 future._log_traceback = False  # as for every waiter: see _AsyncFlight.end
         else:
-            future.add_done_callback(partial(self._leave, flight, joined), context=_NO_CONTEXT)
+            future.add_done_callback(
+                partial(self._leave, flight, joined), context=flight.state.context
+            )
         return future
 
     def forget(self, key: K) -> None:
@@ -482,7 +487,7 @@ class AsyncGroup(Generic[K, V]):
         else:
             flight = record
             flight.task = task
-        task.add_done_callback(flight, context=_NO_CONTEXT)
+        task.add_done_callback(flight, context=state.context)
         return flight, flight.add_waiter(loop), None
 
     def _refuse(self, full: Full) -> Exception:
@@ -622,9 +627,7 @@ async def _deadline(awaitable: Awaitable[V], seconds: float, key: object) -> V:
             return await awaitable
     except TimeoutError:
         if scope.expired():
-            raise TimeoutError(
-                f"the loader of key {key!r} ran past loader_timeout={seconds}s"
-            ) from None
+            raise loader_timed_out(key, seconds) from None
         raise
 
 
@@ -632,10 +635,7 @@ def _with_deadline(
     returned: object, fn: object, seconds: float, key: object
 ) -> Coroutine[Any, Any, Any]:
     if not isawaitable(returned):
-        raise TypeError(
-            f"AsyncGroup needs fn to be an async function or to return an awaitable; "
-            f"{fn!r} returned {type(returned).__name__}"
-        )
+        raise not_awaitable("AsyncGroup", fn, returned)
     return _deadline(returned, seconds, key)
 
 
@@ -660,10 +660,7 @@ def _launch_failed(
     if isinstance(exc, TypeError) and returned is not _NOTHING:
         if isawaitable(returned):
             return _new_task(_await(returned), loop=loop)
-        exc = TypeError(
-            f"AsyncGroup needs fn to be an async function or to return an awaitable; "
-            f"{fn!r} returned {type(returned).__name__}"
-        )
+        exc = not_awaitable("AsyncGroup", fn, returned)
     if table.get(key) is placeholder:
         del table[key]
     if returned is _NOTHING and isinstance(exc, Exception):

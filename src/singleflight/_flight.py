@@ -51,7 +51,9 @@ __all__ = [
     "check_name",
     "check_options",
     "check_seconds",
+    "loader_timed_out",
     "new_flight_id",
+    "not_awaitable",
     "reentry_error",
     "waiter_error",
 ]
@@ -341,11 +343,26 @@ def waiter_error(key: object, exc: BaseException) -> Exception:
 def check_fn(fn: object) -> None:
     """Every driver, every call, before anything is registered, counted or told."""
     if not callable(fn):
-        raise TypeError(f"fn must be callable; got {type(fn).__name__} {fn!r}")
+        raise TypeError(f"fn must be callable; got {type(fn).__name__} {safe_repr(fn)}")
 
 
 def bad_key(key: object) -> TypeError:
-    return TypeError(f"singleflight keys must be hashable; got {type(key).__name__} {key!r}")
+    return TypeError(
+        f"singleflight keys must be hashable; got {type(key).__name__} {safe_repr(key)}"
+    )
+
+
+def not_awaitable(driver: str, fn: object, returned: object) -> TypeError:
+    """``fn`` of an async group returned something a task cannot await."""
+    return TypeError(
+        f"{driver} needs fn to be an async function or to return an awaitable; "
+        f"{safe_repr(fn)} returned {type(returned).__name__}"
+    )
+
+
+def loader_timed_out(key: object, seconds: float) -> TimeoutError:
+    """What every caller of a flight stopped by ``loader_timeout`` raises."""
+    return TimeoutError(f"the loader of key {safe_repr(key)} ran past loader_timeout={seconds}s")
 
 
 def reentry_error(key: object) -> ReentryError:

@@ -31,7 +31,7 @@ from ._flight import (
 )
 from ._flight import stats as _stats
 from ._result import Result
-from .errors import AbortedError, TooManyFlightsError, WaitTimeoutError
+from .errors import AbortedError, TooManyFlightsError, WaitTimeoutError, safe_repr
 from .events import Event, EventHook, emit
 from .stats import GroupStats
 
@@ -157,7 +157,9 @@ class Group(Generic[K, V]):
     ) -> None:
         check_options(name, on_event, max_flights, on_limit, timeout)
         if executor is not None and not callable(getattr(executor, "submit", None)):
-            raise TypeError(f"executor must be a concurrent.futures.Executor; got {executor!r}")
+            raise TypeError(
+                f"executor must be a concurrent.futures.Executor; got {safe_repr(executor)}"
+            )
         self._lock = threading.Lock()
         self._table: Table[_Call] = Table(name, on_event, max_flights, on_limit)
         self._calls = self._table.calls
@@ -525,7 +527,7 @@ class Group(Generic[K, V]):
                 threading.Thread(
                     target=self._run,
                     args=(call, fn, args, kwargs),
-                    name=f"singleflight {call.key!r}",
+                    name=f"singleflight {safe_repr(call.key)}",
                     daemon=True,
                 ).start()
             else:

@@ -51,6 +51,8 @@ from ._flight import (
     check_fn,
     check_options,
     check_seconds,
+    loader_timed_out,
+    not_awaitable,
     reentry_error,
 )
 from ._flight import stats as _stats
@@ -768,10 +770,7 @@ class AnyIOGroup(Generic[K, V]):
                     returned = fn(*args, **kwargs)
                     del args, kwargs
                     if not isawaitable(returned):
-                        raise TypeError(
-                            f"AnyIOGroup needs fn to be an async function or to return an "
-                            f"awaitable; {fn!r} returned {type(returned).__name__}"
-                        )
+                        raise not_awaitable("AnyIOGroup", fn, returned)
                     seconds = self._loader_timeout
                     if seconds is None:
                         flight.value = await returned
@@ -779,10 +778,7 @@ class AnyIOGroup(Generic[K, V]):
                         with anyio.move_on_after(seconds) as limit:
                             flight.value = await returned
                         if limit.cancelled_caught:
-                            raise TimeoutError(
-                                f"the loader of key {flight.key!r} ran past "
-                                f"loader_timeout={seconds}s"
-                            )
+                            raise loader_timed_out(flight.key, seconds)
             if outcome is None and flight.scope.cancelled_caught:
                 outcome = AbortedError(flight.key, "every caller left (cancel_orphaned=True)")
         except BaseException as exc:
