@@ -145,7 +145,7 @@ class _AsyncFlight(Flight):
     def end(self, value: Any, exc: BaseException | None, cancelled: bool) -> None:
         state = self.state
         table = state.table
-        error, told = table.settle(self, exc, cancelled)
+        failure, told = table.settle(self, exc, cancelled)
         if state.slot_waiters:
             state.free_slot()
         if told is not None:
@@ -155,14 +155,20 @@ class _AsyncFlight(Flight):
             return
         if not isinstance(waiters, list):
             waiters = [waiters]
-        if error is None:
+        if failure is None:
             for future in waiters:
                 try:
                     future.set_result(value)
                 except InvalidStateError:
                     pass  # a caller that left cancelled its own future
         else:
+            # The first waiter is the caller that started the flight: it gets the
+            # loader's exception; every other caller an equal copy of its own.
+            error: Exception | None = None
             for future in waiters:
+                if future.done():
+                    continue  # a caller that left cancelled its own future
+                error = failure.own() if error is None else failure.copy()
                 try:
                     future.set_exception(error)
                 except InvalidStateError:
@@ -256,8 +262,9 @@ class AsyncGroup(Generic[K, V]):
 
         Returns the loader's value; every caller of one flight gets the same object.
 
-        Errors: the loader's :class:`Exception` is raised in every caller (the
-        same object, with the loader's traceback).  A loader task that ends
+        Errors: the loader's :class:`Exception` is raised in every caller, with
+        the loader's traceback: in the first caller the exception itself, in
+        every other an equal copy of its own (see the README).  A loader task that ends
         cancelled, or stopped by another ``BaseException``, gives its callers
         :class:`AbortedError`, never a ``CancelledError`` they did not ask for.
         ``TypeError`` for an unhashable key or a non-callable ``fn``, before

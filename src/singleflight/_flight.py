@@ -21,9 +21,11 @@ the 1.2x target).  Nowhere else; they say so where they do.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable
 from time import perf_counter
+from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar
 
 from ._options import check_flag, check_name, check_options, check_seconds
@@ -42,6 +44,7 @@ from .events import (
 from .stats import GroupStats
 
 __all__ = [
+    "Failure",
     "Flight",
     "Full",
     "Table",
@@ -235,12 +238,12 @@ class Table(Generic[F]):
 
     def settle(
         self, flight: F, exc: BaseException | None, cancelled: bool = False
-    ) -> tuple[Exception | None, Event | None]:
+    ) -> tuple[Failure | None, Event | None]:
         """The loader of ``flight`` ended, returning (``exc`` None), raising ``exc``, or
         (``cancelled``) as a cancelled task.
 
-        Returns what every waiter gets instead of the value (see
-        :func:`waiter_error`; None for the value) and the end event (None
+        Returns what the callers get instead of the value (a :class:`Failure`
+        of :func:`waiter_error`; None for the value) and the end event (None
         without a hook).  The caller then wakes the waiters; a slot under
         ``max_flights`` may have freed (wake a slot waiter either way: a spurious
         wake costs a retry, never a slot).
@@ -265,15 +268,16 @@ class Table(Generic[F]):
         now = perf_counter()
         if dups:  # dups is final: only joined while the key was in the table
             self.wait_seconds += flight.waiting * now - flight.joined
+        failure = None if error is None else Failure(error)
         if self.hook is None:
-            return error, None
+            return failure, None
         duration = now - flight.started
         if error is None:
             return None, FlightFinished(self.name, key, flight.id, duration, dups + 1)
         if aborted:
             cause = None if exc is error else exc  # a cancelled asyncio task has none
-            return error, FlightAborted(self.name, key, flight.id, duration, dups + 1, cause)
-        return error, FlightFailed(self.name, key, flight.id, duration, dups + 1, error)
+            return failure, FlightAborted(self.name, key, flight.id, duration, dups + 1, cause)
+        return failure, FlightFailed(self.name, key, flight.id, duration, dups + 1, error)
 
     # -- forgetting and counting ---------------------------------------------------------
 
@@ -325,10 +329,55 @@ def stats(tables: Iterable[Table[Any]]) -> GroupStats:
     )
 
 
+class Failure:
+    """How a flight failed, as it was when its loader ended: what each caller raises.
+
+    The caller that started the flight gets the loader's exception itself
+    (:meth:`own`); every other caller an equal copy of its own (:meth:`copy`):
+    same type, ``args`` and attributes, the loader's traceback, ``__cause__``,
+    ``__context__`` and ``__suppress_context__`` as the loader left them.
+    Raising an exception inside an ``except`` block rewrites its ``__context__``
+    and grows its traceback; with a copy each, no caller's handling changes what
+    another caller sees.  An exception that cannot be copied (its class cannot be
+    made again from its ``args``) is shared as it is.
+    """
+
+    __slots__ = ("cause", "context", "error", "suppress", "tb")
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.tb: TracebackType | None = error.__traceback__
+        self.cause = error.__cause__
+        self.context = error.__context__
+        self.suppress = error.__suppress_context__
+
+    def own(self) -> Exception:
+        """The loader's exception itself, with the traceback the loader left."""
+        return self.error.with_traceback(self.tb)
+
+    def copy(self) -> Exception:
+        """An equal copy for one caller (the original if it cannot be copied)."""
+        error = self.error
+        try:
+            dup = copy.copy(error)
+            if type(dup) is not type(error) or dup.args != error.args:
+                return self.own()
+        except Exception:
+            return self.own()
+        dup.__cause__ = self.cause
+        dup.__context__ = self.context
+        dup.__suppress_context__ = self.suppress
+        notes = getattr(error, "__notes__", None)
+        if isinstance(notes, list):
+            dup.__notes__ = list(notes)
+        return dup.with_traceback(self.tb)
+
+
 def waiter_error(key: object, exc: BaseException) -> Exception:
     """What a waiting caller raises when the loader raised ``exc``.
 
-    An :class:`Exception` reaches every caller as the same object.  Anything else
+    An :class:`Exception` reaches every caller (each waiter as an equal copy:
+    see :class:`Failure`).  Anything else
     (``KeyboardInterrupt``, ``SystemExit``, a cancelled task) belongs to the
     leader alone: waiters get an :class:`AbortedError` caused by it, so one
     interrupted thread or task never interrupts the others.

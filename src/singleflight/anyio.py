@@ -44,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     ) from exc
 
 from ._flight import (
+    Failure,
     Flight,
     Full,
     Table,
@@ -145,19 +146,18 @@ class _Run(LoopState):
 class _AnyIOFlight(Flight):
     """A flight whose loader runs in a task of its own; its callers wait on ``event``.
 
-    ``error`` is what every caller raises, ``tb`` its traceback as the loader
-    left it: re-raising with it keeps a shared exception's traceback from growing.
+    ``failure`` is how it failed (None for a value): the caller that started it
+    raises the loader's exception, every other caller an equal copy of its own.
     """
 
     __slots__ = (
-        "error",
         "event",
+        "failure",
         "futures",
         "run",
         "scope",
         "started",
         "task",
-        "tb",
         "value",
     )
 
@@ -171,8 +171,15 @@ class _AnyIOFlight(Flight):
         self.scope = anyio.CancelScope()
         self.task: object = None
         self.value: Any = None
-        self.error: Exception | None = None
-        self.tb: TracebackType | None = None
+        self.failure: Failure | None = None
+
+    def error_for(self, joined: float | None) -> Exception | None:
+        """What a caller raises: the loader's exception for the caller that started
+        the flight (``joined`` None), an equal copy for any other; None for a value."""
+        failure = self.failure
+        if failure is None:
+            return None
+        return failure.own() if joined is None else failure.copy()
 
 
 def _cancelled_class(trio: bool) -> type[BaseException]:
@@ -210,8 +217,9 @@ class FlightFuture(Generic[V]):
 
     Works alike on asyncio and trio.  ``await future`` (or ``await
     future.wait()``) returns the loader's value, or raises the loader's
-    :class:`Exception` (the object every caller gets, with the loader's
-    traceback), :class:`AbortedError`, or, for a future that had to wait for a
+    :class:`Exception` (with the loader's traceback; the future of the call
+    that started the flight holds the exception itself, any other an equal
+    copy of its own), :class:`AbortedError`, or, for a future that had to wait for a
     slot under ``max_flights``, :class:`~singleflight.WaitTimeoutError`.  Any number
     of tasks may await it, as often as they like.
 
@@ -321,12 +329,13 @@ class FlightFuture(Generic[V]):
         state = ("pending", "done", "cancelled")[self._state]
         return f"<{type(self).__name__} {state}>"
 
-    def _resolve(self, value: Any, error: Exception | None, tb: TracebackType | None) -> None:
+    def _resolve(self, value: Any, error: Exception | None) -> None:
         if self._state != _PENDING:
             return  # cancelled: the outcome is not this caller's any more
         self._state = _DONE
         self._flight = None
-        self._value, self._error, self._tb = value, error, tb
+        self._value, self._error = value, error
+        self._tb = None if error is None else error.__traceback__
         self._event.set()
 
 
@@ -402,8 +411,9 @@ class AnyIOGroup(Generic[K, V]):
 
         Returns the loader's value; every caller of one flight gets the same object.
 
-        Errors: the loader's :class:`Exception` is raised in every caller (the
-        same object, with the loader's traceback); so is a ``TypeError`` when
+        Errors: the loader's :class:`Exception` is raised in every caller, with
+        the loader's traceback: in the first caller the exception itself, in
+        every other an equal copy of its own (see the README); so is a ``TypeError`` when
         ``fn`` returned something that is not awaitable, and the
         ``TimeoutError`` of a loader stopped by ``loader_timeout``.  A loader
         that ends cancelled (by ``cancel_orphaned``, by the end of the
@@ -433,9 +443,9 @@ class AnyIOGroup(Generic[K, V]):
         del args, kwargs  # the loader has them; a parked caller need not keep them
         if not flight.event.is_set():
             await self._wait(flight, joined, deadline)
-        error = flight.error
+        error = flight.error_for(joined)
         if error is not None:
-            raise error.with_traceback(flight.tb)
+            raise error
         return flight.value  # type: ignore[no-any-return]
 
     async def do_result(
@@ -459,7 +469,7 @@ class AnyIOGroup(Generic[K, V]):
         del args, kwargs
         if not flight.event.is_set():
             await self._wait(flight, joined, deadline)
-        return Result(flight.value, flight.error, flight.dups > 0)
+        return Result(flight.value, flight.error_for(joined), flight.dups > 0)
 
     def do_future(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
@@ -506,7 +516,7 @@ class AnyIOGroup(Generic[K, V]):
             return future
         future = FlightFuture(self)
         if flight.event.is_set():  # an eager task factory ran the loader to its end
-            future._resolve(flight.value, flight.error, flight.tb)
+            future._resolve(flight.value, flight.error_for(joined))
             return future
         future._flight = flight
         future._joined = joined
@@ -733,13 +743,13 @@ class AnyIOGroup(Generic[K, V]):
                 del args, kwargs
                 if not flight.event.is_set():
                     await self._wait(flight, joined, deadline)
-                future._resolve(flight.value, flight.error, flight.tb)
+                future._resolve(flight.value, flight.error_for(joined))
         except Exception as exc:
-            future._resolve(None, exc, exc.__traceback__)
+            future._resolve(None, exc)
         except BaseException as exc:
             error = AbortedError(key, f"its do_future() task was stopped by {type(exc).__name__}")
             error.__cause__ = exc
-            future._resolve(None, error, None)
+            future._resolve(None, error)
             if not run.trio and isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
 
@@ -791,19 +801,18 @@ class AnyIOGroup(Generic[K, V]):
         """End the flight: the table removes its entry, then every caller wakes with its outcome."""
         run = flight.run
         cancelled = exc is not None and isinstance(exc, _cancelled_class(run.trio))
-        error, told = run.table.settle(flight, exc, cancelled)
+        failure, told = run.table.settle(flight, exc, cancelled)
         # A slot freed, or the flight was forgotten earlier (maybe from outside the
         # run): a slot waiter looks again now (a spurious wake costs only a retry).
         run.free_slot()
-        if error is not None:
+        if failure is not None:
             flight.value = None
-            flight.error = error
-            flight.tb = error.__traceback__
+            flight.failure = failure
         futures, flight.futures = flight.futures, None
         flight.event.set()
         if futures:
             for future in futures:
-                future._resolve(flight.value, error, flight.tb)
+                future._resolve(flight.value, flight.error_for(future._joined))
         if told is not None:
             emit(run.table.hook, told)  # type: ignore[arg-type]
 
