@@ -54,6 +54,7 @@ __all__ = [
     "check_name",
     "check_options",
     "check_seconds",
+    "cycle_error",
     "loader_timed_out",
     "new_flight_id",
     "not_awaitable",
@@ -84,12 +85,16 @@ class Flight:
       :meth:`Table.leave`; all of them have left once ``left > dups``.
     * ``started``, ``id``: start time and id in events; set by :meth:`Table.lead`
       only when the group has an ``on_event`` hook (there are no events otherwise).
+    * ``awaits``: the flight this flight's loader waits on, if it waits in a
+      call of the same group (event-loop drivers, for :func:`cycle_error`); set
+      by the driver while that wait lasts.
     """
 
-    __slots__ = ("dups", "id", "joined", "key", "left", "started", "waiting")
+    __slots__ = ("awaits", "dups", "id", "joined", "key", "left", "started", "waiting")
 
     key: Any
     dups: int
+    awaits: Flight | None
     waiting: int
     joined: float
     left: int
@@ -125,6 +130,7 @@ class Table(Generic[F]):
         "flights",
         "hook",
         "joins",
+        "loaders",
         "max_flights",
         "name",
         "on_limit",
@@ -142,6 +148,9 @@ class Table(Generic[F]):
         on_limit: Literal["raise", "wait"] = "raise",
     ) -> None:
         self.calls: dict[Any, F] = {}  # key -> its flight in progress
+        # What identifies a running loader (its task, or its coroutine's id) -> its
+        # flight: tells a caller which flight, if any, its own task is the loader of.
+        self.loaders: dict[Any, F] = {}
         self.name = name
         self.hook = hook  # read to decide whether events are made; never called here
         self.max_flights = max_flights
@@ -387,6 +396,20 @@ def waiter_error(key: object, exc: BaseException) -> Exception:
     error = AbortedError(key, safe_repr(exc) or type(exc).__name__)
     error.__cause__ = exc
     return error
+
+
+def cycle_error(flight: Flight, own: Flight) -> ReentryError | None:
+    """The loader of ``own`` is about to wait on ``flight``: the error if that closes a
+    cycle of loaders waiting on each other (``flight`` is ``own``, or its loader waits,
+    directly or through others, on ``own``); None otherwise."""
+    cycle = [own.key]
+    current: Flight | None = flight
+    while current is not None and len(cycle) <= 1000:
+        cycle.append(current.key)
+        if current is own:
+            return ReentryError(flight.key, tuple(cycle))
+        current = current.awaits
+    return None
 
 
 def check_fn(fn: object) -> None:

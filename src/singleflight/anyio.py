@@ -52,9 +52,9 @@ from ._flight import (
     check_fn,
     check_options,
     check_seconds,
+    cycle_error,
     loader_timed_out,
     not_awaitable,
-    reentry_error,
 )
 from ._flight import stats as _stats
 from ._loops import LoopState, Registry, asyncio_call_soon, wake_in_loop
@@ -170,6 +170,7 @@ class _AnyIOFlight(Flight):
         self.event = anyio.Event()
         self.scope = anyio.CancelScope()
         self.task: object = None
+        self.awaits = None
         self.value: Any = None
         self.failure: Failure | None = None
 
@@ -443,6 +444,8 @@ class AnyIOGroup(Generic[K, V]):
         del args, kwargs  # the loader has them; a parked caller need not keep them
         if not flight.event.is_set():
             await self._wait(flight, joined, deadline)
+        else:
+            self._stop_awaiting(flight)
         error = flight.error_for(joined)
         if error is not None:
             raise error
@@ -469,6 +472,8 @@ class AnyIOGroup(Generic[K, V]):
         del args, kwargs
         if not flight.event.is_set():
             await self._wait(flight, joined, deadline)
+        else:
+            self._stop_awaiting(flight)
         return Result(flight.value, flight.error_for(joined), flight.dups > 0)
 
     def do_future(
@@ -495,7 +500,7 @@ class AnyIOGroup(Generic[K, V]):
         """
         future: FlightFuture[V]
         try:
-            flight, joined = self._enter(key, fn, args, kwargs)
+            flight, joined = self._enter(key, fn, args, kwargs, waits=False)
         except Full:  # on_limit="wait" (a refusal is raised by _enter)
             future = FlightFuture(self)
             scope = future._scope = anyio.CancelScope()
@@ -598,12 +603,16 @@ class AnyIOGroup(Generic[K, V]):
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        waits: bool = True,
     ) -> tuple[_AnyIOFlight, float | None]:
         """Lead or join the flight of ``key``; a leader's loader task is started here.
 
         Returns the flight and this caller's join time (None for the leader).
         Raises TooManyFlightsError for a new key when ``max_flights`` flights are
-        open (``on_limit="raise"``), or, internally, Full (``"wait"``).
+        open (``on_limit="raise"``), or, internally, Full (``"wait"``), and
+        ReentryError when this caller is a loader whose flight the flight of
+        ``key`` waits on.  A loader that ``waits`` on the flight (do(), not
+        do_future()) is recorded as waiting on it until :meth:`_stop_awaiting`.
         """
         check_fn(fn)
         run = self._run()
@@ -618,9 +627,15 @@ class AnyIOGroup(Generic[K, V]):
             assert full.error is not None
             raise full.error from None
         told: Event | None
+        # The flight whose loader this task runs, if any.
+        own = table.loaders.get(run.current_task()) if table.loaders else None
         if flight is not None:
-            if flight.task is not None and flight.task is run.current_task():
-                raise reentry_error(key)
+            if own is not None:
+                error = cycle_error(flight, own)
+                if error is not None:
+                    raise error
+                if waits:
+                    own.awaits = flight
             joined = perf_counter()
             told = table.join(flight, joined)
             if told is not None:
@@ -631,17 +646,29 @@ class AnyIOGroup(Generic[K, V]):
             run.wake_slot_waiters()
         flight = _AnyIOFlight(run, key)
         told = table.lead(flight)
-        if told is not None:
-            emit(table.hook, told)  # type: ignore[arg-type]
         try:
+            if told is not None:
+                emit(table.hook, told)  # type: ignore[arg-type]
+            if own is not None and waits:
+                own.awaits = flight  # before the loader runs: it may close a cycle
             task = run.spawn(_TASK_NAME, self._fly, flight, fn, args, kwargs)
         except BaseException as exc:
-            # The loop or run is shutting down.  Nobody can have joined yet.
+            # A hook raised, or the loop or run is shutting down.
+            if own is not None and own.awaits is flight:
+                own.awaits = None
             self._settle(flight, exc)
             raise
         # An eager task factory may have run the loader already; it set this too.
         flight.task = task
         return flight, None
+
+    def _stop_awaiting(self, flight: _AnyIOFlight) -> None:
+        """This caller's wait on ``flight`` is over: if it is a loader, it waits no more."""
+        table = flight.run.table
+        if table.loaders:
+            own = table.loaders.get(flight.run.current_task())
+            if own is not None and own.awaits is flight:
+                own.awaits = None
 
     async def _admit(
         self,
@@ -694,6 +721,7 @@ class AnyIOGroup(Generic[K, V]):
                 with anyio.CancelScope(deadline=deadline):
                     await flight.event.wait()
         finally:
+            self._stop_awaiting(flight)
             if not flight.event.is_set():
                 self._leave(flight, joined)
         if not flight.event.is_set():
@@ -770,6 +798,7 @@ class AnyIOGroup(Generic[K, V]):
         is a ``TimeoutError`` saying so.
         """
         flight.task = flight.run.current_task()
+        flight.run.table.loaders[flight.task] = flight
         outcome: BaseException | None = None
         try:
             with flight.scope:
@@ -800,6 +829,8 @@ class AnyIOGroup(Generic[K, V]):
     def _settle(self, flight: _AnyIOFlight, exc: BaseException | None) -> None:
         """End the flight: the table removes its entry, then every caller wakes with its outcome."""
         run = flight.run
+        if flight.task is not None:
+            run.table.loaders.pop(flight.task, None)
         cancelled = exc is not None and isinstance(exc, _cancelled_class(run.trio))
         failure, told = run.table.settle(flight, exc, cancelled)
         # A slot freed, or the flight was forgotten earlier (maybe from outside the
