@@ -251,14 +251,13 @@ def _own_flight(state: _LoopState, task: Task[Any] | None) -> _AsyncFlight | Non
     if task is None:
         return None
     own = state.table.loaders.get(task)
-    if own is None:
-        starting = state.starting
-        if starting is not None:
-            coro = task.get_coro()  # task is running: get_coro() is safe
-            while starting is not None:
-                if starting[_CORO] is coro:
-                    return _record_of(state, starting)
-                starting = starting[_OUTER]
+    starting = state.starting
+    if own is None and starting is not None:
+        coro = task.get_coro()  # task is running: get_coro() is safe
+        while starting is not None:
+            if starting[_CORO] is coro:
+                return _record_of(state, starting)
+            starting = starting[_OUTER]
     return own
 
 
@@ -508,8 +507,8 @@ class AsyncGroup(Generic[K, V]):
             raise bad_key(key) from None
         loaders = table.loaders
         # The flight whose loader this task runs, if any (see _AsyncFlight).
-        own = None
-        if loaders or state.starting is not None:
+        own = loaders.get(current_task(loop)) if loaders else None
+        if own is None and state.starting is not None:
             own = _own_flight(state, current_task(loop))
         if flight is not None:
             if flight is _STARTING:
