@@ -186,6 +186,7 @@ class Group(Generic[K, V]):
         "_calls",
         "_executor",
         "_expiry",
+        "_expiry_clock",
         "_lock",
         "_parked",
         "_queue",
@@ -230,8 +231,11 @@ class Group(Generic[K, V]):
         self._parked = 0  # threads waiting for a slot (on_limit="wait")
         # do_future() calls waiting for a slot, oldest first: no thread each.
         self._queue: deque[_Queued] = deque()
-        # The thread failing queued calls at their deadline (timeout set), if running.
+        # The thread failing queued calls at their deadline (timeout set), if running,
+        # and what it sleeps on: a condition of its own, so that it never takes a
+        # notify() meant for a thread waiting for a slot.
         self._expiry: threading.Thread | None = None
+        self._expiry_clock = threading.Condition(self._lock)
 
     def do(self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs) -> V:
         """Run ``fn(*args, **kwargs)`` as the flight of ``key``, or join the one in flight.
@@ -688,7 +692,7 @@ class Group(Generic[K, V]):
                     if not deadlines:
                         self._expiry = None
                         return
-                    self._slot.wait(min(deadlines) - now)
+                    self._expiry_clock.wait(min(deadlines) - now)
                     continue
             for entry, timed_out in expired:
                 if timed_out is not None:

@@ -755,6 +755,28 @@ def test_thread_max_flights_wait_times_out() -> None:
     assert g.do("b", b) is b.value
 
 
+def test_thread_queued_do_future_times_out_at_the_groups_timeout() -> None:
+    """A do_future() call queued for a slot gets WaitTimeoutError at its deadline; the one
+    queued behind it, cancelled, starts nothing; the flight in progress goes on."""
+    g: Group[str, Token] = Group(max_flights=1, on_limit="wait", timeout=0.2)
+    gate = threading.Event()
+    a = Loader(name="a", gate=gate)
+    a_future = g.do_future("a", a)
+    a.wait_started()
+    b = Loader(name="b")
+    b_future = g.do_future("b", b)
+    c_future = g.do_future("c", Loader(name="c"))
+    assert c_future.cancel()
+    with pytest.raises(WaitTimeoutError) as info:
+        b_future.result(WAIT)
+    assert "'b'" in str(info.value) and b.calls == 0 and "b" not in g
+    gate.set()
+    assert a_future.result(WAIT) is a.value
+    s = g.stats()
+    assert (s.timeouts, s.flights, s.in_flight) == (1, 1, 0)
+    wait_for(lambda: g._slot_waiters == 0)
+
+
 def test_thread_max_flights_wait_forget_frees_a_slot() -> None:
     g: Group[str, Token] = Group(max_flights=1, on_limit="wait")
     gate = threading.Event()
