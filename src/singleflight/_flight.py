@@ -13,10 +13,11 @@ only from that loop's thread.  The hot paths of the drivers write out the few
 lines of :meth:`Table.enter` / :meth:`Table.lead` / :meth:`Table.join` /
 :meth:`Table.settle` they need where a method call shows in the benchmark
 (``benchmarks/bench_core.py``; instruction counts per call against its floors,
-CPython 3.12): ``Group.do`` for a new key 12.9k vs a floor of 9.1k (1.42x; with
-the table's methods called, 16.7k, 1.83x, past the 1.5x target); a second joiner
-of ``AsyncGroup.do`` 77.6k vs 65.6k per woken waiter (1.18x; 1.19x called, at
-the 1.2x target).  Nowhere else; they say so where they do.
+CPython 3.12): ``Group.do`` for a new key 13.2k vs a floor of 9.1k (1.45x; with
+the table's methods called, past the 1.5x target); ``AsyncGroup.do`` for a new
+key 18.3k vs 6.5k (2.84x); a joiner of ``AsyncGroup.do`` 78.1k vs 65.7k per
+woken waiter (1.19x, at the 1.2x target).  Nowhere else; they say so where they
+do.
 """
 
 from __future__ import annotations
