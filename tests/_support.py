@@ -38,6 +38,23 @@ class Stop(BaseException):
     """A BaseException that is not an Exception (what ends a loader without a result)."""
 
 
+def same_error(seen: BaseException | None, error: BaseException) -> bool:
+    """``seen`` is ``error`` or an equal copy: what a caller of a flight that failed gets.
+
+    The caller that started the flight gets the loader's exception itself; every other
+    caller an equal copy of its own: same type, same ``args``, same ``__cause__`` and
+    ``__suppress_context__``, and the loader's traceback frames (checked where it matters
+    by the tests that say so).
+    """
+    return seen is error or (
+        type(seen) is type(error)
+        and seen is not None
+        and seen.args == error.args
+        and seen.__cause__ is error.__cause__
+        and seen.__suppress_context__ == error.__suppress_context__
+    )
+
+
 def never_called(*args: Any, **kwargs: Any) -> Any:
     """A joiner's loader: a joiner's own fn must never run."""
     raise AssertionError("a joiner's fn ran")

@@ -40,7 +40,9 @@ from ._flight import (
     check_fn,
     check_options,
     check_seconds,
-    reentry_error,
+    cycle_error,
+    loader_timed_out,
+    not_awaitable,
     waiter_error,
 )
 from ._flight import stats as _stats
@@ -59,28 +61,56 @@ P = ParamSpec("P")
 # Loader tasks share one name: a "Task-N" name per flight costs memory and a
 # string format.  Eager start (3.12+) runs the loader until it first suspends.
 _TASK_NAME = "singleflight loader"
-_new_task: Callable[..., Task[Any]]
+_new = Task.__new__
+_init: Callable[..., None]
 if sys.version_info >= (3, 12):
-    _new_task = partial(Task, eager_start=True, name=_TASK_NAME)
+    _init = Task.__init__
 else:  # pragma: no cover - exercised on 3.11 only
-    _new_task = partial(Task, name=_TASK_NAME)
+
+    def _init(task: Task[Any], coro: Any, *, loop: Any, eager_start: bool, name: str) -> None:
+        Task.__init__(task, coro, loop=loop, name=name)
+
+
+def _retrieved(task: Task[Any]) -> None:
+    """A loader task made in two steps (``_new``, ``_init``) whose eager first step
+    raised a ``BaseException`` out of the constructor (``KeyboardInterrupt``,
+    ``SystemExit``): the caller raises it, so the task's copy is marked retrieved
+    and the loop logs no "exception was never retrieved" for it."""
+    if task.done() and not task.cancelled():
+        task.exception()
+
+
+def _new_task(coro: Coroutine[Any, Any, Any], loop: AbstractEventLoop) -> Task[Any]:
+    """A loader task (started eagerly on 3.12+), as _enter() makes it inline."""
+    task: Task[Any] = _new(Task)
+    try:
+        _init(task, coro, loop=loop, eager_start=True, name=_TASK_NAME)
+    except BaseException:
+        _retrieved(task)
+        raise
+    return task
+
 
 # Waiter futures are made with Future(loop=...) rather than loop.create_future():
 # the latter is a Python-level method call on asyncio's loops, a tenth of the
 # cost of joining a flight.
 
-# Done callbacks of loader tasks need no context variables; sharing one empty
-# context saves a copy_context() per flight.
-_NO_CONTEXT = contextvars.Context()
-
 
 class _LoopState(LoopState):
     """One event loop's flights of a group; only that loop's thread touches it."""
 
-    __slots__ = ("slot_waiters",)
+    __slots__ = ("context", "slot_waiters", "starting")
 
     def __init__(self, table: Table[_AsyncFlight], loop: AbstractEventLoop) -> None:
         super().__init__(table, asyncio_call_soon(loop))
+        # The context the group's own done callbacks run in: they need no context
+        # variables, and one empty context per loop saves a copy_context() per
+        # flight.  Never one for every loop: a context cannot be entered by two
+        # threads at once.
+        self.context = contextvars.Context()
+        # The flight whose task is being constructed (started eagerly), if any:
+        # a _Starting list; nested eager starts link to the outer one.
+        self.starting: list[Any] | None = None
         # Callers waiting for a slot under max_flights with on_limit="wait".
         self.slot_waiters: list[asyncio.Future[None]] = []
 
@@ -105,10 +135,14 @@ class _AsyncFlight(Flight):
     """A flight whose loader task is running, and the futures of its callers.
 
     ``waiters`` is the first caller's future, or a list once a second one waits
-    (most flights have one caller).  ``task`` is None while the task starts
-    (only the loader can run then: a caller finding it is the loader
-    re-entering).  The flight is its task's done callback: a bound method would
-    cost an object per flight.
+    (most flights have one caller); the leader's comes first.  The record is in
+    the table before its task starts, and ``task`` is None until the task's
+    constructor returns: a caller finding it then (a hook told of its start, a
+    task the loader spawned eagerly) joins it.  While the task is being
+    constructed its loader is known by its coroutine (the state's
+    ``starting`` chain); once the task suspends, by the task
+    (``Table.loaders``).  The flight is its task's done callback: a bound method
+    would cost an object per flight.
     """
 
     __slots__ = ("state", "task", "waiters")
@@ -116,23 +150,27 @@ class _AsyncFlight(Flight):
     def __init__(self, state: _LoopState, key: object, task: Task[Any] | None) -> None:
         self.key = key
         self.dups = 0
+        self.awaits = None
         self.state = state
         self.task = task
         self.waiters: asyncio.Future[Any] | list[asyncio.Future[Any]] | None = None
 
-    def add_waiter(self, loop: AbstractEventLoop) -> asyncio.Future[Any]:
+    def add_leader(self, loop: AbstractEventLoop) -> asyncio.Future[Any]:
+        """The leader's future, first of the waiters (callers may have joined while the
+        task started)."""
         future: Future[Any] = Future(loop=loop)
         waiters = self.waiters
         if waiters is None:
             self.waiters = future
         elif isinstance(waiters, list):
-            waiters.append(future)
+            waiters.insert(0, future)
         else:
-            self.waiters = [waiters, future]
+            self.waiters = [future, waiters]
         return future
 
     def __call__(self, task: asyncio.Future[Any]) -> None:
         """The loader task is done: settle the flight, then hand its outcome to every waiter."""
+        self.state.table.loaders.pop(task, None)
         if task.cancelled():
             self.end(None, None, True)
         else:
@@ -142,7 +180,7 @@ class _AsyncFlight(Flight):
     def end(self, value: Any, exc: BaseException | None, cancelled: bool) -> None:
         state = self.state
         table = state.table
-        error, told = table.settle(self, exc, cancelled)
+        failure, told = table.settle(self, exc, cancelled)
         if state.slot_waiters:
             state.free_slot()
         if told is not None:
@@ -152,14 +190,20 @@ class _AsyncFlight(Flight):
             return
         if not isinstance(waiters, list):
             waiters = [waiters]
-        if error is None:
+        if failure is None:
             for future in waiters:
                 try:
                     future.set_result(value)
                 except InvalidStateError:
                     pass  # a caller that left cancelled its own future
         else:
+            # The first waiter is the caller that started the flight: it gets the
+            # loader's exception; every other caller an equal copy of its own.
+            error: Exception | None = None
             for future in waiters:
+                if future.done():
+                    continue  # a caller that left cancelled its own future
+                error = failure.own() if error is None else failure.copy()
                 try:
                     future.set_exception(error)
                 except InvalidStateError:
@@ -169,9 +213,58 @@ class _AsyncFlight(Flight):
                 future._log_traceback = False
 
 
-# In a table while a new flight's task is starting eagerly.  Only the loader
-# itself can run then, so any call that finds it is the loader re-entering.
-_STARTING = _AsyncFlight(None, None, None)  # type: ignore[arg-type]
+# A flight whose task is being constructed: [key, coroutine, outer, record].  The
+# record is made only when somebody needs it during the start (a caller joins, the
+# loader calls the group): most flights of a fast path never need one.  A list,
+# not an object: it is made on the hot path.
+_KEY, _CORO, _OUTER, _RECORD = 0, 1, 2, 3
+
+# In a table while a new flight's task is being constructed and nobody has
+# needed its record yet (see _Starting).
+_STARTING: Any = object()
+
+
+def _record_of(state: _LoopState, starting: list[Any]) -> _AsyncFlight:
+    """The record of a flight being started, made now if nobody needed it before."""
+    record: _AsyncFlight | None = starting[_RECORD]
+    if record is None:
+        key = starting[_KEY]
+        record = starting[_RECORD] = _AsyncFlight(state, key, None)
+        calls = state.table.calls
+        if calls.get(key) is _STARTING:
+            calls[key] = record
+    return record
+
+
+def _starting_of(state: _LoopState, key: object) -> _AsyncFlight:
+    """The record of the flight of ``key`` being started (its table entry is _STARTING)."""
+    starting = state.starting
+    while starting is not None:
+        if starting[_KEY] == key:
+            return _record_of(state, starting)
+        starting = starting[_OUTER]
+    raise AssertionError("a key marked as starting has no flight starting")  # pragma: no cover
+
+
+def _own_flight(state: _LoopState, task: Task[Any] | None) -> _AsyncFlight | None:
+    """The flight of ``state`` whose loader ``task`` runs, if any."""
+    if task is None:
+        return None
+    own = state.table.loaders.get(task)
+    starting = state.starting
+    if own is None and starting is not None:
+        coro = task.get_coro()  # task is running: get_coro() is safe
+        while starting is not None:
+            if starting[_CORO] is coro:
+                return _record_of(state, starting)
+            starting = starting[_OUTER]
+    return own
+
+
+def _stop_awaiting(own: _AsyncFlight, flight: _AsyncFlight, future: object) -> None:
+    """A loader's wait on ``flight`` ended (its future is done)."""
+    if own.awaits is flight:
+        own.awaits = None
 
 
 # What fn "returned" while it has not returned yet (None is a possible return).
@@ -253,8 +346,9 @@ class AsyncGroup(Generic[K, V]):
 
         Returns the loader's value; every caller of one flight gets the same object.
 
-        Errors: the loader's :class:`Exception` is raised in every caller (the
-        same object, with the loader's traceback).  A loader task that ends
+        Errors: the loader's :class:`Exception` is raised in every caller, with
+        the loader's traceback: in the first caller the exception itself, in
+        every other an equal copy of its own (see the README).  A loader task that ends
         cancelled, or stopped by another ``BaseException``, gives its callers
         :class:`AbortedError`, never a ``CancelledError`` they did not ask for.
         ``TypeError`` for an unhashable key or a non-callable ``fn``, before
@@ -320,7 +414,7 @@ class AsyncGroup(Generic[K, V]):
             # Waiting for a slot must not block: the call runs in a task of its
             # own, which is this caller's future (cancelling it is leaving).
             call = get_running_loop().create_task(self.do(key, fn, *args, **kwargs))
-            call.add_done_callback(_mark_retrieved, context=_NO_CONTEXT)
+            call.add_done_callback(_mark_retrieved, context=self._state_here().context)
             return call
         if flight is None:
             # Finished while starting: the caller still gets a future of its own.
@@ -332,7 +426,9 @@ class AsyncGroup(Generic[K, V]):
                 future.set_exception(exc)
                 future._log_traceback = False  # as for every waiter: see _AsyncFlight.end
         else:
-            future.add_done_callback(partial(self._leave, flight, joined), context=_NO_CONTEXT)
+            future.add_done_callback(
+                partial(self._leave, flight, joined), context=flight.state.context
+            )
         return future
 
     def forget(self, key: K) -> None:
@@ -409,9 +505,20 @@ class AsyncGroup(Generic[K, V]):
             flight = calls.get(key)
         except TypeError:
             raise bad_key(key) from None
+        loaders = table.loaders
+        # The flight whose loader this task runs, if any (see _AsyncFlight).
+        own = loaders.get(current_task(loop)) if loaders else None
+        if own is None and state.starting is not None:
+            own = _own_flight(state, current_task(loop))
         if flight is not None:
-            if flight.task is None or flight.task is current_task(loop):
-                raise reentry_error(key)
+            if flight is _STARTING:
+                # A flight being started: a hook told of its start, or a task its
+                # loader spawned eagerly, joins it (its record is made now).
+                flight = _starting_of(state, key)
+            if own is not None:
+                error = cycle_error(flight, own)
+                if error is not None:
+                    raise error
             joined = perf_counter()
             if table.hook is None and flight.dups:
                 # Table.join() for a second or later joiner, written out.
@@ -432,58 +539,95 @@ class AsyncGroup(Generic[K, V]):
                 flight.waiters = future
             else:
                 flight.waiters = [waiters, future]
+            if own is not None:
+                self._awaits(own, flight, future)
             return flight, future, joined
-        if self._slow:
-            # The general path: limits, events.  The record is in the table
-            # while the task starts (task None: a caller finding it is the loader
-            # re-entering), so that its start and end can be told.
-            table.enter(key)  # raises Full
-            record: _AsyncFlight | None = _AsyncFlight(state, key, None)
-            told = table.lead(record)
-            if state.slot_waiters:
-                state.wake_slot_waiters()  # callers of this key may join it now
-            if told is not None:
-                emit(table.hook, told)  # type: ignore[arg-type]
-            placeholder: _AsyncFlight = record  # type: ignore[assignment]
-        else:
-            record = None
-            placeholder = _STARTING
-            table.flights += 1
-            calls[key] = _STARTING
+        # A new flight.  It is in the table before anything runs: a caller of the
+        # key from a hook told of its start, or from a task the loader spawns
+        # eagerly, joins it.  Its record is made up front on the general path and
+        # when this caller is a loader (its wait may close a cycle); otherwise
+        # only if somebody needs it while the task is constructed.
+        outer = state.starting
+        starting: list[Any] = [key, None, outer, None]
         returned: Any = _NOTHING
         try:
+            if self._slow:
+                table.enter(key)  # raises Full
+                record = starting[_RECORD] = _AsyncFlight(state, key, None)
+                told = table.lead(record)
+                if state.slot_waiters:
+                    state.wake_slot_waiters()  # callers of this key may join it now
+                if told is not None:
+                    emit(table.hook, told)  # type: ignore[arg-type]
+            else:
+                table.flights += 1
+                calls[key] = _STARTING
+                if own is not None:
+                    _record_of(state, starting)
             returned = fn(*args, **kwargs)
             if self._loader_timeout is not None:
                 returned = _with_deadline(returned, fn, self._loader_timeout, key)
-            task = _new_task(returned, loop=loop)
-        except BaseException as exc:
+            starting[_CORO] = returned
+            state.starting = starting
+            if own is not None:
+                own.awaits = starting[_RECORD]  # before the loader runs: it may close a cycle
+            # Task(returned, ...) in two steps, the task at hand if its first step
+            # raises a BaseException out of the constructor: see _retrieved().
+            task = _new(Task)
             try:
+                _init(task, returned, loop=loop, eager_start=True, name=_TASK_NAME)
+            except BaseException:
+                _retrieved(task)
+                raise
+            finally:
+                state.starting = outer
+        except Full:
+            raise
+        except BaseException as exc:
+            if own is not None:
+                own.awaits = None
+            try:
+                placeholder = starting[_RECORD] or _STARTING
                 task = _launch_failed(calls, key, placeholder, loop, fn, returned, exc)  # type: ignore[assignment]
             except BaseException as raised:
                 # A usage error or an interrupt: the flight ends with it.
-                (record or _AsyncFlight(state, key, None)).end(None, raised, False)
+                (starting[_RECORD] or _AsyncFlight(state, key, None)).end(None, raised, False)
                 raise
+        record = starting[_RECORD]
         if task.done():
-            # Finished without suspending: no waiter can exist, so no flight
-            # record is needed.  Release the key unless the loader forgot it.
-            if record is not None:
-                record(task)
-            else:
+            # Finished without suspending: its outcome is this caller's at once.
+            if own is not None:
+                own.awaits = None
+            if record is None:
+                # Nobody needed the record: no waiter, no event.  Release the key
+                # unless the loader forgot it.
                 if calls.get(key) is _STARTING:
                     del calls[key]
                 if task.cancelled() or task.exception() is not None:
-                    _AsyncFlight(state, key, None)(task)  # count it as the record would
+                    _AsyncFlight(state, key, task)(task)  # counted as the record would be
+            else:
+                record.task = task
+                record(task)
             return None, task, None
         if record is None:
-            flight = _AsyncFlight(state, key, task)
+            record = _AsyncFlight(state, key, task)
             if calls.get(key) is _STARTING:
-                calls[key] = flight
+                calls[key] = record
             # else the loader forgot its key while starting; the flight runs unlisted.
         else:
-            flight = record
-            flight.task = task
-        task.add_done_callback(flight, context=_NO_CONTEXT)
-        return flight, flight.add_waiter(loop), None
+            record.task = task
+        loaders[task] = record
+        task.add_done_callback(record, context=state.context)
+        future = record.add_leader(loop)
+        if own is not None:
+            self._awaits(own, record, future)
+        return record, future, None
+
+    @staticmethod
+    def _awaits(own: _AsyncFlight, flight: _AsyncFlight, future: asyncio.Future[Any]) -> None:
+        """The loader of ``own`` waits on ``flight`` until ``future`` is done."""
+        own.awaits = flight
+        future.add_done_callback(partial(_stop_awaiting, own, flight), context=own.state.context)
 
     def _refuse(self, full: Full) -> Exception:
         """max_flights refused a call (counted by the table): tell it, return the error."""
@@ -570,11 +714,12 @@ class AsyncGroup(Generic[K, V]):
             return
         state = flight.state
         task = flight.task
-        assert task is not None
-        if state.table.leave(flight, joined, self._cancel_orphaned and not task.done()):
+        running = task is not None and not task.done()
+        if state.table.leave(flight, joined, self._cancel_orphaned and running):
             if state.slot_waiters:
                 state.free_slot()
-            task.cancel()
+            if task is not None:
+                task.cancel()
 
     def _parked(self) -> int:
         """Callers of the running loop waiting for a slot (white-box, for tests)."""
@@ -622,9 +767,7 @@ async def _deadline(awaitable: Awaitable[V], seconds: float, key: object) -> V:
             return await awaitable
     except TimeoutError:
         if scope.expired():
-            raise TimeoutError(
-                f"the loader of key {key!r} ran past loader_timeout={seconds}s"
-            ) from None
+            raise loader_timed_out(key, seconds) from None
         raise
 
 
@@ -632,10 +775,7 @@ def _with_deadline(
     returned: object, fn: object, seconds: float, key: object
 ) -> Coroutine[Any, Any, Any]:
     if not isawaitable(returned):
-        raise TypeError(
-            f"AsyncGroup needs fn to be an async function or to return an awaitable; "
-            f"{fn!r} returned {type(returned).__name__}"
-        )
+        raise not_awaitable("AsyncGroup", fn, returned)
     return _deadline(returned, seconds, key)
 
 
@@ -660,10 +800,7 @@ def _launch_failed(
     if isinstance(exc, TypeError) and returned is not _NOTHING:
         if isawaitable(returned):
             return _new_task(_await(returned), loop=loop)
-        exc = TypeError(
-            f"AsyncGroup needs fn to be an async function or to return an awaitable; "
-            f"{fn!r} returned {type(returned).__name__}"
-        )
+        exc = not_awaitable("AsyncGroup", fn, returned)
     if table.get(key) is placeholder:
         del table[key]
     if returned is _NOTHING and isinstance(exc, Exception):

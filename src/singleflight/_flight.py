@@ -13,17 +13,20 @@ only from that loop's thread.  The hot paths of the drivers write out the few
 lines of :meth:`Table.enter` / :meth:`Table.lead` / :meth:`Table.join` /
 :meth:`Table.settle` they need where a method call shows in the benchmark
 (``benchmarks/bench_core.py``; instruction counts per call against its floors,
-CPython 3.12): ``Group.do`` for a new key 12.9k vs a floor of 9.1k (1.42x; with
-the table's methods called, 16.7k, 1.83x, past the 1.5x target); a second joiner
-of ``AsyncGroup.do`` 77.6k vs 65.6k per woken waiter (1.18x; 1.19x called, at
-the 1.2x target).  Nowhere else; they say so where they do.
+CPython 3.12): ``Group.do`` for a new key 13.2k vs a floor of 9.1k (1.45x; with
+the table's methods called, past the 1.5x target); ``AsyncGroup.do`` for a new
+key 18.3k vs 6.5k (2.84x); a joiner of ``AsyncGroup.do`` 78.1k vs 65.7k per
+woken waiter (1.19x, at the 1.2x target).  Nowhere else; they say so where they
+do.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable
 from time import perf_counter
+from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar
 
 from ._options import check_flag, check_name, check_options, check_seconds
@@ -42,6 +45,7 @@ from .events import (
 from .stats import GroupStats
 
 __all__ = [
+    "Failure",
     "Flight",
     "Full",
     "Table",
@@ -51,7 +55,10 @@ __all__ = [
     "check_name",
     "check_options",
     "check_seconds",
+    "cycle_error",
+    "loader_timed_out",
     "new_flight_id",
+    "not_awaitable",
     "reentry_error",
     "waiter_error",
 ]
@@ -79,12 +86,16 @@ class Flight:
       :meth:`Table.leave`; all of them have left once ``left > dups``.
     * ``started``, ``id``: start time and id in events; set by :meth:`Table.lead`
       only when the group has an ``on_event`` hook (there are no events otherwise).
+    * ``awaits``: the flight this flight's loader waits on, if it waits in a
+      call of the same group (event-loop drivers, for :func:`cycle_error`); set
+      by the driver while that wait lasts.
     """
 
-    __slots__ = ("dups", "id", "joined", "key", "left", "started", "waiting")
+    __slots__ = ("awaits", "dups", "id", "joined", "key", "left", "started", "waiting")
 
     key: Any
     dups: int
+    awaits: Flight | None
     waiting: int
     joined: float
     left: int
@@ -120,6 +131,7 @@ class Table(Generic[F]):
         "flights",
         "hook",
         "joins",
+        "loaders",
         "max_flights",
         "name",
         "on_limit",
@@ -137,6 +149,9 @@ class Table(Generic[F]):
         on_limit: Literal["raise", "wait"] = "raise",
     ) -> None:
         self.calls: dict[Any, F] = {}  # key -> its flight in progress
+        # What identifies a running loader (its task, or its coroutine's id) -> its
+        # flight: tells a caller which flight, if any, its own task is the loader of.
+        self.loaders: dict[Any, F] = {}
         self.name = name
         self.hook = hook  # read to decide whether events are made; never called here
         self.max_flights = max_flights
@@ -233,12 +248,12 @@ class Table(Generic[F]):
 
     def settle(
         self, flight: F, exc: BaseException | None, cancelled: bool = False
-    ) -> tuple[Exception | None, Event | None]:
+    ) -> tuple[Failure | None, Event | None]:
         """The loader of ``flight`` ended, returning (``exc`` None), raising ``exc``, or
         (``cancelled``) as a cancelled task.
 
-        Returns what every waiter gets instead of the value (see
-        :func:`waiter_error`; None for the value) and the end event (None
+        Returns what the callers get instead of the value (a :class:`Failure`
+        of :func:`waiter_error`; None for the value) and the end event (None
         without a hook).  The caller then wakes the waiters; a slot under
         ``max_flights`` may have freed (wake a slot waiter either way: a spurious
         wake costs a retry, never a slot).
@@ -263,15 +278,16 @@ class Table(Generic[F]):
         now = perf_counter()
         if dups:  # dups is final: only joined while the key was in the table
             self.wait_seconds += flight.waiting * now - flight.joined
+        failure = None if error is None else Failure(error)
         if self.hook is None:
-            return error, None
+            return failure, None
         duration = now - flight.started
         if error is None:
             return None, FlightFinished(self.name, key, flight.id, duration, dups + 1)
         if aborted:
             cause = None if exc is error else exc  # a cancelled asyncio task has none
-            return error, FlightAborted(self.name, key, flight.id, duration, dups + 1, cause)
-        return error, FlightFailed(self.name, key, flight.id, duration, dups + 1, error)
+            return failure, FlightAborted(self.name, key, flight.id, duration, dups + 1, cause)
+        return failure, FlightFailed(self.name, key, flight.id, duration, dups + 1, error)
 
     # -- forgetting and counting ---------------------------------------------------------
 
@@ -323,10 +339,55 @@ def stats(tables: Iterable[Table[Any]]) -> GroupStats:
     )
 
 
+class Failure:
+    """How a flight failed, as it was when its loader ended: what each caller raises.
+
+    The caller that started the flight gets the loader's exception itself
+    (:meth:`own`); every other caller an equal copy of its own (:meth:`copy`):
+    same type, ``args`` and attributes, the loader's traceback, ``__cause__``,
+    ``__context__`` and ``__suppress_context__`` as the loader left them.
+    Raising an exception inside an ``except`` block rewrites its ``__context__``
+    and grows its traceback; with a copy each, no caller's handling changes what
+    another caller sees.  An exception that cannot be copied (its class cannot be
+    made again from its ``args``) is shared as it is.
+    """
+
+    __slots__ = ("cause", "context", "error", "suppress", "tb")
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.tb: TracebackType | None = error.__traceback__
+        self.cause = error.__cause__
+        self.context = error.__context__
+        self.suppress = error.__suppress_context__
+
+    def own(self) -> Exception:
+        """The loader's exception itself, with the traceback the loader left."""
+        return self.error.with_traceback(self.tb)
+
+    def copy(self) -> Exception:
+        """An equal copy for one caller (the original if it cannot be copied)."""
+        error = self.error
+        try:
+            dup = copy.copy(error)
+            if type(dup) is not type(error) or dup.args != error.args:
+                return self.own()
+        except Exception:
+            return self.own()
+        dup.__cause__ = self.cause
+        dup.__context__ = self.context
+        dup.__suppress_context__ = self.suppress
+        notes = getattr(error, "__notes__", None)
+        if isinstance(notes, list):
+            dup.__notes__ = list(notes)
+        return dup.with_traceback(self.tb)
+
+
 def waiter_error(key: object, exc: BaseException) -> Exception:
     """What a waiting caller raises when the loader raised ``exc``.
 
-    An :class:`Exception` reaches every caller as the same object.  Anything else
+    An :class:`Exception` reaches every caller (each waiter as an equal copy:
+    see :class:`Failure`).  Anything else
     (``KeyboardInterrupt``, ``SystemExit``, a cancelled task) belongs to the
     leader alone: waiters get an :class:`AbortedError` caused by it, so one
     interrupted thread or task never interrupts the others.
@@ -338,14 +399,43 @@ def waiter_error(key: object, exc: BaseException) -> Exception:
     return error
 
 
+def cycle_error(flight: Flight, own: Flight) -> ReentryError | None:
+    """The loader of ``own`` is about to wait on ``flight``: the error if that closes a
+    cycle of loaders waiting on each other (``flight`` is ``own``, or its loader waits,
+    directly or through others, on ``own``); None otherwise."""
+    cycle = [own.key]
+    current: Flight | None = flight
+    while current is not None and len(cycle) <= 1000:
+        cycle.append(current.key)
+        if current is own:
+            return ReentryError(flight.key, tuple(cycle))
+        current = current.awaits
+    return None
+
+
 def check_fn(fn: object) -> None:
     """Every driver, every call, before anything is registered, counted or told."""
     if not callable(fn):
-        raise TypeError(f"fn must be callable; got {type(fn).__name__} {fn!r}")
+        raise TypeError(f"fn must be callable; got {type(fn).__name__} {safe_repr(fn)}")
 
 
 def bad_key(key: object) -> TypeError:
-    return TypeError(f"singleflight keys must be hashable; got {type(key).__name__} {key!r}")
+    return TypeError(
+        f"singleflight keys must be hashable; got {type(key).__name__} {safe_repr(key)}"
+    )
+
+
+def not_awaitable(driver: str, fn: object, returned: object) -> TypeError:
+    """``fn`` of an async group returned something a task cannot await."""
+    return TypeError(
+        f"{driver} needs fn to be an async function or to return an awaitable; "
+        f"{safe_repr(fn)} returned {type(returned).__name__}"
+    )
+
+
+def loader_timed_out(key: object, seconds: float) -> TimeoutError:
+    """What every caller of a flight stopped by ``loader_timeout`` raises."""
+    return TimeoutError(f"the loader of key {safe_repr(key)} ran past loader_timeout={seconds}s")
 
 
 def reentry_error(key: object) -> ReentryError:

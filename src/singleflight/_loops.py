@@ -10,6 +10,9 @@ task); when a loop is collected or closed its counters go to ``retired``, so
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -52,6 +55,7 @@ class Registry(Generic[S]):
         # Reentrant: a loop collected while it is held runs _retire(), which takes it.
         self.lock = threading.RLock()
         self.current: tuple[Callable[[], object], S | None] = (_dead_ref, None)
+        _registries.add(self)
 
     def state_of(self, token: Any) -> S:
         """The state of the loop (or trio run) ``token`` (made on first use)."""
@@ -93,6 +97,46 @@ class Registry(Generic[S]):
         token = self.current[0]()
         if token is not None and getattr(token, "is_closed", bool)():
             self.current = (_dead_ref, None)
+
+    def after_fork(self) -> None:
+        """In a forked child: only the loop (or trio run) of the thread that forked goes
+        on; every other loop's flights will never end there.  Their counters are kept."""
+        self.lock = threading.RLock()  # another thread may have held it at the fork
+        here = _running_token()
+        for token, state in list(self.states.items()):
+            if token is here:
+                continue
+            del self.states[token]
+            if state.finalizer is not None and state.finalizer.detach() is not None:
+                state.table.add_to(self.retired)
+        self.current = (_dead_ref, None)
+
+
+def _running_token() -> object:
+    """The asyncio loop or trio run (its root task) running in this thread, if any."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        return loop
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return trio.lowlevel.current_root_task()
+        except RuntimeError:
+            return None
+    return None
+
+
+# Every registry, reset in a forked child.
+_registries: weakref.WeakSet[Registry[Any]] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for registry in list(_registries):
+        registry.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _retire(registry: weakref.ref[Registry[Any]], state: LoopState) -> None:

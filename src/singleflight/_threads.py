@@ -4,22 +4,30 @@ One lock guards one dict of in-flight calls; the lock is never held while a
 loader runs.  Waiting threads block on an :class:`threading.Event` created only
 when somebody actually has to wait, so a call nobody joins costs two short
 critical sections and the loader itself.
+
+The lock is reentrant: a finalizer run by the garbage collector inside a
+critical section may call the group (a pool returning a connection).  A caller
+interrupted (``KeyboardInterrupt``) at any point of :meth:`Group.do` after it
+registered a flight still ends that flight, so nobody waits on it for ever.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
+import os
 import threading
+import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, InvalidStateError
 from functools import partial
 from threading import get_ident
 from time import monotonic, perf_counter
-from types import TracebackType
+from types import CoroutineType, TracebackType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 from ._flight import (
+    Failure,
     Flight,
     Full,
     Table,
@@ -27,11 +35,10 @@ from ._flight import (
     check_fn,
     check_options,
     reentry_error,
-    waiter_error,
 )
 from ._flight import stats as _stats
 from ._result import Result
-from .errors import AbortedError, TooManyFlightsError, WaitTimeoutError
+from .errors import AbortedError, TooManyFlightsError, WaitTimeoutError, safe_repr
 from .events import Event, EventHook, emit
 from .stats import GroupStats
 
@@ -41,39 +48,37 @@ K = TypeVar("K")
 V = TypeVar("V")
 P = ParamSpec("P")
 
+# A call's owner once it has ended: never a thread's ident.
+_ENDED: Any = object()
+
 
 class _Call(Flight):
     """A flight run by a thread.
 
     ``owner`` is the ident of the thread running the loader (None until a
-    detached loader starts).  ``error`` is what waiters raise and ``tb`` its
-    traceback as the loader left it: re-raising with it each time keeps the
-    shared exception's traceback from growing.  ``value`` and ``error`` are set
-    when the call ends, before anyone reads them.
+    detached loader starts; ``_ENDED`` once the call has ended: a settled call
+    is never mistaken for a re-entry by a thread that got a dead thread's
+    ident).  ``value`` and ``failure`` are set when the call ends, before
+    anyone is woken.
     """
 
-    __slots__ = ("error", "event", "futures", "owner", "tb", "value")
+    __slots__ = ("event", "failure", "futures", "owner", "value")
     value: Any
-    error: Exception | None
-    tb: TracebackType | None
+    failure: Failure | None
 
     def __init__(self, key: object, owner: int | None) -> None:
         self.key = key
         self.dups = 0
         self.event: threading.Event | None = None
         self.futures: list[_CallFuture[Any]] | None = None
-        self.owner = owner
-
-
-class _Abandoned(Exception):
-    """Internal: a do_future() caller cancelled its future while it waited for a slot."""
+        self.owner: Any = owner
 
 
 class _CallFuture(Future[V]):
-    """A caller's own future: ``result()`` re-raises a shared exception with the loader's traceback.
+    """A caller's own future: ``result()`` re-raises its exception with the loader's traceback.
 
     ``concurrent.futures.Future.result`` re-raises the stored exception as it is,
-    so an exception shared by many futures would gain frames on every call.
+    so every ``result()`` call would add frames to it.
     """
 
     _tb: TracebackType | None = None
@@ -85,30 +90,73 @@ class _CallFuture(Future[V]):
             raise error.with_traceback(self._tb)
         return super().result(0)
 
+    def _fail(self, error: Exception) -> None:
+        if self.done():
+            raise InvalidStateError(f"{self!r} is done")
+        self._tb = error.__traceback__
+        self.set_exception(error)
+
+
+class _Queued:
+    """A do_future() call waiting for a slot under ``max_flights`` (``on_limit="wait"``)."""
+
+    __slots__ = ("args", "context", "deadline", "fn", "future", "key", "kwargs")
+
+    def __init__(
+        self,
+        future: _CallFuture[Any],
+        key: object,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None,
+    ) -> None:
+        self.future = future
+        self.key = key
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.deadline = deadline
+        # It acts for the caller: what a wrapping group or a tracer set in the
+        # caller's context is seen by its events and its loader.
+        self.context = contextvars.copy_context()
+
+
+# What a queued call does once it leaves the queue: (entry, flight, event, leads it).
+_Admitted = tuple[_Queued, _Call, Event | None, bool]
+
 
 def _outcome(call: _Call) -> Any:
-    """Return the flight's value, or raise its error as it was when the loader raised it."""
-    error = call.error
-    if error is None:
+    """A waiter's outcome: the value, or an equal copy of the flight's exception."""
+    failure = call.failure
+    if failure is None:
         return call.value
-    raise error.with_traceback(call.tb)
+    raise failure.copy()
 
 
 def _publish(call: _Call) -> None:
-    """Wake every waiter of a finished call.  Runs after the call has left the table."""
-    if call.event is not None:
-        call.event.set()
-    if call.futures:
-        error = call.error
-        for future in call.futures:
-            try:
-                if error is None:
-                    future.set_result(call.value)
-                else:
-                    future._tb = call.tb
-                    future.set_exception(error)
-            except InvalidStateError:
-                pass  # the caller cancelled its own future; the others still get theirs
+    """Hand a finished call's outcome to its do_future() futures (each its own copy)."""
+    failure = call.failure
+    for future in call.futures or ():
+        try:
+            if failure is None:
+                future.set_result(call.value)
+            elif future._joined is None:
+                future._fail(failure.own())  # the future of the caller that started it
+            else:
+                future._fail(failure.copy())
+        except InvalidStateError:
+            pass  # the caller cancelled its own future; the others still get theirs
+
+
+def _not_a_coroutine(fn: object, value: object) -> None:
+    """Group runs plain functions: a loader that returned a coroutine is a usage error."""
+    if type(value) is CoroutineType:
+        value.close()
+        raise TypeError(
+            f"Group runs plain functions in threads, but {safe_repr(fn)} returned a coroutine; "
+            "use AsyncGroup (or AnyIOGroup) for async functions"
+        )
 
 
 class Group(Generic[K, V]):
@@ -129,16 +177,20 @@ class Group(Generic[K, V]):
 
     A group is not a cache: a flight's entry is removed before any of its callers
     sees the result, so a call made after that starts a new flight.  Nothing about
-    a finished flight is kept.
+    a finished flight is kept.  In a child made by ``os.fork()`` the group starts
+    empty: the parent's flights are not the child's.
     """
 
     __slots__ = (
         "__weakref__",
         "_calls",
         "_executor",
+        "_expiry",
+        "_expiry_clock",
         "_lock",
+        "_parked",
+        "_queue",
         "_slot",
-        "_slot_waiters",
         "_slow",
         "_table",
         "_timeout",
@@ -157,8 +209,9 @@ class Group(Generic[K, V]):
     ) -> None:
         check_options(name, on_event, max_flights, on_limit, timeout)
         if executor is not None and not callable(getattr(executor, "submit", None)):
-            raise TypeError(f"executor must be a concurrent.futures.Executor; got {executor!r}")
-        self._lock = threading.Lock()
+            raise TypeError(
+                f"executor must be a concurrent.futures.Executor; got {safe_repr(executor)}"
+            )
         self._table: Table[_Call] = Table(name, on_event, max_flights, on_limit)
         self._calls = self._table.calls
         self._executor = executor
@@ -167,78 +220,109 @@ class Group(Generic[K, V]):
         # Limits, timeouts and events take the general path; without them, do()
         # keeps its short one.
         self._slow = on_event is not None or max_flights is not None or timeout is not None
+        self._fresh_locks()
+        _groups.add(self)
+
+    def _fresh_locks(self) -> None:
+        # Reentrant: the GC may run a finalizer that calls the group while the
+        # lock is held (every critical section tolerates that).
+        self._lock = threading.RLock()
         self._slot = threading.Condition(self._lock)
-        self._slot_waiters = 0
+        self._parked = 0  # threads waiting for a slot (on_limit="wait")
+        # do_future() calls waiting for a slot, oldest first: no thread each.
+        self._queue: deque[_Queued] = deque()
+        # The thread failing queued calls at their deadline (timeout set), if running,
+        # and what it sleeps on: a condition of its own, so that it never takes a
+        # notify() meant for a thread waiting for a slot.
+        self._expiry: threading.Thread | None = None
+        self._expiry_clock = threading.Condition(self._lock)
 
     def do(self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs) -> V:
         """Run ``fn(*args, **kwargs)`` as the flight of ``key``, or join the one in flight.
 
         Returns the loader's value; every caller of one flight gets the same object.
 
-        Errors: an :class:`Exception` from the loader is raised in every caller of
-        the flight (the same object, with the loader's traceback).  A
-        ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``,
-        ``SystemExit``) is re-raised in the thread that ran the loader only; the
-        waiting threads raise :class:`AbortedError` caused by it.  ``TypeError`` if
-        ``key`` is unhashable or ``fn`` not callable, before anything runs.
-        ``RuntimeError`` if the loader calls ``do`` on its own key from its own
-        thread (it would wait for itself).  A waiting ``do`` cannot be cancelled;
-        use :meth:`do_future` to stop waiting without stopping the flight.
+        Errors: an :class:`Exception` from the loader is raised in every caller
+        of the flight: the thread that ran the loader raises the exception
+        itself, every other caller an equal copy of its own (same type, ``args``,
+        traceback, ``__cause__``; see the README).  A ``BaseException`` that is
+        not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``) is re-raised
+        in the thread that ran the loader only; the waiting threads raise
+        :class:`AbortedError` caused by it.  ``TypeError`` if ``key`` is
+        unhashable or ``fn`` not callable, before anything runs, and (for every
+        caller) if ``fn`` returned a coroutine: use ``AsyncGroup`` for async
+        functions.  :class:`ReentryError` if the loader calls ``do`` on its own
+        key from its own thread (it would wait for itself).  A waiting ``do``
+        cannot be cancelled; use :meth:`do_future` to stop waiting without
+        stopping the flight.
         """
         if self._slow:
-            return _outcome(self._call(key, fn, args, kwargs))  # type: ignore[no-any-return]
+            ended, led = self._call(key, fn, args, kwargs)
+            failure = ended.failure
+            if failure is None:
+                return ended.value  # type: ignore[no-any-return]
+            raise failure.own() if led else failure.copy()
         if not callable(fn):
             check_fn(fn)
         calls = self._calls
-        # Table.enter() and lead() written out: every call of do() takes this
-        # path, and a method call is a third of its cost (see the module docstring).
-        with self._lock:
-            try:
-                call = calls.get(key)
-            except TypeError:
-                raise bad_key(key) from None
-            if call is None:
-                calls[key] = call = _Call(key, get_ident())
-                self._table.flights += 1
-                event = None
-            else:
-                event = self._join(call, perf_counter())
-        if event is not None:
-            event.wait()
-            return _outcome(call)  # type: ignore[no-any-return]
+        mine: _Call | None = None
+        # From the moment this caller registers a flight (``mine``) to its end,
+        # any exception, an interrupt included, ends the flight (below).
         try:
+            # Table.enter() and lead() written out: every call of do() takes this
+            # path, and a method call is a third of its cost (see _flight.py).
+            with self._lock:
+                try:
+                    call = calls.get(key)
+                except TypeError:
+                    raise bad_key(key) from None
+                if call is None:
+                    self._table.flights += 1
+                    calls[key] = call = mine = _Call(key, get_ident())
+                else:
+                    event = self._join(call, perf_counter())
+            if mine is None:
+                event.wait()
+                return _outcome(call)  # type: ignore[no-any-return]
             value = fn(*args, **kwargs)
+            if type(value) is CoroutineType:
+                _not_a_coroutine(fn, value)
+            # Table.settle() for a value with no hook, written out (see _flight.py).
+            with self._lock:
+                # Go's cleanup order: out of the table before anyone sees the
+                # value, and only if still ours (Table.remove() written out).
+                current = calls.pop(key, None)
+                if current is not call and current is not None:
+                    calls[key] = current
+                if dups := call.dups:
+                    self._table.wait_seconds += call.waiting * perf_counter() - call.joined
+                    call.value, call.failure = value, None
+                    call.event.set()  # type: ignore[union-attr]  # a joiner made it
+            if dups and call.futures:
+                _publish(call)
+            return value
         except BaseException as exc:
-            self._settle(call, None, exc)
+            if mine is not None:
+                self._settle(mine, None, exc)
             raise
-        # Table.settle() for a value with no hook, written out (see the module docstring).
-        with self._lock:
-            # Go's cleanup order: out of the table before anyone sees the value,
-            # and only if still ours (Table.remove() written out).
-            current = calls.pop(key, None)
-            if current is not call and current is not None:
-                calls[key] = current
-            if dups := call.dups:
-                self._table.wait_seconds += call.waiting * perf_counter() - call.joined
-        if dups:
-            call.value = value
-            call.error = None
-            _publish(call)
-        return value
 
     def do_result(
         self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs
     ) -> Result[V]:
         """Like :meth:`do`, but returns a :class:`Result` instead of raising the loader's error.
 
-        ``Result.error`` holds the loader's :class:`Exception`, or an
-        :class:`AbortedError` for a waiter whose leader was interrupted.  A
-        ``BaseException`` that stopped the loader in this very thread is still
-        raised, as are ``TypeError`` for an unhashable key or a non-callable
-        ``fn`` and ``RuntimeError`` for a re-entrant call.
+        ``Result.error`` holds the loader's :class:`Exception` (the thread that
+        ran the loader gets the exception itself, every other caller an equal
+        copy of its own), or an :class:`AbortedError` for a waiter whose leader
+        was interrupted.  A ``BaseException`` that stopped the loader in this
+        very thread is still raised, as are ``TypeError`` for an unhashable key
+        or a non-callable ``fn`` and :class:`ReentryError` for a re-entrant call.
         """
-        call = self._call(key, fn, args, kwargs)
-        return Result(call.value, call.error, call.dups > 0)
+        call, led = self._call(key, fn, args, kwargs)
+        failure = call.failure
+        if failure is None:
+            return Result(call.value, None, call.dups > 0)
+        return Result(None, failure.own() if led else failure.copy(), call.dups > 0)
 
     def do_future(
         self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs
@@ -249,26 +333,37 @@ class Group(Generic[K, V]):
         default a daemon thread of its own).  Each caller gets its own future:
         waiting on it with a timeout, or cancelling it, affects nobody else, and
         the flight runs on.  The future holds the value, the loader's
-        :class:`Exception`, or :class:`AbortedError`.  ``TypeError`` for an
-        unhashable key or a non-callable ``fn`` is raised here; so is the
-        executor's error if it refuses the work (every caller that joined
-        meanwhile gets it too).
+        :class:`Exception` (the future of the call that started the flight holds
+        the exception itself, every other future an equal copy), or
+        :class:`AbortedError`.  ``TypeError`` for an unhashable key or a
+        non-callable ``fn`` is raised here; so is the executor's error if it
+        refuses the work (every caller that joined meanwhile gets it too).
+
+        With ``max_flights`` reached and ``on_limit="wait"``, the call is queued
+        (no thread is started for it) and leads or joins a flight, in the order
+        queued, as slots free; with ``timeout`` set, a call still queued at its
+        deadline gets :class:`WaitTimeoutError`.  Cancelling a queued future
+        takes it out of the queue: nothing is started for it.
         """
         check_fn(fn)
         future: _CallFuture[V] = _CallFuture()
         table = self._table
         told: Event | None = None
+        admitted: list[_Admitted] | None = None
         with self._lock:
             try:
                 call = table.enter(key)
             except Full as full:
                 refused: Full | None = full
+                if full.wait:
+                    self._enqueue(future, key, fn, args, kwargs)
+                    return future
             else:
                 refused = None
                 now = perf_counter()
                 if call is None:
                     call = _Call(key, None)
-                    told = self._lead(call)
+                    told, admitted = self._lead(call)
                 else:
                     told = table.join(call, now)
                     self._wait_for(call)
@@ -278,24 +373,22 @@ class Group(Generic[K, V]):
                 else:
                     call.futures.append(future)
         if refused is not None:
-            if not refused.wait:
-                raise self._refuse(refused)
-            # Wait for a slot on a thread of its own: do_future never blocks.  It
-            # acts for the caller, so it runs in a copy of the caller's context
-            # (what a wrapping group or a tracer set there is seen by the flight).
-            threading.Thread(
-                target=contextvars.copy_context().run,
-                args=(self._call_into, future, key, fn, args, kwargs),
-                daemon=True,
-            ).start()
-            return future
+            raise self._refuse(refused)
         assert call is not None
-        if told is not None:
-            emit(self._table.hook, told)  # type: ignore[arg-type]
         if future._joined is None:
-            self._start(call, fn, args, kwargs)
+            try:
+                if told is not None:
+                    emit(table.hook, told)  # type: ignore[arg-type]
+            except BaseException as exc:
+                self._settle(call, None, exc)
+                raise
+            if admitted:
+                self._admit(admitted)
+            self._start(call, fn, args, kwargs, None)
         else:
             future.add_done_callback(partial(self._future_left, call))
+            if told is not None:
+                emit(table.hook, told)  # type: ignore[arg-type]
         return future
 
     def forget(self, key: K) -> None:
@@ -306,8 +399,9 @@ class Group(Generic[K, V]):
         not in flight.
         """
         with self._lock:
-            if self._table.forget(key) and self._slot_waiters:
-                self._slot.notify()
+            admitted = self._slot_freed() if self._table.forget(key) else None
+        if admitted:
+            self._admit(admitted)
 
     def forget_unshared(self, key: K) -> bool:
         """Forget ``key`` only if nobody joined its flight.
@@ -317,9 +411,10 @@ class Group(Generic[K, V]):
         """
         with self._lock:
             forgotten, dropped = self._table.forget_unshared(key)
-            if dropped and self._slot_waiters:
-                self._slot.notify()
-            return forgotten
+            admitted = self._slot_freed() if dropped else None
+        if admitted:
+            self._admit(admitted)
+        return forgotten
 
     def stats(self) -> GroupStats:
         """The group's counters (see :class:`singleflight.stats.GroupStats`)."""
@@ -338,6 +433,11 @@ class Group(Generic[K, V]):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} in_flight={len(self)}>"
 
+    @property
+    def _slot_waiters(self) -> int:
+        """Callers waiting for a slot: threads and queued do_future() calls (for tests)."""
+        return self._parked + len(self._queue)
+
     # -- the slow paths --------------------------------------------------------------
 
     def _refuse(self, full: Full) -> TooManyFlightsError:
@@ -347,13 +447,20 @@ class Group(Generic[K, V]):
         assert full.error is not None
         return full.error
 
-    def _lead(self, call: _Call) -> Event | None:
-        """Register a new flight (the lock is held); its start event."""
+    def _lead(self, call: _Call) -> tuple[Event | None, list[_Admitted] | None]:
+        """Register a new flight (the lock is held); its start event, and the queued
+        calls that join it (to finish with :meth:`_admit` once the lock is let go)."""
         told = self._table.lead(call)
-        if self._slot_waiters:
-            # Callers of this key waiting for a slot can join it now.
+        if self._parked:
+            # Threads of this key waiting for a slot can join it now.
             self._slot.notify_all()
-        return told
+        return told, self._drain() if self._queue else None
+
+    def _slot_freed(self) -> list[_Admitted] | None:
+        """A flight left the table (the lock is held): a waiter may take its slot."""
+        if self._parked:
+            self._slot.notify()
+        return self._drain() if self._queue else None
 
     def _join(self, call: _Call, now: float) -> threading.Event:
         """Join ``call`` (the lock is held) and return the event to wait on."""
@@ -378,15 +485,13 @@ class Group(Generic[K, V]):
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        abandoned: Future[Any] | None = None,
-    ) -> _Call:
+    ) -> tuple[_Call, bool]:
         """The general path of do() and do_result(): limits, timeouts, events.
 
-        Returns the finished call; raises TooManyFlightsError, TimeoutError (this
-        caller alone leaves), the usage errors, or the BaseException that
-        stopped a loader run in this thread.  ``abandoned`` is the future of a
-        do_future() caller waiting for a slot: once it is cancelled the wait
-        ends with _Abandoned, and no flight is started for it.
+        Returns the finished call and whether this caller started it; raises
+        TooManyFlightsError, WaitTimeoutError (this caller alone leaves), the
+        usage errors, or the BaseException that stopped a loader run in this
+        thread.
         """
         check_fn(fn)
         table = self._table
@@ -395,63 +500,73 @@ class Group(Generic[K, V]):
         told: Event | None = None
         joined: float | None = None
         call: _Call | None = None
+        mine: _Call | None = None
         event: threading.Event | None = None
         refused: Full | None = None
-        with self._lock:
-            while True:
-                if abandoned is not None and abandoned.cancelled():
-                    raise _Abandoned
-                try:
-                    call = table.enter(key)
-                except Full as full:
-                    if not full.wait:
-                        refused = full
-                        break
-                    remaining = None if deadline is None else deadline - monotonic()
-                    if remaining is not None and remaining <= 0:
-                        told = table.timed_out(key, monotonic() - begun)
-                        break
-                    self._slot_waiters += 1
-                    try:
-                        self._slot.wait(remaining)
-                    finally:
-                        self._slot_waiters -= 1
-                    continue
-                if call is None:
-                    # With a timeout the loader runs elsewhere and this caller
-                    # waits like a joiner (not counted as one), so it can leave.
-                    call = _Call(key, get_ident() if deadline is None else None)
-                    told = self._lead(call)
-                else:
-                    joined = perf_counter()
-                    if call.owner == get_ident():
-                        raise reentry_error(key)
-                    told = table.join(call, joined)
-                    # The event exists before the lock is let go: the flight may
-                    # settle while this caller is telling its Joined event.
-                    event = self._wait_for(call)
-                break
-        if refused is not None:
-            raise self._refuse(refused)
-        if told is not None:
-            emit(table.hook, told)  # type: ignore[arg-type]
-        if call is None:
-            raise WaitTimeoutError(key, self._timeout)
-        if joined is None and deadline is None:
-            try:
-                value = fn(*args, **kwargs)
-            except BaseException as exc:
-                self._settle(call, None, exc)
-                if not isinstance(exc, Exception):
-                    raise
-                return call
-            self._settle(call, value, None)
-            return call
-        if event is None:  # the leader, whose loader runs elsewhere: not started yet
+        admitted: list[_Admitted] | None = None
+        try:
             with self._lock:
-                event = self._wait_for(call)
-        if joined is None:
-            self._start(call, fn, args, kwargs)
+                while True:
+                    try:
+                        call = table.enter(key)
+                    except Full as full:
+                        if not full.wait:
+                            refused = full
+                            break
+                        remaining = None if deadline is None else deadline - monotonic()
+                        if remaining is not None and remaining <= 0:
+                            told = table.timed_out(key, monotonic() - begun)
+                            break
+                        self._parked += 1
+                        try:
+                            self._slot.wait(remaining)
+                        finally:
+                            self._parked -= 1
+                        continue
+                    if call is None:
+                        # With a timeout the loader runs elsewhere and this caller
+                        # waits like a joiner (not counted as one), so it can leave.
+                        call = mine = _Call(key, get_ident() if deadline is None else None)
+                        told, admitted = self._lead(call)
+                        # The event exists before the lock is let go (see below).
+                        event = None if deadline is None else self._wait_for(call)
+                    else:
+                        if call.owner == get_ident():
+                            raise reentry_error(key)
+                        joined = perf_counter()
+                        told = table.join(call, joined)
+                        # The event exists before the lock is let go: the flight may
+                        # settle while this caller is telling its Joined event.
+                        event = self._wait_for(call)
+                    break
+            if refused is not None:
+                raise self._refuse(refused)
+            if told is not None:
+                emit(table.hook, told)  # type: ignore[arg-type]
+            if call is None:
+                raise WaitTimeoutError(key, self._timeout)
+            if admitted:
+                self._admit(admitted)
+            if mine is not None and deadline is None:
+                try:
+                    value = fn(*args, **kwargs)
+                    if type(value) is CoroutineType:
+                        _not_a_coroutine(fn, value)
+                except Exception as exc:
+                    self._settle(call, None, exc)
+                    return call, True
+                self._settle(call, value, None)
+                return call, True
+            if mine is not None:
+                self._start(call, fn, args, kwargs, None)
+        except BaseException as exc:
+            if mine is not None:
+                self._settle(mine, None, exc)
+            elif joined is not None and call is not None:
+                with self._lock:
+                    table.leave(call, joined, False)
+            raise
+        assert event is not None
         if not event.wait(None if deadline is None else max(0.0, deadline - monotonic())):
             with self._lock:
                 told = table.timed_out(key, monotonic() - begun)
@@ -460,7 +575,7 @@ class Group(Generic[K, V]):
             if told is not None:
                 emit(table.hook, told)  # type: ignore[arg-type]
             raise WaitTimeoutError(key, self._timeout)
-        return call
+        return call, mine is not None
 
     def _future_left(self, call: _Call, future: Future[Any]) -> None:
         """A do_future() joiner's future is done: if cancelled, its caller left the flight."""
@@ -471,42 +586,123 @@ class Group(Generic[K, V]):
                     call.futures.remove(future)
                     self._table.leave(call, joined, False)
 
-    def _call_into(
+    # -- do_future() calls queued for a slot --------------------------------------------
+
+    def _enqueue(
         self,
         future: _CallFuture[Any],
-        key: K,
+        key: object,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        """do_future() on a full group in "wait" mode: the call, made from a thread of its own.
+        """Queue a do_future() call for a slot (the lock is held)."""
+        deadline = None if self._timeout is None else monotonic() + self._timeout
+        entry = _Queued(future, key, fn, args, kwargs, deadline)
+        self._queue.append(entry)
+        future.add_done_callback(partial(self._dequeue, entry))
+        if deadline is not None and self._expiry is None:
+            self._expiry = threading.Thread(
+                target=self._expire, name=f"singleflight {self.name} deadlines", daemon=True
+            )
+            self._expiry.start()
 
-        Cancelling ``future`` while this waits for a slot ends the wait (the
-        future's done callback wakes the slot waiters) and starts nothing.
-        Once the call has led or joined a flight it waits for it like any
-        caller; the cancelled future just does not take the outcome.
-        """
-        future.add_done_callback(self._wake_slot_waiters)
-        try:
-            call = self._call(key, fn, args, kwargs, future)
-        except _Abandoned:
-            return
-        except BaseException as exc:
-            with contextlib.suppress(InvalidStateError):  # the caller cancelled its future
-                future.set_exception(waiter_error(key, exc))
-            return
-        with contextlib.suppress(InvalidStateError):
-            if call.error is None:
-                future.set_result(call.value)
-            else:
-                future._tb = call.tb
-                future.set_exception(call.error)
-
-    def _wake_slot_waiters(self, future: Future[Any]) -> None:
+    def _dequeue(self, entry: _Queued, future: Future[Any]) -> None:
+        """A queued call's future is done: cancelled, it leaves the queue."""
         if future.cancelled():
             with self._lock:
-                if self._slot_waiters:
-                    self._slot.notify_all()
+                try:
+                    self._queue.remove(entry)
+                except ValueError:
+                    pass  # it had left the queue already
+
+    def _drain(self) -> list[_Admitted]:
+        """Queued calls that can go now, in order (the lock is held): each joins its
+        key's flight, or leads a new one while slots are free."""
+        table = self._table
+        admitted: list[_Admitted] = []
+        kept: deque[_Queued] = deque()
+        can_lead = True
+        while self._queue:
+            entry = self._queue.popleft()
+            if entry.future.done():
+                continue  # cancelled
+            try:
+                call = table.enter(entry.key)
+            except Full:
+                can_lead = False
+                kept.append(entry)
+                continue
+            if call is None:
+                if not can_lead:  # first come, first served for the slots
+                    kept.append(entry)
+                    continue
+                call = _Call(entry.key, None)
+                told: Event | None = table.lead(call)
+                lead = True
+            else:
+                now = perf_counter()
+                told = table.join(call, now)
+                self._wait_for(call)
+                entry.future._joined = now
+                lead = False
+            if call.futures is None:
+                call.futures = [entry.future]
+            else:
+                call.futures.append(entry.future)
+            admitted.append((entry, call, told, lead))
+        self._queue = kept
+        return admitted
+
+    def _admit(self, admitted: list[_Admitted]) -> None:
+        """Finish what :meth:`_drain` decided, with the lock let go: tell each event and
+        start each new flight's loader, in the queued caller's context."""
+        hook = self._table.hook
+        for entry, call, told, lead in admitted:
+            if lead:
+                try:
+                    if told is not None:
+                        entry.context.run(emit, hook, told)  # type: ignore[arg-type]
+                    self._start(call, entry.fn, entry.args, entry.kwargs, entry.context)
+                except BaseException as exc:
+                    self._settle(call, None, exc)  # a no-op if _start() ended it
+                    if not isinstance(exc, Exception):
+                        raise
+            else:
+                entry.future.add_done_callback(partial(self._future_left, call))
+                if told is not None:
+                    entry.context.run(emit, hook, told)  # type: ignore[arg-type]
+
+    def _expire(self) -> None:
+        """The thread that fails queued do_future() calls at their deadline."""
+        table = self._table
+        while True:
+            expired: list[tuple[_Queued, Event | None]] = []
+            with self._lock:
+                now = monotonic()
+                for entry in list(self._queue):
+                    if entry.deadline is not None and entry.deadline <= now:
+                        self._queue.remove(entry)
+                        told = table.timed_out(
+                            entry.key, now - entry.deadline + (self._timeout or 0)
+                        )
+                        expired.append((entry, told))
+                if not expired:
+                    deadlines = [e.deadline for e in self._queue if e.deadline is not None]
+                    if not deadlines:
+                        self._expiry = None
+                        return
+                    self._expiry_clock.wait(min(deadlines) - now)
+                    continue
+            for entry, timed_out in expired:
+                if timed_out is not None:
+                    entry.context.run(emit, table.hook, timed_out)  # type: ignore[arg-type]
+                try:
+                    entry.future._fail(WaitTimeoutError(entry.key, self._timeout))
+                except InvalidStateError:
+                    pass
+
+    # -- running loaders and ending flights ------------------------------------------------
 
     def _start(
         self,
@@ -514,22 +710,26 @@ class Group(Generic[K, V]):
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        context: contextvars.Context | None,
     ) -> None:
         """Run a flight's loader on the executor, or on a daemon thread of its own.
 
         If the executor refuses the work, the flight ends with its error for
         every caller that joined meanwhile, and the error is raised here.
         """
+        run: Callable[..., None] = self._run
+        if context is not None:
+            run = partial(context.run, self._run)  # type: ignore[call-arg]
         try:
             if self._executor is None:
                 threading.Thread(
-                    target=self._run,
+                    target=run,
                     args=(call, fn, args, kwargs),
-                    name=f"singleflight {call.key!r}",
+                    name=f"singleflight {safe_repr(call.key)}",
                     daemon=True,
                 ).start()
             else:
-                work = self._executor.submit(self._run, call, fn, args, kwargs)
+                work = self._executor.submit(run, call, fn, args, kwargs)
                 work.add_done_callback(partial(self._dropped, call))
         except BaseException as exc:
             self._settle(call, None, exc)
@@ -546,6 +746,8 @@ class Group(Generic[K, V]):
         call.owner = get_ident()
         try:
             value = fn(*args, **kwargs)
+            if type(value) is CoroutineType:
+                _not_a_coroutine(fn, value)
         except BaseException as exc:
             self._settle(call, None, exc)
             return
@@ -557,15 +759,45 @@ class Group(Generic[K, V]):
             self._settle(call, None, AbortedError(call.key, "the executor dropped its work"))
 
     def _settle(self, call: _Call, value: Any, exc: BaseException | None) -> None:
-        """End ``call``: the table removes it, then every waiter gets its outcome."""
+        """End ``call``: the table removes it, the outcome is stored and the waiting
+        threads are woken, in one critical section; then its futures get the outcome.
+
+        A call that has ended already (its waiting threads were woken) keeps its
+        outcome: an interrupted caller may end the call it was ending; only its
+        futures are served, if they were not yet.
+        """
         with self._lock:
-            error, told = self._table.settle(call, exc)
-            if self._slot_waiters:
-                self._slot.notify()
-        call.value = value
-        call.error = error
-        if error is not None:
-            call.tb = error.__traceback__
-        _publish(call)
+            event = call.event
+            if call.owner is _ENDED or (event is not None and event.is_set()):
+                admitted, told = None, None
+            else:
+                call.owner = _ENDED
+                failure, told = self._table.settle(call, exc)
+                call.value, call.failure = value, failure
+                if event is not None:
+                    event.set()
+                admitted = self._slot_freed()
+        if call.futures:
+            _publish(call)
         if told is not None:
             emit(self._table.hook, told)  # type: ignore[arg-type]
+        if admitted:
+            self._admit(admitted)
+
+    def _after_fork(self) -> None:
+        """In a forked child: no flight of the parent's is the child's; nor are its locks."""
+        self._fresh_locks()
+        self._calls.clear()
+
+
+# Every live group, reset in a forked child.
+_groups: weakref.WeakSet[Group[Any, Any]] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for group in list(_groups):
+        group._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)

@@ -44,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     ) from exc
 
 from ._flight import (
+    Failure,
     Flight,
     Full,
     Table,
@@ -51,7 +52,9 @@ from ._flight import (
     check_fn,
     check_options,
     check_seconds,
-    reentry_error,
+    cycle_error,
+    loader_timed_out,
+    not_awaitable,
 )
 from ._flight import stats as _stats
 from ._loops import LoopState, Registry, asyncio_call_soon, wake_in_loop
@@ -143,19 +146,18 @@ class _Run(LoopState):
 class _AnyIOFlight(Flight):
     """A flight whose loader runs in a task of its own; its callers wait on ``event``.
 
-    ``error`` is what every caller raises, ``tb`` its traceback as the loader
-    left it: re-raising with it keeps a shared exception's traceback from growing.
+    ``failure`` is how it failed (None for a value): the caller that started it
+    raises the loader's exception, every other caller an equal copy of its own.
     """
 
     __slots__ = (
-        "error",
         "event",
+        "failure",
         "futures",
         "run",
         "scope",
         "started",
         "task",
-        "tb",
         "value",
     )
 
@@ -168,9 +170,17 @@ class _AnyIOFlight(Flight):
         self.event = anyio.Event()
         self.scope = anyio.CancelScope()
         self.task: object = None
+        self.awaits = None
         self.value: Any = None
-        self.error: Exception | None = None
-        self.tb: TracebackType | None = None
+        self.failure: Failure | None = None
+
+    def error_for(self, joined: float | None) -> Exception | None:
+        """What a caller raises: the loader's exception for the caller that started
+        the flight (``joined`` None), an equal copy for any other; None for a value."""
+        failure = self.failure
+        if failure is None:
+            return None
+        return failure.own() if joined is None else failure.copy()
 
 
 def _cancelled_class(trio: bool) -> type[BaseException]:
@@ -208,8 +218,9 @@ class FlightFuture(Generic[V]):
 
     Works alike on asyncio and trio.  ``await future`` (or ``await
     future.wait()``) returns the loader's value, or raises the loader's
-    :class:`Exception` (the object every caller gets, with the loader's
-    traceback), :class:`AbortedError`, or, for a future that had to wait for a
+    :class:`Exception` (with the loader's traceback; the future of the call
+    that started the flight holds the exception itself, any other an equal
+    copy of its own), :class:`AbortedError`, or, for a future that had to wait for a
     slot under ``max_flights``, :class:`~singleflight.WaitTimeoutError`.  Any number
     of tasks may await it, as often as they like.
 
@@ -319,12 +330,13 @@ class FlightFuture(Generic[V]):
         state = ("pending", "done", "cancelled")[self._state]
         return f"<{type(self).__name__} {state}>"
 
-    def _resolve(self, value: Any, error: Exception | None, tb: TracebackType | None) -> None:
+    def _resolve(self, value: Any, error: Exception | None) -> None:
         if self._state != _PENDING:
             return  # cancelled: the outcome is not this caller's any more
         self._state = _DONE
         self._flight = None
-        self._value, self._error, self._tb = value, error, tb
+        self._value, self._error = value, error
+        self._tb = None if error is None else error.__traceback__
         self._event.set()
 
 
@@ -400,8 +412,9 @@ class AnyIOGroup(Generic[K, V]):
 
         Returns the loader's value; every caller of one flight gets the same object.
 
-        Errors: the loader's :class:`Exception` is raised in every caller (the
-        same object, with the loader's traceback); so is a ``TypeError`` when
+        Errors: the loader's :class:`Exception` is raised in every caller, with
+        the loader's traceback: in the first caller the exception itself, in
+        every other an equal copy of its own (see the README); so is a ``TypeError`` when
         ``fn`` returned something that is not awaitable, and the
         ``TimeoutError`` of a loader stopped by ``loader_timeout``.  A loader
         that ends cancelled (by ``cancel_orphaned``, by the end of the
@@ -431,9 +444,11 @@ class AnyIOGroup(Generic[K, V]):
         del args, kwargs  # the loader has them; a parked caller need not keep them
         if not flight.event.is_set():
             await self._wait(flight, joined, deadline)
-        error = flight.error
+        else:
+            self._stop_awaiting(flight)
+        error = flight.error_for(joined)
         if error is not None:
-            raise error.with_traceback(flight.tb)
+            raise error
         return flight.value  # type: ignore[no-any-return]
 
     async def do_result(
@@ -457,7 +472,9 @@ class AnyIOGroup(Generic[K, V]):
         del args, kwargs
         if not flight.event.is_set():
             await self._wait(flight, joined, deadline)
-        return Result(flight.value, flight.error, flight.dups > 0)
+        else:
+            self._stop_awaiting(flight)
+        return Result(flight.value, flight.error_for(joined), flight.dups > 0)
 
     def do_future(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
@@ -483,7 +500,7 @@ class AnyIOGroup(Generic[K, V]):
         """
         future: FlightFuture[V]
         try:
-            flight, joined = self._enter(key, fn, args, kwargs)
+            flight, joined = self._enter(key, fn, args, kwargs, waits=False)
         except Full:  # on_limit="wait" (a refusal is raised by _enter)
             future = FlightFuture(self)
             scope = future._scope = anyio.CancelScope()
@@ -504,7 +521,7 @@ class AnyIOGroup(Generic[K, V]):
             return future
         future = FlightFuture(self)
         if flight.event.is_set():  # an eager task factory ran the loader to its end
-            future._resolve(flight.value, flight.error, flight.tb)
+            future._resolve(flight.value, flight.error_for(joined))
             return future
         future._flight = flight
         future._joined = joined
@@ -586,12 +603,16 @@ class AnyIOGroup(Generic[K, V]):
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        waits: bool = True,
     ) -> tuple[_AnyIOFlight, float | None]:
         """Lead or join the flight of ``key``; a leader's loader task is started here.
 
         Returns the flight and this caller's join time (None for the leader).
         Raises TooManyFlightsError for a new key when ``max_flights`` flights are
-        open (``on_limit="raise"``), or, internally, Full (``"wait"``).
+        open (``on_limit="raise"``), or, internally, Full (``"wait"``), and
+        ReentryError when this caller is a loader whose flight the flight of
+        ``key`` waits on.  A loader that ``waits`` on the flight (do(), not
+        do_future()) is recorded as waiting on it until :meth:`_stop_awaiting`.
         """
         check_fn(fn)
         run = self._run()
@@ -606,9 +627,15 @@ class AnyIOGroup(Generic[K, V]):
             assert full.error is not None
             raise full.error from None
         told: Event | None
+        # The flight whose loader this task runs, if any.
+        own = table.loaders.get(run.current_task()) if table.loaders else None
         if flight is not None:
-            if flight.task is not None and flight.task is run.current_task():
-                raise reentry_error(key)
+            if own is not None:
+                error = cycle_error(flight, own)
+                if error is not None:
+                    raise error
+                if waits:
+                    own.awaits = flight
             joined = perf_counter()
             told = table.join(flight, joined)
             if told is not None:
@@ -619,17 +646,29 @@ class AnyIOGroup(Generic[K, V]):
             run.wake_slot_waiters()
         flight = _AnyIOFlight(run, key)
         told = table.lead(flight)
-        if told is not None:
-            emit(table.hook, told)  # type: ignore[arg-type]
         try:
+            if told is not None:
+                emit(table.hook, told)  # type: ignore[arg-type]
+            if own is not None and waits:
+                own.awaits = flight  # before the loader runs: it may close a cycle
             task = run.spawn(_TASK_NAME, self._fly, flight, fn, args, kwargs)
         except BaseException as exc:
-            # The loop or run is shutting down.  Nobody can have joined yet.
+            # A hook raised, or the loop or run is shutting down.
+            if own is not None and own.awaits is flight:
+                own.awaits = None
             self._settle(flight, exc)
             raise
         # An eager task factory may have run the loader already; it set this too.
         flight.task = task
         return flight, None
+
+    def _stop_awaiting(self, flight: _AnyIOFlight) -> None:
+        """This caller's wait on ``flight`` is over: if it is a loader, it waits no more."""
+        table = flight.run.table
+        if table.loaders:
+            own = table.loaders.get(flight.run.current_task())
+            if own is not None and own.awaits is flight:
+                own.awaits = None
 
     async def _admit(
         self,
@@ -682,6 +721,7 @@ class AnyIOGroup(Generic[K, V]):
                 with anyio.CancelScope(deadline=deadline):
                     await flight.event.wait()
         finally:
+            self._stop_awaiting(flight)
             if not flight.event.is_set():
                 self._leave(flight, joined)
         if not flight.event.is_set():
@@ -731,13 +771,13 @@ class AnyIOGroup(Generic[K, V]):
                 del args, kwargs
                 if not flight.event.is_set():
                     await self._wait(flight, joined, deadline)
-                future._resolve(flight.value, flight.error, flight.tb)
+                future._resolve(flight.value, flight.error_for(joined))
         except Exception as exc:
-            future._resolve(None, exc, exc.__traceback__)
+            future._resolve(None, exc)
         except BaseException as exc:
             error = AbortedError(key, f"its do_future() task was stopped by {type(exc).__name__}")
             error.__cause__ = exc
-            future._resolve(None, error, None)
+            future._resolve(None, error)
             if not run.trio and isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
 
@@ -758,6 +798,7 @@ class AnyIOGroup(Generic[K, V]):
         is a ``TimeoutError`` saying so.
         """
         flight.task = flight.run.current_task()
+        flight.run.table.loaders[flight.task] = flight
         outcome: BaseException | None = None
         try:
             with flight.scope:
@@ -768,10 +809,7 @@ class AnyIOGroup(Generic[K, V]):
                     returned = fn(*args, **kwargs)
                     del args, kwargs
                     if not isawaitable(returned):
-                        raise TypeError(
-                            f"AnyIOGroup needs fn to be an async function or to return an "
-                            f"awaitable; {fn!r} returned {type(returned).__name__}"
-                        )
+                        raise not_awaitable("AnyIOGroup", fn, returned)
                     seconds = self._loader_timeout
                     if seconds is None:
                         flight.value = await returned
@@ -779,10 +817,7 @@ class AnyIOGroup(Generic[K, V]):
                         with anyio.move_on_after(seconds) as limit:
                             flight.value = await returned
                         if limit.cancelled_caught:
-                            raise TimeoutError(
-                                f"the loader of key {flight.key!r} ran past "
-                                f"loader_timeout={seconds}s"
-                            )
+                            raise loader_timed_out(flight.key, seconds)
             if outcome is None and flight.scope.cancelled_caught:
                 outcome = AbortedError(flight.key, "every caller left (cancel_orphaned=True)")
         except BaseException as exc:
@@ -794,20 +829,21 @@ class AnyIOGroup(Generic[K, V]):
     def _settle(self, flight: _AnyIOFlight, exc: BaseException | None) -> None:
         """End the flight: the table removes its entry, then every caller wakes with its outcome."""
         run = flight.run
+        if flight.task is not None:
+            run.table.loaders.pop(flight.task, None)
         cancelled = exc is not None and isinstance(exc, _cancelled_class(run.trio))
-        error, told = run.table.settle(flight, exc, cancelled)
+        failure, told = run.table.settle(flight, exc, cancelled)
         # A slot freed, or the flight was forgotten earlier (maybe from outside the
         # run): a slot waiter looks again now (a spurious wake costs only a retry).
         run.free_slot()
-        if error is not None:
+        if failure is not None:
             flight.value = None
-            flight.error = error
-            flight.tb = error.__traceback__
+            flight.failure = failure
         futures, flight.futures = flight.futures, None
         flight.event.set()
         if futures:
             for future in futures:
-                future._resolve(flight.value, error, flight.tb)
+                future._resolve(flight.value, flight.error_for(future._joined))
         if told is not None:
             emit(run.table.hook, told)  # type: ignore[arg-type]
 

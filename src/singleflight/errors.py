@@ -112,19 +112,35 @@ class WaitTimeoutError(SingleflightError, TimeoutError):
 
 
 class ReentryError(SingleflightError, RuntimeError):
-    """A loader called ``do`` on its own key from the thread or task that runs it.
+    """A loader called ``do`` on its own key from the thread or task that runs it, or
+    on a key whose flight waits, through other loaders, on its own.
 
     It would wait for itself forever (Go deadlocks here), so the call fails at
-    once instead.
+    once instead.  ``key`` is the key called; ``cycle`` the keys of the flights
+    that would wait on each other, from the caller's own flight back to it
+    (``("a", "b", "a")``: the loader of ``"a"`` waits on ``"b"``, whose loader
+    called ``do("a")``); ``(key, key)`` for a loader calling its own key.
     """
 
-    def __init__(self, key: object) -> None:
-        super().__init__(
-            f"the loader of key {safe_repr(key)} called do() on its own key from the thread "
-            "or task that runs it; it would wait for itself forever (Go deadlocks here)"
-        )
-        self._made_with = (key,)
+    def __init__(self, key: object, cycle: tuple[object, ...] = ()) -> None:
+        cycle = tuple(cycle) or (key, key)
+        if len(cycle) <= 2:
+            message = (
+                f"the loader of key {safe_repr(key)} called do() on its own key from the "
+                "thread or task that runs it; it would wait for itself forever "
+                "(Go deadlocks here)"
+            )
+        else:
+            path = " -> ".join(safe_repr(k) for k in cycle)
+            message = (
+                f"the loader of key {safe_repr(cycle[0])} called do({safe_repr(key)}), whose "
+                f"flight waits on its own: the loaders would wait for each other forever "
+                f"({path})"
+            )
+        super().__init__(message)
+        self._made_with = (key, cycle)
         self.key = key
+        self.cycle = cycle
 
 
 class RemoteError(SingleflightError):
