@@ -23,6 +23,7 @@ from typing import TypeAlias
 __all__ = [
     "CacheHit",
     "CacheMiss",
+    "CacheRemoved",
     "Event",
     "EventHook",
     "FlightAborted",
@@ -176,6 +177,22 @@ class RefreshStarted:
     early: bool
 
 
+@dataclass(frozen=True, slots=True)
+class CacheRemoved:
+    """A cache removed the entry of ``key``.
+
+    ``reason`` is ``"size"`` (evicted for room under ``maxsize``),
+    ``"expired"`` (past its lifetime and windows; dropped when read),
+    ``"invalidated"`` (``invalidate``, ``clear``, or an instance that no longer
+    exists) or ``"replaced"`` (a newer outcome took its place, or a newer
+    outcome the cache does not store dropped it).
+    """
+
+    cache: str
+    key: object
+    reason: str
+
+
 Event: TypeAlias = (
     FlightStarted
     | Joined
@@ -190,6 +207,7 @@ Event: TypeAlias = (
     | CacheMiss
     | StaleServed
     | RefreshStarted
+    | CacheRemoved
 )
 EventHook: TypeAlias = Callable[[Event], object]
 
