@@ -157,6 +157,7 @@ class _Shared:
         "key",
         "maxsize",
         "refresh",
+        "refresher",
         "typed",
     )
 
@@ -169,6 +170,7 @@ class _Shared:
     maxsize: int | None
     typed: bool
     refresh: Callable[..., Any]
+    refresher: Any  # the group concurrent refreshes of one call share
     invalidate: Callable[[Hashable], None]
 
 
@@ -604,6 +606,7 @@ def cached(
 
         miss: Callable[..., Any]
         refresh: Callable[..., Any]
+        refreshes: Any
         if is_async:
 
             async def amiss(key: Hashable, /, *args: Any, **kwargs: Any) -> Any:
@@ -611,11 +614,14 @@ def cached(
                     sweep()
                 return await get(key, functools.partial(fn, *args, **kwargs))
 
+            arefresher: AutoGroup[Hashable, Any] = AutoGroup()
+
             async def arefresh(*args: Any, **kwargs: Any) -> Any:
                 key = builder.hashable(builder._raw(*args, **kwargs))
-                return await reload(key, functools.partial(fn, *args, **kwargs))
+                thunk = functools.partial(fn, *args, **kwargs)
+                return await arefresher.do(key, reload, key, thunk)
 
-            miss, refresh = amiss, arefresh
+            miss, refresh, refreshes = amiss, arefresh, arefresher
         else:
 
             def smiss(key: Hashable, /, *args: Any, **kwargs: Any) -> Any:
@@ -623,17 +629,20 @@ def cached(
                     sweep()
                 return get(key, functools.partial(fn, *args, **kwargs))
 
+            refresher: Group[Hashable, Any] = Group()
+
             def srefresh(*args: Any, **kwargs: Any) -> Any:
                 key = builder.hashable(builder._raw(*args, **kwargs))
-                return reload(key, functools.partial(fn, *args, **kwargs))
+                return refresher.do(key, reload, key, functools.partial(fn, *args, **kwargs))
 
-            miss, refresh = smiss, srefresh
+            miss, refresh, refreshes = smiss, srefresh, refresher
 
         shared = _Shared()
         shared.fn, shared.builder, shared.key = fn, builder, builder._raw
         shared.group, shared.is_async, shared.typed = cache._group, is_async, typed
         shared.cache, shared.maxsize = cache, maxsize
         shared.refresh, shared.invalidate = refresh, cache.invalidate
+        shared.refresher = refreshes
         aw = "await " if is_async else ""
         # The hit path is this one function: the key from the parameters (Python
         # binds them), a dict lookup, one clock reading.  A cache made with
