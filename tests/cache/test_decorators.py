@@ -113,9 +113,11 @@ def test_cache_refresh_with_make_key_fails_clearly(caplog: Any) -> None:
         return user_id
 
     load(1)
-    with caplog.at_level(logging.WARNING, logger="singleflight"):
-        with pytest.raises(TypeError, match="call the function instead"):
-            load.cache.refresh("user:1")
+    with (
+        caplog.at_level(logging.WARNING, logger="singleflight"),
+        pytest.raises(TypeError, match="call the function instead"),
+    ):
+        load.cache.refresh("user:1")
     assert not caplog.records
     assert load.cache.stats().load_failures == 0
 
