@@ -182,9 +182,7 @@ def per_request(parameter: inspect.Parameter) -> bool:
     annotation = getattr(annotation, "__origin__", annotation)
     if isinstance(annotation, type):
         return bool(_class_names(annotation) & _PER_REQUEST)
-    if isinstance(annotation, str):  # an annotation that could not be evaluated
-        return annotation.rpartition(".")[2] in _PER_REQUEST and "Depends" not in annotation
-    return False
+    return False  # (an annotation left a string, which could not be evaluated, is keyed)
 
 
 def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
