@@ -39,7 +39,7 @@ loads: list[tuple[str, int]] = []
 
 
 @cached(ttl=600)
-async def user(user_id: int, request: Request, db: Session = Depends(session)) -> dict[str, Any]:
+async def user(user_id: int, request: Request, db: Session = Depends(session)) -> dict[str, Any]:  # noqa: B008
     loads.append(("user", user_id))
     return {"id": user_id, "path": request.url.path}
 
@@ -112,7 +112,7 @@ def test_an_endpoint_keyed_by_nothing_is_refused() -> None:
     with pytest.raises(TypeError, match=r"every parameter of .*home\(\) \(request, db\)"):
 
         @cached
-        def home(request: Request, db: Session = Depends(session)) -> str:
+        def home(request: Request, db: Session = Depends(session)) -> str:  # noqa: B008
             return "home"
 
 
