@@ -25,6 +25,7 @@ from typing import (
     Generic,
     NamedTuple,
     ParamSpec,
+    Protocol,
     Self,
     TypeVar,
     overload,
@@ -69,11 +70,10 @@ else:
 
 
 def _check_function(fn: object, decorator: str) -> None:
-    if isinstance(fn, classmethod | staticmethod):
-        kind = type(fn).__name__
+    if isinstance(fn, staticmethod):
         raise TypeError(
-            f"@{decorator} got a {kind} object; put @{kind} above @{decorator} so that "
-            f"@{decorator} decorates the function itself"
+            f"@{decorator} got a staticmethod object; put @staticmethod above @{decorator} so "
+            f"that @{decorator} decorates the function itself"
         )
     if not callable(fn):
         raise TypeError(f"@{decorator} needs a function; got {type(fn).__name__} {fn!r}")
@@ -156,6 +156,7 @@ class _Shared:
         "is_async",
         "key",
         "maxsize",
+        "on_class",
         "refresh",
         "refresher",
         "typed",
@@ -168,6 +169,7 @@ class _Shared:
     cache: Any
     is_async: bool
     maxsize: int | None
+    on_class: bool  # a classmethod: bound to the class, however reached
     typed: bool
     refresh: Callable[..., Any]
     refresher: Any  # the group concurrent refreshes of one call share
@@ -207,7 +209,11 @@ class CoalescedFunction(_Wrapper, Generic[P, R]):
     else:
 
         def __get__(self, obj, objtype=None):
-            if obj is None or self._obj:
+            if self._obj:
+                return self
+            if self._shared.on_class:  # @cached above @classmethod: bound to the class
+                obj = type(obj) if objtype is None else objtype
+            elif obj is None:
                 return self
             bound = type(self)(self.func, obj)
             bound.__dict__.update(self.__dict__)
@@ -354,6 +360,24 @@ def _wrap(
 # -- coalesce --------------------------------------------------------------------------
 
 
+class _Coalesce(Protocol):
+    @overload
+    def __call__(self, fn: classmethod[Any, P, R], /) -> CoalescedFunction[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> CoalescedFunction[P, R]: ...
+
+
+class _Cache(Protocol):
+    @overload
+    def __call__(self, fn: classmethod[Any, P, R], /) -> CachedFunction[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
+
+@overload
+def coalesce(fn: classmethod[Any, P, R], /) -> CoalescedFunction[P, R]: ...
+
+
 @overload
 def coalesce(fn: Callable[P, R], /) -> CoalescedFunction[P, R]: ...
 
@@ -361,17 +385,17 @@ def coalesce(fn: Callable[P, R], /) -> CoalescedFunction[P, R]: ...
 @overload
 def coalesce(
     *, make_key: _KeyFunction | None = None, group: Any = None, typed: bool = False
-) -> Callable[[Callable[P, R]], CoalescedFunction[P, R]]: ...
+) -> _Coalesce: ...
 
 
 def coalesce(
-    fn: Callable[P, R] | None = None,
+    fn: Any = None,
     /,
     *,
     make_key: _KeyFunction | None = None,
     group: Any = None,
     typed: bool = False,
-) -> CoalescedFunction[P, R] | Callable[[Callable[P, R]], CoalescedFunction[P, R]]:
+) -> Any:
     """Concurrent calls with equal arguments share one execution of the function.
 
     Use as ``@coalesce`` or ``@coalesce(make_key=..., group=..., typed=...)``.  A
@@ -403,7 +427,10 @@ def coalesce(
     Cancellation: that of the group's ``do``.
     """
 
-    def decorate(fn: Callable[P, R]) -> CoalescedFunction[P, R]:
+    def decorate(fn: Any) -> Any:
+        on_class = isinstance(fn, classmethod)
+        if on_class:  # @coalesce above @classmethod: bound to the class
+            fn = fn.__func__
         _check_function(fn, "coalesce")
         _check_make_key(make_key)
         is_async = inspect.iscoroutinefunction(fn)
@@ -416,7 +443,7 @@ def coalesce(
         shared = _Shared()
         shared.fn, shared.builder, shared.key = fn, builder, builder._raw
         shared.group, shared.is_async, shared.typed = chosen, is_async, typed
-        shared.cache, shared.maxsize = None, None
+        shared.cache, shared.maxsize, shared.on_class = None, None, on_class
         aw = "await " if is_async else ""
         source = (
             f"{'async ' if is_async else ''}def __sf_wrapper({builder.params}):\n"
@@ -435,9 +462,7 @@ def coalesce(
             __sf_do=chosen.do,
             __sf_fn=fn,
         )
-        return _wrap(  # type: ignore[no-any-return]
-            CoalescedFunction, generated, fn, shared, builder.method
-        )
+        return _wrap(CoalescedFunction, generated, fn, shared, builder.method or on_class)
 
     if fn is not None:
         return decorate(fn)
@@ -469,6 +494,10 @@ class _AsyncFunctionCache(AsyncLoadingCache[Hashable, Any]):
 
 
 @overload
+def cached(fn: classmethod[Any, P, R], /) -> CachedFunction[P, R]: ...
+
+
+@overload
 def cached(fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
 
 
@@ -494,11 +523,11 @@ def cached(
     random: Callable[[], float] = _random.random,
     name: str | None = None,
     on_event: EventHook | None = None,
-) -> Callable[[Callable[P, R]], CachedFunction[P, R]]: ...
+) -> _Cache: ...
 
 
 def cached(
-    fn: Callable[P, R] | None = None,
+    fn: Any = None,
     /,
     *,
     ttl: float | Callable[[Any], float | None] | None = None,
@@ -520,7 +549,7 @@ def cached(
     random: Callable[[], float] = _random.random,
     name: str | None = None,
     on_event: EventHook | None = None,
-) -> CachedFunction[P, R] | Callable[[Callable[P, R]], CachedFunction[P, R]]:
+) -> Any:
     """Put a loading cache in front of the function: the decorator form of
     :class:`~singleflight.LoadingCache` (sync functions) and
     :class:`~singleflight.AsyncLoadingCache` (coroutine functions, under
@@ -549,7 +578,10 @@ def cached(
     Cancellation: that of the cache's ``get``.
     """
 
-    def decorate(fn: Callable[P, R]) -> CachedFunction[P, R]:
+    def decorate(fn: Any) -> Any:
+        on_class = isinstance(fn, classmethod)
+        if on_class:  # @cached above @classmethod: bound to the class
+            fn = fn.__func__
         _check_function(fn, "cached")
         _check_make_key(make_key)
         is_async = inspect.iscoroutinefunction(fn)
@@ -579,7 +611,7 @@ def cached(
 
             async def aload(key: Hashable) -> Any:
                 args, kwargs = arguments(key)
-                return await fn(*args, **kwargs)  # type: ignore[misc]
+                return await fn(*args, **kwargs)
 
             cache = _AsyncFunctionCache(aload, **options)
         else:
@@ -640,7 +672,7 @@ def cached(
         shared = _Shared()
         shared.fn, shared.builder, shared.key = fn, builder, builder._raw
         shared.group, shared.is_async, shared.typed = cache._group, is_async, typed
-        shared.cache, shared.maxsize = cache, maxsize
+        shared.cache, shared.maxsize, shared.on_class = cache, maxsize, on_class
         shared.refresh, shared.invalidate = refresh, cache.invalidate
         shared.refresher = refreshes
         aw = "await " if is_async else ""
@@ -670,9 +702,7 @@ def cached(
             __sf_hashable=builder.hashable,
             __sf_miss=miss,
         )
-        return _wrap(  # type: ignore[no-any-return]
-            CachedFunction, generated, fn, shared, builder.method
-        )
+        return _wrap(CachedFunction, generated, fn, shared, builder.method or on_class)
 
     if fn is not None:
         return decorate(fn)

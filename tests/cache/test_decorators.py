@@ -36,6 +36,11 @@ class Client:
     def kind(cls, name: str) -> str:
         return f"{cls.__name__}:{name}"
 
+    @cached  # above @classmethod: bound to the class on every Python
+    @classmethod
+    def label(cls, name: str) -> str:
+        return f"{cls.__name__}={name}"
+
 
 def test_invalidate_and_refresh_through_an_instance() -> None:
     client = Client()
@@ -57,6 +62,10 @@ def test_classmethod_attributes_are_bound_to_the_class() -> None:
     assert Client.kind.cache_info().currsize == 1
     Client.kind.invalidate("x")
     assert Client.kind.cache_info().currsize == 0
+    assert Client.label("y") == Client().label("y") == "Client=y"
+    assert Client.label.cache_info() == CacheInfo(hits=1, misses=1, maxsize=10_000, currsize=1)
+    Client().label.invalidate("y")
+    assert Client.label.cache_info().currsize == 0
 
 
 # -- functools' interface -------------------------------------------------------------------
