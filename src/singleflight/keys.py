@@ -39,6 +39,18 @@ _PER_REQUEST = frozenset({"Request", "Response", "WebSocket", "HTTPConnection", 
 _DEPENDENCY = frozenset({"Depends", "Security"})
 
 
+_FOLDABLE = frozenset({str, int, float, bytes, bool, type(None)})
+
+
+class _Marker:
+    """Starts a key that holds every parameter (a call not left at its defaults)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<all parameters>"
+
+
 class _Frozen:
     """A hashable copy of an unhashable container; equal only to the same kind of copy."""
 
@@ -210,8 +222,11 @@ class KeyBuilder:
     """
 
     __slots__ = (
+        "_bare",
+        "_folded",
         "_kinds",
         "_make_key",
+        "_marker",
         "_ns",
         "_raw",
         "_track",
@@ -265,6 +280,9 @@ class KeyBuilder:
         names: list[str] = []
         kinds: list[tuple[str, Any]] = []
         self.self_index = -1
+        # part index -> (parameter index, default) of keyed parameters whose
+        # defaults can be folded (see below).
+        foldable: dict[int, tuple[int, Any]] = {}
         # Whether the first parameter is self or cls: the function is a method.
         self.method = False
         invertible = True
@@ -330,6 +348,8 @@ class KeyBuilder:
                     self.self_index = len(parts)
                     parts.append(f"(__sf_ids.get(__sf_id({name})) or __sf_ident({name}))")
                 else:
+                    if p.kind is not _P.POSITIONAL_ONLY and type(p.default) in _FOLDABLE:
+                        foldable[len(parts)] = (i, p.default)
                     parts.append(name)
             if seen_positional_only:
                 params.append("/")
@@ -358,10 +378,44 @@ class KeyBuilder:
             parts.insert(0, "__sf_prefix")
             if self.self_index >= 0:
                 self.self_index += 1
-        if len(parts) == 1 and prefix is None:
+        # Folding: a call leaving the trailing parameters at their defaults (plain
+        # values: str, int, float, bytes, bool, None) is keyed by the others alone,
+        # e.g. load(7) by 7; any other call by the full tuple behind a private
+        # marker, so the two forms never meet.  Equal calls still share a key.
+        run = 0
+        if prefix is None and not typed and make_key is None and self.self_index < 0:
+            while run < len(parts) - 1 and (len(parts) - 1 - run) in foldable:
+                run += 1
+        self._folded: tuple[Any, ...] = ()
+        self._marker: object = None
+        if run:
+            kept = parts[: len(parts) - run]
+            checks = []
+            folded = []
+            for at in range(len(parts) - run, len(parts)):
+                i, default = foldable[at]
+                name = parts[at]
+                folded.append(default)
+                if default is None:
+                    checks.append(f"{name} is None")
+                else:
+                    ns[f"__sf_t{i}"] = type(default)
+                    checks.append(
+                        f"({name} is __sf_d{i} or "
+                        f"(__sf_type({name}) is __sf_t{i} and {name} == __sf_d{i}))"
+                    )
+            self._folded = tuple(folded)
+            self._marker = ns["__sf_full"] = _Marker()
+            short = kept[0] if len(kept) == 1 else "(" + "".join(f"{k}, " for k in kept) + ")"
+            full = "(__sf_full, " + "".join(f"{part}, " for part in parts) + ")"
+            key = f"({short} if {' and '.join(checks)} else {full})"
+            self._bare = len(kept) == 1
+        elif len(parts) == 1 and prefix is None:
             key = parts[0]  # one value keys itself (as in functools.lru_cache)
+            self._bare = True
         else:
             key = "(" + "".join(f"{part}, " for part in parts) + ")"
+            self._bare = False
         self.params = ", ".join(params)
         self.key = key
         self.call = ", ".join(call)
@@ -433,12 +487,19 @@ class KeyBuilder:
                 f"{type(key).__name__} {key!r}"
             )
         names = self.names
-        if not isinstance(key, tuple) or (len(names) == 1 and not self.typed):
+        marker = self._marker
+        if marker is not None and type(key) is tuple and key and key[0] is marker:
+            return (marker, *self._freeze_parts(key[1:]))
+        if self._bare:
             return freeze(key, self._where(names[0] if names else "?"))
-        return tuple(
+        return tuple(self._freeze_parts(key))
+
+    def _freeze_parts(self, parts: tuple[Any, ...]) -> list[Hashable]:
+        names = self.names
+        return [
             freeze(value, self._where(names[i] if i < len(names) else "?"))
-            for i, value in enumerate(key)
-        )
+            for i, value in enumerate(parts)
+        ]
 
     def _where(self, name: str) -> str:
         return f"argument {name!r} of {self.name}()"
@@ -458,7 +519,13 @@ class KeyBuilder:
             )
         count = len(self._kinds)
         values: tuple[Any, ...]
-        if self.prefix is None and not self.typed and count == 1:
+        marker = self._marker
+        if marker is not None and type(key) is tuple and key and key[0] is marker:
+            values = key[1:]
+        elif marker is not None:
+            values = (key,) if self._bare else tuple(key)
+            values += self._folded
+        elif self.prefix is None and not self.typed and count == 1:
             values = (key,)
         else:
             start = 0 if self.prefix is None else 1
@@ -469,6 +536,8 @@ class KeyBuilder:
             ):
                 raise TypeError(f"{key!r} is not a key of {self.name}()")
             values = key[start : start + count]
+        if len(values) != count:
+            raise TypeError(f"{key!r} is not a key of {self.name}()")
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
         for (name, kind), value in zip(self._kinds, values, strict=True):
