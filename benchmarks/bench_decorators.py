@@ -49,7 +49,7 @@ def _subject(case: str) -> tuple[object, bool]:
     name = case.removesuffix("-kw")
     if name == "lru":
 
-        @functools.lru_cache(maxsize=None)
+        @functools.cache  # lru_cache(maxsize=None)
         def load(user_id: int, region: str = "eu", limit: int = 10) -> int:
             return user_id
 
