@@ -42,13 +42,16 @@ from .stats import CacheStats, GroupStats
 if TYPE_CHECKING:
     from ._asyncio import AsyncGroup
     from .cache._async import AsyncLoadingCache
-    from .func import cached, coalesce
+    from .func import CachedFunction, CacheInfo, CoalescedFunction, cached, coalesce
 
 # Imported on first use, so that code using threads only never imports asyncio
 # (``cached`` and ``coalesce`` serve both, so their module needs it).
 _LAZY = {
     "AsyncGroup": "._asyncio",
     "AsyncLoadingCache": ".cache._async",
+    "CacheInfo": ".func",
+    "CachedFunction": ".func",
+    "CoalescedFunction": ".func",
     "cached": ".func",
     "coalesce": ".func",
 }
@@ -58,7 +61,10 @@ __all__ = [
     "AsyncGroup",
     "AsyncGroupLike",
     "AsyncLoadingCache",
+    "CacheInfo",
     "CacheStats",
+    "CachedFunction",
+    "CoalescedFunction",
     "Group",
     "GroupLike",
     "GroupStats",

@@ -16,6 +16,7 @@ from typing import TypeAlias
 __all__ = [
     "CacheHit",
     "CacheMiss",
+    "CacheRemoved",
     "Event",
     "EventHook",
     "FlightAborted",
@@ -174,6 +175,20 @@ class L1Dropped:
     entries: int
 
 
+@dataclass(frozen=True, slots=True)
+class CacheRemoved(_CacheEvent):
+    """A cache removed the entry of ``key``.
+
+    ``reason`` is ``"size"`` (evicted for room under ``maxsize``),
+    ``"expired"`` (past its lifetime and windows; dropped when read),
+    ``"invalidated"`` (``invalidate``, ``clear``, or an instance that no longer
+    exists) or ``"replaced"`` (a newer outcome took its place, or a newer
+    outcome the cache does not store dropped it).
+    """
+
+    reason: str
+
+
 Event: TypeAlias = (
     FlightStarted
     | Joined
@@ -190,6 +205,7 @@ Event: TypeAlias = (
     | RefreshStarted
     | InvalidationReceived
     | L1Dropped
+    | CacheRemoved
 )
 EventHook: TypeAlias = Callable[[Event], object]
 

@@ -1,10 +1,14 @@
 """Decorators: :func:`coalesce` (share in-flight calls) and :func:`cached` (a loading cache
 in front of them).
 
-Both keep the decorated function's signature for type checkers and its
-metadata (``functools.wraps``); both detect coroutine functions and then
-return one.  Keys come from the arguments (see :mod:`singleflight.keys`) or
-from ``make_key=``, a function taking the same arguments.
+Both return a wrapper typed by the decorated function's parameters and return
+type (:class:`CachedFunction`, :class:`CoalescedFunction`), carrying its
+metadata (``functools.wraps``); both detect coroutine functions and then return
+one.  The wrappers are descriptors: on a method, ``obj.method.invalidate(x)``
+is bound to ``obj`` as ``obj.method(x)`` is.  Keys come from the arguments (a
+key function compiled once per decorated function, see
+:mod:`singleflight.keys`) or from ``make_key=``, a function taking the same
+arguments.
 """
 
 from __future__ import annotations
@@ -13,32 +17,63 @@ import functools
 import inspect
 import random as _random
 import time
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, ParamSpec, TypeVar, cast, overload
+from collections.abc import Callable, Hashable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    NamedTuple,
+    ParamSpec,
+    Protocol,
+    Self,
+    TypeVar,
+    overload,
+)
 
-from ._asyncio import AsyncGroup
+from ._auto import AutoGroup
 from ._protocols import crosses_processes
 from ._threads import Group
 from .cache._async import AsyncLoadingCache
-from .cache._base import DEFAULT_MAXSIZE, MISS
+from .cache._base import DEFAULT_MAXSIZE
 from .cache._sync import LoadingCache
 from .events import EventHook
 from .keys import KeyBuilder
 
-__all__ = ["cached", "coalesce"]
+__all__ = ["CacheInfo", "CachedFunction", "CoalescedFunction", "cached", "coalesce"]
 
 P = ParamSpec("P")
+P2 = ParamSpec("P2")
 R = TypeVar("R")
+T = TypeVar("T")
 
 _KeyFunction = Callable[..., Hashable]
 
 
+class CacheInfo(NamedTuple):
+    """What :meth:`CachedFunction.cache_info` returns: ``functools.lru_cache``'s fields."""
+
+    hits: int
+    misses: int
+    maxsize: int | None
+    currsize: int
+
+
+# At run time a method's wrapper is a functools.partial object with no bound
+# arguments (a call goes straight, by vectorcall, to the generated function) whose
+# __get__ binds it; a function's wrapper is the generated function itself, with the
+# same attributes.  Type checkers see one generic class with a typed __call__.
+if TYPE_CHECKING:
+    _Wrapper = object
+else:
+    _Wrapper = functools.partial
+
+
 def _check_function(fn: object, decorator: str) -> None:
-    if isinstance(fn, classmethod | staticmethod):
-        kind = type(fn).__name__
+    if isinstance(fn, staticmethod):
         raise TypeError(
-            f"@{decorator} got a {kind} object; put @{kind} above @{decorator} so that "
-            f"@{decorator} decorates the function itself"
+            f"@{decorator} got a staticmethod object; put @staticmethod above @{decorator} so "
+            f"that @{decorator} decorates the function itself"
         )
     if not callable(fn):
         raise TypeError(f"@{decorator} needs a function; got {type(fn).__name__} {fn!r}")
@@ -47,24 +82,6 @@ def _check_function(fn: object, decorator: str) -> None:
             f"@{decorator} cannot share a generator's output between callers; "
             f"{fn!r} is a generator function"
         )
-
-
-def _key_of(fn: Callable[..., Any], make_key: _KeyFunction | None, prefix: Hashable | None) -> Any:
-    """``build(args, kwargs) -> key`` for calls of ``fn``, with ``build.raw`` the same
-    key before unhashable arguments are frozen."""
-    if make_key is None:
-        return KeyBuilder(fn, prefix=prefix)
-    if not callable(make_key):
-        raise TypeError(
-            "make_key= must be a function taking the same arguments; got "
-            f"{type(make_key).__name__} {make_key!r}"
-        )
-
-    def build(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
-        return make_key(*args, **kwargs)
-
-    build.raw = build  # type: ignore[attr-defined]
-    return build
 
 
 def _is_async_group(group: object) -> bool:
@@ -79,6 +96,14 @@ def _check_group(group: object, is_async: bool, fn: object, decorator: str) -> N
     if not is_async and _is_async_group(group):
         raise TypeError(
             f"@{decorator} on function {fn!r} needs a thread Group as group=, not an async one"
+        )
+
+
+def _check_make_key(make_key: object) -> None:
+    if make_key is not None and not callable(make_key):
+        raise TypeError(
+            "make_key= must be a function taking the same arguments; got "
+            f"{type(make_key).__name__} {make_key!r}"
         )
 
 
@@ -100,73 +125,344 @@ def _prefix(fn: Callable[..., Any], group: object) -> Hashable | None:
     return _qualified_name(fn) if crosses_processes(group) else fn
 
 
+def _builder(
+    fn: Callable[..., Any],
+    make_key: _KeyFunction | None,
+    group: object,
+    typed: bool,
+    track_deaths: bool,
+) -> KeyBuilder:
+    return KeyBuilder(
+        fn,
+        prefix=_prefix(fn, group),
+        typed=typed,
+        track_deaths=track_deaths,
+        make_key=make_key,
+    )
+
+
+# -- the wrappers ----------------------------------------------------------------------------
+
+
+class _Shared:
+    """What a wrapper and the wrappers bound from it share."""
+
+    __slots__ = (
+        "builder",
+        "cache",
+        "fn",
+        "group",
+        "invalidate",
+        "is_async",
+        "key",
+        "maxsize",
+        "on_class",
+        "refresh",
+        "refresher",
+        "typed",
+    )
+
+    fn: Callable[..., Any]
+    builder: KeyBuilder
+    key: Callable[..., Hashable]
+    group: Any
+    cache: Any
+    is_async: bool
+    maxsize: int | None
+    on_class: bool  # a classmethod: bound to the class, however reached
+    typed: bool
+    refresh: Callable[..., Any]
+    refresher: Any  # the group concurrent refreshes of one call share
+    invalidate: Callable[[Hashable], None]
+
+
+class CoalescedFunction(_Wrapper, Generic[P, R]):
+    """What :func:`coalesce` returns: the function, with concurrent equal calls sharing
+    one execution.
+
+    Called as the function (same parameters and return type).  Attributes:
+    ``group`` (the group calls go through), ``cache_key(*args, **kwargs)`` (the
+    key a call uses) and ``uncached(*args, **kwargs)`` (a call of the function
+    itself, not shared).  A descriptor: on a method, ``obj.method`` is bound to
+    ``obj`` with all of them.
+    """
+
+    _shared: _Shared
+    _obj: tuple[Any, ...]
+
+    if TYPE_CHECKING:
+
+        def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+        @overload
+        def __get__(self, obj: None, objtype: type[Any] | None = None) -> Self: ...
+
+        @overload
+        def __get__(
+            self: CoalescedFunction[Concatenate[T, P2], R],
+            obj: T,
+            objtype: type[Any] | None = None,
+        ) -> CoalescedFunction[P2, R]: ...
+
+        def __get__(self, obj: Any, objtype: type[Any] | None = None) -> Any: ...
+
+    else:
+
+        def __get__(self, obj, objtype=None):
+            if self._obj:
+                return self
+            if self._shared.on_class:  # @cached above @classmethod: bound to the class
+                obj = type(obj) if objtype is None else objtype
+            elif obj is None:
+                return self
+            bound = type(self)(self.func, obj)
+            bound.__dict__.update(self.__dict__)
+            bound._obj = (obj,)
+            return bound
+
+    @property
+    def group(self) -> Any:
+        """The group calls go through (an ``AutoGroup`` for coroutine functions by
+        default: asyncio's or AnyIO's, as the caller runs)."""
+        return self._shared.group
+
+    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> Hashable:
+        """The key a call with these arguments uses.
+
+        Raises:
+          - ``TypeError`` for arguments the function would not take, or an
+            unhashable one that cannot be frozen (naming its parameter).
+        """
+        return self._shared.key(*self._obj, *args, **kwargs)
+
+    def uncached(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the function itself: no coalescing, no cache read or write.
+
+        Returns:
+          - what the function returns (a coroutine, for a coroutine function).
+        """
+        return self._shared.fn(*self._obj, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        bound = f" bound to {self._obj[0]!r}" if self._obj else ""
+        return f"<{type(self).__name__} {_qualified_name(self._shared.fn)}{bound}>"
+
+    def __reduce__(self) -> Any:
+        # Pickled by reference, as functions are.
+        return self._shared.fn.__qualname__
+
+
+class CachedFunction(CoalescedFunction[P, R]):
+    """What :func:`cached` returns: the function with a loading cache in front.
+
+    Called as the function (same parameters and return type).  Besides those of
+    :class:`CoalescedFunction`: ``cache`` (the :class:`~singleflight.LoadingCache`
+    or :class:`~singleflight.AsyncLoadingCache`), ``invalidate(*args, **kwargs)``,
+    ``refresh(*args, **kwargs)`` (load anew and replace the entry; awaited for
+    a coroutine function), and ``functools.lru_cache``'s ``cache_info()``,
+    ``cache_clear()`` and ``cache_parameters()``.
+    """
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __get__(self, obj: None, objtype: type[Any] | None = None) -> Self: ...
+
+        @overload
+        def __get__(
+            self: CachedFunction[Concatenate[T, P2], R],
+            obj: T,
+            objtype: type[Any] | None = None,
+        ) -> CachedFunction[P2, R]: ...
+
+        def __get__(self, obj: Any, objtype: type[Any] | None = None) -> Any: ...
+
+    @property
+    def cache(self) -> LoadingCache[Hashable, Any] | AsyncLoadingCache[Hashable, Any]:
+        """The cache in front of the function (``stats()``, ``clear()``, ``aclose()``...)."""
+        return self._shared.cache  # type: ignore[no-any-return]
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Drop the entry of a call with these arguments (see the cache's ``invalidate``).
+
+        Raises:
+          - ``TypeError`` as :meth:`cache_key` does.
+        """
+        shared = self._shared
+        shared.invalidate(shared.builder.hashable(shared.key(*self._obj, *args, **kwargs)))
+
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the function anew and replace the entry of this call with its outcome.
+
+        Concurrent refreshes of one call share one execution; callers
+        meanwhile are answered from the current entry.  See the cache's
+        ``refresh``.
+
+        Returns:
+          - the new value (a coroutine to await, for a coroutine function).
+
+        Raises:
+          - what the function raises (the entry is then kept); ``TypeError`` as
+            :meth:`cache_key` does.
+        """
+        return self._shared.refresh(*self._obj, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def cache_info(self) -> CacheInfo:
+        """``CacheInfo(hits, misses, maxsize, currsize)``, as ``functools.lru_cache`` has."""
+        stats = self._shared.cache.stats()
+        return CacheInfo(stats.hits, stats.misses, self._shared.maxsize, stats.size)
+
+    def cache_clear(self) -> None:
+        """Drop every entry (the counters are kept; see the cache's ``clear``)."""
+        self._shared.cache.clear()
+
+    def cache_parameters(self) -> dict[str, Any]:
+        """``{"maxsize": ..., "typed": ...}``, as ``functools.lru_cache`` has."""
+        return {"maxsize": self._shared.maxsize, "typed": self._shared.typed}
+
+
+_ATTRIBUTES = {
+    CoalescedFunction: ("cache_key", "uncached"),
+    CachedFunction: (
+        "cache_key",
+        "uncached",
+        "invalidate",
+        "refresh",
+        "cache_info",
+        "cache_clear",
+        "cache_parameters",
+    ),
+}
+
+
+def _wrap(
+    cls: type[Any], generated: Any, fn: Callable[..., Any], shared: _Shared, method: bool
+) -> Any:
+    """The wrapper of ``fn``: a ``cls`` (a descriptor binding its attributes) for a
+    method; for a function, ``generated`` itself carrying the same attributes, as
+    a plain function's call is the cheapest CPython has (no C-level indirection)."""
+    wrapper = cls(generated)
+    functools.update_wrapper(wrapper, fn)
+    wrapper._shared = shared
+    wrapper._obj = ()
+    if method:
+        return wrapper
+    functools.update_wrapper(generated, fn)
+    generated._shared = shared
+    generated.group = shared.group
+    if shared.cache is not None:
+        generated.cache = shared.cache
+    for name in _ATTRIBUTES[cls]:
+        setattr(generated, name, getattr(wrapper, name))
+    return generated
+
+
 # -- coalesce --------------------------------------------------------------------------
 
 
+class _Coalesce(Protocol):
+    @overload
+    def __call__(self, fn: classmethod[Any, P, R], /) -> CoalescedFunction[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> CoalescedFunction[P, R]: ...
+
+
+class _Cache(Protocol):
+    @overload
+    def __call__(self, fn: classmethod[Any, P, R], /) -> CachedFunction[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
+
 @overload
-def coalesce(fn: Callable[P, R], /) -> Callable[P, R]: ...
+def coalesce(fn: classmethod[Any, P, R], /) -> CoalescedFunction[P, R]: ...
+
+
+@overload
+def coalesce(fn: Callable[P, R], /) -> CoalescedFunction[P, R]: ...
 
 
 @overload
 def coalesce(
-    *, make_key: _KeyFunction | None = None, group: Any = None
-) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+    *, make_key: _KeyFunction | None = None, group: Any = None, typed: bool = False
+) -> _Coalesce: ...
 
 
 def coalesce(
-    fn: Callable[P, R] | None = None,
+    fn: Any = None,
     /,
     *,
     make_key: _KeyFunction | None = None,
     group: Any = None,
-) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
+    typed: bool = False,
+) -> Any:
     """Concurrent calls with equal arguments share one execution of the function.
 
-    Use as ``@coalesce`` or ``@coalesce(make_key=..., group=...)``.  A call made
-    while an equal one is running waits for it and gets its result (the same
-    object) or its exception; a call after it has finished runs the function
-    again (this is not a cache; see :func:`cached`).  Sync functions coalesce
-    through a :class:`~singleflight.Group`, coroutine functions through an
-    :class:`~singleflight.AsyncGroup` (each decorated function gets its own
-    unless ``group=`` is given; then the key starts with the function itself,
-    or its qualified name for a group that crosses processes, unless
-    ``make_key=`` builds it).
+    Use as ``@coalesce`` or ``@coalesce(make_key=..., group=..., typed=...)``.  A
+    call made while an equal one is running waits for it and gets its result
+    (the same object) or its exception; a call after it has finished runs the
+    function again (this is not a cache; see :func:`cached`).  Sync functions
+    coalesce through a :class:`~singleflight.Group`, coroutine functions
+    through an :class:`~singleflight.AsyncGroup` under asyncio or an
+    :class:`~singleflight.anyio.AnyIOGroup` under trio (each decorated function
+    gets its own unless ``group=`` is given; then the key starts with the
+    function itself, or its qualified name for a group that crosses
+    processes, unless ``make_key=`` builds it).
 
-    ``make_key(*args, **kwargs)`` replaces the default key (the bound arguments, with
-    ``self`` by identity).  Errors and cancellation are those of the group's
-    ``do``; ``TypeError`` for an argument that cannot be made part of a key
-    (pass ``make_key=``), for a generator function, and for a group that does not
-    fit the function (sync vs async).  The wrapper's ``group`` attribute is the
-    group used.
+    ``make_key(*args, **kwargs)`` replaces the default key (the bound arguments,
+    with ``self`` by identity and per-request web-framework parameters left
+    out; see :mod:`singleflight.keys`); ``typed=True`` keys arguments of
+    different types apart, as in ``functools.lru_cache``.
+
+    Returns:
+      - a :class:`CoalescedFunction` with the function's parameters and return type.
+
+    Raises:
+      - at decoration, ``TypeError`` for a generator function, a group that
+        does not fit the function (sync vs async), or a function whose every
+        parameter is filled per request;
+      - at a call, what the group's ``do`` raises, and ``TypeError`` for an
+        argument that cannot be part of a key (pass ``make_key=``).
+
+    Cancellation: that of the group's ``do``.
     """
 
-    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+    def decorate(fn: Any) -> Any:
+        on_class = isinstance(fn, classmethod)
+        if on_class:  # @coalesce above @classmethod: bound to the class
+            fn = fn.__func__
         _check_function(fn, "coalesce")
+        _check_make_key(make_key)
         is_async = inspect.iscoroutinefunction(fn)
         if group is not None:
             _check_group(group, is_async, fn, "coalesce")
-        build = _key_of(fn, make_key, _prefix(fn, group))
-        if is_async:
-            agroup: Any = AsyncGroup() if group is None else group
-            ado = agroup.do
-            afn = cast(Callable[..., Awaitable[Any]], fn)
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await ado(build(args, kwargs), afn, *args, **kwargs)
-
-            async_wrapper.group = agroup  # type: ignore[attr-defined]
-            return cast(Callable[P, R], async_wrapper)
-
-        sgroup: Any = Group() if group is None else group
-        do = sgroup.do
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return do(build(args, kwargs), fn, *args, **kwargs)
-
-        wrapper.group = sgroup  # type: ignore[attr-defined]
-        return cast(Callable[P, R], wrapper)
+        builder = _builder(fn, make_key, group, typed, False)
+        chosen: Any = group
+        if chosen is None:
+            chosen = AutoGroup() if is_async else Group()
+        shared = _Shared()
+        shared.fn, shared.builder, shared.key = fn, builder, builder._raw
+        shared.group, shared.is_async, shared.typed = chosen, is_async, typed
+        shared.cache, shared.maxsize, shared.on_class = None, None, on_class
+        aw = "await " if is_async else ""
+        source = (
+            f"{'async ' if is_async else ''}def __sf_wrapper({builder.params}):\n"
+            f"    __sf_k = {builder.key}\n"
+            "    try:\n"
+            "        __sf_hash(__sf_k)\n"
+            "    except TypeError:\n"
+            "        __sf_k = __sf_hashable(__sf_k)\n"
+            f"    return {aw}__sf_do(__sf_k, __sf_fn, {builder.call})\n"
+        )
+        generated = builder.compile(
+            source,
+            "__sf_wrapper",
+            __sf_hash=hash,
+            __sf_hashable=builder.hashable,
+            __sf_do=chosen.do,
+            __sf_fn=fn,
+        )
+        return _wrap(CoalescedFunction, generated, fn, shared, builder.method or on_class)
 
     if fn is not None:
         return decorate(fn)
@@ -176,14 +472,39 @@ def coalesce(
 # -- cached ------------------------------------------------------------------------------
 
 
+class _FunctionCache(LoadingCache[Hashable, Any]):
+    """A decorated function's cache: ``load(key)`` calls the function with the arguments
+    the key stands for, so ``cache.get``/``cache.refresh`` work on default keys."""
+
+    __slots__ = ("_builder",)
+    _builder: KeyBuilder
+
+    def refresh(self, key: Hashable) -> Any:
+        self._builder.arguments(key)  # a clear TypeError before any load
+        return super().refresh(key)
+
+
+class _AsyncFunctionCache(AsyncLoadingCache[Hashable, Any]):
+    __slots__ = ("_builder",)
+    _builder: KeyBuilder
+
+    async def refresh(self, key: Hashable) -> Any:
+        self._builder.arguments(key)
+        return await super().refresh(key)
+
+
 @overload
-def cached(fn: Callable[P, R], /) -> Callable[P, R]: ...
+def cached(fn: classmethod[Any, P, R], /) -> CachedFunction[P, R]: ...
+
+
+@overload
+def cached(fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
 
 
 @overload
 def cached(
     *,
-    ttl: float | None = None,
+    ttl: float | Callable[[Any], float | None] | None = None,
     jitter: float = 0.1,
     maxsize: int | None = DEFAULT_MAXSIZE,
     stale: float = 0.0,
@@ -193,22 +514,24 @@ def cached(
     | type[BaseException]
     | tuple[type[BaseException], ...]
     | None = None,
-    negative_ttl: float | None = None,
+    negative_ttl: float | Callable[[Any], float] | None = None,
+    cache_if: Callable[[Any], bool] | None = None,
     make_key: _KeyFunction | None = None,
+    typed: bool = False,
     group: Any = None,
     fleet: Any = None,
     clock: Callable[[], float] = time.monotonic,
     random: Callable[[], float] = _random.random,
     name: str | None = None,
     on_event: EventHook | None = None,
-) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+) -> _Cache: ...
 
 
 def cached(
-    fn: Callable[P, R] | None = None,
+    fn: Any = None,
     /,
     *,
-    ttl: float | None = None,
+    ttl: float | Callable[[Any], float | None] | None = None,
     jitter: float = 0.1,
     maxsize: int | None = DEFAULT_MAXSIZE,
     stale: float = 0.0,
@@ -218,143 +541,176 @@ def cached(
     | type[BaseException]
     | tuple[type[BaseException], ...]
     | None = None,
-    negative_ttl: float | None = None,
+    negative_ttl: float | Callable[[Any], float] | None = None,
+    cache_if: Callable[[Any], bool] | None = None,
     make_key: _KeyFunction | None = None,
+    typed: bool = False,
     group: Any = None,
     fleet: Any = None,
     clock: Callable[[], float] = time.monotonic,
     random: Callable[[], float] = _random.random,
     name: str | None = None,
     on_event: EventHook | None = None,
-) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
+) -> Any:
     """Put a loading cache in front of the function: the decorator form of
     :class:`~singleflight.LoadingCache` (sync functions) and
-    :class:`~singleflight.AsyncLoadingCache` (coroutine functions).
+    :class:`~singleflight.AsyncLoadingCache` (coroutine functions, under
+    asyncio or trio).
 
     Use as ``@cached`` (no expiry, LRU-bounded) or ``@cached(ttl=..., ...)``
-    with the options of :class:`~singleflight.LoadingCache`.  A call with the
-    arguments of a cached entry is answered from it; concurrent calls that
-    miss share one execution.  Keys are built as for :func:`coalesce`.
-
-    The wrapper carries ``cache`` (the cache, for ``stats()``, ``clear()``,
-    ``close()``/``aclose()``), ``cache_key(*args, **kwargs)`` (the key a call
-    would use) and ``invalidate(*args, **kwargs)`` (drop that call's entry).
-    ``name`` labels the cache's events and metrics (default: the function's
-    qualified name); ``on_event`` receives every read's event, hits included.
+    with the options of :class:`~singleflight.LoadingCache`: ``ttl`` and
+    ``negative_ttl`` may be functions of the value (per-entry lifetimes; a
+    ``ttl`` of 0 stores nothing), ``cache_if`` a predicate on values (only
+    those it accepts are stored; concurrent callers still share the call).  A
+    call with the arguments of a cached entry is answered from it; concurrent
+    calls that miss share one execution.  Keys are built as for
+    :func:`coalesce` (``make_key=``, ``typed=``).  ``name`` labels the cache's
+    events and metrics (default: the function's qualified name); ``on_event``
+    receives every read's event, hits included, and the removal of entries
+    (:class:`~singleflight.events.CacheRemoved`).
     ``fleet=`` (a ``redis.Redis`` / ``redis.asyncio.Redis`` client, or a
     :class:`~singleflight.redis.Fleet`) shares the entries with every process
     on that Redis, under the function's qualified name (see the cache's
     ``fleet=``).
-    Errors, cancellation and the handling of methods are as for the cache and
-    for :func:`coalesce`.
+
+    Returns:
+      - a :class:`CachedFunction` with the function's parameters and return type.
+
+    Raises:
+      - at decoration, as :func:`coalesce` and the cache's options do;
+      - at a call, what the cache's ``get`` raises, and ``TypeError`` for an
+        argument that cannot be part of a key.
+
+    Cancellation: that of the cache's ``get``.
     """
 
-    options: dict[str, Any] = {
-        "ttl": ttl,
-        "jitter": jitter,
-        "maxsize": maxsize,
-        "stale": stale,
-        "stale_if_error": stale_if_error,
-        "early_refresh": early_refresh,
-        "negative": negative,
-        "negative_ttl": negative_ttl,
-        "group": group,
-        "fleet": fleet,
-        "clock": clock,
-        "random": random,
-    }
-
-    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+    def decorate(fn: Any) -> Any:
+        on_class = isinstance(fn, classmethod)
+        if on_class:  # @cached above @classmethod: bound to the class
+            fn = fn.__func__
         _check_function(fn, "cached")
+        _check_make_key(make_key)
         is_async = inspect.iscoroutinefunction(fn)
         if group is not None:
             _check_group(group, is_async, fn, "cached")
-        build = _key_of(fn, make_key, _prefix(fn, group))  # a fleet: its namespace
-        raw = build.raw
-        # A method's entries hold self by identity: stored, such a key drops its
-        # entry when the instance dies (only misses pay for it).
-        watched = isinstance(build, KeyBuilder) and build.by_identity
+        builder = _builder(fn, make_key, group, typed, True)
         qualname = _qualified_name(fn)
-        options["name"] = qualname if name is None else name
-        options["on_event"] = on_event
-
-        def no_loader(cache_key: object) -> Any:
-            raise TypeError(
-                f"the cache of @cached {qualname} loads through the function's arguments; "
-                "call the function rather than cache.get()"
-            )
-
+        arguments = builder.arguments
+        options: dict[str, Any] = {
+            "ttl": ttl,
+            "jitter": jitter,
+            "maxsize": maxsize,
+            "stale": stale,
+            "stale_if_error": stale_if_error,
+            "early_refresh": early_refresh,
+            "negative": negative,
+            "negative_ttl": negative_ttl,
+            "cache_if": cache_if,
+            "group": group,
+            "fleet": fleet,
+            "clock": clock,
+            "random": random,
+            "name": qualname if name is None else name,
+            "on_event": on_event,
+        }
+        cache: Any
         if is_async:
 
-            async def async_no_loader(cache_key: object) -> Any:
-                no_loader(cache_key)
+            async def aload(key: Hashable) -> Any:
+                args, kwargs = arguments(key)
+                return await fn(*args, **kwargs)
 
-            acache: AsyncLoadingCache[Any, Any] = AsyncLoadingCache(async_no_loader, **options)
-            ahit = acache._hit
-            aget = _watching(acache._get, build, acache._dropped) if watched else acache._get
-            afn = cast(Callable[..., Awaitable[Any]], fn)
+            cache = _AsyncFunctionCache(aload, **options)
+        else:
 
-            @functools.wraps(fn)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                k = raw(args, kwargs)
-                try:
-                    value = ahit(k)
-                except TypeError:  # an unhashable argument: freeze it (or _get says why not)
-                    k = build(args, kwargs)
-                else:
-                    if value is not MISS:
-                        return value
-                return await aget(k, functools.partial(afn, *args, **kwargs))
+            def load(key: Hashable) -> Any:
+                args, kwargs = arguments(key)
+                return fn(*args, **kwargs)
 
-            _expose(async_wrapper, acache, build)
-            return cast(Callable[P, R], async_wrapper)
+            cache = _FunctionCache(load, **options)
+        cache._builder = builder
+        get, reload, drop_where = cache._get, cache._reload, cache._drop_where
+        dead, data = builder.dead, cache._data
 
-        cache: LoadingCache[Any, Any] = LoadingCache(no_loader, **options)
-        hit = cache._hit
-        get = _watching(cache._get, build, cache._dropped) if watched else cache._get
+        def sweep() -> None:
+            # Entries of instances that no longer exist: no call can ask for them.
+            # Each sweep reads every key, so it waits for deaths to add up to an
+            # eighth of the entries: a few reads per death.
+            dying = set(map(id, dead))
+            dead.clear()
+            index = builder.self_index
+            drop_where(
+                lambda key: isinstance(key, tuple) and len(key) > index and id(key[index]) in dying
+            )
 
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            # A call that hits builds the key without copying the arguments and
-            # hashes it once.  With on_event every call reads through _get.
-            k = raw(args, kwargs)
-            try:
-                value = hit(k)
-            except TypeError:  # an unhashable argument: freeze it (or _get says why not)
-                k = build(args, kwargs)
-            else:
-                if value is not MISS:
-                    return value
-            return get(k, functools.partial(fn, *args, **kwargs))
+        miss: Callable[..., Any]
+        refresh: Callable[..., Any]
+        refreshes: Any
+        if is_async:
 
-        _expose(wrapper, cache, build)
-        return cast(Callable[P, R], wrapper)
+            async def amiss(key: Hashable, /, *args: Any, **kwargs: Any) -> Any:
+                if dead and len(dead) * 8 >= len(data):
+                    sweep()
+                return await get(key, functools.partial(fn, *args, **kwargs))
+
+            arefresher: AutoGroup[Hashable, Any] = AutoGroup()
+
+            async def arefresh(*args: Any, **kwargs: Any) -> Any:
+                key = builder.hashable(builder._raw(*args, **kwargs))
+                thunk = functools.partial(fn, *args, **kwargs)
+                return await arefresher.do(key, reload, key, thunk)
+
+            miss, refresh, refreshes = amiss, arefresh, arefresher
+        else:
+
+            def smiss(key: Hashable, /, *args: Any, **kwargs: Any) -> Any:
+                if dead and len(dead) * 8 >= len(data):
+                    sweep()
+                return get(key, functools.partial(fn, *args, **kwargs))
+
+            refresher: Group[Hashable, Any] = Group()
+
+            def srefresh(*args: Any, **kwargs: Any) -> Any:
+                key = builder.hashable(builder._raw(*args, **kwargs))
+                return refresher.do(key, reload, key, functools.partial(fn, *args, **kwargs))
+
+            miss, refresh, refreshes = smiss, srefresh, refresher
+
+        shared = _Shared()
+        shared.fn, shared.builder, shared.key = fn, builder, builder._raw
+        shared.group, shared.is_async, shared.typed = cache._group, is_async, typed
+        shared.cache, shared.maxsize, shared.on_class = cache, maxsize, on_class
+        shared.refresh, shared.invalidate = refresh, cache.invalidate
+        shared.refresher = refreshes
+        aw = "await " if is_async else ""
+        # The hit path is this one function: the key from the parameters (Python
+        # binds them), a dict lookup, one clock reading.  A cache made with
+        # on_event has no entries in __sf_fast: every read goes through get.
+        source = (
+            f"{'async ' if is_async else ''}def __sf_wrapper({builder.params}):\n"
+            f"    __sf_k = {builder.key}\n"
+            "    try:\n"
+            "        __sf_e = __sf_fast[__sf_k]\n"
+            "    except KeyError:\n"
+            "        pass\n"
+            "    except TypeError:\n"
+            "        __sf_k = __sf_hashable(__sf_k)\n"
+            "    else:\n"
+            "        if __sf_clock() < __sf_e.fresh_until:\n"
+            "            __sf_e.hits += 1\n"
+            "            return __sf_e.value\n"
+            f"    return {aw}__sf_miss(__sf_k, {builder.call})\n"
+        )
+        generated = builder.compile(
+            source,
+            "__sf_wrapper",
+            __sf_fast=cache._fast,
+            __sf_clock=clock,
+            __sf_hashable=builder.hashable,
+            __sf_miss=miss,
+        )
+        return _wrap(CachedFunction, generated, fn, shared, builder.method or on_class)
 
     if fn is not None:
         return decorate(fn)
     return decorate
-
-
-def _watching(get: Callable[..., R], build: KeyBuilder, dropped: Callable[[Any], None]) -> Any:
-    """``get(key, thunk)`` storing ``key`` so that its entry is dropped when the
-    instance the key holds by identity dies."""
-    watched = build.watched
-
-    def watching_get(key: Any, thunk: Any) -> R:
-        return get(watched(key, dropped), thunk)
-
-    return watching_get
-
-
-def _expose(wrapper: Any, cache: Any, build: Any) -> None:
-    def cache_key(*args: Any, **kwargs: Any) -> Hashable:
-        """The key a call with these arguments uses."""
-        return build(args, kwargs)  # type: ignore[no-any-return]
-
-    def invalidate(*args: Any, **kwargs: Any) -> None:
-        """Drop the entry of a call with these arguments (see the cache's invalidate)."""
-        cache.invalidate(build(args, kwargs))
-
-    wrapper.cache = cache
-    wrapper.cache_key = cache_key
-    wrapper.invalidate = invalidate

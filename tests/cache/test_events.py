@@ -196,7 +196,7 @@ def test_cached_decorator_tells_every_read_hits_included() -> None:
         clock.now = 11
         assert double(4) == 8
         assert calls == [4, 4]
-        assert kinds(events) == ["CacheMiss", "CacheHit", "CacheMiss"]
+        assert kinds(events) == ["CacheMiss", "CacheHit", "CacheRemoved", "CacheMiss"]
         name = f"{__name__}.test_cached_decorator_tells_every_read_hits_included.<locals>.double"
         assert all(e.cache == name for e in events)  # type: ignore[union-attr]
         assert double.cache.stats().hits == 1  # type: ignore[attr-defined]

@@ -30,7 +30,6 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from .._asyncio import AsyncGroup
 from .._protocols import AsyncGroupLike, SharedEntry
 from ..events import EventHook
 from ._asyncio_only import (
@@ -38,6 +37,7 @@ from ._asyncio_only import (
     Batch,
     Broadcast,
     check_loaders,
+    default_group,
     not_awaitable,
     outcomes_of,
 )
@@ -61,12 +61,11 @@ from ._store import JOIN, SERVE
 # from typing import Any, Generic, TypeVar
 #
 # from .._protocols import GroupLike, SharedEntry
-# from .._threads import Group
 # from ..events import EventHook
 # from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
 # from ._policy import Entry
 # from ._store import JOIN, SERVE
-# from ._threads_only import Background, Batch, check_loaders, outcomes_of
+# from ._threads_only import Background, Batch, check_loaders, default_group, outcomes_of
 #
 # unasync: end
 __all__ = ["AsyncLoadingCache"]
@@ -77,15 +76,16 @@ V = TypeVar("V")
 
 class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
     # unasync: async-only
-    """A read-through cache for asyncio: ``await get(key)`` answers from the cache or
-    awaits ``load(key)`` once, however many tasks ask at the same time.
+    """A read-through cache for asyncio and trio: ``await get(key)`` answers from the
+    cache or awaits ``load(key)`` once, however many tasks ask at the same time.
 
     The options are those of :class:`~singleflight.LoadingCache` (``ttl``,
     ``jitter``, ``maxsize``, ``stale``, ``stale_if_error``, ``early_refresh``,
     ``negative``, ``negative_ttl``, ``load_many``, ``group``, ``clock``,
-    ``random``), with ``load`` and ``load_many`` async and ``group`` an
-    :class:`~singleflight.AsyncGroup` (or anything with the same ``do``, an
-    :class:`~singleflight.AsyncGroupLike`, such as
+    ``random``, ``cache_if``), with ``load`` and ``load_many`` async and ``group`` an
+    :class:`~singleflight.AsyncGroup` (by default one under asyncio and an
+    :class:`~singleflight.anyio.AnyIOGroup` under trio, which needs AnyIO; or
+    anything with the same ``do``, an :class:`~singleflight.AsyncGroupLike`, such as
     :class:`~singleflight.redis.AsyncRedisGroup`, whose outcomes from other
     processes are written back as for :class:`~singleflight.LoadingCache`).
     :meth:`get`, :meth:`get_many` and :meth:`refresh` are coroutines;
@@ -103,7 +103,8 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
     #
     # Options (all keyword-only; times in seconds of ``clock``):
     #
-    # - ``ttl``: how long an entry lives (``None``, the default: until evicted).
+    # - ``ttl``: how long an entry lives (``None``, the default: until evicted), or a
+    #   function of the loaded value returning that (per entry; 0: not stored).
     # - ``jitter``: each entry's lifetime is spread uniformly over ``ttl * (1 +- jitter)``
     #   (default 0.1), so keys loaded together do not all expire together.
     # - ``maxsize``: bound on the entries held (default 10,000; ``None`` for no bound);
@@ -120,7 +121,10 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
     #   ``negative_ttl``.  ``negative`` is a predicate on loaded values or
     #   exception type(s) the loader raises for not-found; nothing else a loader
     #   raises is ever cached.  With ``negative_ttl``, keys that ``load_many``
-    #   leaves out are cached as not-found too.
+    #   leaves out are cached as not-found too.  ``negative_ttl`` may be a
+    #   function of the not-found value or error returning the seconds.
+    # - ``cache_if``: a predicate on loaded values; only those it accepts are
+    #   stored (the others still answer every caller of their load).
     # - ``load_many``: ``load_many(keys) -> dict``; :meth:`get_many` loads its
     #   misses in one call.
     # - ``group``: what coalesces loads (a :class:`~singleflight.Group` by default;
@@ -147,7 +151,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         self,
         load: Callable[[K], Awaitable[V]],
         *,
-        ttl: float | None = None,
+        ttl: float | Callable[[V], float | None] | None = None,
         jitter: float = 0.1,
         maxsize: int | None = DEFAULT_MAXSIZE,
         stale: float = 0.0,
@@ -157,7 +161,8 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         | type[BaseException]
         | tuple[type[BaseException], ...]
         | None = None,
-        negative_ttl: float | None = None,
+        negative_ttl: float | Callable[[Any], float] | None = None,
+        cache_if: Callable[[V], bool] | None = None,
         load_many: Callable[[list[K]], Awaitable[Mapping[K, V]]] | None = None,
         group: AsyncGroupLike[K, V] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -189,13 +194,14 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             negative_ttl=negative_ttl,
             maxsize=maxsize,
             load_many=load_many,
-            group=AsyncGroup() if group is None and fleet is None else group,
+            group=default_group() if group is None and fleet is None else group,
             clock=clock,
             random=random,
             name=name,
             on_event=on_event,
             fleet=fleet,
             tags=tags,
+            cache_if=cache_if,
         )
 
     # -- reads -------------------------------------------------------------------------
@@ -275,6 +281,10 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         # """
         # unasync: end
         wanted = wanted_keys(keys)
+        # unasync: async-only
+        if self._load_many is not None:
+            self._background.check_batches()
+        # unasync: end
         batch = Batch() if self._load_many is not None else None
         with self._lock:
             plan = self._store.plan_many(wanted, self._clock(), not self._closed, batch)
@@ -286,7 +296,9 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             # Made before anything else can run: a load that finds a key of
             # this batch in the registry waits on its task.
             assert batch is not None
-            batch.task = self._background.spawn(self._run_batch(batch, plan.load, plan.tokens))
+            batch.task = self._background.spawn(
+                partial(self._run_batch, batch, plan.load, plan.tokens)
+            )
             batch.task.add_done_callback(partial(self._batch_done, batch, plan.tokens))
         for key, entry in plan.refresh:
             self._start_refresh(key, entry, None)
@@ -342,13 +354,17 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         # unhashable key.
         # """
         # unasync: end
+        return await self._reload(key, None)
+
+    async def _reload(self, key: K, thunk: Callable[[], Awaitable[V]] | None) -> V:
+        """:meth:`refresh`, loading through ``thunk`` (default ``load(key)``)."""
         # unasync: async-only
         seen = self._force(key) if self._fleet is None else await self._fleet_force(key)
         # unasync: sync-only
         # seen = self._force(key)
         # unasync: end
         try:
-            return await self._through(key, seen, None, False)
+            return await self._through(key, seen, thunk, False)
         finally:
             self._unforce(key)
 

@@ -1,4 +1,5 @@
-"""What only the asyncio cache has: batch loads as tasks, background work as tasks.
+"""What only the async cache has: batch loads as tasks, background work as tasks
+(asyncio's, or trio's system tasks under trio), and the default group.
 
 The generated ``_sync.py`` gets the same names from ``_threads_only.py``.
 """
@@ -11,12 +12,27 @@ from asyncio import Task, current_task, get_running_loop
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
+from .._auto import AutoGroup, running_asyncio
 from ..errors import AbortedError
-from ._base import BatchBase
+from ._base import BatchBase, logger
 
-__all__ = ["Background", "Batch", "Broadcast", "check_loaders", "not_awaitable", "outcomes_of"]
+__all__ = [
+    "Background",
+    "Batch",
+    "Broadcast",
+    "check_loaders",
+    "default_group",
+    "not_awaitable",
+    "outcomes_of",
+]
+
+
+def default_group() -> AutoGroup[Any, Any]:
+    """The group of a cache made without ``group=``: asyncio's or AnyIO's, as the caller runs."""
+    return AutoGroup()
 
 
 class Batch(BatchBase):
@@ -88,17 +104,30 @@ class Broadcast:
 
 
 class Background:
-    """The cache's background tasks: refreshes, batches and the loads refreshes started."""
+    """The cache's background tasks: refreshes, batches and the loads refreshes started.
 
-    __slots__ = ("closed", "loads", "tasks")
+    Under asyncio they are tasks of the running loop; under trio, refreshes are
+    system tasks (``trio.lowlevel.spawn_system_task``) in cancel scopes of their
+    own.
+    """
+
+    __slots__ = ("closed", "idle", "loads", "scopes", "tasks")
 
     def __init__(self) -> None:
         self.closed = False
         self.tasks: set[Task[Any]] = set()
         self.loads: set[Task[Any]] = set()
+        self.scopes: set[Any] = set()  # trio.CancelScope of each trio refresh
+        self.idle: Any = None  # a trio.Event set when the last of them ends
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> Task[Any]:
-        task = get_running_loop().create_task(coro)
+    def spawn(self, coro: Callable[[], Coroutine[Any, Any, Any]]) -> Task[Any]:
+        """``coro()`` in a task of the running asyncio loop.
+
+        Raises:
+          - ``RuntimeError`` outside asyncio (``get_many`` with ``load_many`` under trio).
+        """
+        loop = get_running_loop()  # before the coroutine exists: none is left un-awaited
+        task = loop.create_task(coro())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
@@ -107,18 +136,54 @@ class Background:
         """In a forked child: the tasks belong to loops that are not running there."""
         self.tasks.clear()
         self.loads.clear()
+        self.scopes.clear()
+
+    @staticmethod
+    def check_batches() -> None:
+        """``RuntimeError`` unless batch loads can run here (in asyncio tasks)."""
+        if not running_asyncio():
+            raise RuntimeError(
+                "AsyncLoadingCache.get_many runs load_many in an asyncio task; under another "
+                "library (trio) call get() for each key, or make the cache without load_many"
+            )
 
     def start(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
-        """Run ``fn(*args)`` in a task; False once closed."""
+        """Run ``fn(*args)`` in a task of the running library; False once closed (or
+        under a library other than asyncio and trio)."""
         if self.closed:
             return False
-        self.spawn(fn(*args))
+        if running_asyncio():
+            self.spawn(partial(fn, *args))
+            return True
+        try:
+            import trio
+        except ImportError:
+            return False
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            return False
+        trio.lowlevel.spawn_system_task(self._run_trio, fn, args)
         return True
+
+    async def _run_trio(self, fn: Callable[..., Coroutine[Any, Any, Any]], args: Any) -> None:
+        import trio
+
+        with trio.CancelScope() as scope:
+            self.scopes.add(scope)
+            try:
+                await fn(*args)
+            except Exception:  # a system task must not raise; fn logs its own failures
+                logger.debug("background work %r failed", fn, exc_info=True)
+            finally:
+                self.scopes.discard(scope)
+                if not self.scopes and self.idle is not None:
+                    self.idle.set()
 
     @contextmanager
     def loading(self, background: bool) -> Iterator[None]:
         """Around a load: one a background refresh started is cancelled by close()."""
-        task = current_task() if background else None
+        task = current_task() if background and running_asyncio() else None
         if task is None:
             yield
             return
@@ -129,8 +194,17 @@ class Background:
             self.loads.discard(task)
 
     async def close(self) -> None:
-        """Cancel the running loop's background tasks and wait until they have ended."""
+        """Cancel the running library's background tasks and wait until they have ended."""
         self.closed = True
+        if not running_asyncio():
+            if self.scopes:
+                import trio
+
+                self.idle = trio.Event()
+                for scope in list(self.scopes):
+                    scope.cancel()
+                await self.idle.wait()
+            return
         loop = get_running_loop()
         tasks = [
             task
@@ -159,5 +233,14 @@ def not_awaitable(fn: object, returned: object) -> TypeError:
 
 
 async def outcomes_of(loads: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
-    """Run ``loads`` concurrently: their values, or the exceptions they raised, in order."""
-    return await asyncio.gather(*(load() for load in loads), return_exceptions=True)
+    """Run ``loads`` concurrently (under asyncio; else one after another): their values,
+    or the :class:`Exception` they raised, in order."""
+    if running_asyncio():
+        return await asyncio.gather(*(load() for load in loads), return_exceptions=True)
+    outcomes: list[Any] = []
+    for load in loads:
+        try:
+            outcomes.append(await load())
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes

@@ -25,6 +25,7 @@ from .._protocols import REMOTE_FLIGHT, Settling, SharedEntry, crosses_processes
 from ..events import (
     CacheHit,
     CacheMiss,
+    CacheRemoved,
     EventHook,
     InvalidationReceived,
     L1Dropped,
@@ -166,7 +167,6 @@ class CacheBase(Generic[K, V]):
         "_clock",
         "_closed",
         "_data",
-        "_dead",
         "_fast",
         "_fleet",
         "_fleet_refreshes",
@@ -189,13 +189,13 @@ class CacheBase(Generic[K, V]):
         self,
         load: Callable[..., Any],
         *,
-        ttl: float | None,
+        ttl: float | Callable[[Any], float | None] | None,
         jitter: float,
         stale: float,
         stale_if_error: float,
         early_refresh: float | None,
         negative: Any,
-        negative_ttl: float | None,
+        negative_ttl: float | Callable[[Any], float] | None,
         maxsize: int | None,
         load_many: Callable[..., Any] | None,
         group: Any,
@@ -205,6 +205,7 @@ class CacheBase(Generic[K, V]):
         on_event: EventHook | None = None,
         fleet: Any = None,
         tags: Callable[[Any, Any], Iterable[str]] | None = None,
+        cache_if: Callable[[Any], bool] | None = None,
     ) -> None:
         check_name(name)
         if on_event is not None and not callable(on_event):
@@ -240,9 +241,11 @@ class CacheBase(Generic[K, V]):
             early_refresh=early_refresh,
             negative=negative,
             negative_ttl=negative_ttl,
+            cache_if=cache_if,
             random=random,
         )
         self._store: Store[K] = Store(self._policy, _check_maxsize(maxsize))
+        self._store.tell = on_event is not None
         self._data = self._store.data
         # What the lock-free hit path reads: the entries, or none at all for a
         # cache that tells on_event of every read (all go through _read()).
@@ -252,10 +255,8 @@ class CacheBase(Generic[K, V]):
         # holds the lock may read the cache (each store method stays consistent
         # at the points where the collector can run).  User code (clock,
         # random, negative=) runs outside it where it can.
-        self._lock = threading.RLock()
+        self._lock: Any = self._new_lock()
         _caches.add(self)
-        # Keys whose instance died (see dropped()), dropped at the next miss.
-        self._dead: list[K] = []
         self._closed = False
         self._load = load
         self._load_many = load_many
@@ -286,7 +287,7 @@ class CacheBase(Generic[K, V]):
         fleet: Any,
         group: Any,
         load: Any,
-        ttl: float | None,
+        ttl: object,
         load_many: Any,
         name: str,
     ) -> tuple[Any, Any]:
@@ -433,11 +434,6 @@ class CacheBase(Generic[K, V]):
         state = " closed" if self._closed else ""
         return f"<{type(self).__name__} size={len(self)} load={self._load!r}{state}>"
 
-    def _dropped(self, key: K) -> None:
-        """A key's instance died (called by a weak reference, maybe by the collector
-        inside this cache's lock): its entry goes at the next miss."""
-        self._dead.append(key)
-
     # -- helpers for the drivers and the decorators: the steps of a read that do not wait --
 
     def _hit(self, key: K) -> Any:
@@ -471,9 +467,6 @@ class CacheBase(Generic[K, V]):
             raise bad_key(key) from None
         now = self._clock()
         with self._lock:
-            if self._dead:
-                dead, self._dead = self._dead, []
-                self._store.drop_dead(dead)
             action, entry, batch = self._store.lookup(key, now, not self._closed)
         if self._hook is not None:
             self._observe(key, action, entry, now)
@@ -501,6 +494,11 @@ class CacheBase(Generic[K, V]):
             seen = self._store.force(key)
         return seen
 
+    def _drop_where(self, dead: Callable[[Any], bool]) -> None:
+        """Drop the entries whose keys ``dead(key)`` says no read can ask for again."""
+        with self._lock:
+            self._store.drop_where(dead)
+
     def _unforce(self, key: K) -> None:
         with self._lock:
             self._store.cancel_force(key)
@@ -515,11 +513,11 @@ class CacheBase(Generic[K, V]):
         if flight is not None and self._fleet is not None:
             now = self._clock()
             entry = self._policy.value_entry(value, now, now - started)
-            if self._fleet_stores(flight, key, value, entry, now):
+            if entry is not None and self._fleet_stores(flight, key, value, entry, now):
                 flight.when_settled(
                     lambda kept: self._settle_load(key, token, value, None, started, kept, entry)
                 )
-            else:  # tagged after a tag was invalidated: nobody keeps it
+            else:  # not to be stored, or tagged after a tag was invalidated: nobody keeps it
                 with self._lock:
                     self._store.discard_load(key, token, None)
             return
@@ -853,6 +851,8 @@ class CacheBase(Generic[K, V]):
         fleet = self._fleet
         now = self._clock()
         entry = self._policy.value_entry(value, now, 0.0)
+        if entry is None:  # a value the cache does not store (cache_if=, a ttl of 0)
+            return self._fleet_invalidation(key)
         text = self._index(key)
         tags = self._tags_of(key, value)
         shared = self._shared(entry, now, False)
@@ -918,11 +918,15 @@ class CacheBase(Generic[K, V]):
 
         return send
 
+    def _new_lock(self) -> Any:
+        """A reentrant lock; with on_event, one that tells of removed entries on release."""
+        return threading.RLock() if self._hook is None else _TellingLock(self)
+
     def _after_fork(self) -> None:
         """In a forked child: a fresh lock (another thread may have held it at the
         fork), no load or batch in flight, no refresh workers (their threads are
         gone: a driver drops its pool, and a new one starts on demand)."""
-        self._lock = threading.RLock()
+        self._lock = self._new_lock()
         self._store.after_fork()
 
 
@@ -946,6 +950,33 @@ def _reset_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+class _TellingLock:
+    """The lock of a cache made with ``on_event``: on release, it tells the hook of the
+    entries removed meanwhile (:class:`~singleflight.events.CacheRemoved`)."""
+
+    __slots__ = ("_cache", "_lock")
+
+    def __init__(self, cache: CacheBase[Any, Any]) -> None:
+        self._lock = threading.RLock()
+        self._cache = weakref.proxy(cache)
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        cache = self._cache
+        store = cache._store
+        removed = store.removed
+        if removed:
+            store.removed = []
+        self._lock.release()
+        if removed:
+            hook, name = cache._hook, cache.name
+            assert hook is not None
+            for key, reason in removed:
+                emit(hook, CacheRemoved(name, key, reason))
 
 
 _NO_GROUP_STATS = GroupStats()

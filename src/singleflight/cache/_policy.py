@@ -174,20 +174,23 @@ class Policy:
 
     __slots__ = (
         "beta",
+        "cache_if",
         "is_negative",
         "jitter",
         "negative_errors",
         "negative_ttl",
+        "negative_ttl_of",
         "random",
         "stale",
         "stale_if_error",
         "ttl",
+        "ttl_of",
     )
 
     def __init__(
         self,
         *,
-        ttl: float | None = None,
+        ttl: float | Callable[[Any], float | None] | None = None,
         jitter: float = 0.1,
         stale: float = 0.0,
         stale_if_error: float = 0.0,
@@ -196,10 +199,23 @@ class Policy:
         | type[BaseException]
         | tuple[type[BaseException], ...]
         | None = None,
-        negative_ttl: float | None = None,
+        negative_ttl: float | Callable[[Any], float] | None = None,
+        cache_if: Callable[[Any], bool] | None = None,
         random: Callable[[], float],
     ) -> None:
-        self.ttl = None if ttl is None else _seconds("ttl", ttl, allow_zero=False)
+        # ttl= and negative_ttl= may be functions of the outcome (per-entry lifetimes).
+        self.ttl_of: Callable[[Any], float | None] | None = None
+        if callable(ttl):
+            self.ttl_of = ttl
+            self.ttl: float | None = _INF
+        else:
+            self.ttl = None if ttl is None else _seconds("ttl", ttl, allow_zero=False)
+        if cache_if is not None and not callable(cache_if):
+            raise TypeError(
+                f"cache_if must be a predicate on loaded values; got {type(cache_if).__name__} "
+                f"{cache_if!r}"
+            )
+        self.cache_if: Callable[[Any], bool] | None = cache_if
         jitter = _seconds("jitter", jitter)
         if jitter >= 1:
             raise ValueError(
@@ -221,11 +237,16 @@ class Policy:
                     raise ValueError(
                         f"{name}= only applies to entries that expire: give ttl= as well"
                     )
-        self.negative_ttl = (
-            None
-            if negative_ttl is None
-            else _seconds("negative_ttl", negative_ttl, allow_zero=False)
-        )
+        self.negative_ttl_of: Callable[[Any], float] | None = None
+        if callable(negative_ttl):
+            self.negative_ttl_of = negative_ttl
+            self.negative_ttl: float | None = _INF
+        else:
+            self.negative_ttl = (
+                None
+                if negative_ttl is None
+                else _seconds("negative_ttl", negative_ttl, allow_zero=False)
+            )
         self.is_negative: Callable[[Any], bool] | None = None
         self.negative_errors: tuple[type[BaseException], ...] = ()
         if negative is not None:
@@ -263,19 +284,33 @@ class Policy:
             return base
         return base * (1.0 + jitter * (2.0 * self.random() - 1.0))
 
-    def value_entry(self, value: Any, now: float, delta: float) -> Entry:
-        """The entry for a loaded value (a negative one when the predicate says so).
+    def value_entry(self, value: Any, now: float, delta: float) -> Entry | None:
+        """The entry for a loaded value (a negative one when the predicate says so), or
+        None when it is not to be stored (``cache_if`` said no, or ``ttl(value)``
+        returned 0).
 
         ``delta`` is how long the load took; a clock that stepped back during it
         makes it negative, which counts as zero: an entry is never fresher than
         its lifetime.
+
+        Raises:
+          - ``TypeError``/``ValueError`` if ``ttl(value)`` returns no number of seconds.
         """
         if delta < 0.0:
             delta = 0.0
         is_negative = self.is_negative
         if is_negative is not None and is_negative(value):
             return self._negative_entry(value, None, now, delta)
+        cache_if = self.cache_if
+        if cache_if is not None and not cache_if(value):
+            return None
         ttl = self.ttl
+        if self.ttl_of is not None:
+            ttl = self.ttl_of(value)
+            if ttl is not None:
+                ttl = _seconds("the lifetime ttl(value) returned", ttl)
+                if not ttl:
+                    return None
         if ttl is None:
             return Entry(value, None, False, _INF, _INF, _INF, _INF, delta)
         expires_at = now + self.lifetime(ttl)
@@ -352,11 +387,19 @@ class Policy:
 
     def _negative_entry(
         self, value: Any, error: BaseException | None, now: float, delta: float
-    ) -> Entry:
+    ) -> Entry | None:
         # A not-found answer has no stale or error window and is never refreshed
         # early: when it expires the key is simply loaded again.
-        assert self.negative_ttl is not None
-        expires_at = now + self.lifetime(self.negative_ttl)
+        ttl = self.negative_ttl
+        assert ttl is not None
+        if self.negative_ttl_of is not None:
+            ttl = _seconds(
+                "the lifetime negative_ttl() returned",
+                self.negative_ttl_of(value if error is None else error),
+            )
+            if not ttl:
+                return None
+        expires_at = now + self.lifetime(ttl)
         fresh_until = -_INF if error is not None else expires_at
         return Entry(value, error, True, fresh_until, expires_at, expires_at, expires_at, delta)
 

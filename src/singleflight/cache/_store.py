@@ -80,8 +80,10 @@ class Store(Generic[K]):
         "misses",
         "policy",
         "refreshes",
+        "removed",
         "retired_hits",
         "stale_served",
+        "tell",
     )
 
     def __init__(self, policy: Policy, maxsize: int | None) -> None:
@@ -106,6 +108,10 @@ class Store(Generic[K]):
         self.refreshes = 0
         self.early_refreshes = 0
         self.evictions = 0
+        # With ``tell`` (a cache with on_event), entries removed as (key, reason),
+        # for the driver to tell once it has released its lock.
+        self.tell = False
+        self.removed: list[tuple[K, str]] = []
 
     # -- reads ---------------------------------------------------------------------
 
@@ -121,7 +127,7 @@ class Store(Generic[K]):
             if action != LOAD:
                 return action, entry, None
             if self.policy.dead(entry, now):
-                self._drop(key, entry)
+                self._drop(key, entry, "expired")
                 self.evictions += 1
                 entry = None
         self.misses += 1
@@ -403,6 +409,8 @@ class Store(Generic[K]):
         entry = self.data.pop(key, None)
         if entry is not None:
             self.retired_hits += entry.hits
+            if self.tell:
+                self.removed.append((key, "invalidated"))
 
     def in_flight(self) -> list[K]:
         """The keys with a load in flight (holding a lease or in a batch)."""
@@ -412,6 +420,8 @@ class Store(Generic[K]):
         """Drop every entry and revoke every lease; returns the keys that had loads in flight."""
         in_flight = self.in_flight()
         self.retired_hits += sum(entry.hits for entry in list(self.data.values()))
+        if self.tell:
+            self.removed.extend((key, "invalidated") for key in self.data)
         self.data.clear()
         self.leases.clear()
         self.batches.clear()
@@ -428,15 +438,25 @@ class Store(Generic[K]):
         self.leases.pop(key, None)
         self.batches.pop(key, None)
 
-    def _write(self, key: K, entry: Entry) -> None:
+    def _write(self, key: K, entry: Entry | None) -> None:
+        """Write ``entry`` for ``key``; None (an outcome the policy does not store)
+        drops the key's old entry, which it replaces.  A frozen store (a fleet
+        cache that lost its invalidation channel) writes nothing."""
         if self.frozen:
-            return
+            entry = None
         data = self.data
         old = data.get(key)
         if old is not None:
-            data[key] = entry
+            if entry is None:
+                del data[key]
+            else:
+                data[key] = entry
+                data.move_to_end(key)
             self.retired_hits += old.hits
-            data.move_to_end(key)
+            if self.tell:
+                self.removed.append((key, "replaced"))
+            return
+        if entry is None:
             return
         maxsize = self.maxsize
         if maxsize is not None and len(data) >= maxsize:
@@ -460,19 +480,20 @@ class Store(Generic[K]):
             self.retired_hits += entry.hits
             self.evictions += 1
             excess -= 1
+            if self.tell:
+                self.removed.append((key, "size"))
 
-    def _drop(self, key: K, entry: Entry) -> None:
+    def _drop(self, key: K, entry: Entry, reason: str) -> None:
         if self.data.get(key) is entry:
             del self.data[key]
             self.retired_hits += entry.hits
+            if self.tell:
+                self.removed.append((key, reason))
 
-    def drop_dead(self, keys: list[K]) -> None:
-        """Drop the entries of ``keys``: keys holding an instance that died (a cached
-        method's ``self``), which no read can ever match again."""
-        for key in keys:
-            entry = self.data.pop(key, None)
-            if entry is not None:
-                self.retired_hits += entry.hits
+    def drop_where(self, dead: Any) -> None:
+        """Drop the entries whose keys ``dead(key)`` says no call can ask for again."""
+        for key in [key for key in self.data if dead(key)]:
+            self.invalidate(key)
 
     def after_fork(self) -> None:
         """In a forked child: the loads, batches and refreshes in flight belong to

@@ -18,12 +18,11 @@ from functools import partial
 from typing import Any, Generic, TypeVar
 
 from .._protocols import GroupLike, SharedEntry
-from .._threads import Group
 from ..events import EventHook
 from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
 from ._policy import Entry
 from ._store import JOIN, SERVE
-from ._threads_only import Background, Batch, check_loaders, outcomes_of
+from ._threads_only import Background, Batch, check_loaders, default_group, outcomes_of
 
 __all__ = ["LoadingCache"]
 
@@ -37,7 +36,8 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
     Options (all keyword-only; times in seconds of ``clock``):
 
-    - ``ttl``: how long an entry lives (``None``, the default: until evicted).
+    - ``ttl``: how long an entry lives (``None``, the default: until evicted), or a
+      function of the loaded value returning that (per entry; 0: not stored).
     - ``jitter``: each entry's lifetime is spread uniformly over ``ttl * (1 +- jitter)``
       (default 0.1), so keys loaded together do not all expire together.
     - ``maxsize``: bound on the entries held (default 10,000; ``None`` for no bound);
@@ -54,7 +54,10 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
       ``negative_ttl``.  ``negative`` is a predicate on loaded values or
       exception type(s) the loader raises for not-found; nothing else a loader
       raises is ever cached.  With ``negative_ttl``, keys that ``load_many``
-      leaves out are cached as not-found too.
+      leaves out are cached as not-found too.  ``negative_ttl`` may be a
+      function of the not-found value or error returning the seconds.
+    - ``cache_if``: a predicate on loaded values; only those it accepts are
+      stored (the others still answer every caller of their load).
     - ``load_many``: ``load_many(keys) -> dict``; :meth:`get_many` loads its
       misses in one call.
     - ``group``: what coalesces loads (a :class:`~singleflight.Group` by default;
@@ -80,7 +83,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         self,
         load: Callable[[K], V],
         *,
-        ttl: float | None = None,
+        ttl: float | Callable[[V], float | None] | None = None,
         jitter: float = 0.1,
         maxsize: int | None = DEFAULT_MAXSIZE,
         stale: float = 0.0,
@@ -90,7 +93,8 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         | type[BaseException]
         | tuple[type[BaseException], ...]
         | None = None,
-        negative_ttl: float | None = None,
+        negative_ttl: float | Callable[[Any], float] | None = None,
+        cache_if: Callable[[V], bool] | None = None,
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
         group: GroupLike[K, V] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -114,13 +118,14 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
             negative_ttl=negative_ttl,
             maxsize=maxsize,
             load_many=load_many,
-            group=Group() if group is None and fleet is None else group,
+            group=default_group() if group is None and fleet is None else group,
             clock=clock,
             random=random,
             name=name,
             on_event=on_event,
             fleet=fleet,
             tags=tags,
+            cache_if=cache_if,
         )
 
     # -- reads -------------------------------------------------------------------------
@@ -213,9 +218,13 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         here and the current entry is kept as it is.  ``TypeError`` for an
         unhashable key.
         """
+        return self._reload(key, None)
+
+    def _reload(self, key: K, thunk: Callable[[], V] | None) -> V:
+        """:meth:`refresh`, loading through ``thunk`` (default ``load(key)``)."""
         seen = self._force(key)
         try:
-            return self._through(key, seen, None, False)
+            return self._through(key, seen, thunk, False)
         finally:
             self._unforce(key)
 

@@ -15,9 +15,15 @@ from threading import get_ident
 from typing import Any
 
 from .._flight import waiter_error
+from .._threads import Group
 from ._base import BatchBase
 
-__all__ = ["Background", "Batch", "check_loaders", "outcomes_of"]
+__all__ = ["Background", "Batch", "check_loaders", "default_group", "outcomes_of"]
+
+
+def default_group() -> Group[Any, Any]:
+    """The group of a cache made without ``group=``."""
+    return Group()
 
 
 class Batch(BatchBase):
