@@ -1,7 +1,7 @@
 """The web_service example's app, with its cache's clock moved by the test instead of by time.
 
 The example's ``AsyncLoadingCache`` reads ``clock`` (by default ``time.monotonic``, bound when
-``singleflight.cache`` is imported).  Importing that module while ``time.monotonic`` is this
+the module defining it is imported).  Importing those modules while ``time.monotonic`` is this
 module's clock makes the cache's default clock ours; everything else (asyncio, uvicorn) keeps
 the real one.  ``POST /_test/advance?seconds=S`` moves the cache's time forward by S seconds,
 so TTL windows open and close when the test says, however slowly a loaded machine serves.
@@ -33,7 +33,11 @@ def clock() -> float:
 _monotonic = time.monotonic
 time.monotonic = clock
 try:
-    import singleflight.cache  # noqa: F401  (binds the caches' default clock to ours)
+    # The modules whose constructors take clock=time.monotonic as a default: imported
+    # now, they bind ours (the package itself loads them lazily).
+    import singleflight.cache._async  # noqa: F401
+    import singleflight.cache._sync  # noqa: F401
+    import singleflight.func  # noqa: F401
 finally:
     time.monotonic = _monotonic
 
