@@ -35,8 +35,8 @@ time.monotonic = clock
 try:
     # The modules whose constructors take clock=time.monotonic as a default: imported
     # now, they bind ours (the package itself loads them lazily).
-    import singleflight.cache._async  # noqa: F401
-    import singleflight.cache._sync  # noqa: F401
+    import singleflight.cache._async
+    import singleflight.cache._sync
     import singleflight.func  # noqa: F401
 finally:
     time.monotonic = _monotonic
