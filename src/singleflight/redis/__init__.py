@@ -14,11 +14,11 @@ Each process coalesces its own callers first (a :class:`singleflight.Group` /
 :class:`singleflight.AsyncGroup` in front), then one Lua script per key
 decides who leads across processes.  Waiters block on the leader's completion
 stream (``XREAD BLOCK``) rather than polling; leases are short and renewed by a
-watchdog; completions are fenced.  See the README's "Redis" section.
+watchdog; completions are fenced.  See the documentation's "Redis" page.
 
 A :class:`Fleet` turns a loading cache into a two-level one shared by every
-process (``@cached(ttl=60, fleet=redis.Redis())``): see the README's "Fleet"
-section.
+process (``@cached(ttl=60, fleet=redis.Redis())``): see the documentation's
+"Fleet caches" page.
 """
 
 try:
