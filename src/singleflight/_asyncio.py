@@ -29,28 +29,23 @@ from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from inspect import isawaitable
 from time import perf_counter
-from typing import Any, Generic, Literal, NoReturn, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._flight import (
     Flight,
     Full,
     Table,
     bad_key,
-    check_flag,
     check_fn,
-    check_options,
-    check_seconds,
     cycle_error,
     loader_timed_out,
     not_awaitable,
     waiter_error,
 )
-from ._flight import stats as _stats
-from ._loops import LoopState, Registry, asyncio_call_soon, wake_in_loop
+from ._loops import LoopGroup, LoopState, asyncio_call_soon
 from ._result import Result
 from .errors import AbortedError, WaitTimeoutError
-from .events import Event, EventHook, emit
-from .stats import GroupStats
+from .events import Event, emit
 
 __all__ = ["AsyncGroup"]
 
@@ -275,89 +270,42 @@ async def _await(awaitable: Awaitable[V]) -> V:
     return await awaitable
 
 
-class AsyncGroup(Generic[K, V]):
+class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
     """Coalesces concurrent calls that share a key into one execution, for asyncio.
 
-    ``fn`` is an async function (or any callable returning an awaitable); it is
-    called as ``fn(*args, **kwargs)`` and runs in a task of its own, never in a
-    caller's task.  Options:
+    Options as :class:`~singleflight.Group` (``name``, ``on_event``,
+    ``max_flights`` and ``on_limit`` per event loop, ``timeout``), plus:
 
-    * ``cancel_orphaned``: ``False`` (the default, as in Go) lets a loader run
-      on when every caller has left; ``True`` cancels it once its last caller left.
-    * ``name``, ``on_event``: as for :class:`~singleflight.Group`.
-    * ``max_flights``, ``on_limit``: at most this many keys in flight per event
-      loop; a call for a new key beyond it raises :class:`TooManyFlightsError`
-      (``"raise"``) or waits for a flight to end (``"wait"``).  Joins are never refused.
-    * ``timeout``: seconds a caller waits at most; then it alone raises
-      ``TimeoutError`` (per call, ``asyncio.timeout()`` around the await does the same).
-    * ``loader_timeout``: seconds a loader may run; then its task is cancelled
-      and the flight fails for everyone with ``TimeoutError``.
+    * ``cancel_orphaned``: cancel a loader once its last caller left (default
+      ``False``, as in Go: it runs on).
+    * ``loader_timeout``: seconds a loader may run; then it is cancelled and
+      the flight fails for everyone with ``TimeoutError``.
 
-    Calls are grouped per running event loop: calls from different loops never
-    join each other.
+    ``fn`` returns an awaitable, run in a task of its own.  Calls from
+    different event loops never join each other.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_cancel_orphaned",
-        "_loader_timeout",
-        "_loops",
-        "_make_table",
-        "_slow",
-        "_timeout",
-        "name",
-    )
-
-    def __init__(
-        self,
-        *,
-        cancel_orphaned: bool = False,
-        name: str = "default",
-        on_event: EventHook | None = None,
-        max_flights: int | None = None,
-        on_limit: Literal["raise", "wait"] = "raise",
-        timeout: float | None = None,
-        loader_timeout: float | None = None,
-    ) -> None:
-        check_options(name, on_event, max_flights, on_limit, timeout)
-        check_seconds("loader_timeout", loader_timeout)
-        check_flag("cancel_orphaned", cancel_orphaned)
-        self._cancel_orphaned = cancel_orphaned
-        self.name = name
-        self._timeout = timeout
-        self._loader_timeout = loader_timeout
-        # Limits, timeouts and events take the general path; without them the
-        # short one.
-        self._slow = (
-            on_event is not None
-            or max_flights is not None
-            or timeout is not None
-            or loader_timeout is not None
-        )
-        self._make_table = partial(Table, name, on_event, max_flights, on_limit)
-        self._loops: Registry[_LoopState] = Registry(
-            lambda loop: _LoopState(self._make_table(), loop), self._make_table()
-        )
+    __slots__ = ()
+    _make_state = staticmethod(_LoopState)
 
     async def do(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
     ) -> V:
         """Run ``fn(*args, **kwargs)`` as the flight of ``key``, or join the one in flight.
 
-        Returns the loader's value; every caller of one flight gets the same object.
+        Returns:
+          * the loader's value, the same object for every caller.
 
-        Errors: the loader's :class:`Exception` is raised in every caller, with
-        the loader's traceback: in the first caller the exception itself, in
-        every other an equal copy of its own (see the README).  A loader task that ends
-        cancelled, or stopped by another ``BaseException``, gives its callers
-        :class:`AbortedError`, never a ``CancelledError`` they did not ask for.
-        ``TypeError`` for an unhashable key or a non-callable ``fn``, before
-        anything runs; ``RuntimeError`` when the loader calls ``do`` on its own key.
+        Raises (see the contract):
+          * the loader's :class:`Exception`: itself in the first caller, an equal
+            copy in every other;
+          * :class:`AbortedError` when the loader task ended cancelled or by
+            another ``BaseException``;
+          * the usage errors, :class:`TooManyFlightsError` and
+            :class:`WaitTimeoutError` as :meth:`Group.do <singleflight.Group.do>`.
 
-        Cancellation: cancelling a caller makes that caller alone raise
-        ``CancelledError``; the flight and its other callers go on.  When the
-        last caller has left, the loader is cancelled if the group was made with
-        ``cancel_orphaned=True`` and runs on otherwise.
+        Cancellation: a cancelled caller alone raises ``CancelledError``; the
+        loader runs on unless ``cancel_orphaned`` and every caller has left.
         """
         if self._slow:
             deadline = self._deadline()
@@ -376,13 +324,10 @@ class AsyncGroup(Generic[K, V]):
     async def do_result(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
     ) -> Result[V]:
-        """Like :meth:`do`, but returns a :class:`Result` instead of raising the loader's error.
+        """Like :meth:`do`, but the loader's error is returned in the :class:`Result`.
 
-        ``Result.error`` holds the loader's :class:`Exception` or an
-        :class:`AbortedError`.  Cancelling the caller still raises
-        ``CancelledError`` in it, with the same effect on the flight as for
-        :meth:`do`; ``TypeError``, ``RuntimeError`` and this caller's own
-        :class:`WaitTimeoutError` are raised as by :meth:`do`.
+        Raises: as :meth:`do`, for everything but the loader's error;
+        cancellation as for :meth:`do`.
         """
         deadline = self._deadline()
         flight, future, joined = await self._admit(key, fn, args, kwargs, deadline)
@@ -397,14 +342,13 @@ class AsyncGroup(Generic[K, V]):
     def do_future(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
     ) -> asyncio.Future[V]:
-        """Start or join the flight of ``key`` and return at once with a future of its outcome.
+        """Start or join the flight of ``key``; return at once with a future of its outcome.
 
-        Go's ``DoChan``; call it with the event loop running.  Each caller gets
-        its own future: cancelling it, or waiting on it with a timeout, affects
-        nobody else (with ``cancel_orphaned=True`` the loader is cancelled once
-        every caller's future has been cancelled or abandoned by its awaiter).
-        The future holds the value, the loader's :class:`Exception`, or
-        :class:`AbortedError`.  ``TypeError`` and ``RuntimeError`` as for :meth:`do`.
+        Go's ``DoChan``; call it with the loop running.  Each caller's future
+        holds what :meth:`do` returns or raises; the usage errors are raised here.
+
+        Cancellation: cancelling a future affects nobody else (the last one, with
+        ``cancel_orphaned``, cancels the loader).
         """
         try:
             flight, future, joined = self._enter(key, fn, args, kwargs)
@@ -430,48 +374,6 @@ class AsyncGroup(Generic[K, V]):
                 partial(self._leave, flight, joined), context=flight.state.context
             )
         return future
-
-    def forget(self, key: K) -> None:
-        """Let the next call of ``key`` start a new flight.
-
-        The flight in progress is not cancelled; its callers still get its
-        outcome, and when it ends it does not remove the newer flight.  Acts on
-        the running loop's flights; called outside an event loop, on every loop's.
-        A caller waiting for a slot under ``max_flights`` is woken to look again
-        (from another thread, in its own loop's next step).
-        """
-        for here, state in self._states_of_caller():
-            if state.table.forget(key):
-                wake_in_loop(state, here, state.free_slot)
-
-    def forget_unshared(self, key: K) -> bool:
-        """Forget ``key`` only if nobody joined its flight.
-
-        Returns True if forgotten or not in flight, False if the flight is shared.
-        Acts on the running loop's flights (outside a loop, on every loop's).
-        """
-        forgotten = True
-        for here, state in self._states_of_caller():
-            gone, dropped = state.table.forget_unshared(key)
-            forgotten = gone and forgotten
-            if dropped:
-                wake_in_loop(state, here, state.free_slot)
-        return forgotten
-
-    def stats(self) -> GroupStats:
-        """The group's counters, summed over its event loops (see GroupStats)."""
-        return _stats(self._loops.tables())
-
-    def __contains__(self, key: object) -> bool:
-        """Whether ``key`` is in flight in the running loop (outside a loop: in any loop)."""
-        return any(key in state.table.calls for _, state in self._states_of_caller())
-
-    def __len__(self) -> int:
-        """The number of keys in flight, over every event loop that is not closed."""
-        return sum(len(state.table.calls) for state in self._loops.all())
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} in_flight={len(self)}>"
 
     # -- the mechanism -------------------------------------------------------------
 
@@ -629,13 +531,6 @@ class AsyncGroup(Generic[K, V]):
         own.awaits = flight
         future.add_done_callback(partial(_stop_awaiting, own, flight), context=own.state.context)
 
-    def _refuse(self, full: Full) -> Exception:
-        """max_flights refused a call (counted by the table): tell it, return the error."""
-        if full.event is not None:
-            emit(self._state_here().table.hook, full.event)  # type: ignore[arg-type]
-        assert full.error is not None
-        return full.error
-
     def _deadline(self) -> float | None:
         """When a caller starting now stops waiting: one deadline for the slot and the result."""
         return None if self._timeout is None else get_running_loop().time() + self._timeout
@@ -699,13 +594,6 @@ class AsyncGroup(Generic[K, V]):
             self._leave(flight, joined, future)
             self._timed_out(key, self._timeout or 0.0)
 
-    def _timed_out(self, key: K, waited: float) -> NoReturn:
-        table = self._state_here().table
-        told = table.timed_out(key, waited)
-        if told is not None:
-            emit(table.hook, told)  # type: ignore[arg-type]
-        raise WaitTimeoutError(key, self._timeout)
-
     def _leave(
         self, flight: _AsyncFlight, joined: float | None, future: asyncio.Future[Any]
     ) -> None:
@@ -725,22 +613,7 @@ class AsyncGroup(Generic[K, V]):
         """Callers of the running loop waiting for a slot (white-box, for tests)."""
         return sum(not slot.done() for slot in self._state_here().slot_waiters)
 
-    def _state_here(self) -> _LoopState:
-        loop = get_running_loop()
-        current = self._loops.current
-        state = current[1] if current[0]() is loop else self._loops.state_of(loop)
-        assert state is not None
-        return state
-
-    def _states_of_caller(self) -> list[tuple[bool, _LoopState]]:
-        """The running loop's state, or every state when called outside a loop, each
-        with whether it is the running loop's."""
-        try:
-            loop = get_running_loop()
-        except RuntimeError:
-            return [(False, state) for state in self._loops.all()]
-        state = self._loops.get(loop)
-        return [] if state is None else [(True, state)]
+    _token = staticmethod(get_running_loop)
 
 
 def _outcome(key: object, task: asyncio.Future[Any]) -> Any:

@@ -1,23 +1,13 @@
 """The flight state machine every driver shares; sans-I/O.
 
-Everything that decides who leads, who joins, who is refused, who gets which
-outcome, when a key leaves its table, what is counted and which event is told
-lives here.  Nothing here blocks, waits, starts a thread or task, or calls user
-code: a driver (:mod:`._threads`, :mod:`._asyncio`, :mod:`.anyio`) asks a
-:class:`Table` what happens, then does the waiting, the waking and the telling
-(``emit``) itself, outside any lock it holds.
-
-A table is not thread-safe: the thread driver guards its one table with a lock;
-the event-loop drivers keep one table per event loop (:mod:`._loops`), touched
-only from that loop's thread.  The hot paths of the drivers write out the few
-lines of :meth:`Table.enter` / :meth:`Table.lead` / :meth:`Table.join` /
-:meth:`Table.settle` they need where a method call shows in the benchmark
-(``benchmarks/bench_core.py``; instruction counts per call against its floors,
-CPython 3.12): ``Group.do`` for a new key 13.2k vs a floor of 9.1k (1.45x; with
-the table's methods called, past the 1.5x target); ``AsyncGroup.do`` for a new
-key 18.3k vs 6.5k (2.84x); a joiner of ``AsyncGroup.do`` 78.1k vs 65.7k per
-woken waiter (1.19x, at the 1.2x target).  Nowhere else; they say so where they
-do.
+Who leads, joins or is refused, who gets which outcome, when a key leaves its
+table, what is counted and which event is told: all decided here.  Nothing here
+blocks, waits or calls user code; a driver asks a :class:`Table`, then waits,
+wakes and tells (``emit``) itself, outside any lock it holds.  A table is not
+thread-safe: ``Group`` guards its one table with a lock; the event-loop groups
+keep one per loop (:mod:`._loops`).  The drivers' hot paths write out the few
+lines of a method here where the call shows in ``benchmarks/bench_core.py``,
+and say so where they do.
 """
 
 from __future__ import annotations
@@ -29,7 +19,6 @@ from time import perf_counter
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar
 
-from ._options import check_flag, check_name, check_options, check_seconds
 from .errors import AbortedError, ReentryError, TooManyFlightsError, safe_repr
 from .events import (
     Event,
@@ -50,16 +39,11 @@ __all__ = [
     "Full",
     "Table",
     "bad_key",
-    "check_flag",
     "check_fn",
-    "check_name",
-    "check_options",
-    "check_seconds",
     "cycle_error",
     "loader_timed_out",
     "new_flight_id",
     "not_awaitable",
-    "reentry_error",
     "waiter_error",
 ]
 
@@ -107,13 +91,22 @@ class Flight:
         return self.dups > 0
 
 
-class Full(Exception):
-    """Internal: ``max_flights`` flights are open and the caller asked for a new one.
+# A table's counters, as GroupStats names them.
+COUNTERS = (
+    "flights",
+    "joins",
+    "shared",
+    "errors",
+    "aborted",
+    "timeouts",
+    "rejected",
+    "wait_seconds",
+)
 
-    ``wait`` (``on_limit="wait"``): the caller is to wait for a slot and try
-    again.  Otherwise the refusal is counted and the driver raises ``error``
-    after telling ``event`` (None without a hook).
-    """
+
+class Full(Exception):
+    """Internal: ``max_flights`` reached.  ``wait``: wait for a slot and retry; otherwise
+    the refusal is counted and the driver tells ``event`` (if any) and raises ``error``."""
 
     def __init__(self, wait: bool, error: TooManyFlightsError | None, event: Event | None) -> None:
         self.wait = wait
@@ -234,10 +227,8 @@ class Table(Generic[F]):
     def remove(self, flight: F) -> bool:
         """Remove ``flight``'s key only while it still maps to ``flight``; True if it did.
 
-        After ``forget`` the key may map to a newer flight: an older flight
-        finishing must leave that one alone (Go issue 31420).  Popping first
-        costs one lookup on the common path; the newer flight is put back in the
-        rare one.
+        After ``forget`` the key may map to a newer flight, which an older one
+        must leave alone (Go issue 31420).
         """
         current = self.calls.pop(flight.key, None)
         if current is flight:
@@ -310,32 +301,18 @@ class Table(Generic[F]):
 
     def add_to(self, totals: Table[Any]) -> None:
         """Fold these counters into ``totals`` (a loop is gone; its counts are not)."""
-        totals.flights += self.flights
-        totals.joins += self.joins
-        totals.shared += self.shared
-        totals.errors += self.errors
-        totals.aborted += self.aborted
-        totals.timeouts += self.timeouts
-        totals.rejected += self.rejected
-        totals.wait_seconds += self.wait_seconds
+        for name in COUNTERS:
+            setattr(totals, name, getattr(totals, name) + getattr(self, name))
 
 
 def stats(tables: Iterable[Table[Any]]) -> GroupStats:
     """The counters of ``tables`` summed (one group's tables: its loops', retired ones')."""
     tables = list(tables)
-    flights = sum(t.flights for t in tables)
-    joins = sum(t.joins for t in tables)
+    sums = {name: sum(getattr(t, name) for t in tables) for name in COUNTERS}
     return GroupStats(
-        calls=flights + joins,
-        flights=flights,
-        joins=joins,
-        shared=sum(t.shared for t in tables),
-        errors=sum(t.errors for t in tables),
-        aborted=sum(t.aborted for t in tables),
-        timeouts=sum(t.timeouts for t in tables),
-        rejected=sum(t.rejected for t in tables),
+        calls=sums["flights"] + sums["joins"],
         in_flight=sum(len(t.calls) for t in tables),
-        wait_seconds=sum(t.wait_seconds for t in tables),
+        **sums,
     )
 
 
@@ -436,7 +413,3 @@ def not_awaitable(driver: str, fn: object, returned: object) -> TypeError:
 def loader_timed_out(key: object, seconds: float) -> TimeoutError:
     """What every caller of a flight stopped by ``loader_timeout`` raises."""
     return TimeoutError(f"the loader of key {safe_repr(key)} ran past loader_timeout={seconds}s")
-
-
-def reentry_error(key: object) -> ReentryError:
-    return ReentryError(key)

@@ -16,11 +16,17 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from functools import partial
+from typing import Any, Generic, Literal, NoReturn, TypeVar
 
-from ._flight import Table
+from ._flight import Full, Table
+from ._flight import stats as _stats
+from ._options import check_flag, check_options, check_seconds
+from .errors import WaitTimeoutError
+from .events import EventHook, emit
+from .stats import GroupStats
 
-__all__ = ["LoopState", "Registry"]
+__all__ = ["LoopGroup", "LoopState", "Registry"]
 
 
 class LoopState:
@@ -33,8 +39,13 @@ class LoopState:
         self.call_soon = call_soon  # thread-safe; raises RuntimeError once the loop is gone
         self.finalizer: weakref.finalize[Any, Any] | None = None
 
+    def free_slot(self) -> None:  # pragma: no cover - every driver's state has its own
+        """A flight left the table: let the first caller waiting for a slot look again."""
+        raise NotImplementedError
+
 
 S = TypeVar("S", bound=LoopState)
+K = TypeVar("K")
 
 
 def _dead_ref() -> None:
@@ -170,3 +181,134 @@ def asyncio_call_soon(loop: Any) -> Callable[[Callable[[], object]], object]:
         return target.call_soon_threadsafe(fn)
 
     return call_soon
+
+
+class LoopGroup(Generic[K, S]):
+    """What the event-loop groups (AsyncGroup, AnyIOGroup) share: options, the
+    registry of per-loop states, and the methods that only read or forget."""
+
+    __slots__ = (
+        "__weakref__",
+        "_cancel_orphaned",
+        "_limited",
+        "_loader_timeout",
+        "_loops",
+        "_slow",
+        "_timeout",
+        "name",
+    )
+
+    # The state of one loop, made from its table and its loop (or trio run's root task).
+    _make_state: Callable[[Table[Any], Any], S]
+
+    def __init__(
+        self,
+        *,
+        cancel_orphaned: bool = False,
+        name: str = "default",
+        on_event: EventHook | None = None,
+        max_flights: int | None = None,
+        on_limit: Literal["raise", "wait"] = "raise",
+        timeout: float | None = None,
+        loader_timeout: float | None = None,
+    ) -> None:
+        check_options(name, on_event, max_flights, on_limit, timeout)
+        check_seconds("loader_timeout", loader_timeout)
+        check_flag("cancel_orphaned", cancel_orphaned)
+        self._cancel_orphaned = cancel_orphaned
+        self.name = name
+        self._timeout = timeout
+        self._loader_timeout = loader_timeout
+        self._limited = max_flights is not None
+        # Limits, timeouts and events take the general path; without them the short one.
+        self._slow = self._limited or any(
+            option is not None for option in (on_event, timeout, loader_timeout)
+        )
+        make_table = partial(Table, name, on_event, max_flights, on_limit)
+        make_state = self._make_state
+        self._loops: Registry[S] = Registry(
+            lambda token: make_state(make_table(), token), make_table()
+        )
+
+    def forget(self, key: K) -> None:
+        """Let the next call of ``key`` start a new flight (see the contract).
+
+        The flight in progress goes on for its callers and, when it ends, leaves
+        the newer one alone; its slot under ``max_flights`` frees at once.  Acts on
+        the running loop's (or trio run's) flights; outside any, on every one's.
+        """
+        for here, state in self._states_of_caller():
+            if state.table.forget(key):
+                wake_in_loop(state, here, state.free_slot)
+
+    def forget_unshared(self, key: K) -> bool:
+        """Forget ``key`` only if nobody joined its flight, as :meth:`forget` does.
+
+        Returns True if forgotten or not in flight, False if the flight is shared
+        (it is then left alone).
+        """
+        forgotten = True
+        for here, state in self._states_of_caller():
+            gone, dropped = state.table.forget_unshared(key)
+            forgotten = gone and forgotten
+            if dropped:
+                wake_in_loop(state, here, state.free_slot)
+        return forgotten
+
+    def stats(self) -> GroupStats:
+        """The group's counters, summed over its loops (see :class:`~singleflight.GroupStats`).
+
+        ``timeouts`` counts callers that left at their ``timeout`` (loaders
+        stopped by ``loader_timeout`` are ``errors``); ``rejected`` counts calls
+        refused by ``max_flights``.
+        """
+        return _stats(self._loops.tables())
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is in flight in the running loop (outside any: in any)."""
+        return any(key in state.table.calls for _, state in self._states_of_caller())
+
+    def __len__(self) -> int:
+        """The number of keys in flight, over every loop still alive."""
+        return sum(len(state.table.calls) for state in self._loops.all())
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} in_flight={len(self)}>"
+
+    # -- the mechanism -------------------------------------------------------------
+
+    @staticmethod
+    def _token() -> object:
+        """The running loop (or trio run); RuntimeError outside any."""
+        raise NotImplementedError
+
+    def _state_here(self) -> S:
+        token = self._token()
+        current = self._loops.current
+        state = current[1] if current[0]() is token else self._loops.state_of(token)
+        assert state is not None
+        return state
+
+    def _states_of_caller(self) -> list[tuple[bool, S]]:
+        """The running loop's state, or every state outside any loop, each with
+        whether it is the running loop's."""
+        try:
+            token = self._token()
+        except RuntimeError:
+            return [(False, state) for state in self._loops.all()]
+        state = self._loops.get(token)
+        return [] if state is None else [(True, state)]
+
+    def _refuse(self, full: Full) -> Exception:
+        """max_flights refused a call (counted by the table): tell it, return the error."""
+        if full.event is not None:
+            emit(self._state_here().table.hook, full.event)  # type: ignore[arg-type]
+        assert full.error is not None
+        return full.error
+
+    def _timed_out(self, key: object, waited: float) -> NoReturn:
+        table = self._state_here().table
+        told = table.timed_out(key, waited)
+        if told is not None:
+            emit(table.hook, told)  # type: ignore[arg-type]
+        raise WaitTimeoutError(key, self._timeout)

@@ -1,14 +1,8 @@
-"""The thread driver: :class:`Group`, safe from any number of threads.
+"""The thread driver: :class:`Group`.
 
-One lock guards one dict of in-flight calls; the lock is never held while a
-loader runs.  Waiting threads block on an :class:`threading.Event` created only
-when somebody actually has to wait, so a call nobody joins costs two short
-critical sections and the loader itself.
-
-The lock is reentrant: a finalizer run by the garbage collector inside a
-critical section may call the group (a pool returning a connection).  A caller
-interrupted (``KeyboardInterrupt``) at any point of :meth:`Group.do` after it
-registered a flight still ends that flight, so nobody waits on it for ever.
+One reentrant lock guards the table, never held while a loader runs; waiters
+block on a :class:`threading.Event` made only when somebody has to wait.  A
+caller interrupted after it registered a flight still ends that flight.
 """
 
 from __future__ import annotations
@@ -33,12 +27,11 @@ from ._flight import (
     Table,
     bad_key,
     check_fn,
-    check_options,
-    reentry_error,
 )
 from ._flight import stats as _stats
+from ._options import check_options
 from ._result import Result
-from .errors import AbortedError, TooManyFlightsError, WaitTimeoutError, safe_repr
+from .errors import AbortedError, ReentryError, TooManyFlightsError, WaitTimeoutError, safe_repr
 from .events import Event, EventHook, emit
 from .stats import GroupStats
 
@@ -75,11 +68,8 @@ class _Call(Flight):
 
 
 class _CallFuture(Future[V]):
-    """A caller's own future: ``result()`` re-raises its exception with the loader's traceback.
-
-    ``concurrent.futures.Future.result`` re-raises the stored exception as it is,
-    so every ``result()`` call would add frames to it.
-    """
+    """A caller's own future: ``result()`` re-raises with the loader's traceback, not
+    one grown by every earlier ``result()``."""
 
     _tb: TracebackType | None = None
     _joined: float | None = None  # a joiner's join time, for wait_seconds
@@ -100,22 +90,14 @@ class _CallFuture(Future[V]):
 class _Queued:
     """A do_future() call waiting for a slot under ``max_flights`` (``on_limit="wait"``)."""
 
-    __slots__ = ("args", "context", "deadline", "fn", "future", "key", "kwargs")
+    __slots__ = ("context", "deadline", "future", "key", "load")
 
     def __init__(
-        self,
-        future: _CallFuture[Any],
-        key: object,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        deadline: float | None,
+        self, future: _CallFuture[Any], key: object, load: partial[Any], deadline: float | None
     ) -> None:
         self.future = future
         self.key = key
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
+        self.load = load
         self.deadline = deadline
         # It acts for the caller: what a wrapping group or a tracer set in the
         # caller's context is seen by its events and its loader.
@@ -149,7 +131,7 @@ def _publish(call: _Call) -> None:
             pass  # the caller cancelled its own future; the others still get theirs
 
 
-def _not_a_coroutine(fn: object, value: object) -> None:
+def _not_a_coroutine(fn: Any, value: object) -> None:
     """Group runs plain functions: a loader that returned a coroutine is a usage error."""
     if type(value) is CoroutineType:
         value.close()
@@ -162,23 +144,21 @@ def _not_a_coroutine(fn: object, value: object) -> None:
 class Group(Generic[K, V]):
     """Coalesces concurrent calls that share a key into one execution, for threads.
 
-    ``Group()`` needs no arguments.  Options:
+    The contract of every group (the docs' *contract* page): one loader per key
+    in flight, its value or exception for every caller, no result kept after it.
+    Options, all optional:
 
     * ``executor``: runs the loaders of :meth:`do_future` (and of every flight
-      when ``timeout`` is set); by default each such flight gets a daemon thread.
-    * ``name``: labels the group's events and metrics.
-    * ``on_event``: a callable given each :mod:`singleflight.events` event.
-    * ``max_flights``: at most this many keys in flight; a call for a new key
-      beyond it raises :class:`TooManyFlightsError` (``on_limit="raise"``) or waits
-      for a flight to end (``on_limit="wait"``).  Joins are never refused.
-    * ``timeout``: seconds a caller waits at most; then it alone raises
-      ``TimeoutError`` and the flight goes on for the others.  So that the first
-      caller can leave too, every flight's loader then runs on the executor.
+      when ``timeout`` is set); by default a daemon thread each.
+    * ``name``, ``on_event``: label of the group's events and metrics; a callable
+      given each :mod:`singleflight.events` event.
+    * ``max_flights``, ``on_limit``: at most this many keys in flight; a new key
+      beyond it raises :class:`TooManyFlightsError` (``"raise"``) or waits for a
+      slot (``"wait"``).  Joins are never refused.
+    * ``timeout``: seconds a caller waits at most, then it alone raises
+      :class:`WaitTimeoutError`.
 
-    A group is not a cache: a flight's entry is removed before any of its callers
-    sees the result, so a call made after that starts a new flight.  Nothing about
-    a finished flight is kept.  In a child made by ``os.fork()`` the group starts
-    empty: the parent's flights are not the child's.
+    A forked child starts with the group empty.
     """
 
     __slots__ = (
@@ -240,24 +220,24 @@ class Group(Generic[K, V]):
     def do(self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs) -> V:
         """Run ``fn(*args, **kwargs)`` as the flight of ``key``, or join the one in flight.
 
-        Returns the loader's value; every caller of one flight gets the same object.
+        Returns:
+          * the loader's value, the same object for every caller.
 
-        Errors: an :class:`Exception` from the loader is raised in every caller
-        of the flight: the thread that ran the loader raises the exception
-        itself, every other caller an equal copy of its own (same type, ``args``,
-        traceback, ``__cause__``; see the README).  A ``BaseException`` that is
-        not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``) is re-raised
-        in the thread that ran the loader only; the waiting threads raise
-        :class:`AbortedError` caused by it.  ``TypeError`` if ``key`` is
-        unhashable or ``fn`` not callable, before anything runs, and (for every
-        caller) if ``fn`` returned a coroutine: use ``AsyncGroup`` for async
-        functions.  :class:`ReentryError` if the loader calls ``do`` on its own
-        key from its own thread (it would wait for itself).  A waiting ``do``
-        cannot be cancelled; use :meth:`do_future` to stop waiting without
-        stopping the flight.
+        Raises (see the contract):
+          * the loader's :class:`Exception`: itself in the thread that ran it,
+            an equal copy in every other caller;
+          * :class:`AbortedError` in the waiters when a ``KeyboardInterrupt`` or
+            ``SystemExit`` stopped the loader (re-raised in its thread alone);
+          * ``TypeError``: unhashable key or non-callable ``fn`` (before anything
+            runs), or ``fn`` returned a coroutine (use ``AsyncGroup``);
+          * :class:`ReentryError`: the loader called ``do`` on its own key;
+          * :class:`TooManyFlightsError`, :class:`WaitTimeoutError`: see the options.
+
+        Cancellation: a waiting ``do`` cannot be cancelled; :meth:`do_future` can.
         """
         if self._slow:
-            ended, led = self._call(key, fn, args, kwargs)
+            check_fn(fn)
+            ended, led = self._call(key, partial(fn, *args, **kwargs))
             failure = ended.failure
             if failure is None:
                 return ended.value  # type: ignore[no-any-return]
@@ -309,16 +289,16 @@ class Group(Generic[K, V]):
     def do_result(
         self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs
     ) -> Result[V]:
-        """Like :meth:`do`, but returns a :class:`Result` instead of raising the loader's error.
+        """Like :meth:`do`, but the loader's error is returned in the :class:`Result`.
 
-        ``Result.error`` holds the loader's :class:`Exception` (the thread that
-        ran the loader gets the exception itself, every other caller an equal
-        copy of its own), or an :class:`AbortedError` for a waiter whose leader
-        was interrupted.  A ``BaseException`` that stopped the loader in this
-        very thread is still raised, as are ``TypeError`` for an unhashable key
-        or a non-callable ``fn`` and :class:`ReentryError` for a re-entrant call.
+        Returns:
+          * ``Result(value, None, shared)``, or ``Result(None, error, shared)``
+            with the error :meth:`do` would raise for the loader.
+
+        Raises: as :meth:`do`, for everything but the loader's error.
         """
-        call, led = self._call(key, fn, args, kwargs)
+        check_fn(fn)
+        call, led = self._call(key, partial(fn, *args, **kwargs))
         failure = call.failure
         if failure is None:
             return Result(call.value, None, call.dups > 0)
@@ -327,23 +307,19 @@ class Group(Generic[K, V]):
     def do_future(
         self, key: K, fn: Callable[P, V], /, *args: P.args, **kwargs: P.kwargs
     ) -> Future[V]:
-        """Start or join the flight of ``key`` and return at once with a future of its outcome.
+        """Start or join the flight of ``key``; return at once with a future of its outcome.
 
-        Go's ``DoChan``.  A new flight's loader runs on the group's executor (by
-        default a daemon thread of its own).  Each caller gets its own future:
-        waiting on it with a timeout, or cancelling it, affects nobody else, and
-        the flight runs on.  The future holds the value, the loader's
-        :class:`Exception` (the future of the call that started the flight holds
-        the exception itself, every other future an equal copy), or
-        :class:`AbortedError`.  ``TypeError`` for an unhashable key or a
-        non-callable ``fn`` is raised here; so is the executor's error if it
-        refuses the work (every caller that joined meanwhile gets it too).
+        Go's ``DoChan``; a new flight's loader runs on the executor.  Each caller
+        gets its own future, holding what :meth:`do` returns or raises.
 
-        With ``max_flights`` reached and ``on_limit="wait"``, the call is queued
-        (no thread is started for it) and leads or joins a flight, in the order
-        queued, as slots free; with ``timeout`` set, a call still queued at its
-        deadline gets :class:`WaitTimeoutError`.  Cancelling a queued future
-        takes it out of the queue: nothing is started for it.
+        Raises:
+          * the usage errors of :meth:`do`, and the executor's error if it
+            refuses the work (the flight's other callers get it too).
+
+        Cancellation: cancelling a future, or waiting on it with a timeout,
+        affects nobody else.  With ``on_limit="wait"`` a call past ``max_flights``
+        is queued (no thread); a cancelled one leaves the queue, and one still
+        queued at its ``timeout`` gets :class:`WaitTimeoutError`.
         """
         check_fn(fn)
         future: _CallFuture[V] = _CallFuture()
@@ -356,7 +332,7 @@ class Group(Generic[K, V]):
             except Full as full:
                 refused: Full | None = full
                 if full.wait:
-                    self._enqueue(future, key, fn, args, kwargs)
+                    self._enqueue(future, key, partial(fn, *args, **kwargs))
                     return future
             else:
                 refused = None
@@ -384,7 +360,7 @@ class Group(Generic[K, V]):
                 raise
             if admitted:
                 self._admit(admitted)
-            self._start(call, fn, args, kwargs, None)
+            self._start(call, partial(fn, *args, **kwargs), None)
         else:
             future.add_done_callback(partial(self._future_left, call))
             if told is not None:
@@ -392,11 +368,10 @@ class Group(Generic[K, V]):
         return future
 
     def forget(self, key: K) -> None:
-        """Let the next call of ``key`` start a new flight.
+        """Let the next call of ``key`` start a new flight (see the contract).
 
-        The flight in progress is not stopped; its callers still get its outcome,
-        and when it ends it does not remove the newer flight.  A no-op for a key
-        not in flight.
+        The flight in progress goes on for its callers and, when it ends, leaves
+        the newer one alone.
         """
         with self._lock:
             admitted = self._slot_freed() if self._table.forget(key) else None
@@ -406,8 +381,8 @@ class Group(Generic[K, V]):
     def forget_unshared(self, key: K) -> bool:
         """Forget ``key`` only if nobody joined its flight.
 
-        Returns True if the key was forgotten or was not in flight, False if its
-        flight is shared (it is then left alone).
+        Returns:
+          * True if forgotten or not in flight; False if the flight is shared.
         """
         with self._lock:
             forgotten, dropped = self._table.forget_unshared(key)
@@ -465,7 +440,7 @@ class Group(Generic[K, V]):
     def _join(self, call: _Call, now: float) -> threading.Event:
         """Join ``call`` (the lock is held) and return the event to wait on."""
         if call.owner == get_ident():
-            raise reentry_error(call.key)
+            raise ReentryError(call.key)
         told = self._table.join(call, now)
         if told is not None:
             # Told under the lock, as a joiner of the fast path has no other
@@ -479,21 +454,9 @@ class Group(Generic[K, V]):
             call.event = threading.Event()
         return call.event
 
-    def _call(
-        self,
-        key: K,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> tuple[_Call, bool]:
-        """The general path of do() and do_result(): limits, timeouts, events.
-
-        Returns the finished call and whether this caller started it; raises
-        TooManyFlightsError, WaitTimeoutError (this caller alone leaves), the
-        usage errors, or the BaseException that stopped a loader run in this
-        thread.
-        """
-        check_fn(fn)
+    def _call(self, key: K, load: partial[Any]) -> tuple[_Call, bool]:
+        """The general path of do() and do_result() (limits, timeouts, events): the
+        finished call and whether this caller started it."""
         table = self._table
         begun = monotonic()
         deadline = None if self._timeout is None else begun + self._timeout
@@ -532,7 +495,7 @@ class Group(Generic[K, V]):
                         event = None if deadline is None else self._wait_for(call)
                     else:
                         if call.owner == get_ident():
-                            raise reentry_error(key)
+                            raise ReentryError(key)
                         joined = perf_counter()
                         told = table.join(call, joined)
                         # The event exists before the lock is let go: the flight may
@@ -549,16 +512,16 @@ class Group(Generic[K, V]):
                 self._admit(admitted)
             if mine is not None and deadline is None:
                 try:
-                    value = fn(*args, **kwargs)
+                    value = load()
                     if type(value) is CoroutineType:
-                        _not_a_coroutine(fn, value)
+                        _not_a_coroutine(load.func, value)
                 except Exception as exc:
                     self._settle(call, None, exc)
                     return call, True
                 self._settle(call, value, None)
                 return call, True
             if mine is not None:
-                self._start(call, fn, args, kwargs, None)
+                self._start(call, load, None)
         except BaseException as exc:
             if mine is not None:
                 self._settle(mine, None, exc)
@@ -588,17 +551,10 @@ class Group(Generic[K, V]):
 
     # -- do_future() calls queued for a slot --------------------------------------------
 
-    def _enqueue(
-        self,
-        future: _CallFuture[Any],
-        key: object,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
+    def _enqueue(self, future: _CallFuture[Any], key: object, load: partial[Any]) -> None:
         """Queue a do_future() call for a slot (the lock is held)."""
         deadline = None if self._timeout is None else monotonic() + self._timeout
-        entry = _Queued(future, key, fn, args, kwargs, deadline)
+        entry = _Queued(future, key, load, deadline)
         self._queue.append(entry)
         future.add_done_callback(partial(self._dequeue, entry))
         if deadline is not None and self._expiry is None:
@@ -663,7 +619,7 @@ class Group(Generic[K, V]):
                 try:
                     if told is not None:
                         entry.context.run(emit, hook, told)  # type: ignore[arg-type]
-                    self._start(call, entry.fn, entry.args, entry.kwargs, entry.context)
+                    self._start(call, entry.load, entry.context)
                 except BaseException as exc:
                     self._settle(call, None, exc)  # a no-op if _start() ended it
                     if not isinstance(exc, Exception):
@@ -704,19 +660,9 @@ class Group(Generic[K, V]):
 
     # -- running loaders and ending flights ------------------------------------------------
 
-    def _start(
-        self,
-        call: _Call,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        context: contextvars.Context | None,
-    ) -> None:
-        """Run a flight's loader on the executor, or on a daemon thread of its own.
-
-        If the executor refuses the work, the flight ends with its error for
-        every caller that joined meanwhile, and the error is raised here.
-        """
+    def _start(self, call: _Call, load: partial[Any], context: contextvars.Context | None) -> None:
+        """Run a flight's loader on the executor or a daemon thread; if refused, the
+        flight ends with the error, which is raised here too."""
         run: Callable[..., None] = self._run
         if context is not None:
             run = partial(context.run, self._run)  # type: ignore[call-arg]
@@ -724,30 +670,24 @@ class Group(Generic[K, V]):
             if self._executor is None:
                 threading.Thread(
                     target=run,
-                    args=(call, fn, args, kwargs),
+                    args=(call, load),
                     name=f"singleflight {safe_repr(call.key)}",
                     daemon=True,
                 ).start()
             else:
-                work = self._executor.submit(run, call, fn, args, kwargs)
+                work = self._executor.submit(run, call, load)
                 work.add_done_callback(partial(self._dropped, call))
         except BaseException as exc:
             self._settle(call, None, exc)
             raise
 
-    def _run(
-        self,
-        call: _Call,
-        fn: Callable[..., V],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
+    def _run(self, call: _Call, load: partial[Any]) -> None:
         """Run a flight's loader on a worker thread (every caller waits on the call)."""
         call.owner = get_ident()
         try:
-            value = fn(*args, **kwargs)
+            value = load()
             if type(value) is CoroutineType:
-                _not_a_coroutine(fn, value)
+                _not_a_coroutine(load.func, value)
         except BaseException as exc:
             self._settle(call, None, exc)
             return
@@ -759,13 +699,9 @@ class Group(Generic[K, V]):
             self._settle(call, None, AbortedError(call.key, "the executor dropped its work"))
 
     def _settle(self, call: _Call, value: Any, exc: BaseException | None) -> None:
-        """End ``call``: the table removes it, the outcome is stored and the waiting
-        threads are woken, in one critical section; then its futures get the outcome.
-
-        A call that has ended already (its waiting threads were woken) keeps its
-        outcome: an interrupted caller may end the call it was ending; only its
-        futures are served, if they were not yet.
-        """
+        """End ``call`` in one critical section (out of the table, outcome stored,
+        threads woken), then serve its futures.  A call ended already keeps its
+        outcome (an interrupted caller may end it twice)."""
         with self._lock:
             event = call.event
             if call.owner is _ENDED or (event is not None and event.is_set()):

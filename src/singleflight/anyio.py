@@ -27,11 +27,10 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import InvalidStateError
-from functools import partial
 from inspect import isawaitable
 from time import perf_counter
 from types import TracebackType
-from typing import Any, Generic, Literal, NoReturn, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 try:
     # singleflight/anyio.py importing "anyio": imports are absolute, so this is
@@ -48,20 +47,15 @@ from ._flight import (
     Flight,
     Full,
     Table,
-    check_flag,
     check_fn,
-    check_options,
-    check_seconds,
     cycle_error,
     loader_timed_out,
     not_awaitable,
 )
-from ._flight import stats as _stats
-from ._loops import LoopState, Registry, asyncio_call_soon, wake_in_loop
+from ._loops import LoopGroup, LoopState, asyncio_call_soon
 from ._result import Result
-from .errors import AbortedError, WaitTimeoutError
-from .events import Event, EventHook, emit
-from .stats import GroupStats
+from .errors import AbortedError
+from .events import Event, emit
 
 __all__ = ["AnyIOGroup", "FlightFuture"]
 
@@ -95,6 +89,10 @@ class _Run(LoopState):
         # Callers waiting for a slot under max_flights (on_limit="wait"), oldest
         # first.  A caller that stops waiting takes its own event out.
         self.slot_waiters: list[anyio.Event] = []
+
+    @classmethod
+    def of(cls, table: Table[_AnyIOFlight], token: object) -> _Run:
+        return cls(table, token, not isinstance(token, asyncio.AbstractEventLoop))
 
     def current_task(self) -> object:
         if self.trio:
@@ -340,112 +338,42 @@ class FlightFuture(Generic[V]):
         self._event.set()
 
 
-class AnyIOGroup(Generic[K, V]):
+class AnyIOGroup(LoopGroup[K, _Run], Generic[K, V]):
     """Coalesces concurrent calls that share a key into one execution, on asyncio or trio.
 
-    ``fn`` is an async function (or any callable returning an awaitable of the
-    running backend); it is called as ``fn(*args, **kwargs)`` in a task of its
-    own, never in a caller's task or cancel scope.  Options:
-
-    * ``cancel_orphaned``: with ``False`` (the default, as in Go) a loader runs
-      on when every caller has left; with ``True`` it is cancelled once its last
-      caller has left.
-    * ``name``: labels the group's events.
-    * ``on_event``: a callable given each :mod:`singleflight.events` event, in
-      the task where it happens (the final event in the loader's task).
-    * ``max_flights``, ``on_limit``: at most this many keys in flight per event
-      loop or trio run; a call for a new key beyond it raises
-      :class:`~singleflight.TooManyFlightsError` (``"raise"``) or waits for a flight
-      to end (``"wait"``).  Joins are never refused.
-    * ``timeout``: seconds a caller waits at most, for a slot and for the
-      outcome together; then it alone raises :class:`~singleflight.WaitTimeoutError`
-      (per call, ``anyio.fail_after()`` around the await does the same).
-    * ``loader_timeout``: seconds a loader may run; then it is cancelled and
-      the flight fails for everyone with ``TimeoutError``.
-
-    Calls are grouped per asyncio event loop or ``trio.run``: calls from
-    different loops or runs never join each other.  A group is not a cache: a
-    flight's entry is removed before any caller sees its outcome.
+    Options as :class:`~singleflight.AsyncGroup` (``max_flights`` per event loop
+    or trio run; ``timeout`` covers the wait for a slot and for the outcome).
+    ``fn`` returns an awaitable of the running backend, run in a task of its
+    own outside every caller's cancel scope.  Calls from different loops or
+    runs never join each other.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_cancel_orphaned",
-        "_limited",
-        "_loader_timeout",
-        "_loops",
-        "_timeout",
-        "name",
-    )
-
-    def __init__(
-        self,
-        *,
-        cancel_orphaned: bool = False,
-        name: str = "default",
-        on_event: EventHook | None = None,
-        max_flights: int | None = None,
-        on_limit: Literal["raise", "wait"] = "raise",
-        timeout: float | None = None,
-        loader_timeout: float | None = None,
-    ) -> None:
-        check_options(name, on_event, max_flights, on_limit, timeout)
-        check_seconds("loader_timeout", loader_timeout)
-        check_flag("cancel_orphaned", cancel_orphaned)
-        self._cancel_orphaned = cancel_orphaned
-        self.name = name
-        self._limited = max_flights is not None
-        self._timeout = timeout
-        self._loader_timeout = loader_timeout
-        make_table = partial(Table, name, on_event, max_flights, on_limit)
-        self._loops: Registry[_Run] = Registry(
-            lambda token: _Run(
-                make_table(), token, not isinstance(token, asyncio.AbstractEventLoop)
-            ),
-            make_table(),
-        )
+    __slots__ = ()
+    _make_state = staticmethod(_Run.of)
 
     async def do(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
     ) -> V:
         """Run ``fn(*args, **kwargs)`` as the flight of ``key``, or join the one in flight.
 
-        Returns the loader's value; every caller of one flight gets the same object.
+        Returns:
+          * the loader's value, the same object for every caller.
 
-        Errors: the loader's :class:`Exception` is raised in every caller, with
-        the loader's traceback: in the first caller the exception itself, in
-        every other an equal copy of its own (see the README); so is a ``TypeError`` when
-        ``fn`` returned something that is not awaitable, and the
-        ``TimeoutError`` of a loader stopped by ``loader_timeout``.  A loader
-        that ends cancelled (by ``cancel_orphaned``, by the end of the
-        ``asyncio.run`` or ``trio.run``, or by anything else) or by another
-        ``BaseException`` gives its callers :class:`AbortedError`, never a
-        cancellation they did not ask for.  ``TypeError`` for an unhashable key
-        or a non-callable ``fn``, ``RuntimeError`` when the loader calls ``do``
-        on its own key, and :class:`~singleflight.TooManyFlightsError` for a new key
-        when ``max_flights`` flights are open (``on_limit="raise"``) are raised
-        before anything runs.  With ``timeout``, a caller still waiting (for a
-        slot or for the outcome) at its deadline alone raises
-        :class:`~singleflight.WaitTimeoutError`; the flight goes on for the others.
+        Raises (see the contract):
+          * the loader's :class:`Exception` (a non-awaitable return's ``TypeError``
+            and the ``loader_timeout`` ``TimeoutError`` included): itself in the
+            first caller, an equal copy in every other;
+          * :class:`AbortedError` when the loader ended cancelled or by another
+            ``BaseException``;
+          * the usage errors, :class:`~singleflight.TooManyFlightsError` and
+            :class:`~singleflight.WaitTimeoutError` as ``AsyncGroup.do``.
 
-        Cancellation: cancelling a caller (its cancel scope, ``move_on_after``,
-        ``fail_after``, ``task.cancel()``) makes that caller alone raise the
-        backend's cancellation exception; the flight and its other callers go
-        on, and a caller waiting for a slot leaves the queue (a slot it was just
-        handed goes to the next caller).  When the last caller of a flight has
-        left (cancelled or timed out), the loader is cancelled if the group was
-        made with ``cancel_orphaned=True`` and runs on otherwise.
+        Cancellation: a cancelled caller (its scope, ``move_on_after``,
+        ``task.cancel()``) alone raises the backend's cancellation; one waiting
+        for a slot passes a slot it was just handed on.  The loader runs on
+        unless ``cancel_orphaned`` and every caller has left.
         """
-        deadline = None if self._timeout is None else self._deadline()
-        if self._limited:
-            flight, joined = await self._admit(key, fn, args, kwargs, deadline)
-        else:
-            flight, joined = self._enter(key, fn, args, kwargs)
-        del args, kwargs  # the loader has them; a parked caller need not keep them
-        if not flight.event.is_set():
-            await self._wait(flight, joined, deadline)
-        else:
-            self._stop_awaiting(flight)
+        flight, joined = await self._settled(key, fn, args, kwargs)
         error = flight.error_for(joined)
         if error is not None:
             raise error
@@ -454,49 +382,27 @@ class AnyIOGroup(Generic[K, V]):
     async def do_result(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
     ) -> Result[V]:
-        """Like :meth:`do`, but returns a :class:`Result` instead of raising the loader's error.
+        """Like :meth:`do`, but the loader's error is returned in the :class:`Result`.
 
-        ``Result.error`` holds the loader's :class:`Exception` (a
-        ``loader_timeout`` ``TimeoutError`` included) or an
-        :class:`AbortedError`; ``Result.shared`` is true when the flight had two
-        or more callers.  This caller's own :class:`~singleflight.WaitTimeoutError`
-        and cancellation are raised, not returned, with the same effect on the
-        flight as for :meth:`do`; so are ``TypeError``, ``RuntimeError`` and
-        :class:`~singleflight.TooManyFlightsError`, as by :meth:`do`.
+        Raises: as :meth:`do`, for everything but the loader's error;
+        cancellation as for :meth:`do`.
         """
-        deadline = None if self._timeout is None else self._deadline()
-        if self._limited:
-            flight, joined = await self._admit(key, fn, args, kwargs, deadline)
-        else:
-            flight, joined = self._enter(key, fn, args, kwargs)
-        del args, kwargs
-        if not flight.event.is_set():
-            await self._wait(flight, joined, deadline)
-        else:
-            self._stop_awaiting(flight)
+        flight, joined = await self._settled(key, fn, args, kwargs)
         return Result(flight.value, flight.error_for(joined), flight.dups > 0)
 
     def do_future(
         self, key: K, fn: Callable[P, Awaitable[V]], /, *args: P.args, **kwargs: P.kwargs
     ) -> FlightFuture[V]:
-        """Start or join the flight of ``key`` and return at once with a :class:`FlightFuture`.
+        """Start or join the flight of ``key``; return at once with a :class:`FlightFuture`.
 
-        Go's ``DoChan``; call it from a task of the running loop or trio run.
-        No task group is needed: the future is resolved by the flight, and one
-        that must wait for a slot (``max_flights`` reached, ``on_limit="wait"``)
-        waits in a task of its own, as a loader runs.  Each caller gets its own
-        future: cancelling it affects nobody else (with
-        ``cancel_orphaned=True`` the loader is cancelled once every caller has
-        left); cancelled while it waits for a slot, it starts nothing.
+        Go's ``DoChan``; needs no task group.  The future holds what :meth:`do`
+        returns or raises; the usage errors and a refusal are raised here.  A
+        call that must wait for a slot waits in a task of its own, under its
+        ``timeout``; if the run ends meanwhile, the future holds
+        :class:`AbortedError`.
 
-        The future holds the value, the loader's :class:`Exception`, or
-        :class:`AbortedError`.  ``timeout`` does not bound it, except while it
-        waits for a slot: then its deadline covers that wait and the outcome,
-        as for :meth:`do`, and passing it puts
-        :class:`~singleflight.WaitTimeoutError` in the future.  If the run ends while
-        such a future waits, it holds :class:`AbortedError`.  ``TypeError``,
-        ``RuntimeError`` and :class:`~singleflight.TooManyFlightsError`
-        (``on_limit="raise"``) are raised here, as by :meth:`do`.
+        Cancellation: cancelling the future affects nobody else; cancelled while
+        it waits for a slot, it starts nothing.
         """
         future: FlightFuture[V]
         try:
@@ -505,7 +411,7 @@ class AnyIOGroup(Generic[K, V]):
             future = FlightFuture(self)
             scope = future._scope = anyio.CancelScope()
             deadline = None if self._timeout is None else self._deadline()
-            run = self._run()
+            run = self._state_here()
             run.spawn(
                 _FUTURE_TASK_NAME,
                 self._call_for,
@@ -531,70 +437,19 @@ class AnyIOGroup(Generic[K, V]):
             flight.futures.append(future)
         return future
 
-    def forget(self, key: K) -> None:
-        """Let the next call of ``key`` start a new flight.
-
-        The flight in progress is not cancelled; its callers still get its
-        outcome, and when it ends it does not remove the newer flight.  Its slot
-        under ``max_flights`` is free at once.  Acts on the running loop's (or
-        trio run's) flights; outside any, on every one's (a caller there waiting
-        for a slot then gets it when the forgotten flight ends).
-        """
-        for here, run in self._runs_of_caller():
-            if run.table.forget(key):
-                wake_in_loop(run, here, run.free_slot)
-
-    def forget_unshared(self, key: K) -> bool:
-        """Forget ``key`` only if nobody joined its flight.
-
-        Returns True if forgotten or not in flight, False if the flight is shared
-        (it is then left alone).  Acts on the running loop's or run's flights
-        (outside any, on every one's), freeing slots as :meth:`forget` does.
-        """
-        forgotten = True
-        for here, run in self._runs_of_caller():
-            gone, dropped = run.table.forget_unshared(key)
-            forgotten = gone and forgotten
-            if dropped:
-                wake_in_loop(run, here, run.free_slot)
-        return forgotten
-
-    def stats(self) -> GroupStats:
-        """The group's counters (see :class:`singleflight.stats.GroupStats`).
-
-        ``timeouts`` counts callers that left at their ``timeout`` (not loaders
-        stopped by ``loader_timeout``: those are ``errors``); ``rejected``
-        counts calls refused by ``max_flights``.
-        """
-        return _stats(self._loops.tables())
-
-    def __contains__(self, key: object) -> bool:
-        """Whether ``key`` is in flight in the running loop or run (outside any: in any)."""
-        return any(key in run.table.calls for _, run in self._runs_of_caller())
-
-    def __len__(self) -> int:
-        """The number of keys in flight, over every loop and run still alive."""
-        return sum(len(run.table.calls) for run in self._loops.all())
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r} in_flight={len(self)}>"
-
     # -- the mechanism -------------------------------------------------------------
 
-    def _run(self) -> _Run:
-        token, _ = _run_token()
-        current = self._loops.current
-        run = current[1] if current[0]() is token else self._loops.state_of(token)
-        assert run is not None
-        return run
+    @staticmethod
+    def _token() -> object:
+        return _run_token()[0]
 
     def _parked(self) -> int:
         """Callers of the running loop or run waiting for a slot (white-box, for tests)."""
-        return len(self._run().slot_waiters)
+        return len(self._state_here().slot_waiters)
 
     def _deadline(self) -> float:
         """This caller's deadline on the backend's clock (``timeout`` is set)."""
-        self._run()  # outside any loop or run: the error that says so
+        self._state_here()  # outside any loop or run: the error that says so
         return anyio.current_time() + (self._timeout or 0.0)
 
     def _enter(
@@ -615,17 +470,14 @@ class AnyIOGroup(Generic[K, V]):
         do_future()) is recorded as waiting on it until :meth:`_stop_awaiting`.
         """
         check_fn(fn)
-        run = self._run()
+        run = self._state_here()
         table = run.table
         try:
             flight = table.enter(key)
         except Full as full:
             if full.wait:
                 raise
-            if full.event is not None:
-                emit(table.hook, full.event)  # type: ignore[arg-type]
-            assert full.error is not None
-            raise full.error from None
+            raise self._refuse(full) from None
         told: Event | None
         # The flight whose loader this task runs, if any.
         own = table.loaders.get(run.current_task()) if table.loaders else None
@@ -662,6 +514,22 @@ class AnyIOGroup(Generic[K, V]):
         flight.task = task
         return flight, None
 
+    async def _settled(
+        self, key: K, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any
+    ) -> tuple[_AnyIOFlight, float | None]:
+        """do() and do_result(): lead or join the flight of ``key``, wait for its end."""
+        deadline = None if self._timeout is None else self._deadline()
+        if self._limited:
+            flight, joined = await self._admit(key, fn, args, kwargs, deadline)
+        else:
+            flight, joined = self._enter(key, fn, args, kwargs)
+        del args, kwargs  # the loader has them; a parked caller need not keep them
+        if not flight.event.is_set():
+            await self._wait(flight, joined, deadline)
+        else:
+            self._stop_awaiting(flight)
+        return flight, joined
+
     def _stop_awaiting(self, flight: _AnyIOFlight) -> None:
         """This caller's wait on ``flight`` is over: if it is a loader, it waits no more."""
         table = flight.run.table
@@ -689,7 +557,7 @@ class AnyIOGroup(Generic[K, V]):
                 return self._enter(key, fn, args, kwargs)
             except Full:
                 pass
-            run = self._run()
+            run = self._state_here()
             slot = anyio.Event()
             run.slot_waiters.append(slot)
             until = math.inf if deadline is None else deadline
@@ -704,7 +572,7 @@ class AnyIOGroup(Generic[K, V]):
                 raise
             if scope.cancelled_caught:
                 run.drop_slot_waiter(slot)
-                self._timed_out(key, deadline)
+                self._timed_out(key, self._waited(deadline))
 
     async def _wait(
         self, flight: _AnyIOFlight, joined: float | None, deadline: float | None
@@ -725,15 +593,10 @@ class AnyIOGroup(Generic[K, V]):
             if not flight.event.is_set():
                 self._leave(flight, joined)
         if not flight.event.is_set():
-            self._timed_out(flight.key, deadline)
+            self._timed_out(flight.key, self._waited(deadline))
 
-    def _timed_out(self, key: object, deadline: float | None) -> NoReturn:
-        table = self._run().table
-        waited = anyio.current_time() - ((deadline or 0.0) - (self._timeout or 0.0))
-        told = table.timed_out(key, waited)
-        if told is not None:
-            emit(table.hook, told)  # type: ignore[arg-type]
-        raise WaitTimeoutError(key, self._timeout)
+    def _waited(self, deadline: float | None) -> float:
+        return anyio.current_time() - ((deadline or 0.0) - (self._timeout or 0.0))
 
     def _leave(self, flight: _AnyIOFlight, joined: float | None) -> None:
         """A caller stopped waiting: with ``cancel_orphaned``, the last one cancels the loader."""
@@ -846,13 +709,3 @@ class AnyIOGroup(Generic[K, V]):
                 future._resolve(flight.value, flight.error_for(future._joined))
         if told is not None:
             emit(run.table.hook, told)  # type: ignore[arg-type]
-
-    def _runs_of_caller(self) -> list[tuple[bool, _Run]]:
-        """The running loop's or run's state, or every one outside any; each with
-        whether it is the caller's."""
-        try:
-            token, _ = _run_token()
-        except RuntimeError:
-            return [(False, run) for run in self._loops.all()]
-        run = self._loops.get(token)
-        return [] if run is None else [(True, run)]

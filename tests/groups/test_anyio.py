@@ -476,7 +476,7 @@ def test_import_without_anyio_says_what_to_install() -> None:
 
 def parked(g: AnyIOGroup[Any, Any]) -> int:
     """How many callers of the running loop or run wait for a slot (white-box)."""
-    return len(g._run().slot_waiters)
+    return len(g._state_here().slot_waiters)
 
 
 async def park(tg: Any, g: AnyIOGroup[Any, Any], callers: list[Caller]) -> None:

@@ -17,6 +17,7 @@ from time import monotonic as _monotonic
 from time import perf_counter
 from typing import Any, Generic, TypeVar
 
+from .._flight import check_fn
 from .._options import check_name
 from .._protocols import REMOTE_FLIGHT, SharedEntry
 from .._result import Result
@@ -330,7 +331,7 @@ class GroupCore(Generic[K]):
     def checked(self, key: K, fn: object) -> str:
         """The caller's key as a str, with ``fn`` checked callable: a call's checks."""
         text = self.redis_key(key)
-        check_callable(fn)
+        check_fn(fn)
         return text
 
     def redis_key(self, key: K) -> str:
@@ -714,11 +715,6 @@ class GroupCore(Generic[K]):
             breaker_opens=self.breaker.opens,
             breaker=self.breaker.state,
         )
-
-
-def check_callable(fn: object) -> None:
-    if not callable(fn):
-        raise TypeError(f"fn must be callable; got {type(fn).__name__} {fn!r}")
 
 
 def with_shared(result: Result[V], caller: Caller) -> Result[V]:
