@@ -72,6 +72,9 @@ _ALWAYS = (
 # Paths whose learned Vary names are kept; past this the memory starts afresh.
 _MAX_LEARNED = 4096
 
+# Empty body chunks read at most before a GET is taken for one with a body (passed through).
+_MAX_EMPTY_CHUNKS = 8
+
 _EMPTY_BODY: Final[Message] = {"type": "http.request", "body": b"", "more_body": False}
 
 # A shared response: status, headers, body, and the (name, leader's value) of
@@ -219,12 +222,8 @@ class CoalescingMiddleware:
         if scope["type"] != "http" or scope["method"] not in self._methods:
             await self.app(scope, receive, send)
             return
-        first = await receive()
-        if (
-            first["type"] != "http.request"
-            or first.get("more_body", False)
-            or first.get("body", b"")
-        ):
+        first, empty = await _read_empty_body(receive)
+        if not empty:
             await self._bypass(scope, _replay(first, receive), send)
             return
         vary = self._learned.get(scope["path"], self._vary)
@@ -263,7 +262,7 @@ class CoalescingMiddleware:
         self,
         key: Any,
         scope: Scope,
-        first: Message,
+        first: list[Message],
         receive: Receive,
         send: Send,
     ) -> None:
@@ -407,7 +406,7 @@ class CoalescingMiddleware:
     # -- the joiners -----------------------------------------------------------------
 
     async def _join(
-        self, outcome: Any, scope: Scope, first: Message, receive: Receive, send: Send
+        self, outcome: Any, scope: Scope, first: list[Message], receive: Receive, send: Send
     ) -> None:
         shared: _Shared | None
         try:
@@ -438,15 +437,38 @@ class CoalescingMiddleware:
         await self.app(scope, receive, marked)
 
 
-def _replay(first: Message, receive: Receive) -> Receive:
+async def _read_empty_body(receive: Receive) -> tuple[list[Message], bool]:
+    """The request's first messages, and whether they make an empty body.
+
+    A request without a body may still come in several empty chunks (httpx's
+    ``ASGITransport`` sends an empty one with ``more_body`` before the last).
+    Reading goes on while the messages are empty ``http.request`` chunks that
+    say more is coming, at most :data:`_MAX_EMPTY_CHUNKS` of them.
+    """
+    messages = [await receive()]
+    while (
+        len(messages) < _MAX_EMPTY_CHUNKS
+        and messages[-1]["type"] == "http.request"
+        and messages[-1].get("more_body", False)
+        and not messages[-1].get("body", b"")
+    ):
+        messages.append(await receive())
+    last = messages[-1]
+    empty = (
+        last["type"] == "http.request"
+        and not last.get("more_body", False)
+        and not any(message.get("body", b"") for message in messages)
+    )
+    return messages, empty
+
+
+def _replay(first: list[Message], receive: Receive) -> Receive:
     """A receive() that hands back ``first`` (already read) and then reads on."""
-    given = False
+    given = list(first)
 
     async def replay() -> Message:
-        nonlocal given
-        if not given:
-            given = True
-            return first
+        if given:
+            return given.pop(0)
         return await receive()
 
     return replay

@@ -52,12 +52,19 @@ _COPIED = ("http_version", "reason_phrase")
 class _Unshared:
     """A leader's response too long to share: its caller alone reads the rest."""
 
-    __slots__ = ("head", "response", "rest")
+    __slots__ = ("head", "headers", "response", "rest")
 
-    def __init__(self, response: httpx.Response, head: list[bytes], rest: Any) -> None:
+    def __init__(
+        self,
+        response: httpx.Response,
+        head: list[bytes],
+        rest: Any,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self.response = response
         self.head = head
         self.rest = rest  # the iterator of raw chunks the head came from
+        self.headers = list(response.headers.raw) if headers is None else headers
 
 
 class _Rest(httpx.SyncByteStream):
@@ -119,6 +126,47 @@ def _shared(response: httpx.Response, chunks: list[bytes]) -> _Shared:
     return (response.status_code, list(response.headers.raw), b"".join(chunks), extensions)
 
 
+def _read_already(response: httpx.Response) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+    """The headers and raw body of a response whose body was read before it got here.
+
+    ``httpx.Response(200, json=...)`` or ``content=b"..."`` (the way a
+    :class:`httpx.MockTransport` handler usually answers) reads its body at once;
+    streaming it again raises :class:`httpx.StreamConsumed`.  Returns None for a
+    response still to be streamed.
+    """
+    if not response.is_stream_consumed:
+        return None
+    stream = response.stream
+    if isinstance(stream, httpx.ByteStream):  # built from bytes: still holds them, raw
+        return list(response.headers.raw), b"".join(stream)
+    # Read from another stream: only the decoded body is left, so no Content-Encoding.
+    body = response.content
+    dropped = (b"content-encoding", b"content-length", b"transfer-encoding")
+    headers = [(name, value) for name, value in response.headers.raw if name.lower() not in dropped]
+    headers.append((b"content-length", str(len(body)).encode("ascii")))
+    return headers, body
+
+
+def _whole(
+    response: httpx.Response,
+    read: tuple[list[tuple[bytes, bytes]], bytes],
+    max_body: int,
+    rest: Any,
+) -> _Shared | _Unshared:
+    headers, body = read
+    if len(body) > max_body:
+        return _Unshared(response, [body], rest, headers)
+    extensions = {
+        name: response.extensions[name] for name in _COPIED if name in response.extensions
+    }
+    return (response.status_code, headers, body, extensions)
+
+
+async def _no_more() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
 def _check(max_body: int, methods: Iterable[str]) -> frozenset[str]:
     if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
         raise ValueError(f"max_body must be a whole number of bytes >= 0, not {max_body!r}")
@@ -178,7 +226,7 @@ class CoalescingTransport(httpx.BaseTransport):
             response = outcome.response
             return httpx.Response(
                 response.status_code,
-                headers=response.headers.raw,
+                headers=outcome.headers,
                 stream=_Rest(outcome.head, outcome.rest, response),
                 request=request,
                 extensions=response.extensions,
@@ -187,6 +235,10 @@ class CoalescingTransport(httpx.BaseTransport):
 
     def _send(self, request: httpx.Request) -> _Shared | _Unshared:
         response = self.transport.handle_request(request)
+        read = _read_already(response)
+        if read is not None:
+            response.close()
+            return _whole(response, read, self._max_body, iter(()))
         chunks: list[bytes] = []
         size = 0
         try:
@@ -262,7 +314,7 @@ class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
             response = outcome.response
             return httpx.Response(
                 response.status_code,
-                headers=response.headers.raw,
+                headers=outcome.headers,
                 stream=_AsyncRest(outcome.head, outcome.rest, response),
                 request=request,
                 extensions=response.extensions,
@@ -271,6 +323,10 @@ class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
 
     async def _send(self, request: httpx.Request) -> _Shared | _Unshared:
         response = await self.transport.handle_async_request(request)
+        read = _read_already(response)
+        if read is not None:
+            await response.aclose()
+            return _whole(response, read, self._max_body, _no_more())
         chunks: list[bytes] = []
         size = 0
         try:

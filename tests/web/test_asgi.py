@@ -186,3 +186,64 @@ def test_clients_that_disconnect_do_not_fail_the_others(served: Served) -> None:
     assert endpoint.calls == 1
     assert {(r.status_code, r.text) for r in responses} == {(200, "hello anyone")}
     assert {r.headers[STATUS_HEADER] for r in responses} == {"shared"}
+
+
+# -- in-process, behind httpx.ASGITransport --------------------------------------------------
+# ASGITransport hands a GET's empty body over as an empty chunk with more_body=True, then an
+# empty last one: still a request without a body.
+
+
+class GatedApp:
+    """A plain ASGI app that reads the request body, counts its calls, then waits at a gate."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.bodies: list[bytes] = []
+        self.gate = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.calls += 1
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.bodies.append(body)
+        await asyncio.wait_for(self.gate.wait(), WAIT)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"answer " + body})
+
+
+def test_identical_gets_through_asgi_transport_call_the_app_once() -> None:
+    app = GatedApp()
+    middleware = CoalescingMiddleware(app, group=AsyncGroup(), status_header=STATUS_HEADER)
+
+    async def burst() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            tasks = [asyncio.ensure_future(http.get("/page")) for _ in range(10)]
+            await until(lambda: middleware.group.stats().joins == 9, WAIT, "9 requests to join")
+            app.gate.set()
+            return await asyncio.gather(*tasks)
+
+    responses = run(burst(), WAIT)
+    assert app.calls == 1
+    assert app.bodies == [b""]
+    assert [(r.status_code, r.content) for r in responses] == [(200, b"answer ")] * 10
+    assert sorted(r.headers[STATUS_HEADER] for r in responses) == ["leader"] + ["shared"] * 9
+
+
+def test_a_get_with_a_body_through_asgi_transport_passes_through() -> None:
+    app = GatedApp()
+    app.gate.set()
+    middleware = CoalescingMiddleware(app, group=AsyncGroup(), status_header=STATUS_HEADER)
+
+    async def ask() -> httpx.Response:
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            return await http.request("GET", "/page", content=b"query")
+
+    response = run(ask(), WAIT)
+    assert (response.content, response.headers[STATUS_HEADER]) == (b"answer query", "bypass")
+    assert middleware.group.stats().calls == 0

@@ -213,3 +213,79 @@ def test_posts_pass_through(server: Counting) -> None:
     http.close()
     assert results == [200] * 3
     assert group.stats().calls == 0
+
+
+# -- responses whose body the wrapped transport has already read ------------------------------
+# httpx.Response(200, json=...) or content=b"..." reads its body at once, the common way
+# of answering from an httpx.MockTransport handler.
+
+
+def test_a_response_read_already_is_shared_by_threads() -> None:
+    gate = Gate()
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        gate.wait(WAIT)
+        return httpx.Response(200, json={"EUR": 1.08}, headers={"x-n": "1"})
+
+    group: Group[object, object] = Group()
+    transport = CoalescingTransport(httpx.MockTransport(handler), group=group)
+    http = httpx.Client(transport=transport, timeout=WAIT)
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def get() -> None:
+        response = http.get("https://api.example/rates")
+        with lock:
+            results.append(response)
+
+    threads = [threading.Thread(target=get) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: group.stats().joins == 9, WAIT, "9 callers to join")
+    gate.open()
+    for thread in threads:
+        thread.join(WAIT)
+    http.close()
+    assert sent == ["/rates"]
+    assert [(r.status_code, r.json(), r.headers["x-n"]) for r in results] == [
+        (200, {"EUR": 1.08}, "1")
+    ] * 10
+
+
+def test_a_response_read_already_is_shared_by_tasks() -> None:
+    gate = Gate()
+    sent: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        await gate.wait_async(WAIT)
+        return httpx.Response(200, content=b"rates", headers={"content-type": "text/plain"})
+
+    group: AsyncGroup[object, object] = AsyncGroup()
+
+    async def burst() -> list[httpx.Response]:
+        transport = AsyncCoalescingTransport(httpx.MockTransport(handler), group=group)
+        async with httpx.AsyncClient(transport=transport, timeout=WAIT) as http:
+            tasks = [asyncio.ensure_future(http.get("https://api.example/r")) for _ in range(10)]
+            await until(lambda: group.stats().joins == 9, WAIT, "9 callers to join")
+            gate.open()
+            return await asyncio.gather(*tasks)
+
+    responses = run(burst(), WAIT)
+    assert sent == ["/r"]
+    assert [(r.status_code, r.text) for r in responses] == [(200, "rates")] * 10
+
+
+def test_a_long_response_read_already_goes_to_the_leader_alone() -> None:
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(200, content=b"big" * 1000)
+
+    transport = CoalescingTransport(httpx.MockTransport(handler), max_body=100)
+    with httpx.Client(transport=transport, timeout=WAIT) as http:
+        assert http.get("https://api.example/big").content == b"big" * 1000
+    assert sent == ["/big"]
