@@ -119,13 +119,6 @@ def _response(shared: _Shared, request: httpx.Request) -> httpx.Response:
     )
 
 
-def _shared(response: httpx.Response, chunks: list[bytes]) -> _Shared:
-    extensions = {
-        name: response.extensions[name] for name in _COPIED if name in response.extensions
-    }
-    return (response.status_code, list(response.headers.raw), b"".join(chunks), extensions)
-
-
 def _read_already(response: httpx.Response) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
     """The headers and raw body of a response whose body was read before it got here.
 
