@@ -68,14 +68,15 @@ class Flight:
       (read only when ``dups > 0``), lowered by :meth:`Table.leave`.
     * ``left``: callers (the leader included) that stopped waiting, by
       :meth:`Table.leave`; all of them have left once ``left > dups``.
-    * ``started``, ``id``: start time and id in events; set by :meth:`Table.lead`
-      only when the group has an ``on_event`` hook (there are no events otherwise).
+    * ``told``: the flight's id in events and its start time, one slot (a
+      parked flight's size is benchmarked); set by :meth:`Table.lead` only when
+      the group has an ``on_event`` hook (there are no events otherwise).
     * ``awaits``: the flight this flight's loader waits on, if it waits in a
       call of the same group (event-loop drivers, for :func:`cycle_error`); set
       by the driver while that wait lasts.
     """
 
-    __slots__ = ("awaits", "dups", "id", "joined", "key", "left", "started", "waiting")
+    __slots__ = ("awaits", "dups", "joined", "key", "left", "told", "waiting")
 
     key: Any
     dups: int
@@ -83,8 +84,7 @@ class Flight:
     waiting: int
     joined: float
     left: int
-    started: float
-    id: int
+    told: tuple[int, float]
 
     @property
     def shared(self) -> bool:
@@ -180,9 +180,8 @@ class Table(Generic[F]):
         self.flights += 1
         if self.hook is None:
             return None
-        flight.id = new_flight_id()
-        flight.started = perf_counter()
-        return FlightStarted(self.name, flight.key, flight.id)
+        flight.told = told = (new_flight_id(), perf_counter())
+        return FlightStarted(self.name, flight.key, told[0])
 
     def join(self, flight: F, now: float) -> Joined | None:
         """Count a caller joining ``flight`` at ``now``; its event."""
@@ -194,7 +193,7 @@ class Table(Generic[F]):
         self.joins += 1
         flight.waiting += 1
         flight.joined += now
-        return None if self.hook is None else Joined(self.name, flight.key, flight.id)
+        return None if self.hook is None else Joined(self.name, flight.key, flight.told[0])
 
     # -- leaving early -----------------------------------------------------------------
 
@@ -272,13 +271,14 @@ class Table(Generic[F]):
         failure = None if error is None else Failure(error)
         if self.hook is None:
             return failure, None
-        duration = now - flight.started
+        fid, started = flight.told
+        duration = now - started
         if error is None:
-            return None, FlightFinished(self.name, key, flight.id, duration, dups + 1)
+            return None, FlightFinished(self.name, key, fid, duration, dups + 1)
         if aborted:
             cause = None if exc is error else exc  # a cancelled asyncio task has none
-            return failure, FlightAborted(self.name, key, flight.id, duration, dups + 1, cause)
-        return failure, FlightFailed(self.name, key, flight.id, duration, dups + 1, error)
+            return failure, FlightAborted(self.name, key, fid, duration, dups + 1, cause)
+        return failure, FlightFailed(self.name, key, fid, duration, dups + 1, error)
 
     # -- forgetting and counting ---------------------------------------------------------
 
