@@ -18,6 +18,11 @@ arrives.  One subscriber connection and thread per process and Redis address
 no PING sent in the last ``channel_timeout`` seconds has been answered, a
 message may have been missed, so every L1 it serves is dropped, and stays
 unused (nothing is written to it) until the channel is subscribed again.
+
+On a Redis Cluster the channel is sharded: a hub per process and namespace
+subscribes (``SSUBSCRIBE``) on the master owning the channel's slot, and the
+commands of a change are sent one by one (a transaction cannot span slots):
+the entries first, each script on its key's master, then ``SPUBLISH``.
 """
 
 from __future__ import annotations
@@ -128,8 +133,10 @@ class Fleet:
     """The shared tier of one loading cache: Redis holds its entries for every process.
 
     ``Fleet(client, namespace=None, channel_timeout=0.5, **options)``; ``client``
-    is a ``redis.Redis`` (for :class:`~singleflight.LoadingCache` and sync
-    ``@cached``) or a ``redis.asyncio.Redis`` (for the async ones).  The cache
+    is a ``redis.Redis`` or ``redis.cluster.RedisCluster`` (for
+    :class:`~singleflight.LoadingCache` and sync ``@cached``) or a
+    ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` (for the
+    async ones); on a cluster the invalidation channel is a sharded one.  The cache
     passes a bare client through this class itself, so ``fleet=client`` is
     enough.  ``namespace`` defaults to the cache's name (``@cached``: the
     function's qualified name).  ``channel_timeout``: how long a process goes on
