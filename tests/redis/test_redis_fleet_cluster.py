@@ -182,3 +182,36 @@ def test_a_cluster_fleet_in_this_process(cluster: Cluster) -> None:
     finally:
         cache.close()
         client.close()
+
+
+@pytest.mark.parametrize("workers", [(2, "sync", {})], indirect=True)
+def test_the_channels_master_killed_drops_the_l1_until_it_is_back(
+    cluster: Cluster, workers: list[Worker]
+) -> None:
+    """The sharded channel's master dies: each process stops using its L1 within the
+    channel timeout; once the master is back, it subscribes again and invalidations
+    reach every process."""
+    channel_port = cluster.port_of(f"sf:{{{NAMESPACE}}}:inv")
+    key = next(k for k in (f"c{i}" for i in range(100)) if entry_port(cluster, k) != channel_port)
+    set_source(cluster, key, "old")
+    assert {ask(w, f"get {key}")["v"] for w in workers} == {"old"}
+    try:
+        cluster.kill(channel_port)
+        deadline = time.monotonic() + 20
+        while any(ask(w, "stats")["trusted"] for w in workers):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stats = [ask(w, "stats") for w in workers]
+        assert all(s["l1_drops"] >= 1 and s["l1"] == [] for s in stats), stats
+    finally:
+        if channel_port not in cluster.processes:
+            cluster.restart(channel_port)
+    deadline = time.monotonic() + 30
+    while not all(ask(w, "stats")["trusted"] for w in workers):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert {ask(w, f"get {key}")["v"] for w in workers} == {"old"}
+    set_source(cluster, key, "new")
+    ask(workers[0], f"inv {key}")
+    time.sleep(BOUND)
+    assert {ask(w, f"get {key}")["v"] for w in workers} == {"new"}
