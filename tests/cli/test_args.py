@@ -35,6 +35,7 @@ BAD = [
     (["demo", "--bogus"], "unrecognized arguments: --bogus"),
     (["demo", "--modes", "naive,fast"], "unknown mode 'fast'"),
     (["demo", "--modes", "redis"], "mode redis needs --redis URL"),
+    (["demo", "--modes", "fleet"], "mode fleet needs --redis URL"),
     (["demo", "--processes", "4"], "--processes above 1 shows cross-process coalescing"),
     (["demo", "--dsn", "mysql://db/x"], "is not a PostgreSQL URL"),
     (["demo", "--redis", "http://cache"], "is not a Redis URL"),

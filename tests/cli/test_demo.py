@@ -156,7 +156,8 @@ def test_demo_against_postgresql(tmp_path: Path, postgres_dsn: str) -> None:
 @pytest.mark.timeout(180)
 def test_demo_across_processes_with_redis(tmp_path: Path, redis_url: str) -> None:
     """Two worker processes: a Group per process queries each key once per process per
-    expiry; a RedisGroup once for both, and so does a LoadingCache over one."""
+    expiry; a RedisGroup once for both, and so does a LoadingCache over one, and a
+    fleet cache (its entries shared in Redis)."""
     report = tmp_path / "demo.json"
     done = run_cli(
         "demo",
@@ -166,7 +167,7 @@ def test_demo_across_processes_with_redis(tmp_path: Path, redis_url: str) -> Non
         "--processes",
         "2",
         "--modes",
-        "group,redis,loading",
+        "group,redis,loading,fleet",
         "--no-chart",
         "--json",
         str(report),
@@ -191,3 +192,11 @@ def test_demo_across_processes_with_redis(tmp_path: Path, redis_url: str) -> Non
     assert loading["errors"] == 0, loading["last_error"]
     assert loading["duplicates"] == 0
     assert loading["queries"] < group["queries"], (loading["queries"], group["queries"])
+    # The fleet cache: one query per key per expiry for both processes.
+    fleet = modes["fleet"]
+    assert fleet["title"] == "LoadingCache + Fleet"
+    assert fleet["errors"] == 0, fleet["last_error"]
+    assert fleet["duplicates"] == 0
+    assert_one_query_per_key_per_expiry(fleet, TTL, keys=6)
+    assert fleet["per_key_per_ttl"] < group["per_key_per_ttl"], (fleet["queries"], group["queries"])
+    assert "q/key/TTL" in done.stdout and "LoadingCache + Fleet" in done.stdout

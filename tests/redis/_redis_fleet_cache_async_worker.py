@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parents[2] / "src"))
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -25,8 +26,16 @@ from singleflight.redis import Fleet
 async def main() -> None:
     config: dict[str, Any] = json.loads(sys.argv[1])
     port = config["port"]
-    raw = redis.asyncio.Redis(
-        port=port, socket_timeout=0.3, socket_connect_timeout=0.3, retry=Retry(NoBackoff(), 0)
+    cluster = config.get("cluster", False)
+    bounded: dict[str, Any] = {
+        "socket_timeout": 0.3,
+        "socket_connect_timeout": 0.3,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    raw: Any = (
+        redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=port, **bounded)
+        if cluster
+        else redis.asyncio.Redis(port=port, **bounded)
     )
     load_seconds = config.get("load_seconds", 0.0)
 
@@ -48,7 +57,9 @@ async def main() -> None:
         return {"v": source.decode() if source else None, "t": started}
 
     fleet = Fleet(
-        redis.asyncio.Redis(port=port),
+        redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=port)
+        if cluster
+        else redis.asyncio.Redis(port=port),
         namespace=config.get("namespace", "fleet-test"),
         channel_timeout=config.get("channel_timeout", 0.5),
         redis_timeout=config.get("redis_timeout", 0.5),

@@ -7,7 +7,8 @@ and, when ``gate:<key>`` exists, waits until it is gone (a load held in flight).
 Commands (one JSON reply line each): ``get K``, ``inv K``, ``put K V``,
 ``clear``, ``tags T``, ``stats``, ``trusted``, ``run SECONDS KEYS...`` (read the
 keys in a loop; reply the oldest value served as fresh, in server seconds),
-``quit``.
+``quit``.  With ``"cluster": true`` in its configuration it talks to a Redis
+Cluster (a ``RedisCluster`` started from the node at ``port``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parents[2] / "src"))
 
 import redis
+import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -31,8 +33,16 @@ from singleflight.redis import Fleet
 def main() -> None:
     config: dict[str, Any] = json.loads(sys.argv[1])
     port = config["port"]
-    raw = redis.Redis(
-        port=port, socket_timeout=0.3, socket_connect_timeout=0.3, retry=Retry(NoBackoff(), 0)
+    cluster = config.get("cluster", False)
+    bounded: dict[str, Any] = {
+        "socket_timeout": 0.3,
+        "socket_connect_timeout": 0.3,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    raw: Any = (
+        redis.cluster.RedisCluster(host="127.0.0.1", port=port, **bounded)
+        if cluster
+        else redis.Redis(port=port, **bounded)
     )
     load_seconds = config.get("load_seconds", 0.0)
 
@@ -53,7 +63,11 @@ def main() -> None:
             time.sleep(load_seconds)
         return {"v": source.decode() if source else None, "t": started}
 
-    client = redis.Redis(port=port)
+    client: Any = (
+        redis.cluster.RedisCluster(host="127.0.0.1", port=port)
+        if cluster
+        else redis.Redis(port=port)
+    )
     fleet = Fleet(
         client,
         namespace=config.get("namespace", "fleet-test"),

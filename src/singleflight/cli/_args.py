@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 __all__ = ["UsageError", "build_parser", "parse"]
 
-MODE_NAMES = ("naive", "group", "redis", "loading")
+MODE_NAMES = ("naive", "group", "redis", "loading", "fleet")
+REDIS_MODES = ("redis", "fleet")
 BENCH_NAMES = ("core", "cache", "redis")
 
 
@@ -88,6 +89,7 @@ entries expire, for a fixed time, in each mode:
   group     the same cache with misses coalesced by singleflight.Group
   redis     the same with a RedisGroup: coalesced across processes (--redis)
   loading   singleflight.LoadingCache with stale-while-revalidate and early refresh
+  fleet     a LoadingCache whose entries every process shares in Redis (--redis)
 The database counts the queries it really executed (SQLite's trace callback,
 or PostgreSQL's own records); the table and a PNG chart show the difference.
 By default it builds a SQLite file of 100,000 users in a temporary directory.
@@ -130,7 +132,7 @@ _DEMO_OPTIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("load", "--think", dict(type=_number(0, 10_000, "milliseconds", per=1000), default=0.01,
         metavar="MS", help="mean pause of a client between requests, in ms (default: 10)")),
     ("load", "--modes", dict(type=_modes, help=f"comma-separated modes to run, from "
-        f"{', '.join(MODE_NAMES)} (default: naive,group,loading; with --redis also redis)")),
+        f"{', '.join(MODE_NAMES)} (default: naive,group,loading; with --redis also redis, fleet)")),
     ("load", "--asyncio", dict(action="store_true", dest="use_asyncio",
         help="clients are asyncio tasks (queries run in a thread pool) instead of threads")),
     ("load", "--seed", dict(type=int, default=1,
@@ -142,7 +144,7 @@ _DEMO_OPTIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     (_DATABASE, "--rows", dict(type=_number(1, 10_000_000, integer=True), default=100_000,
         help="users in the table; the query scans them all (default: 100000)")),
     ("across processes", "--redis", dict(type=_redis_url, metavar="URL",
-        help="Redis for the cross-process modes (redis://host:port/db); adds mode redis")),
+        help="Redis for the cross-process modes (redis://host:port/db); adds redis, fleet")),
     ("across processes", "--processes", dict(type=_number(1, 64, integer=True), default=1,
         help="worker processes sharing the clients; above 1 needs --redis (default: 1)")),
     ("output", "--out", dict(type=Path, default=Path("singleflight-demo.png"), metavar="PNG",
@@ -228,9 +230,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                 )
         return args
     if args.modes is None:
-        args.modes = [name for name in MODE_NAMES if name != "redis" or args.redis]
-    if "redis" in args.modes and args.redis is None:
-        raise UsageError("singleflight demo: mode redis needs --redis URL")
+        args.modes = [name for name in MODE_NAMES if name not in REDIS_MODES or args.redis]
+    for name in REDIS_MODES:
+        if name in args.modes and args.redis is None:
+            raise UsageError(f"singleflight demo: mode {name} needs --redis URL")
     if args.processes > 1 and args.redis is None:
         raise UsageError(
             "singleflight demo: --processes above 1 shows cross-process coalescing and "

@@ -441,6 +441,8 @@ def latency(seconds: float) -> str:
 
 
 TABLE_NOTES = """\
+q/key/TTL: DB queries per key queried per TTL of the run (1.0: one load of each key
+           per expiry, for every process together)
 duplicates: queries that started while a query of the same key was still running
 at once: the most queries running at the same moment
 peak q/s: the most DB queries per second, in {width:g} ms buckets, after the first half TTL
@@ -449,7 +451,7 @@ p50/p99/max: latency of a request, as its client saw it"""
 
 
 FIGURE_COLUMNS = ("requests", "DB queries", "duplicates", "at once", "peak q/s")
-LATENCY_COLUMNS = ("p50", "p99", "max", "errors")
+LATENCY_COLUMNS = ("q/key/TTL", "p50", "p99", "max", "errors")
 TABLE_TITLE = "Queries the database executed, and request latency"
 
 
@@ -482,7 +484,14 @@ def render_table(
         for s in summaries
     ]
     latencies = [
-        [latency(s.p50), latency(s.p99), latency(s.max), f"{s.errors:,}"] for s in summaries
+        [
+            f"{s.per_key_per_ttl:.2f}",
+            latency(s.p50),
+            latency(s.p99),
+            latency(s.max),
+            f"{s.errors:,}",
+        ]
+        for s in summaries
     ]
     titles = [s.title for s in summaries]
     whole = _table(

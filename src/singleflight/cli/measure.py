@@ -129,11 +129,21 @@ class ModeSummary:
     duplicates: int
     most_at_once: int
     keys_queried: int
+    per_key_per_ttl: float  # DB queries per key queried per TTL of the run
     peak_qps: float  # the highest DB queries/s from the first expiry on
     p50: float  # seconds
     p99: float
     max: float
     rates: list[float]  # DB queries/s per bucket, for the chart
+
+
+def per_key_per_ttl(log: Sequence[Query], duration: float, ttl: float) -> float:
+    """DB queries per key queried per TTL: 1.0 is one load of each key per expiry
+    (for the whole fleet of processes), counting the cold start's as one."""
+    keys = len({key for _, _, key in log})
+    if not keys or duration <= 0 or ttl <= 0:
+        return 0.0
+    return len(log) / keys / max(1.0, duration / ttl)
 
 
 def summarize(
@@ -160,6 +170,7 @@ def summarize(
         duplicates=duplicate_queries(log),
         most_at_once=most_at_once(log),
         keys_queried=len({key for _, _, key in log}),
+        per_key_per_ttl=per_key_per_ttl(log, duration, ttl),
         # Until half a TTL the cache is being filled (a cold start, not an
         # expiry); from then on, what makes queries are expiries.
         peak_qps=peak_rate(rates, width, ttl / 2),

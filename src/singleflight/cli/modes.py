@@ -21,6 +21,12 @@ Each mode answers ``get(user_id)`` from a cache in front of the database query:
     runs) and ``early_refresh`` (refresh hot keys before they expire); with
     ``--redis`` its group is a RedisGroup (``group=``), so a value loaded by
     one process is cached by every process that waited for it.
+``fleet``
+    :class:`~singleflight.LoadingCache` with ``fleet=``
+    (:class:`~singleflight.redis.Fleet`, ``--redis``): its entries are shared by
+    every process in Redis, so one query per key per TTL for the whole fleet,
+    and each process's copy lives only as long as the shared entry.  No jitter,
+    like the TTL dict.
 
 The TTL dict has no jitter: it is the cache people write by hand.  The
 loading cache keeps its default jitter (±10%).
@@ -56,6 +62,7 @@ MODES: dict[str, str] = {
     "group": "cache + Group",
     "redis": "cache + RedisGroup",
     "loading": "LoadingCache",
+    "fleet": "LoadingCache + Fleet",
 }
 
 
@@ -65,6 +72,8 @@ def mode_title(mode: str, redis: bool = False, asyncio: bool = False) -> str:
         return "cache + AsyncGroup"
     if mode == "redis" and asyncio:
         return "cache + AsyncRedisGroup"
+    if mode == "fleet":
+        return "AsyncLoadingCache + Fleet" if asyncio else MODES[mode]
     if mode == "loading":
         name = "AsyncLoadingCache" if asyncio else "LoadingCache"
         group = "AsyncRedisGroup" if asyncio else "RedisGroup"
@@ -176,12 +185,35 @@ def _redis_group(
     return group, closing
 
 
+class _Fleet(Mode):
+    def __init__(self, load: Query, ttl: float, redis_url: str, namespace: str) -> None:
+        import redis
+
+        from ..redis import Fleet
+
+        self._client = redis.Redis.from_url(redis_url)
+        fleet = Fleet(self._client, namespace=namespace)
+        self._cache = LoadingCache(load, ttl=ttl, jitter=0, fleet=fleet)
+        fleet.wait_trusted(5)  # the L1 is used once the invalidation channel is subscribed
+
+    def get(self, key: int) -> Profile:
+        return self._cache.get(key)
+
+    def close(self) -> None:
+        self._cache.close()
+        self._client.close()
+
+
 def build_sync(
     mode: str, query: Query, ttl: float, redis_url: str | None = None, namespace: str = ""
 ) -> Mode:
     """The mode named ``mode`` in front of ``query``."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
+    if mode == "fleet":
+        if redis_url is None:
+            raise ValueError("mode fleet needs a Redis URL")
+        return _Fleet(query, ttl, redis_url, namespace)
     group: Any = Group() if mode == "group" else None
     closing = _nothing
     if mode == "redis" or (mode == "loading" and redis_url is not None):
@@ -275,12 +307,34 @@ def _async_redis_group(
     return group, closing
 
 
+class _AsyncFleet(AsyncMode):
+    def __init__(self, load: AsyncQuery, ttl: float, redis_url: str, namespace: str) -> None:
+        import redis.asyncio
+
+        from ..redis import Fleet
+
+        self._client = redis.asyncio.Redis.from_url(redis_url)
+        self._fleet = Fleet(self._client, namespace=namespace)
+        self._cache = AsyncLoadingCache(load, ttl=ttl, jitter=0, fleet=self._fleet)
+
+    async def get(self, key: int) -> Profile:
+        return await self._cache.get(key)
+
+    async def aclose(self) -> None:
+        await self._cache.aclose()
+        await self._client.aclose()
+
+
 def build_async(
     mode: str, query: AsyncQuery, ttl: float, redis_url: str | None = None, namespace: str = ""
 ) -> AsyncMode:
     """The mode named ``mode`` in front of ``query``, for the running event loop."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
+    if mode == "fleet":
+        if redis_url is None:
+            raise ValueError("mode fleet needs a Redis URL")
+        return _AsyncFleet(query, ttl, redis_url, namespace)
     group: Any = AsyncGroup() if mode == "group" else None
     closing: AsyncClosing = _anothing
     if mode == "redis" or (mode == "loading" and redis_url is not None):

@@ -172,17 +172,15 @@ def _clone(
     return made[0], made[1]
 
 
-def _clone_cluster(
-    client: Any,
-    settings: Settings,
-    cluster_type: type[Any],
-    node_type: type[Any],
-    retry_type: type[Any],
-    blocking_read_timeout: float | None,
-) -> tuple[Any, Any]:
-    # The nodes the caller's client knows, or (an asyncio client not yet
-    # initialized) the ones it was given.
-    nodes = client.get_nodes() or list(client.nodes_manager.startup_nodes.values())
+def cluster_nodes(client: Any) -> list[Any]:
+    """The nodes a RedisCluster knows, or (an asyncio client not yet initialized)
+    the ones it was given."""
+    return list(client.get_nodes() or client.nodes_manager.startup_nodes.values())
+
+
+def cluster_options(client: Any) -> dict[str, Any]:
+    """What a copy of a RedisCluster (or a client of one of its nodes) keeps of its
+    connection options: credentials, client name, keepalive, TLS."""
     options = {
         name: value
         for name, value in client.get_connection_kwargs().items()
@@ -191,6 +189,19 @@ def _clone_cluster(
     connection_class = client.get_connection_kwargs().get("connection_class")
     if connection_class is not None and issubclass(connection_class, redis.asyncio.SSLConnection):
         options["ssl"] = True
+    return options
+
+
+def _clone_cluster(
+    client: Any,
+    settings: Settings,
+    cluster_type: type[Any],
+    node_type: type[Any],
+    retry_type: type[Any],
+    blocking_read_timeout: float | None,
+) -> tuple[Any, Any]:
+    nodes = cluster_nodes(client)
+    options = cluster_options(client)
     timeout, read_timeout = _timeouts(settings, blocking_read_timeout)
     made = tuple(
         cluster_type(
@@ -201,6 +212,17 @@ def _clone_cluster(
         for socket_timeout in (timeout, read_timeout)
     )
     return made[0], made[1]
+
+
+def clone_cluster_sync(client: Any, settings: Settings) -> Any:
+    """A sync ``RedisCluster`` with the group's bounded timeouts, from a sync or
+    asyncio RedisCluster ``client`` (a fleet's invalidations are sent by a thread)."""
+    from redis.retry import Retry
+
+    made = _clone_cluster(
+        client, settings, redis.cluster.RedisCluster, redis.cluster.ClusterNode, Retry, None
+    )
+    return made[0]
 
 
 def configure_sync(client: Any, settings: Settings, configure: bool) -> tuple[Any, Any]:

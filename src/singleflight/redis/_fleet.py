@@ -18,6 +18,11 @@ arrives.  One subscriber connection and thread per process and Redis address
 no PING sent in the last ``channel_timeout`` seconds has been answered, a
 message may have been missed, so every L1 it serves is dropped, and stays
 unused (nothing is written to it) until the channel is subscribed again.
+
+On a Redis Cluster the channel is sharded: a hub per process and namespace
+subscribes (``SSUBSCRIBE``) on the master owning the channel's slot, and the
+commands of a change are sent one by one (a transaction cannot span slots):
+the entries first, each script on its key's master, then ``SPUBLISH``.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.retry import Retry
 
 from .._protocols import crosses_processes
-from ._clients import _kwargs
+from ._clients import _bounded, _kwargs, clone_cluster_sync, cluster_nodes, cluster_options
 from ._errors import RedisUnavailableError
 from ._protocol import FORGET_SCRIPT, FleetEntry, Script, escape_namespace
 
@@ -95,6 +102,29 @@ return found
 UNTAG_SCRIPT = Script("fleet untag", _UNTAG)
 
 
+_SOURCES = {s.sha: s.source for s in (FORGET_SCRIPT, PUT_SCRIPT, TAG_SCRIPT, UNTAG_SCRIPT)}
+_CLIENTS = (
+    redis.Redis,
+    redis.asyncio.Redis,
+    redis.cluster.RedisCluster,
+    redis.asyncio.cluster.RedisCluster,
+)
+
+
+class _Ops:
+    """The commands of one change on a cluster, as a pipeline would be given them,
+    to be sent one by one; ``publish`` is a sharded one there."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, tuple[Any, ...]]] = []
+
+    def evalsha(self, *args: Any) -> None:
+        self.ops.append(("evalsha", args))
+
+    def publish(self, channel: bytes, message: bytes) -> None:
+        self.ops.append(("spublish", (channel, message)))
+
+
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
@@ -103,8 +133,10 @@ class Fleet:
     """The shared tier of one loading cache: Redis holds its entries for every process.
 
     ``Fleet(client, namespace=None, channel_timeout=0.5, **options)``; ``client``
-    is a ``redis.Redis`` (for :class:`~singleflight.LoadingCache` and sync
-    ``@cached``) or a ``redis.asyncio.Redis`` (for the async ones).  The cache
+    is a ``redis.Redis`` or ``redis.cluster.RedisCluster`` (for
+    :class:`~singleflight.LoadingCache` and sync ``@cached``) or a
+    ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` (for the
+    async ones); on a cluster the invalidation channel is a sharded one.  The cache
     passes a bare client through this class itself, so ``fleet=client`` is
     enough.  ``namespace`` defaults to the cache's name (``@cached``: the
     function's qualified name).  ``channel_timeout``: how long a process goes on
@@ -118,15 +150,19 @@ class Fleet:
 
     def __init__(
         self,
-        client: redis.Redis | redis.asyncio.Redis,
+        client: redis.Redis
+        | redis.asyncio.Redis
+        | redis.cluster.RedisCluster
+        | redis.asyncio.cluster.RedisCluster,
         *,
         namespace: str | None = None,
         channel_timeout: float = 0.5,
         **options: Any,
     ) -> None:
-        if not isinstance(client, (redis.Redis, redis.asyncio.Redis)):
+        if not isinstance(client, _CLIENTS):
             raise TypeError(
-                f"fleet= needs a redis.Redis or redis.asyncio.Redis client; got {client!r}"
+                "fleet= needs a redis.Redis, redis.asyncio.Redis or (redis.asyncio.cluster.)"
+                f"RedisCluster client; got {client!r}"
             )
         if "result_ttl" in options:
             raise TypeError("a fleet's entries live as long as its cache says: no result_ttl=")
@@ -136,7 +172,12 @@ class Fleet:
             raise ValueError(
                 f"channel_timeout must be in [0.01, 3600) seconds; got {channel_timeout!r}"
             )
-        self.is_async = isinstance(client, redis.asyncio.Redis)
+        self.is_async = isinstance(
+            client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)
+        )
+        self.cluster = isinstance(
+            client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
+        )
         self.channel_timeout = float(channel_timeout)
         self._client = client
         self._namespace = namespace
@@ -189,20 +230,43 @@ class Fleet:
         # Commands of invalidations, from any thread or loop: a sync client of
         # the same server with the group's bounded timeouts.
         settings = core.settings
-        self._kw = _kwargs(
-            self._client.connection_pool,
-            settings.redis_timeout,
-            settings.redis_timeout,
-            Retry(NoBackoff(), 0),
-        )
-        self._commands = redis.Redis(**self._kw)
+        self._commands: Any
+        if self.cluster:
+            # Its channel is a sharded one, in the namespace's slot: the hub
+            # subscribes on the master owning that slot, with the node options
+            # of the caller's client (credentials, TLS).
+            self._commands = clone_cluster_sync(self._client, settings)
+            self._kw = cluster_options(self._client)
+            self._kw.update(
+                _bounded(settings.redis_timeout, settings.redis_timeout, Retry(NoBackoff(), 0))
+            )
+            nodes = sorted(f"{node.host}:{node.port}" for node in cluster_nodes(self._client))
+            self._hub_key: tuple[Any, ...] = ("cluster", tuple(nodes), self.channel)
+        else:
+            assert isinstance(self._client, (redis.Redis, redis.asyncio.Redis))
+            self._kw = _kwargs(
+                self._client.connection_pool,
+                settings.redis_timeout,
+                settings.redis_timeout,
+                Retry(NoBackoff(), 0),
+            )
+            self._commands = redis.Redis(**self._kw)
+            self._hub_key = ()
         return self.group
+
+    def _hub(self) -> _Hub:
+        return _hub_for(
+            self._kw,
+            self.channel_timeout,
+            self._hub_key,
+            self._commands if self.cluster else None,
+        )
 
     def _bind(self, cache: Any) -> None:
         """Serve ``cache``: subscribe its channel (its L1 is unused until then)."""
         self._cache = weakref.ref(cache)
         _FLEETS.add(self)
-        _hub_for(self._kw, self.channel_timeout).add(self)
+        self._hub().add(self)
 
     def wait_trusted(self, timeout: float) -> bool:
         """Wait until the channel is subscribed (the L1 is in use); True if it is."""
@@ -226,6 +290,8 @@ class Fleet:
         """One pipeline (built by ``build``), retried within the group's budget.
         RedisUnavailableError when it cannot reach Redis: an invalidation that
         returns has reached it."""
+        if self.cluster:
+            return self._run_cluster(what, build)
         settings = self._core.settings
         deadline = _monotonic() + settings.redis_timeout + settings.retry_budget
         delay = settings.backoff_base
@@ -263,6 +329,37 @@ class Fleet:
                     ) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, settings.backoff_cap)
+
+    def _run_cluster(self, what: str, build: Callable[[Any], None]) -> list[Any]:
+        """:meth:`_run` on a cluster: the commands one by one, in the order built
+        (a transaction cannot span slots; each script's keys share one slot, and
+        the channel is in the namespace's), each retried within the group's budget."""
+        settings = self._core.settings
+        deadline = _monotonic() + settings.redis_timeout + settings.retry_budget
+        delay = settings.backoff_base
+        ops = _Ops()
+        build(ops)
+        replies: list[Any] = []
+        while len(replies) < len(ops.ops):
+            name, args = ops.ops[len(replies)]
+            try:
+                if name == "spublish":
+                    reply = self._commands.spublish(*args)
+                else:
+                    try:
+                        reply = self._commands.evalsha(*args)
+                    except NoScriptError:  # that master restarted, or never had it
+                        reply = self._commands.eval(_SOURCES[args[0]], *args[1:])
+            except (RedisError, RedisClusterException) as exc:
+                if _monotonic() + delay > deadline:
+                    raise RedisUnavailableError(
+                        f"{what} of fleet {self.namespace!r} did not reach Redis: {exc}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, settings.backoff_cap)
+                continue
+            replies.append(reply)
+        return replies
 
     def _forget_local(self, key: Any, text: str) -> None:
         self._core.forgetting(text)
@@ -366,12 +463,22 @@ class Fleet:
         """Drop every entry of the namespace in Redis, detach its flights, tell every process."""
         pattern = _glob_escape(f"sf:{{{escape_namespace(self.namespace)}:") + "*"
         try:
+            if self.cluster:  # the namespace's keys are spread over every master
+                scanned: list[bytes] = [
+                    key
+                    for node in self._commands.get_primaries()
+                    for key in self._commands.scan_iter(
+                        match=pattern, count=1000, target_nodes=node
+                    )
+                ]
+            else:
+                scanned = list(self._commands.scan_iter(match=pattern, count=1000))
             found = {
                 key.decode().rsplit(":", 1)[0]
-                for key in self._commands.scan_iter(match=pattern, count=1000)
+                for key in scanned
                 if key.endswith((b"}:res", b"}:fence"))
             }
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             raise RedisUnavailableError(f"clear of fleet {self.namespace!r}: {exc}") from exc
         args = self._core.forget_args(False)
         bases = sorted(found)
@@ -416,7 +523,7 @@ class Fleet:
         cache = self._cache() if self._cache is not None else None
         if cache is not None:
             cache._fleet_trust(False)
-            _hub_for(self._kw, self.channel_timeout).add(self)
+            self._hub().add(self)
 
     def __repr__(self) -> str:
         state = "trusted" if self.trusted else "untrusted"
@@ -425,12 +532,18 @@ class Fleet:
 
 class _Hub:
     """One subscriber connection (and thread) per process and server, carrying the
-    invalidation channels of every fleet on that server, with a PING heartbeat."""
+    invalidation channels of every fleet on that server, with a PING heartbeat.
 
-    def __init__(self, kwargs: dict[str, Any], timeout: float) -> None:
+    On a cluster (``cluster``, a RedisCluster to locate the channel's slot with):
+    one per process and channel, subscribed with ``SSUBSCRIBE`` on the master that
+    owns the channel's slot, looked up again at each (re)subscription."""
+
+    def __init__(self, kwargs: dict[str, Any], timeout: float, cluster: Any = None) -> None:
         kw = dict(kwargs)
         kw["socket_timeout"] = kw["socket_connect_timeout"] = timeout
-        self._client = redis.Redis(**kw)
+        self._kw = kw
+        self._cluster = cluster
+        self._client = redis.Redis(**kw) if cluster is None else None
         self.timeout = timeout
         self.interval = timeout / 4
         self._lock = threading.Lock()
@@ -466,8 +579,13 @@ class _Hub:
             try:
                 if self._session():
                     backoff = 0.02
-            except (RedisError, OSError, ValueError) as exc:
+            except (RedisError, RedisClusterException, OSError, ValueError) as exc:
                 log.debug("fleet channel lost: %s", exc)
+            if self._cluster is not None:
+                try:  # the slot may have moved (a failover, a resharding)
+                    self._cluster.nodes_manager.initialize()
+                except Exception as exc:  # RedisClusterException is no RedisError
+                    log.debug("fleet channel: cluster topology not refreshed: %s", exc)
             for fleet in self._all():
                 if fleet.trusted:
                     fleet._set_trusted(False)
@@ -476,7 +594,15 @@ class _Hub:
 
     def _session(self) -> bool:
         """Subscribe and serve until the channel is lost; True if it was ever subscribed."""
-        pubsub = self._client.pubsub()
+        client = self._client
+        if client is None:
+            with self._lock:
+                channel = next(iter(self._fleets))
+            node = self._cluster.get_node_from_key(channel)
+            client = redis.Redis(host=node.host, port=node.port, **self._kw)
+        pubsub = client.pubsub()
+        sharded = self._cluster is not None
+        subscribe = pubsub.ssubscribe if sharded else pubsub.subscribe
         subscribed = False
         try:
             with self._lock:
@@ -484,7 +610,7 @@ class _Hub:
                 self._pending.clear()
             sent = _monotonic()
             sending: dict[bytes, float] = dict.fromkeys(channels, sent)
-            pubsub.subscribe(*channels)
+            subscribe(*channels)
             acked_channels: set[bytes] = set()
             acked = sent  # a reply to anything sent from then on proves the channel live
             pings: deque[float] = deque()
@@ -502,7 +628,7 @@ class _Hub:
                     now = _monotonic()
                     for channel in fresh:
                         sending[channel] = now
-                    pubsub.subscribe(*fresh)
+                    subscribe(*fresh)
                 now = _monotonic()
                 if now - acked > self.timeout:
                     return subscribed
@@ -517,13 +643,15 @@ class _Hub:
                 if message is None:
                     continue
                 kind = message["type"]
-                if kind == "message":
+                if kind in ("message", "smessage"):
                     for fleet in self._of(message["channel"]):
                         fleet._received(message["data"])
                 elif kind == "pong":
                     if pings:
                         acked = max(acked, pings.popleft())
-                elif kind == "subscribe":
+                elif kind == "sunsubscribe":  # its slot moved to another master
+                    return subscribed
+                elif kind in ("subscribe", "ssubscribe"):
                     channel = message["channel"]
                     acked = max(acked, sending.get(channel, acked))
                     acked_channels.add(channel)
@@ -533,6 +661,8 @@ class _Hub:
         finally:
             try:
                 pubsub.reset()
+                if client is not self._client:
+                    client.close()
             except (RedisError, OSError):
                 pass
 
@@ -542,12 +672,14 @@ _HUBS_LOCK = threading.Lock()
 _FLEETS: weakref.WeakSet[Fleet] = weakref.WeakSet()
 
 
-def _hub_for(kwargs: dict[str, Any], timeout: float) -> _Hub:
-    ident = repr(sorted((k, repr(v)) for k, v in kwargs.items() if k != "retry"))
+def _hub_for(
+    kwargs: dict[str, Any], timeout: float, extra: tuple[Any, ...] = (), cluster: Any = None
+) -> _Hub:
+    ident = repr(sorted((k, repr(v)) for k, v in kwargs.items() if k != "retry")) + repr(extra)
     with _HUBS_LOCK:
         hub = _HUBS.get((os.getpid(), ident, timeout))
         if hub is None:
-            hub = _HUBS[(os.getpid(), ident, timeout)] = _Hub(kwargs, timeout)
+            hub = _HUBS[(os.getpid(), ident, timeout)] = _Hub(kwargs, timeout, cluster)
         return hub
 
 
