@@ -238,6 +238,9 @@ def test_failed_background_refresh_keeps_the_value(
         rec.wait_calls(2)
         wait_for(lambda: cache.stats().load_failures == 1)
         wait_for(lambda: any("keeps serving" in r.getMessage() for r in caplog.records))
+    # The cache counts and logs the failure inside the refresh's flight: a get before
+    # that flight has left the group would join it, not start another attempt.
+    wait_for(lambda: cache.stats().in_flight == 0, what="the failed refresh's flight to end")
     # The failed refresh neither evicted the value nor blocked another attempt.
     assert h.get(cache, 1) == "v1"
     rec.wait_calls(3)
