@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 import threading
 from typing import Any
 
@@ -60,7 +61,10 @@ def test_invalidate_and_refresh_through_an_instance() -> None:
 def test_classmethod_attributes_are_bound_to_the_class() -> None:
     assert Client.kind("x") == "Client:x"
     assert Client.kind.cache_info().currsize == 1
-    Client.kind.invalidate("x")
+    if sys.version_info < (3, 13):
+        Client.kind.invalidate("x")  # classmethod passes attribute access through
+    else:  # 3.13 removed that: below @classmethod the attributes are the function's
+        Client.kind.invalidate(Client, "x")
     assert Client.kind.cache_info().currsize == 0
     assert Client.label("y") == Client().label("y") == "Client=y"
     assert Client.label.cache_info() == CacheInfo(hits=1, misses=1, maxsize=10_000, currsize=1)
