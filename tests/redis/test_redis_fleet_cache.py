@@ -387,3 +387,19 @@ def test_load_many_with_a_fleet_is_refused_and_get_many_loads_key_by_key(
             assert client.exists("sf:{many:a}:res", "sf:{many:b}:res") == 2
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("ttl", [0.3, 0.8, 4.0, 12.0])
+def test_an_entry_is_shared_for_no_less_than_its_freshness_here(ttl: float) -> None:
+    # 1234.56789 + 0.8 - 1234.56789 is 799.99… ms in floats: truncated, the shared
+    # entry expired a millisecond before the leader's own copy, and another process
+    # loaded the key again before its TTL had passed (seen in the demo's fleet mode).
+    from singleflight.cache._base import CacheBase
+    from singleflight.cache._policy import Policy
+
+    now = 1234.56789
+    entry = Policy(ttl=ttl, jitter=0, random=lambda: 0.5).value_entry("v", now, 0.05)
+    assert entry is not None
+    fresh, stale, stale_if_error, delta = CacheBase._lifetimes(entry, now)
+    assert fresh >= ttl * 1000
+    assert (stale, stale_if_error, delta) == (0, 0, 50)

@@ -671,10 +671,15 @@ class CacheBase(Generic[K, V]):
 
     @staticmethod
     def _lifetimes(entry: Entry, now: float) -> tuple[int, int, int, int]:
-        """An entry's lifetimes from ``now``, in ms: fresh, stale, stale-if-error, load time."""
+        """An entry's lifetimes from ``now``, in ms: fresh, stale, stale-if-error, load time.
+
+        Freshness is rounded up: stored for less than it has left here (0.8 s is
+        799.99… ms in floats), the shared entry would expire first and another
+        process would load the key again before its TTL had passed.  The windows
+        after expiry are rounded down: nobody serves past them."""
         expires_at = entry.expires_at
         return (
-            int((expires_at - now) * 1000),
+            math.ceil((expires_at - now) * 1000),
             int((entry.stale_until - expires_at) * 1000),
             int((entry.error_until - expires_at) * 1000),
             int(entry.delta * 1000),
