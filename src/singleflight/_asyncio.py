@@ -333,9 +333,9 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
         flight, future, joined = await self._admit(key, fn, args, kwargs, deadline)
         try:
             value = await self._wait(key, flight, future, joined, deadline)
-        except WaitTimeoutError:
-            raise
         except Exception as exc:
+            if isinstance(exc, WaitTimeoutError) and not (future.done() and not future.cancelled()):
+                raise  # this caller's own timeout, not the loader's error
             return Result(None, exc, flight is not None and flight.dups > 0)
         return Result(value, None, flight is not None and flight.dups > 0)
 

@@ -227,9 +227,24 @@ class Table(Generic[F]):
         """Remove ``flight``'s key only while it still maps to ``flight``; True if it did.
 
         After ``forget`` the key may map to a newer flight, which an older one
-        must leave alone (Go issue 31420).
+        must leave alone (Go issue 31420).  A key whose ``__eq__`` (or
+        ``__hash__``) raises now is found by identity instead: the flight must
+        end for its callers whatever its key does.
         """
-        current = self.calls.pop(flight.key, None)
+        calls = self.calls
+        try:
+            current = calls.pop(flight.key, None)
+        except Exception:
+            kept = [(k, f) for k, f in calls.items() if f is not flight]
+            if len(kept) == len(calls):
+                return False
+            calls.clear()
+            for k, f in kept:
+                try:
+                    calls[k] = f
+                except Exception:
+                    pass  # its key fails too: that flight runs on unlisted
+            return True
         if current is flight:
             return True
         if current is not None:
@@ -329,7 +344,7 @@ class Failure:
     made again from its ``args``) is shared as it is.
     """
 
-    __slots__ = ("cause", "context", "error", "suppress", "tb")
+    __slots__ = ("cause", "context", "error", "notes", "suppress", "tb")
 
     def __init__(self, error: Exception) -> None:
         self.error = error
@@ -337,6 +352,10 @@ class Failure:
         self.cause = error.__cause__
         self.context = error.__context__
         self.suppress = error.__suppress_context__
+        # As the loader left them: the first caller may add its own before a
+        # waiter makes its copy.
+        notes = getattr(error, "__notes__", None)
+        self.notes: list[Any] | None = list(notes) if isinstance(notes, list) else None
 
     def own(self) -> Exception:
         """The loader's exception itself, with the traceback the loader left."""
@@ -354,9 +373,10 @@ class Failure:
         dup.__cause__ = self.cause
         dup.__context__ = self.context
         dup.__suppress_context__ = self.suppress
-        notes = getattr(error, "__notes__", None)
-        if isinstance(notes, list):
-            dup.__notes__ = list(notes)
+        if self.notes is not None:
+            dup.__notes__ = list(self.notes)
+        elif "__notes__" in getattr(dup, "__dict__", ()):
+            del dup.__notes__  # added by a caller after the loader raised
         return dup.with_traceback(self.tb)
 
 

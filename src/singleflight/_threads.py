@@ -48,8 +48,9 @@ _ENDED: Any = object()
 class _Call(Flight):
     """A flight run by a thread.
 
-    ``owner`` is the ident of the thread running the loader (None until a
-    detached loader starts; ``_ENDED`` once the call has ended: a settled call
+    ``owner`` is the ident of the thread running the loader (of a detached
+    loader: the thread registering it until it is handed over, then None until
+    it starts; ``_ENDED`` once the call has ended: a settled call
     is never mistaken for a re-entry by a thread that got a dead thread's
     ident).  ``value`` and ``failure`` are set when the call ends, before
     anyone is woken.
@@ -338,7 +339,7 @@ class Group(Generic[K, V]):
                 refused = None
                 now = perf_counter()
                 if call is None:
-                    call = _Call(key, None)
+                    call = _Call(key, get_ident())  # until _start(): see there
                     told, admitted = self._lead(call)
                 else:
                     told = table.join(call, now)
@@ -489,7 +490,7 @@ class Group(Generic[K, V]):
                     if call is None:
                         # With a timeout the loader runs elsewhere and this caller
                         # waits like a joiner (not counted as one), so it can leave.
-                        call = mine = _Call(key, get_ident() if deadline is None else None)
+                        call = mine = _Call(key, get_ident())
                         told, admitted = self._lead(call)
                         # The event exists before the lock is let go (see below).
                         event = None if deadline is None else self._wait_for(call)
@@ -593,7 +594,7 @@ class Group(Generic[K, V]):
                 if not can_lead:  # first come, first served for the slots
                     kept.append(entry)
                     continue
-                call = _Call(entry.key, None)
+                call = _Call(entry.key, get_ident())  # until _start(): see there
                 told: Event | None = table.lead(call)
                 lead = True
             else:
@@ -663,6 +664,12 @@ class Group(Generic[K, V]):
     def _start(self, call: _Call, load: partial[Any], context: contextvars.Context | None) -> None:
         """Run a flight's loader on the executor or a daemon thread; if refused, the
         flight ends with the error, which is raised here too."""
+        # The thread that registered the flight owned it while it told its start:
+        # a hook there calling do() on the key gets ReentryError instead of waiting
+        # for a loader that starts only once it returns.  Now the loader's thread
+        # will own it (_run), and this thread may join it like any other.
+        if call.owner == get_ident():
+            call.owner = None
         run: Callable[..., None] = self._run
         if context is not None:
             run = partial(context.run, self._run)  # type: ignore[call-arg]

@@ -71,6 +71,7 @@ class Entry:
         "keep_until",
         "mark",
         "negative",
+        "notes",
         "refreshing",
         "stale_until",
         "tb",
@@ -81,6 +82,7 @@ class Entry:
     error: BaseException | None
     tb: TracebackType | None
     context: BaseException | None
+    notes: list[str] | None
     negative: bool
     fresh_until: float
     expires_at: float
@@ -106,12 +108,14 @@ class Entry:
         self.value = value
         self.error = error
         if error is None:
-            self.tb = self.context = None
+            self.tb = self.context = self.notes = None
         else:
-            # As the loader left it: a reader raising it must not change what
-            # the next reader sees.
+            # As the loader left it: a reader raising it (or adding a note to
+            # it) must not change what the next reader sees.
             self.tb = error.__traceback__
             self.context = error.__context__
+            notes = getattr(error, "__notes__", None)
+            self.notes = list(notes) if isinstance(notes, list) else None
         self.negative = negative
         self.fresh_until = fresh_until
         self.expires_at = expires_at
@@ -134,16 +138,18 @@ class Entry:
         error = self.error
         if error is None:
             return self.value
-        raise _copy_of(error, self.context).with_traceback(self.tb)
+        raise _copy_of(error, self.context, self.notes).with_traceback(self.tb)
 
     def __repr__(self) -> str:
         what = f"error={self.error!r}" if self.error is not None else f"value={self.value!r}"
         return f"<Entry {what} expires_at={self.expires_at:.6g} negative={self.negative}>"
 
 
-def _copy_of(error: BaseException, context: BaseException | None) -> BaseException:
-    """A copy of ``error`` with its cause, and ``context`` as its context; or ``error``
-    itself if it cannot be copied as an exception of its own type."""
+def _copy_of(
+    error: BaseException, context: BaseException | None, notes: list[str] | None
+) -> BaseException:
+    """A copy of ``error`` with its cause, ``context`` as its context and ``notes`` as
+    its notes; or ``error`` itself if it cannot be copied as an exception of its own type."""
     try:
         copied = copy.copy(error)
     except Exception:
@@ -153,6 +159,10 @@ def _copy_of(error: BaseException, context: BaseException | None) -> BaseExcepti
     copied.__cause__ = error.__cause__
     copied.__context__ = context
     copied.__suppress_context__ = error.__suppress_context__
+    if notes is not None:
+        copied.__notes__ = list(notes)  # not the list every copy would share
+    elif "__notes__" in getattr(copied, "__dict__", ()):
+        del copied.__notes__  # added by a reader after the loader raised
     return copied
 
 
