@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import random as _random
-import time
 from collections.abc import Callable, Hashable
 from typing import (
     TYPE_CHECKING,
@@ -27,7 +25,9 @@ from typing import (
     ParamSpec,
     Protocol,
     Self,
+    TypedDict,
     TypeVar,
+    Unpack,
     overload,
 )
 
@@ -40,7 +40,7 @@ from .cache._sync import LoadingCache
 from .events import EventHook
 from .keys import KeyBuilder
 
-__all__ = ["CacheInfo", "CachedFunction", "CoalescedFunction", "cached", "coalesce"]
+__all__ = ["CacheInfo", "CacheOptions", "CachedFunction", "CoalescedFunction", "cached", "coalesce"]
 
 P = ParamSpec("P")
 P2 = ParamSpec("P2")
@@ -518,68 +518,46 @@ class _AsyncFunctionCache(AsyncLoadingCache[Hashable, Any]):
         return await super().refresh(key)
 
 
+class CacheOptions(TypedDict, total=False):
+    """The options of :func:`cached`, each optional: those of
+    :class:`~singleflight.LoadingCache` (defaults there), and the key's."""
+
+    ttl: float | Callable[[Any], float | None] | None
+    jitter: float
+    maxsize: int | None
+    stale: float
+    stale_if_error: float
+    early_refresh: float | None
+    negative: Callable[[Any], bool] | type[BaseException] | tuple[type[BaseException], ...] | None
+    negative_ttl: float | Callable[[Any], float] | None
+    cache_if: Callable[[Any], bool] | None
+    make_key: _KeyFunction | None
+    typed: bool
+    group: Any
+    fleet: Any
+    clock: Callable[[], float]
+    random: Callable[[], float]
+    name: str | None
+    on_event: EventHook | None
+
+
 @overload
 def cached(fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
 
 
 @overload
-def cached(
-    *,
-    ttl: float | Callable[[Any], float | None] | None = None,
-    jitter: float = 0.1,
-    maxsize: int | None = DEFAULT_MAXSIZE,
-    stale: float = 0.0,
-    stale_if_error: float = 0.0,
-    early_refresh: float | None = None,
-    negative: Callable[[Any], bool]
-    | type[BaseException]
-    | tuple[type[BaseException], ...]
-    | None = None,
-    negative_ttl: float | Callable[[Any], float] | None = None,
-    cache_if: Callable[[Any], bool] | None = None,
-    make_key: _KeyFunction | None = None,
-    typed: bool = False,
-    group: Any = None,
-    fleet: Any = None,
-    clock: Callable[[], float] = time.monotonic,
-    random: Callable[[], float] = _random.random,
-    name: str | None = None,
-    on_event: EventHook | None = None,
-) -> _Cache: ...
+def cached(**options: Unpack[CacheOptions]) -> _Cache: ...
 
 
-def cached(
-    fn: Any = None,
-    /,
-    *,
-    ttl: float | Callable[[Any], float | None] | None = None,
-    jitter: float = 0.1,
-    maxsize: int | None = DEFAULT_MAXSIZE,
-    stale: float = 0.0,
-    stale_if_error: float = 0.0,
-    early_refresh: float | None = None,
-    negative: Callable[[Any], bool]
-    | type[BaseException]
-    | tuple[type[BaseException], ...]
-    | None = None,
-    negative_ttl: float | Callable[[Any], float] | None = None,
-    cache_if: Callable[[Any], bool] | None = None,
-    make_key: _KeyFunction | None = None,
-    typed: bool = False,
-    group: Any = None,
-    fleet: Any = None,
-    clock: Callable[[], float] = time.monotonic,
-    random: Callable[[], float] = _random.random,
-    name: str | None = None,
-    on_event: EventHook | None = None,
-) -> Any:
+def cached(fn: Any = None, /, **options: Unpack[CacheOptions]) -> Any:
     """Put a loading cache in front of the function: the decorator form of
     :class:`~singleflight.LoadingCache` (sync functions) and
     :class:`~singleflight.AsyncLoadingCache` (coroutine functions, under
     asyncio or trio).
 
     Use as ``@cached`` (no expiry, LRU-bounded) or ``@cached(ttl=..., ...)``
-    with the options of :class:`~singleflight.LoadingCache`: ``ttl`` and
+    with the options of :class:`~singleflight.LoadingCache` (listed in
+    :class:`CacheOptions`; an unknown one is a ``TypeError``): ``ttl`` and
     ``negative_ttl`` may be functions of the value (per-entry lifetimes; a
     ``ttl`` of 0 stores nothing), ``cache_if`` a predicate on values (only
     those it accepts are stored; concurrent callers still share the call).  A
@@ -605,6 +583,20 @@ def cached(
     Cancellation: that of the cache's ``get``.
     """
 
+    unknown = sorted(options.keys() - CacheOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(
+            f"@cached got unknown options {', '.join(unknown)}; it takes "
+            f"{', '.join(sorted(CacheOptions.__optional_keys__))}"
+        )
+    make_key = options.get("make_key")
+    typed = options.get("typed", False)
+    group = options.get("group")
+    maxsize = options.get("maxsize", DEFAULT_MAXSIZE)
+    cache_options: dict[str, Any] = {
+        option: value for option, value in options.items() if option not in ("make_key", "typed")
+    }
+
     def decorate(fn: Any) -> Any:
         fn, kind = _unwrap(fn, "cached")
         on_class = kind == "classmethod"  # bound to the class, however reached
@@ -615,23 +607,8 @@ def cached(
         builder = _builder(fn, make_key, group, typed, True)
         qualname = _qualified_name(fn)
         arguments = builder.arguments
-        options: dict[str, Any] = {
-            "ttl": ttl,
-            "jitter": jitter,
-            "maxsize": maxsize,
-            "stale": stale,
-            "stale_if_error": stale_if_error,
-            "early_refresh": early_refresh,
-            "negative": negative,
-            "negative_ttl": negative_ttl,
-            "cache_if": cache_if,
-            "group": group,
-            "fleet": fleet,
-            "clock": clock,
-            "random": random,
-            "name": qualname if name is None else name,
-            "on_event": on_event,
-        }
+        name = options.get("name")
+        with_name = {**cache_options, "name": qualname if name is None else name}
         cache: Any
         if is_async:
 
@@ -639,14 +616,14 @@ def cached(
                 args, kwargs = arguments(key)
                 return await fn(*args, **kwargs)
 
-            cache = _AsyncFunctionCache(aload, **options)
+            cache = _AsyncFunctionCache(aload, **with_name)
         else:
 
             def load(key: Hashable) -> Any:
                 args, kwargs = arguments(key)
                 return fn(*args, **kwargs)
 
-            cache = _FunctionCache(load, **options)
+            cache = _FunctionCache(load, **with_name)
         cache._builder = builder
         get, reload, drop_where = cache._get, cache._reload, cache._drop_where
         dead, data = builder.dead, cache._data
@@ -724,7 +701,7 @@ def cached(
             source,
             "__sf_wrapper",
             __sf_fast=cache._fast,
-            __sf_clock=clock,
+            __sf_clock=cache._clock,
             __sf_hashable=builder.hashable,
             __sf_miss=miss,
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -195,6 +197,20 @@ async def _outcome(results: dict[str, Any], name: str, call: Any) -> None:
         results[name] = exc
 
 
+@asynccontextmanager
+async def _a_batch_and_a_joiner(
+    cache: AsyncLoadingCache[int, str], loaders: _Loaders, results: dict[str, Any]
+) -> AsyncIterator[None]:
+    """``get_many([1, 2])`` (outcome in ``results["many"]``) runs its batch, and ``get(1)``
+    (``results["joiner"]``) has joined it; both have ended when the block exits."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_outcome, results, "many", lambda: cache.get_many([1, 2]))
+        await until(lambda: loaders.batches)
+        tg.start_soon(_outcome, results, "joiner", lambda: cache.get(1))
+        await until(lambda: cache.stats().misses == 3)
+        yield
+
+
 async def test_get_many_batches_the_misses_and_get_joins_the_batch() -> None:
     loaders = _Loaders()
     cache = loaders.cache()
@@ -218,11 +234,7 @@ async def test_a_failed_batch_reaches_every_waiter() -> None:
     cache = loaders.cache()
     results: dict[str, Any] = {}
     with anyio.fail_after(WAIT):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_outcome, results, "many", lambda: cache.get_many([1, 2]))
-            await until(lambda: loaders.batches)
-            tg.start_soon(_outcome, results, "joiner", lambda: cache.get(1))
-            await until(lambda: cache.stats().misses == 3)
+        async with _a_batch_and_a_joiner(cache, loaders, results):
             loaders.gate.set()
         assert [type(results[name]) for name in ("many", "joiner")] == [ValueError] * 2
         assert str(results["joiner"]) == "the database is down"
@@ -262,11 +274,7 @@ async def test_aclose_cancels_a_batch_and_releases_its_keys() -> None:
     cache = loaders.cache()
     results: dict[str, Any] = {}
     with anyio.fail_after(WAIT):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_outcome, results, "many", lambda: cache.get_many([1, 2]))
-            await until(lambda: loaders.batches)
-            tg.start_soon(_outcome, results, "joiner", lambda: cache.get(1))
-            await until(lambda: cache.stats().misses == 3)
+        async with _a_batch_and_a_joiner(cache, loaders, results):
             await cache.aclose()
         assert [type(results[name]) for name in ("many", "joiner")] == [AbortedError] * 2
         assert "batch load was cancelled" in str(results["joiner"])

@@ -604,3 +604,8 @@ def test_the_raw_key_is_the_key_whenever_it_is_hashable(call: Any) -> None:
             assert raw == key
     prefixed = KeyBuilder(f, prefix="mod.f")
     assert prefixed((1,), {})[0] == "mod.f"
+
+
+def test_cached_refuses_an_unknown_option() -> None:
+    with pytest.raises(TypeError, match="unknown options tll; it takes cache_if, clock"):
+        cached(tll=5)  # type: ignore[call-overload]
