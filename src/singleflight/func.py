@@ -5,29 +5,29 @@ Both return a wrapper typed by the decorated function's parameters and return
 type (:class:`CachedFunction`, :class:`CoalescedFunction`), carrying its
 metadata (``functools.wraps``); both detect coroutine functions and then return
 one.  The wrappers are descriptors: on a method, ``obj.method.invalidate(x)``
-is bound to ``obj`` as ``obj.method(x)`` is.  Keys come from the arguments (a
-key function compiled once per decorated function, see
-:mod:`singleflight.keys`) or from ``make_key=``, a function taking the same
-arguments.
+is bound to ``obj`` as ``obj.method(x)`` is; placed above ``@classmethod``, every
+attribute is bound to the class; above or below ``@staticmethod``, never bound.
+Keys come from the arguments (a key function compiled once per decorated
+function, see :mod:`singleflight.keys`) or from ``make_key=``, a function taking
+the same arguments.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import random as _random
-import time
 from collections.abc import Callable, Hashable
 from typing import (
     TYPE_CHECKING,
     Any,
-    Concatenate,
     Generic,
     NamedTuple,
     ParamSpec,
     Protocol,
     Self,
+    TypedDict,
     TypeVar,
+    Unpack,
     overload,
 )
 
@@ -40,12 +40,14 @@ from .cache._sync import LoadingCache
 from .events import EventHook
 from .keys import KeyBuilder
 
-__all__ = ["CacheInfo", "CachedFunction", "CoalescedFunction", "cached", "coalesce"]
+__all__ = ["CacheInfo", "CacheOptions", "CachedFunction", "CoalescedFunction", "cached", "coalesce"]
 
 P = ParamSpec("P")
 P2 = ParamSpec("P2")
 R = TypeVar("R")
 T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)
 
 _KeyFunction = Callable[..., Hashable]
 
@@ -69,12 +71,13 @@ else:
     _Wrapper = functools.partial
 
 
-def _check_function(fn: object, decorator: str) -> None:
-    if isinstance(fn, staticmethod):
-        raise TypeError(
-            f"@{decorator} got a staticmethod object; put @staticmethod above @{decorator} so "
-            f"that @{decorator} decorates the function itself"
-        )
+def _unwrap(fn: Any, decorator: str) -> tuple[Callable[..., Any], str]:
+    """The function to wrap, and what it was given as: ``"function"``, ``"classmethod"``
+    or ``"staticmethod"`` (the decorator placed above ``@classmethod``/``@staticmethod``)."""
+    kind = "function"
+    if isinstance(fn, classmethod | staticmethod):
+        kind = type(fn).__name__
+        fn = fn.__func__
     if not callable(fn):
         raise TypeError(f"@{decorator} needs a function; got {type(fn).__name__} {fn!r}")
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
@@ -82,6 +85,7 @@ def _check_function(fn: object, decorator: str) -> None:
             f"@{decorator} cannot share a generator's output between callers; "
             f"{fn!r} is a generator function"
         )
+    return fn, kind
 
 
 def _is_async_group(group: object) -> bool:
@@ -176,6 +180,29 @@ class _Shared:
     invalidate: Callable[[Hashable], None]
 
 
+# How a wrapper binds, for type checkers.  They see every decorated function as a
+# plain function (``@classmethod``/``@staticmethod`` above or below the decorator
+# make no difference to what the decorator is given), so ``__get__`` tells the
+# kinds apart by the first parameter's type: a class (``cls: type[C]``) is a
+# classmethod, bound however reached; an instance of the owner is a method, bound
+# through an instance; anything else is a staticmethod, never bound.  The self
+# types are these protocols, not ``CachedFunction[Concatenate[type[T], P2], R]``:
+# mypy picks overloads by the self type with type variables erased, and erasing
+# ``P2`` drops the ``Concatenate`` prefix, so every function would look like a
+# classmethod.  (A staticmethod whose first parameter accepts a class, e.g.
+# ``object`` or ``Any``, is taken for a classmethod.)
+class _OnClass(Protocol[T_contra, P, R_co]):
+    """A function whose first parameter is a class: a classmethod."""
+
+    def __call__(self, cls: type[T_contra], /, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+
+class _OnInstance(Protocol[T_contra, P, R_co]):
+    """A function whose first parameter is an instance: a method."""
+
+    def __call__(self, obj: T_contra, /, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+
 class CoalescedFunction(_Wrapper, Generic[P, R]):
     """What :func:`coalesce` returns: the function, with concurrent equal calls sharing
     one execution.
@@ -194,15 +221,20 @@ class CoalescedFunction(_Wrapper, Generic[P, R]):
 
         def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
 
-        @overload
-        def __get__(self, obj: None, objtype: type[Any] | None = None) -> Self: ...
-
+        # See _OnClass: a classmethod, then a method through its class, through an
+        # instance, and a staticmethod through an instance.
         @overload
         def __get__(
-            self: CoalescedFunction[Concatenate[T, P2], R],
-            obj: T,
-            objtype: type[Any] | None = None,
+            self: _OnClass[T, P2, R], obj: object, objtype: type[T] | None = None
         ) -> CoalescedFunction[P2, R]: ...
+        @overload
+        def __get__(self, obj: None, objtype: type[Any] | None = None) -> Self: ...
+        @overload
+        def __get__(
+            self: _OnInstance[T, P2, R], obj: T, objtype: type[Any] | None = None
+        ) -> CoalescedFunction[P2, R]: ...
+        @overload
+        def __get__(self, obj: object, objtype: type[Any] | None = None) -> Self: ...
 
         def __get__(self, obj: Any, objtype: type[Any] | None = None) -> Any: ...
 
@@ -264,16 +296,20 @@ class CachedFunction(CoalescedFunction[P, R]):
     """
 
     if TYPE_CHECKING:
-
-        @overload
-        def __get__(self, obj: None, objtype: type[Any] | None = None) -> Self: ...
-
+        # See _OnClass: a classmethod, then a method through its class, through an
+        # instance, and a staticmethod through an instance.
         @overload
         def __get__(
-            self: CachedFunction[Concatenate[T, P2], R],
-            obj: T,
-            objtype: type[Any] | None = None,
+            self: _OnClass[T, P2, R], obj: object, objtype: type[T] | None = None
         ) -> CachedFunction[P2, R]: ...
+        @overload
+        def __get__(self, obj: None, objtype: type[Any] | None = None) -> Self: ...
+        @overload
+        def __get__(
+            self: _OnInstance[T, P2, R], obj: T, objtype: type[Any] | None = None
+        ) -> CachedFunction[P2, R]: ...
+        @overload
+        def __get__(self, obj: object, objtype: type[Any] | None = None) -> Self: ...
 
         def __get__(self, obj: Any, objtype: type[Any] | None = None) -> Any: ...
 
@@ -336,16 +372,17 @@ _ATTRIBUTES = {
 
 
 def _wrap(
-    cls: type[Any], generated: Any, fn: Callable[..., Any], shared: _Shared, method: bool
+    cls: type[Any], generated: Any, fn: Callable[..., Any], shared: _Shared, kind: str
 ) -> Any:
     """The wrapper of ``fn``: a ``cls`` (a descriptor binding its attributes) for a
-    method; for a function, ``generated`` itself carrying the same attributes, as
-    a plain function's call is the cheapest CPython has (no C-level indirection)."""
+    method or classmethod; for a function, ``generated`` itself carrying the same
+    attributes, as a plain function's call is the cheapest CPython has (no C-level
+    indirection).  Given a staticmethod, a staticmethod of that wrapper (never bound)."""
     wrapper = cls(generated)
     functools.update_wrapper(wrapper, fn)
     wrapper._shared = shared
     wrapper._obj = ()
-    if method:
+    if kind == "classmethod" or (kind == "function" and shared.builder.method):
         return wrapper
     functools.update_wrapper(generated, fn)
     generated._shared = shared
@@ -354,28 +391,18 @@ def _wrap(
         generated.cache = shared.cache
     for name in _ATTRIBUTES[cls]:
         setattr(generated, name, getattr(wrapper, name))
-    return generated
+    return staticmethod(generated) if kind == "staticmethod" else generated
 
 
 # -- coalesce --------------------------------------------------------------------------
 
 
 class _Coalesce(Protocol):
-    @overload
-    def __call__(self, fn: classmethod[Any, P, R], /) -> CoalescedFunction[P, R]: ...
-    @overload
     def __call__(self, fn: Callable[P, R], /) -> CoalescedFunction[P, R]: ...
 
 
 class _Cache(Protocol):
-    @overload
-    def __call__(self, fn: classmethod[Any, P, R], /) -> CachedFunction[P, R]: ...
-    @overload
     def __call__(self, fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
-
-
-@overload
-def coalesce(fn: classmethod[Any, P, R], /) -> CoalescedFunction[P, R]: ...
 
 
 @overload
@@ -428,10 +455,8 @@ def coalesce(
     """
 
     def decorate(fn: Any) -> Any:
-        on_class = isinstance(fn, classmethod)
-        if on_class:  # @coalesce above @classmethod: bound to the class
-            fn = fn.__func__
-        _check_function(fn, "coalesce")
+        fn, kind = _unwrap(fn, "coalesce")
+        on_class = kind == "classmethod"  # bound to the class, however reached
         _check_make_key(make_key)
         is_async = inspect.iscoroutinefunction(fn)
         if group is not None:
@@ -462,7 +487,7 @@ def coalesce(
             __sf_do=chosen.do,
             __sf_fn=fn,
         )
-        return _wrap(CoalescedFunction, generated, fn, shared, builder.method or on_class)
+        return _wrap(CoalescedFunction, generated, fn, shared, kind)
 
     if fn is not None:
         return decorate(fn)
@@ -493,8 +518,27 @@ class _AsyncFunctionCache(AsyncLoadingCache[Hashable, Any]):
         return await super().refresh(key)
 
 
-@overload
-def cached(fn: classmethod[Any, P, R], /) -> CachedFunction[P, R]: ...
+class CacheOptions(TypedDict, total=False):
+    """The options of :func:`cached`, each optional: those of
+    :class:`~singleflight.LoadingCache` (defaults there), and the key's."""
+
+    ttl: float | Callable[[Any], float | None] | None
+    jitter: float
+    maxsize: int | None
+    stale: float
+    stale_if_error: float
+    early_refresh: float | None
+    negative: Callable[[Any], bool] | type[BaseException] | tuple[type[BaseException], ...] | None
+    negative_ttl: float | Callable[[Any], float] | None
+    cache_if: Callable[[Any], bool] | None
+    make_key: _KeyFunction | None
+    typed: bool
+    group: Any
+    fleet: Any
+    clock: Callable[[], float]
+    random: Callable[[], float]
+    name: str | None
+    on_event: EventHook | None
 
 
 @overload
@@ -502,63 +546,18 @@ def cached(fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
 
 
 @overload
-def cached(
-    *,
-    ttl: float | Callable[[Any], float | None] | None = None,
-    jitter: float = 0.1,
-    maxsize: int | None = DEFAULT_MAXSIZE,
-    stale: float = 0.0,
-    stale_if_error: float = 0.0,
-    early_refresh: float | None = None,
-    negative: Callable[[Any], bool]
-    | type[BaseException]
-    | tuple[type[BaseException], ...]
-    | None = None,
-    negative_ttl: float | Callable[[Any], float] | None = None,
-    cache_if: Callable[[Any], bool] | None = None,
-    make_key: _KeyFunction | None = None,
-    typed: bool = False,
-    group: Any = None,
-    fleet: Any = None,
-    clock: Callable[[], float] = time.monotonic,
-    random: Callable[[], float] = _random.random,
-    name: str | None = None,
-    on_event: EventHook | None = None,
-) -> _Cache: ...
+def cached(**options: Unpack[CacheOptions]) -> _Cache: ...
 
 
-def cached(
-    fn: Any = None,
-    /,
-    *,
-    ttl: float | Callable[[Any], float | None] | None = None,
-    jitter: float = 0.1,
-    maxsize: int | None = DEFAULT_MAXSIZE,
-    stale: float = 0.0,
-    stale_if_error: float = 0.0,
-    early_refresh: float | None = None,
-    negative: Callable[[Any], bool]
-    | type[BaseException]
-    | tuple[type[BaseException], ...]
-    | None = None,
-    negative_ttl: float | Callable[[Any], float] | None = None,
-    cache_if: Callable[[Any], bool] | None = None,
-    make_key: _KeyFunction | None = None,
-    typed: bool = False,
-    group: Any = None,
-    fleet: Any = None,
-    clock: Callable[[], float] = time.monotonic,
-    random: Callable[[], float] = _random.random,
-    name: str | None = None,
-    on_event: EventHook | None = None,
-) -> Any:
+def cached(fn: Any = None, /, **options: Unpack[CacheOptions]) -> Any:
     """Put a loading cache in front of the function: the decorator form of
     :class:`~singleflight.LoadingCache` (sync functions) and
     :class:`~singleflight.AsyncLoadingCache` (coroutine functions, under
     asyncio or trio).
 
     Use as ``@cached`` (no expiry, LRU-bounded) or ``@cached(ttl=..., ...)``
-    with the options of :class:`~singleflight.LoadingCache`: ``ttl`` and
+    with the options of :class:`~singleflight.LoadingCache` (listed in
+    :class:`CacheOptions`; an unknown one is a ``TypeError``): ``ttl`` and
     ``negative_ttl`` may be functions of the value (per-entry lifetimes; a
     ``ttl`` of 0 stores nothing), ``cache_if`` a predicate on values (only
     those it accepts are stored; concurrent callers still share the call).  A
@@ -584,11 +583,23 @@ def cached(
     Cancellation: that of the cache's ``get``.
     """
 
+    unknown = sorted(options.keys() - CacheOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(
+            f"@cached got unknown options {', '.join(unknown)}; it takes "
+            f"{', '.join(sorted(CacheOptions.__optional_keys__))}"
+        )
+    make_key = options.get("make_key")
+    typed = options.get("typed", False)
+    group = options.get("group")
+    maxsize = options.get("maxsize", DEFAULT_MAXSIZE)
+    cache_options: dict[str, Any] = {
+        option: value for option, value in options.items() if option not in ("make_key", "typed")
+    }
+
     def decorate(fn: Any) -> Any:
-        on_class = isinstance(fn, classmethod)
-        if on_class:  # @cached above @classmethod: bound to the class
-            fn = fn.__func__
-        _check_function(fn, "cached")
+        fn, kind = _unwrap(fn, "cached")
+        on_class = kind == "classmethod"  # bound to the class, however reached
         _check_make_key(make_key)
         is_async = inspect.iscoroutinefunction(fn)
         if group is not None:
@@ -596,23 +607,8 @@ def cached(
         builder = _builder(fn, make_key, group, typed, True)
         qualname = _qualified_name(fn)
         arguments = builder.arguments
-        options: dict[str, Any] = {
-            "ttl": ttl,
-            "jitter": jitter,
-            "maxsize": maxsize,
-            "stale": stale,
-            "stale_if_error": stale_if_error,
-            "early_refresh": early_refresh,
-            "negative": negative,
-            "negative_ttl": negative_ttl,
-            "cache_if": cache_if,
-            "group": group,
-            "fleet": fleet,
-            "clock": clock,
-            "random": random,
-            "name": qualname if name is None else name,
-            "on_event": on_event,
-        }
+        name = options.get("name")
+        with_name = {**cache_options, "name": qualname if name is None else name}
         cache: Any
         if is_async:
 
@@ -620,14 +616,14 @@ def cached(
                 args, kwargs = arguments(key)
                 return await fn(*args, **kwargs)
 
-            cache = _AsyncFunctionCache(aload, **options)
+            cache = _AsyncFunctionCache(aload, **with_name)
         else:
 
             def load(key: Hashable) -> Any:
                 args, kwargs = arguments(key)
                 return fn(*args, **kwargs)
 
-            cache = _FunctionCache(load, **options)
+            cache = _FunctionCache(load, **with_name)
         cache._builder = builder
         get, reload, drop_where = cache._get, cache._reload, cache._drop_where
         dead, data = builder.dead, cache._data
@@ -705,11 +701,11 @@ def cached(
             source,
             "__sf_wrapper",
             __sf_fast=cache._fast,
-            __sf_clock=clock,
+            __sf_clock=cache._clock,
             __sf_hashable=builder.hashable,
             __sf_miss=miss,
         )
-        return _wrap(CachedFunction, generated, fn, shared, builder.method or on_class)
+        return _wrap(CachedFunction, generated, fn, shared, kind)
 
     if fn is not None:
         return decorate(fn)

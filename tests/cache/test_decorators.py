@@ -3,6 +3,7 @@ keys, removal events, fork."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
@@ -32,7 +33,7 @@ class Client:
         self.loads.append(path)
         return f"{path}#{len(self.loads)}"
 
-    @classmethod
+    @classmethod  # below: types say kind.invalidate("x"), 3.13 wants the class too
     @cached
     def kind(cls, name: str) -> str:
         return f"{cls.__name__}:{name}"
@@ -70,6 +71,55 @@ def test_classmethod_attributes_are_bound_to_the_class() -> None:
     assert Client.label.cache_info() == CacheInfo(hits=1, misses=1, maxsize=10_000, currsize=1)
     Client().label.invalidate("y")
     assert Client.label.cache_info().currsize == 0
+
+
+class Units:
+    @cached  # above @staticmethod: the function itself, never bound
+    @staticmethod
+    def double(x: int) -> int:
+        return 2 * x
+
+    @staticmethod
+    @cached
+    def triple(x: int) -> int:
+        return 3 * x
+
+    @coalesce
+    @staticmethod
+    async def halve(x: int) -> float:
+        return x / 2
+
+    @cached
+    @classmethod
+    def unit(cls, name: str) -> str:
+        return f"{cls.__name__}.{name}"
+
+
+class MoreUnits(Units):
+    pass
+
+
+def test_staticmethod_either_order_is_never_bound() -> None:
+    units = Units()
+    for method, factor in ((Units.double, 2), (Units.triple, 3)):
+        assert method(2) == factor * 2
+    assert units.double(2) == 4 and units.triple(2) == 6  # failed before: TypeError
+    assert Units.double.cache_info() == CacheInfo(hits=1, misses=1, maxsize=10_000, currsize=1)
+    units.double.invalidate(2)
+    assert Units.double.cache_info().currsize == 0
+    assert units.triple.refresh(2) == 6
+    assert units.double.cache_key(2) == Units.double.cache_key(2)
+    assert asyncio.run(units.halve(3)) == 1.5
+    assert units.halve.cache_key(3) == Units.halve.cache_key(3)
+
+
+def test_classmethod_of_a_subclass_is_keyed_apart() -> None:
+    assert Units.unit("m") == Units().unit("m") == "Units.m"
+    assert MoreUnits.unit("m") == MoreUnits().unit("m") == "MoreUnits.m"
+    assert Units.unit.cache_info() == CacheInfo(hits=2, misses=2, maxsize=10_000, currsize=2)
+    MoreUnits().unit.invalidate("m")
+    assert Units.unit.cache_info().currsize == 1
+    assert Units.unit.refresh("m") == "Units.m"
 
 
 # -- functools' interface -------------------------------------------------------------------

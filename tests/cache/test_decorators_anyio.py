@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import gc
 import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
 
-from singleflight import AsyncLoadingCache, cached, coalesce
+from singleflight import AbortedError, AsyncLoadingCache, cached, coalesce
 from singleflight.anyio import AnyIOGroup
 
+from .._support import until
 from .conftest import FakeClock
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
@@ -157,3 +160,155 @@ async def test_trio_needs_no_asyncio_loop_for_many_callers(anyio_backend: str) -
                 tg.start_soon(many, results)
     assert sorted(set(results)) == [0, 1, 2]
     assert load.cache.stats().loads == 3  # one load per key, whoever asked
+
+
+# -- get_many with load_many: the batch runs in a task of its own (a system task under trio)
+
+
+class _Loaders:
+    """``load`` and ``load_many`` recording their calls; ``load_many`` waits for ``gate``
+    and raises ``error`` if one is set."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.batches: list[list[int]] = []
+        self.gate = anyio.Event()
+        self.error: Exception | None = None
+
+    async def load(self, key: int) -> str:
+        self.calls.append(key)
+        return f"v{key}"
+
+    async def load_many(self, keys: list[int]) -> dict[int, str]:
+        self.batches.append(keys)
+        await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return {k: f"b{k}" for k in keys}
+
+    def cache(self) -> AsyncLoadingCache[int, str]:
+        return AsyncLoadingCache(self.load, load_many=self.load_many)
+
+
+async def _outcome(results: dict[str, Any], name: str, call: Any) -> None:
+    try:
+        results[name] = await call()
+    except Exception as exc:
+        results[name] = exc
+
+
+@asynccontextmanager
+async def _a_batch_and_a_joiner(
+    cache: AsyncLoadingCache[int, str], loaders: _Loaders, results: dict[str, Any]
+) -> AsyncIterator[None]:
+    """``get_many([1, 2])`` (outcome in ``results["many"]``) runs its batch, and ``get(1)``
+    (``results["joiner"]``) has joined it; both have ended when the block exits."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_outcome, results, "many", lambda: cache.get_many([1, 2]))
+        await until(lambda: loaders.batches)
+        tg.start_soon(_outcome, results, "joiner", lambda: cache.get(1))
+        await until(lambda: cache.stats().misses == 3)
+        yield
+
+
+async def test_get_many_batches_the_misses_and_get_joins_the_batch() -> None:
+    loaders = _Loaders()
+    cache = loaders.cache()
+    results: dict[str, Any] = {}
+    with anyio.fail_after(WAIT):
+        assert await cache.get(3) == "v3"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_outcome, results, "many", lambda: cache.get_many([1, 2, 3]))
+            await until(lambda: loaders.batches)
+            tg.start_soon(_outcome, results, "joiner", lambda: cache.get(2))
+            await until(lambda: cache.stats().misses == 4)  # 3, then 1 and 2, then 2
+            loaders.gate.set()
+        assert results == {"many": {1: "b1", 2: "b2", 3: "v3"}, "joiner": "b2"}
+        assert await cache.get_many([1, 2]) == {1: "b1", 2: "b2"}  # cached
+    assert loaders.batches == [[1, 2]] and loaders.calls == [3]
+
+
+async def test_a_failed_batch_reaches_every_waiter() -> None:
+    loaders = _Loaders()
+    loaders.error = ValueError("the database is down")
+    cache = loaders.cache()
+    results: dict[str, Any] = {}
+    with anyio.fail_after(WAIT):
+        async with _a_batch_and_a_joiner(cache, loaders, results):
+            loaders.gate.set()
+        assert [type(results[name]) for name in ("many", "joiner")] == [ValueError] * 2
+        assert str(results["joiner"]) == "the database is down"
+        loaders.error = None
+        assert await cache.get_many([1, 2]) == {1: "b1", 2: "b2"}  # nothing cached, no lease left
+    assert loaders.batches == [[1, 2], [1, 2]]
+
+
+async def test_cancelling_get_many_keeps_its_batch_for_the_joiners() -> None:
+    loaders = _Loaders()
+    cache = loaders.cache()
+    results: dict[str, Any] = {}
+    scopes: list[anyio.CancelScope] = []
+
+    async def many() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            results["many"] = await cache.get_many([1, 2])
+        results["cancelled"] = scope.cancelled_caught
+
+    with anyio.fail_after(WAIT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(many)
+            await until(lambda: loaders.batches)
+            tg.start_soon(_outcome, results, "joiner", lambda: cache.get(2))
+            await until(lambda: cache.stats().misses == 3)
+            scopes[0].cancel()
+            await until(lambda: "cancelled" in results)
+            loaders.gate.set()
+        assert results == {"cancelled": True, "joiner": "b2"}
+        assert await cache.get(1) == "b1"  # the batch ran on and was cached
+    assert loaders.batches == [[1, 2]] and loaders.calls == []
+
+
+async def test_aclose_cancels_a_batch_and_releases_its_keys() -> None:
+    loaders = _Loaders()
+    cache = loaders.cache()
+    results: dict[str, Any] = {}
+    with anyio.fail_after(WAIT):
+        async with _a_batch_and_a_joiner(cache, loaders, results):
+            await cache.aclose()
+        assert [type(results[name]) for name in ("many", "joiner")] == [AbortedError] * 2
+        assert "batch load was cancelled" in str(results["joiner"])
+        assert await cache.get(1) == "v1"  # nothing of the batch is left in the way
+    assert loaders.calls == [1]
+
+
+async def test_a_batch_cancelled_before_it_ran_releases_its_keys() -> None:
+    loaders = _Loaders()
+    cache = loaders.cache()
+    results: dict[str, Any] = {}
+    with anyio.fail_after(WAIT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_outcome, results, "many", lambda: cache.get_many([1, 2]))
+            await until(lambda: cache.stats().misses == 2)  # its batch is made, maybe not run
+            await cache.aclose()
+        assert type(results["many"]) is AbortedError
+        assert cache._store.batches == {} and cache._store.leases == {}
+        loaders.gate.set()
+        assert await cache.get_many([1, 2]) == {1: "b1", 2: "b2"}
+    assert loaders.batches in ([[1, 2]], [[1, 2], [1, 2]])
+
+
+async def test_load_many_asking_for_a_key_of_its_own_batch_is_told_so() -> None:
+    told: list[str] = []
+
+    async def load_many(keys: list[int]) -> dict[int, str]:
+        try:
+            await cache.get(keys[0])
+        except RuntimeError as exc:
+            told.append(str(exc))
+        return {k: f"b{k}" for k in keys}
+
+    cache = AsyncLoadingCache(_Loaders().load, load_many=load_many)
+    with anyio.fail_after(WAIT):
+        assert await cache.get_many([1, 2]) == {1: "b1", 2: "b2"}
+    assert len(told) == 1 and "a key of its own batch: it would wait" in told[0]

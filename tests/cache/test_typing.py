@@ -1,9 +1,12 @@
 """The wrappers' types as users' type checkers see them: mypy --strict and pyright (strict)
-on ``typing/user_code.py``, which uses every attribute on functions, coroutine functions
-and methods; each line marked ``# E<n>`` must be an error, and no other line."""
+on ``typing/user_code.py``, which uses every attribute on functions, coroutine functions,
+methods, classmethods and staticmethods; each line marked ``# E<n>`` must be an error, and
+no other line.  The same file runs, so the types are what the wrappers do."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -70,3 +73,11 @@ def test_pyright_strict(tmp_path: Path) -> None:
         if d["severity"] == "error"
     }
     assert errors == _marked(), result.stdout
+
+
+def test_user_code_runs() -> None:
+    spec = importlib.util.spec_from_file_location("_singleflight_user_code", USER_CODE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    asyncio.run(module.main())

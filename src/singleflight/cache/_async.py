@@ -36,6 +36,7 @@ from ._asyncio_only import (
     Background,
     Batch,
     Broadcast,
+    TrioTask,
     check_loaders,
     default_group,
     not_awaitable,
@@ -255,7 +256,8 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
 
         As :meth:`LoadingCache.get_many <singleflight.LoadingCache.get_many>`:
         misses nobody is loading go to one ``load_many`` call (run in a task of
-        its own), misses already being loaded are joined, keys not found are
+        its own: an asyncio task, or under trio a system task, which needs
+        AnyIO), misses already being loaded are joined, keys not found are
         left out, and any other error is raised once every load this call
         started or joined has ended.  Without ``load_many`` the misses load
         concurrently, each coalesced as by :meth:`get`.
@@ -590,7 +592,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         batch.loaded(values)
 
     # unasync: async-only
-    def _batch_done(self, batch: Batch, tokens: dict[K, int], task: Task[Any]) -> None:
+    def _batch_done(self, batch: Batch, tokens: dict[K, int], task: Task[Any] | TrioTask) -> None:
         """A batch task ended: if it was cancelled (or interrupted), release its keys."""
         if task.cancelled() or task.exception() is not None:
             now = self._clock()

@@ -1,5 +1,6 @@
 """What only the async cache has: batch loads as tasks, background work as tasks
-(asyncio's, or trio's system tasks under trio), and the default group.
+(asyncio's, or trio's system tasks under trio, waited for through AnyIO), and the
+default group.
 
 The generated ``_sync.py`` gets the same names from ``_threads_only.py``.
 """
@@ -7,6 +8,7 @@ The generated ``_sync.py`` gets the same names from ``_threads_only.py``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 from asyncio import Task, current_task, get_running_loop
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator, Mapping
@@ -35,12 +37,60 @@ def default_group() -> AutoGroup[Any, Any]:
     return AutoGroup()
 
 
+class TrioTask:
+    """A batch's task under trio: a system task (detached from every caller's cancel
+    scope, as an asyncio task is) in a cancel scope the cache's ``aclose`` cancels.
+
+    It answers what :class:`Batch` asks of an asyncio task; its waiters wait on an
+    :class:`anyio.Event`, so a waiter's cancellation never reaches the batch.
+    """
+
+    __slots__ = ("_callbacks", "_cancelled", "_error", "_event", "task")
+
+    def __init__(self) -> None:
+        import anyio
+
+        self._event = anyio.Event()
+        self._callbacks: list[Callable[[TrioTask], object]] = []
+        self._cancelled = False
+        self._error: BaseException | None = None
+        self.task: object = None  # the trio task
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def add_done_callback(self, fn: Callable[[TrioTask], object]) -> None:
+        self._callbacks.append(fn)
+
+    def is_current(self) -> bool:
+        import trio
+
+        return trio.lowlevel.current_task() is self.task
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    def finish(self, cancelled: bool, error: BaseException | None) -> None:
+        """The task ended: its done callbacks run, then its waiters wake."""
+        self._cancelled, self._error = cancelled, error
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+        self._event.set()
+
+
 class Batch(BatchBase):
     """A batch load in flight: its task, set right after it is made, and its outcome."""
 
     __slots__ = ("task",)
 
-    task: Task[None]
+    task: Task[None] | TrioTask
 
     def loaded(self, values: Mapping[Any, Any]) -> None:
         self.values = values
@@ -58,6 +108,11 @@ class Batch(BatchBase):
         asking for ``key``, one of its own keys), which would wait for itself.
         """
         task = self.task
+        if isinstance(task, TrioTask):
+            if task.is_current():
+                raise self.reentry(key)
+            await task.wait()
+            return
         if task is current_task():
             raise self.reentry(key)
         if not task.done():
@@ -106,9 +161,10 @@ class Broadcast:
 class Background:
     """The cache's background tasks: refreshes, batches and the loads refreshes started.
 
-    Under asyncio they are tasks of the running loop; under trio, refreshes are
-    system tasks (``trio.lowlevel.spawn_system_task``) in cancel scopes of their
-    own.
+    Under asyncio they are tasks of the running loop; under trio, refreshes and
+    batches are system tasks (``trio.lowlevel.spawn_system_task``: AnyIO cannot
+    start a detached task) in cancel scopes of their own, made before the task
+    starts so that ``close`` reaches a task that has not run yet.
     """
 
     __slots__ = ("closed", "idle", "loads", "scopes", "tasks")
@@ -120,12 +176,16 @@ class Background:
         self.scopes: set[Any] = set()  # trio.CancelScope of each trio refresh
         self.idle: Any = None  # a trio.Event set when the last of them ends
 
-    def spawn(self, coro: Callable[[], Coroutine[Any, Any, Any]]) -> Task[Any]:
-        """``coro()`` in a task of the running asyncio loop.
+    def spawn(self, coro: Callable[[], Coroutine[Any, Any, Any]]) -> Task[Any] | TrioTask:
+        """``coro()`` in a task of the running asyncio loop, or a trio system task.
 
         Raises:
-          - ``RuntimeError`` outside asyncio (``get_many`` with ``load_many`` under trio).
+          - ``RuntimeError`` under neither (see :meth:`check_batches`).
         """
+        if not running_asyncio():
+            handle = TrioTask()
+            handle.task = self._spawn_trio(coro, (), handle)
+            return handle
         loop = get_running_loop()  # before the coroutine exists: none is left un-awaited
         task = loop.create_task(coro())
         self.tasks.add(task)
@@ -140,12 +200,19 @@ class Background:
 
     @staticmethod
     def check_batches() -> None:
-        """``RuntimeError`` unless batch loads can run here (in asyncio tasks)."""
-        if not running_asyncio():
+        """``RuntimeError`` unless batch loads can run here: under asyncio, or under trio
+        with AnyIO installed."""
+        if running_asyncio():
+            return
+        try:
+            import anyio  # noqa: F401
+            import trio
+        except ImportError as exc:
             raise RuntimeError(
-                "AsyncLoadingCache.get_many runs load_many in an asyncio task; under another "
-                "library (trio) call get() for each key, or make the cache without load_many"
-            )
+                "AsyncLoadingCache.get_many runs load_many in a task of its own; outside "
+                "asyncio that needs AnyIO: pip install 'pysingleflight[anyio]'"
+            ) from exc
+        trio.lowlevel.current_task()  # RuntimeError outside trio
 
     def start(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
         """Run ``fn(*args)`` in a task of the running library; False once closed (or
@@ -163,22 +230,48 @@ class Background:
             trio.lowlevel.current_task()
         except RuntimeError:
             return False
-        trio.lowlevel.spawn_system_task(self._run_trio, fn, args)
+        self._spawn_trio(fn, args, None)
         return True
 
-    async def _run_trio(self, fn: Callable[..., Coroutine[Any, Any, Any]], args: Any) -> None:
+    def _spawn_trio(
+        self, fn: Callable[..., Coroutine[Any, Any, Any]], args: Any, handle: TrioTask | None
+    ) -> object:
+        """``fn(*args)`` in a trio system task, in a cancel scope ``close`` cancels; with
+        the caller's context, as asyncio's ``create_task`` gives it."""
         import trio
 
-        with trio.CancelScope() as scope:
-            self.scopes.add(scope)
-            try:
+        scope = trio.CancelScope()
+        self.scopes.add(scope)
+        return trio.lowlevel.spawn_system_task(
+            self._run_trio, scope, fn, args, handle, context=contextvars.copy_context()
+        )
+
+    async def _run_trio(
+        self,
+        scope: Any,
+        fn: Callable[..., Coroutine[Any, Any, Any]],
+        args: Any,
+        handle: TrioTask | None,
+    ) -> None:
+        import trio
+
+        error: BaseException | None = None
+        try:
+            with scope:
+                await trio.lowlevel.checkpoint()  # cancelled before it ran: fn never runs
                 await fn(*args)
-            except Exception:  # a system task must not raise; fn logs its own failures
-                logger.debug("background work %r failed", fn, exc_info=True)
-            finally:
-                self.scopes.discard(scope)
-                if not self.scopes and self.idle is not None:
-                    self.idle.set()
+        except Exception as exc:  # a system task must not raise; fn logs its own failures
+            error = exc
+            logger.debug("background work %r failed", fn, exc_info=True)
+        except BaseException as exc:  # an interrupt: the run ends with it
+            error = exc
+            raise
+        finally:
+            self.scopes.discard(scope)
+            if handle is not None:
+                handle.finish(scope.cancelled_caught, error)
+            if not self.scopes and self.idle is not None:
+                self.idle.set()
 
     @contextmanager
     def loading(self, background: bool) -> Iterator[None]:
