@@ -4,8 +4,9 @@
                                      [--impl ours ...]
 
 For each implementation it reports loads per key per TTL, the oldest value
-served as fresh (now - when its load began), and the latency of reads (p50/p99;
-a hit for all but a few).  Loads per key per TTL: the loader records when each
+served as fresh (now - when its load began; ``oldest_after_its_load_s``: now -
+when its load ended, so a slow load does not count), and the latency of reads
+(p50/p99; a hit for all but a few).  Loads per key per TTL: the loader records when each
 load began (in Redis); for each key, the loads that began within ``--periods``
 whole TTLs from its first load, divided by that number of TTLs.  One load per
 TTL is 1.00: a key is loaded first, then again each time its entry expired, a
@@ -57,7 +58,7 @@ def _loader(raw: Any, key: str) -> dict[str, Any]:
     started = time.time()
     raw.rpush(f"bench:loads:{key}", repr(started))
     time.sleep(LOAD_SECONDS)
-    return {"k": key, "t": started}
+    return {"k": key, "t": started, "d": time.time() - started}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -73,14 +74,16 @@ def worker(
     import redis
 
     raw = redis.Redis(port=port)
-    oldest = 0.0
+    oldest = since_load = 0.0
     latencies: list[float] = []
     while time.monotonic() < start:
         time.sleep(0.001)
 
     def account(value: dict[str, Any], took: float) -> None:
-        nonlocal oldest
-        oldest = max(oldest, time.time() - value["t"])
+        nonlocal oldest, since_load
+        age = time.time() - value["t"]
+        oldest = max(oldest, age)
+        since_load = max(since_load, age - value["d"])
         latencies.append(took)
 
     if impl == "cashews":
@@ -150,6 +153,7 @@ def worker(
     out.put(
         {
             "oldest": oldest,
+            "since_load": since_load,
             "latencies": latencies[:: max(1, len(latencies) // 20000)],
         }
     )
@@ -231,6 +235,7 @@ def fleet_run(
         "ttl": ttl,
         **load_counts(starts, ttl, periods),
         "oldest_fresh_s": max(r["oldest"] for r in reports),
+        "oldest_after_its_load_s": max(r["since_load"] for r in reports),
         "read_p50_us": _pct(latencies, 0.5) * 1e6,
         "read_p99_us": _pct(latencies, 0.99) * 1e6,
     }
