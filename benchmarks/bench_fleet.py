@@ -1,10 +1,19 @@
 """Fleet workload: N processes started at staggered times over one TTL, hot keys, a slow loader.
 
-    python benchmarks/bench_fleet.py [--ttl 4] [--processes 8] [--keys 20] [--impl ours ...]
+    python benchmarks/bench_fleet.py [--ttl 4] [--processes 8] [--keys 20] [--periods 4]
+                                     [--impl ours ...]
 
-For each implementation it reports loads per key per TTL (loads counted in
-Redis by the loader), the oldest value served as fresh (now - when its load
-began), and the latency of reads (p50/p99; a hit for all but a few).  For
+For each implementation it reports loads per key per TTL, the oldest value
+served as fresh (now - when its load began; ``oldest_after_its_load_s``: now -
+when its load ended, so a slow load does not count), and the latency of reads
+(p50/p99; a hit for all but a few).  Loads per key per TTL: the loader records when each
+load began (in Redis); for each key, the loads that began within ``--periods``
+whole TTLs from its first load, divided by that number of TTLs.  One load per
+TTL is 1.00: a key is loaded first, then again each time its entry expired, a
+TTL (plus a load) later, so the load that would begin the next period falls
+after the window.  ``early_reloads`` counts loads that began less than a TTL
+after the key's previous load (a fresh value was there to serve); the workers
+read until every key's window has ended.  For
 ``ours`` it also measures how long an ``invalidate()`` takes to reach every
 process's L1 (p50/p99).  Implementations:
 
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -45,10 +55,10 @@ def _free_port() -> int:
 
 
 def _loader(raw: Any, key: str) -> dict[str, Any]:
-    raw.incr(f"bench:loads:{key}")
     started = time.time()
+    raw.rpush(f"bench:loads:{key}", repr(started))
     time.sleep(LOAD_SECONDS)
-    return {"k": key, "t": started}
+    return {"k": key, "t": started, "d": time.time() - started}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -64,15 +74,16 @@ def worker(
     import redis
 
     raw = redis.Redis(port=port)
-    oldest = 0.0
+    oldest = since_load = 0.0
     latencies: list[float] = []
     while time.monotonic() < start:
         time.sleep(0.001)
-    began = time.monotonic()  # later than start when the interpreter was slow to come up
 
     def account(value: dict[str, Any], took: float) -> None:
-        nonlocal oldest
-        oldest = max(oldest, time.time() - value["t"])
+        nonlocal oldest, since_load
+        age = time.time() - value["t"]
+        oldest = max(oldest, age)
+        since_load = max(since_load, age - value["d"])
         latencies.append(took)
 
     if impl == "cashews":
@@ -141,8 +152,8 @@ def worker(
             time.sleep(0.001)
     out.put(
         {
-            "began": began,
             "oldest": oldest,
+            "since_load": since_load,
             "latencies": latencies[:: max(1, len(latencies) // 20000)],
         }
     )
@@ -170,7 +181,26 @@ def invalidation_worker(port: int, ready: Any, drops: Any, stop: Any) -> None:
     stop.wait(120)
 
 
-def fleet_run(impl: str, port: int, ttl: float, processes: int, nkeys: int) -> dict[str, Any]:
+def load_counts(starts: dict[str, list[float]], ttl: float, periods: int) -> dict[str, Any]:
+    """Loads per key per TTL over ``periods`` whole TTLs from each key's first load
+    (``starts``: when each load of each key began), and the loads that began less
+    than a TTL after the key's previous one."""
+    counts = []
+    early = 0
+    for began in starts.values():
+        began = sorted(began)
+        counts.append(sum(1 for t in began if t < began[0] + periods * ttl))
+        early += sum(1 for a, b in itertools.pairwise(began) if b - a < ttl)
+    return {
+        "loads_per_key_per_ttl": sum(counts) / len(counts) / periods,
+        "loads_per_key": [min(counts), max(counts)],
+        "early_reloads": early,
+    }
+
+
+def fleet_run(
+    impl: str, port: int, ttl: float, processes: int, nkeys: int, periods: int
+) -> dict[str, Any]:
     import redis
 
     raw = redis.Redis(port=port)
@@ -179,7 +209,10 @@ def fleet_run(impl: str, port: int, ttl: float, processes: int, nkeys: int) -> d
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     t0 = time.monotonic() + 5.0  # time for the interpreters to start
-    window = 4 * ttl  # the measured window: staggered starts over the first TTL
+    # Staggered starts over the first TTL; each key's window is the ``periods``
+    # TTLs from its first load (the first process loads them one by one, in
+    # ``nkeys`` loads' time): one more TTL covers every key's.
+    window = (periods + 1) * ttl
     until = t0 + window
     procs = [
         ctx.Process(
@@ -192,14 +225,17 @@ def fleet_run(impl: str, port: int, ttl: float, processes: int, nkeys: int) -> d
     reports = [out.get(timeout=window + 120) for _ in procs]
     for p in procs:
         p.join(30)
-    loads = sum(int(raw.get(f"bench:loads:{k}") or 0) for k in keys)
-    window = until - min(r["began"] for r in reports)  # measured from the first read
+    starts = {k: [float(t) for t in raw.lrange(f"bench:loads:{k}", 0, -1)] for k in keys}
+    last_read = time.time() - (time.monotonic() - until)
+    if any(not s or min(s) + periods * ttl > last_read for s in starts.values()):
+        raise RuntimeError("the workers stopped before a key's window ended: a slow start?")
     latencies = [x for r in reports for x in r["latencies"]]
     return {
         "impl": impl,
         "ttl": ttl,
-        "loads_per_key_per_ttl": loads / nkeys / (window / ttl),
+        **load_counts(starts, ttl, periods),
         "oldest_fresh_s": max(r["oldest"] for r in reports),
+        "oldest_after_its_load_s": max(r["since_load"] for r in reports),
         "read_p50_us": _pct(latencies, 0.5) * 1e6,
         "read_p99_us": _pct(latencies, 0.99) * 1e6,
     }
@@ -255,6 +291,7 @@ def main() -> None:
     parser.add_argument("--ttl", type=float, action="append")
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--keys", type=int, default=20)
+    parser.add_argument("--periods", type=int, default=4, help="TTLs measured per key")
     parser.add_argument(
         "--impl", action="append", choices=["ours", "redisgroup", "cashews", "dogpile"]
     )
@@ -273,7 +310,7 @@ def main() -> None:
         results = []
         for ttl in args.ttl or [4.0]:
             for impl in args.impl or ["ours", "redisgroup", "cashews", "dogpile"]:
-                result = fleet_run(impl, port, ttl, args.processes, args.keys)
+                result = fleet_run(impl, port, ttl, args.processes, args.keys, args.periods)
                 print(json.dumps(result), flush=True)
                 results.append(result)
         if not args.no_invalidation:

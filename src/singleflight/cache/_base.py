@@ -298,13 +298,17 @@ class CacheBase(Generic[K, V]):
         if ttl is None:
             raise ValueError("a fleet's entries expire: give ttl= as well")
         if load_many is not None:
-            # Each key of a fleet has its own leader in Redis (its lease), so the
-            # misses of one get_many may be led by several processes: one
-            # load_many call per batch and one load per key for the fleet
-            # cannot both hold without leases taken for many keys at once.
+            # A fleet flight takes one key's lease: a batch would need the leases
+            # of its misses taken together, the keys others lead waited for, and
+            # the keys it leads stored one by one (see docs/fleet.md).
             raise TypeError(
-                "load_many= cannot be combined with fleet=: each key of a fleet is loaded by "
-                "its own leader, so get_many loads its misses one key at a time (with load=)"
+                "load_many= cannot be combined with fleet= (not supported yet): the fleet "
+                "loads each key under a lease of its own in Redis, so the misses of one "
+                "get_many may be led by several processes, and one load_many call for them "
+                "would need the leases of many keys taken at once, which the fleet does not "
+                "do. Drop load_many=: get_many then loads each miss through the fleet with "
+                "load= (once for the whole fleet; concurrently with AsyncLoadingCache, one "
+                "after another with LoadingCache)"
             )
         if not hasattr(fleet, "_prepare"):
             from ..redis import Fleet  # only a fleet cache needs redis-py

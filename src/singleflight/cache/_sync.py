@@ -259,50 +259,37 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         background: bool,
     ) -> V:
         """``group.do`` running :meth:`_lead`; an outcome the group brought from another
-        process (``_lead`` did not run here) is written back as ``_lead`` would have.
+        process (``_lead`` did not run here) is written back as ``_lead`` would have
+        (with ``fleet=``: an entry read from Redis, for as long as it lives there).
 
         Raises what the group raises (an error is written back only as a
         not-found result); an interrupted wait (``KeyboardInterrupt``) writes
         nothing.  A group that stays in this process is called as it is.
         """
-        if self._fleet is not None:
-            return self._through_fleet(key, seen, thunk, background)
+        fleet = self._fleet is not None
+        if fleet:
+            # One fleet flight: the entry in Redis, or the one load of the fleet;
+            # its outcome is written back for as long as it lives there.
+            call = self._fleet_call(seen, background)
+            self._index(key)
         token = self._hold(key, seen)
-        if not token:
+        if not token and not fleet:
             return self._group.do(key, self._lead, key, seen, thunk, background)  # type: ignore[no-any-return]
         started = self._clock()
         try:
-            value = self._group.do(key, self._lead, key, seen, thunk, background)
+            if fleet:
+                got = self._group._fetch(key, call, self._lead, key, seen, thunk, background)
+            else:
+                got = self._group.do(key, self._lead, key, seen, thunk, background)
         except Exception as exc:
             self._landed(key, token, None, exc, started)
             raise
         except BaseException:
             self._unhold(key, token)
             raise
-        self._landed(key, token, value, None, started)
-        return value  # type: ignore[no-any-return]
-
-    def _through_fleet(
-        self,
-        key: K,
-        seen: Entry | None,
-        thunk: Callable[[], V] | None,
-        background: bool,
-    ) -> V:
-        """:meth:`_through` for a fleet cache: one fleet flight (the entry in Redis, or
-        the one load of the fleet), its outcome written back as long as it lives there."""
-        call = self._fleet_call(seen, background)
-        self._index(key)
-        token = self._hold(key, seen)
-        started = self._clock()
-        try:
-            got = self._group._fetch(key, call, self._lead, key, seen, thunk, background)
-        except Exception as exc:
-            self._landed(key, token, None, exc, started)
-            raise
-        except BaseException:
-            self._unhold(key, token)
-            raise
+        if not fleet:
+            self._landed(key, token, got, None, started)
+            return got  # type: ignore[no-any-return]
         if background and not isinstance(got, SharedEntry):
             self._fleet_refreshes += 1
         return self._arrived(key, token, got, started, thunk)  # type: ignore[no-any-return]

@@ -292,9 +292,7 @@ class Fleet:
         returns has reached it."""
         if self.cluster:
             return self._run_cluster(what, build)
-        settings = self._core.settings
-        deadline = _monotonic() + settings.redis_timeout + settings.retry_budget
-        delay = settings.backoff_base
+        deadline, delay = self._retrying()
         loaded = False
         if not self._scripts_loaded:
             # Before the first pipeline: a NOSCRIPT inside MULTI fails only its
@@ -323,20 +321,28 @@ class Fleet:
                     pass
                 continue
             except RedisError as exc:
-                if _monotonic() + delay > deadline:
-                    raise RedisUnavailableError(
-                        f"{what} of fleet {self.namespace!r} did not reach Redis: {exc}"
-                    ) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, settings.backoff_cap)
+                delay = self._retry(what, exc, deadline, delay)
+
+    def _retrying(self) -> tuple[float, float]:
+        """The deadline of a change's retries, and the delay before the first one."""
+        settings = self._core.settings
+        return _monotonic() + settings.redis_timeout + settings.retry_budget, settings.backoff_base
+
+    def _retry(self, what: str, exc: Exception, deadline: float, delay: float) -> float:
+        """After a failed try: wait ``delay``, and return the next one; past ``deadline``,
+        RedisUnavailableError instead."""
+        if _monotonic() + delay > deadline:
+            raise RedisUnavailableError(
+                f"{what} of fleet {self.namespace!r} did not reach Redis: {exc}"
+            ) from exc
+        time.sleep(delay)
+        return min(delay * 2, float(self._core.settings.backoff_cap))
 
     def _run_cluster(self, what: str, build: Callable[[Any], None]) -> list[Any]:
         """:meth:`_run` on a cluster: the commands one by one, in the order built
         (a transaction cannot span slots; each script's keys share one slot, and
         the channel is in the namespace's), each retried within the group's budget."""
-        settings = self._core.settings
-        deadline = _monotonic() + settings.redis_timeout + settings.retry_budget
-        delay = settings.backoff_base
+        deadline, delay = self._retrying()
         ops = _Ops()
         build(ops)
         replies: list[Any] = []
@@ -351,12 +357,7 @@ class Fleet:
                     except NoScriptError:  # that master restarted, or never had it
                         reply = self._commands.eval(_SOURCES[args[0]], *args[1:])
             except (RedisError, RedisClusterException) as exc:
-                if _monotonic() + delay > deadline:
-                    raise RedisUnavailableError(
-                        f"{what} of fleet {self.namespace!r} did not reach Redis: {exc}"
-                    ) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, settings.backoff_cap)
+                delay = self._retry(what, exc, deadline, delay)
                 continue
             replies.append(reply)
         return replies
@@ -388,35 +389,40 @@ class Fleet:
     def invalidate(self, key: Any, local: bool = True) -> None:
         """Drop ``key``'s entry in Redis, detach its flight, tell every process;
         ``local=False``: the caller has detached the flight here already."""
-        text = self.text(key)
-        if local:
-            self._forget_local(key, text)
-        keys = self._core.keys(text)
-        args = self._core.forget_args(False)
-        message = self._message("k", text)
-
-        def build(pipe: Any) -> None:
-            pipe.evalsha(FORGET_SCRIPT.sha, 3, *keys.forget_keys(), *args)
-            pipe.publish(self.channel, message)
-
-        self._run("invalidate", build)
-        self.invalidations_sent += 1
+        self._change("invalidate", key, local, FORGET_SCRIPT, lambda keys: [])
 
     def put(self, key: Any, value: Any, entry: FleetEntry, local: bool = True) -> None:
         """Store ``value`` as ``key``'s entry (detaching its flight), tell every process."""
+        self._change(
+            "put",
+            key,
+            local,
+            PUT_SCRIPT,
+            lambda keys: [entry.header() + self._core.encode(keys, value), entry.px()],
+        )
+
+    def _change(
+        self,
+        what: str,
+        key: Any,
+        local: bool,
+        script: Script,
+        extra: Callable[[Any], list[Any]],
+    ) -> None:
+        """Run ``script`` (FORGET, or PUT with the ``extra`` arguments made from the
+        key's Redis keys, before anything changes) on ``key``, then publish its name."""
         text = self.text(key)
         keys = self._core.keys(text)
-        stored = entry.header() + self._core.encode(keys, value)
+        args = [*self._core.forget_args(False), *extra(keys)]
         if local:
             self._forget_local(key, text)
-        args = [*self._core.forget_args(False), stored, entry.px()]
         message = self._message("k", text)
 
         def build(pipe: Any) -> None:
-            pipe.evalsha(PUT_SCRIPT.sha, 3, *keys.forget_keys(), *args)
+            pipe.evalsha(script.sha, 3, *keys.forget_keys(), *args)
             pipe.publish(self.channel, message)
 
-        self._run("put", build)
+        self._run(what, build)
         self.invalidations_sent += 1
 
     def tag(self, text: str, tags: Iterable[str], epoch: int, ttl_ms: int) -> bool:
