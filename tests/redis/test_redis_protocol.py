@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 from singleflight.redis import _protocol as proto
 from singleflight.redis._protocol import (
+    VALUE_ENTRY,
     Breaker,
     Completion,
+    FleetEntry,
     Held,
     Keys,
     Plan,
@@ -340,3 +342,15 @@ def test_plan_invariants(steps: list[tuple[tuple[str, Any], float]], policy: str
         if op in (proto.LOCAL, proto.FAIL):
             assert (op == proto.LOCAL) == (policy == "open")
             assert p.reason in (proto.REASON_TIMEOUT, proto.REASON_UNAVAILABLE, "circuit open")
+
+
+def test_a_fleet_entry_is_stored_for_what_is_left_of_its_freshness() -> None:
+    # Counted when the leader's load ended, stored when its completion reaches Redis:
+    # the time between is taken off, so the shared entry expires with the leader's copy
+    # (it outlived it by the completion's delay, ~11 ms on a loaded machine).
+    entry = FleetEntry(4000, 500, 0, 50, VALUE_ENTRY, counted_at=100.0)
+    assert entry.px(100.0) == 4500
+    assert entry.px(100.2504) == 4250  # whole ms passed: 250
+    assert entry.px(110.0) == 500  # freshness gone: the stale window is left
+    assert FleetEntry(0, 0, 0, 0, VALUE_ENTRY, counted_at=100.0).px(101.0) == 1
+    assert FleetEntry(4000, 0, 0, 0, VALUE_ENTRY).px(1e9) == 4000  # read back: as read

@@ -694,7 +694,12 @@ class CacheBase(Generic[K, V]):
 
         fresh, stale, stale_if_error, delta = self._lifetimes(entry, now)
         return FleetEntry(
-            fresh, stale, stale_if_error, delta, ERROR_ENTRY if error else VALUE_ENTRY
+            fresh,
+            stale,
+            stale_if_error,
+            delta,
+            ERROR_ENTRY if error else VALUE_ENTRY,
+            counted_at=time.monotonic(),
         )
 
     def _fleet_stores(self, flight: Any, key: K, value: Any, entry: Entry, now: float) -> bool:

@@ -130,6 +130,7 @@ class FlightInfo:
             max(0, error_ms),
             max(0, delta_ms),
             ERROR_ENTRY if error else VALUE_ENTRY,
+            counted_at=_monotonic(),
         )
 
     def __repr__(self) -> str:
@@ -503,7 +504,7 @@ class GroupCore(Generic[K]):
             return None
         keys = plan.keys
         payload = self.encode(keys, value) if error is None else self.error_payload(keys, error)
-        plan.result_ms = entry.px()
+        plan.result_ms = entry.px(_monotonic())
         return entry.header() + payload
 
     def lead(self, plan: Plan, watch: Watch) -> Held:

@@ -398,7 +398,7 @@ class Fleet:
             key,
             local,
             PUT_SCRIPT,
-            lambda keys: [entry.header() + self._core.encode(keys, value), entry.px()],
+            lambda keys: [entry.header() + self._core.encode(keys, value), entry.px(_monotonic())],
         )
 
     def _change(

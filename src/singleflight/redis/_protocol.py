@@ -988,10 +988,13 @@ class FleetEntry:
     :data:`VALUE_ENTRY` or :data:`ERROR_ENTRY`.  Stored as
     ``b"<tail>,<stale>,<error>,<delta>,<kind>|" + payload`` with
     ``PX fresh + tail``, ``tail = max(stale, error)``: PTTL minus the tail is
-    the freshness left, on the server's clock.
+    the freshness left, on the server's clock.  ``counted_at`` is when (on
+    ``time.monotonic()``) a leader counted ``fresh_ms``: what has passed since is
+    taken off when it is stored, so the stored entry expires when the leader's
+    own copy does, however long the completion took to reach Redis.
     """
 
-    __slots__ = ("delta_ms", "error_ms", "fresh_ms", "kind", "payload", "stale_ms")
+    __slots__ = ("counted_at", "delta_ms", "error_ms", "fresh_ms", "kind", "payload", "stale_ms")
 
     def __init__(
         self,
@@ -1001,7 +1004,9 @@ class FleetEntry:
         delta_ms: int,
         kind: str,
         payload: bytes = b"",
+        counted_at: float | None = None,
     ) -> None:
+        self.counted_at = counted_at
         self.fresh_ms = fresh_ms
         self.stale_ms = stale_ms
         self.error_ms = error_ms
@@ -1013,9 +1018,12 @@ class FleetEntry:
     def tail_ms(self) -> int:
         return max(self.stale_ms, self.error_ms)
 
-    def px(self) -> int:
-        """The PX to store it with (at least 1: PX 0 is an error)."""
-        return max(1, self.fresh_ms + self.tail_ms)
+    def px(self, now: float) -> int:
+        """The PX to store it with at ``now`` (at least 1: PX 0 is an error)."""
+        fresh = self.fresh_ms
+        if self.counted_at is not None:
+            fresh -= int((now - self.counted_at) * 1000)  # whole ms passed: never too short
+        return max(1, max(0, fresh) + self.tail_ms)
 
     def header(self) -> bytes:
         return (
