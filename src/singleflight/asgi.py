@@ -488,9 +488,11 @@ def _event_like(lead: _Lead) -> Any:
 
 
 def _text_key(key: tuple[Any, ...]) -> str:
-    """A key for a group that crosses processes: readable path, hashed headers."""
-    method, scheme, root, path, query, picked = key
-    digest = hashlib.blake2b(repr(picked).encode(), digest_size=16).hexdigest()
+    """A key for a group that crosses processes: readable path, and a hash of it all."""
+    method, scheme, root, path, query, _ = key
+    # The digest covers every part: the readable prefix alone is ambiguous (a
+    # decoded path may hold "?", and root_path and path are run together).
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
     return f"{method} {scheme}:{root}{path}?{query.decode('latin-1')} {digest}"
 
 

@@ -288,12 +288,18 @@ class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
         """
         if not _shares(request, self._methods):
             return await self.transport.handle_async_request(request)
-        led = False
+        led = left = False
+        unshared: _Unshared | None = None
 
         async def send() -> _Shared | _Unshared:
-            nonlocal led
+            nonlocal led, unshared
             led = True
-            return await self._send(request)
+            outcome = await self._send(request)
+            if isinstance(outcome, _Unshared):
+                if left:  # its caller is gone: nobody else reads this response
+                    await outcome.response.aclose()
+                unshared = outcome
+            return outcome
 
         try:
             outcome = await self.group.do(_key(request), send)
@@ -301,6 +307,11 @@ class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
             if led:
                 raise
             return await self.transport.handle_async_request(request)
+        except BaseException:  # cancelled: a response kept for this caller is closed
+            left = True
+            if unshared is not None:
+                await unshared.response.aclose()
+            raise
         if isinstance(outcome, _Unshared):
             if not led:
                 return await self.transport.handle_async_request(request)

@@ -877,7 +877,7 @@ class CacheBase(Generic[K, V]):
         def send() -> None:
             try:
                 if tags:
-                    fleet.tag(text, tags, 0, self._lifetimes(entry, now)[0] + 1)
+                    fleet.tag(text, tags, 0, shared.px())  # as long as the entry is stored
                 fleet.put(key, value, shared, local=False)
             except BaseException:
                 with self._lock:

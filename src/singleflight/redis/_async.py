@@ -22,7 +22,17 @@ from ..events import EventHook
 from ..stats import RedisGroupStats
 from . import _protocol as proto
 from ._clients import configure_async
-from ._core import _CURRENT, RETRY, Caller, FlightInfo, GroupCore, Watch, calling, with_shared
+from ._core import (
+    _CURRENT,
+    RETRY,
+    Caller,
+    FlightInfo,
+    GroupCore,
+    Watch,
+    calling,
+    log,
+    with_shared,
+)
 from ._protocol import Completion, FleetCall, Keys, Plan, RetryBudget, Settings
 from .codecs import Codec, CodecError
 
@@ -558,13 +568,20 @@ class AsyncRedisGroup(Generic[K, V]):
             value = await call(fn, args, kwargs)
         except Exception as exc:
             watchdog.release(held)
-            stored = core.stored_entry(plan, held, None, exc)  # a fleet's not-found entry
-            if stored is not None:
-                completion = await self._complete(state, plan, proto.OK, stored)
-            else:
-                completion = await self._complete(
-                    state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
-                )
+            payload: bytes | None = None
+            try:
+                stored = core.stored_entry(plan, held, None, exc)  # a fleet's not-found entry
+                status = proto.OK if stored is not None else proto.ERROR
+                payload = core.error_payload(plan.keys, exc) if stored is None else stored
+            except Exception:  # a codec's bug: the callers here get the loader's error
+                log.exception("the error record of %s could not be encoded", plan.keys.base)
+            finally:
+                if payload is None:  # the codec failed (or was interrupted): give the lease back
+                    held.settle(False)
+                    await self._abandon(state, plan, wait=True)
+            if payload is None:
+                raise
+            completion = await self._complete(state, plan, status, payload)
             core.note_waiters(watch, completion)
             if not core.settled(held, completion):
                 return RETRY  # type: ignore[no-any-return]
@@ -594,6 +611,12 @@ class AsyncRedisGroup(Generic[K, V]):
             held.settle(False)  # its callers get the CodecError, not the value
             if not core.settled(held, completion):
                 return RETRY  # type: ignore[no-any-return]
+            raise
+        except BaseException:
+            # The codec raised something else (a bug, an interrupt): give the lease
+            # back, so other processes take over at once rather than after a lease.
+            held.settle(False)
+            await self._abandon(state, plan, wait=True)
             raise
         completion = await self._complete(state, plan, proto.OK, payload)
         core.note_waiters(watch, completion)

@@ -23,7 +23,17 @@ from ..events import EventHook
 from ..stats import RedisGroupStats
 from . import _protocol as proto
 from ._clients import configure_sync
-from ._core import _CURRENT, RETRY, Caller, FlightInfo, GroupCore, Watch, calling, with_shared
+from ._core import (
+    _CURRENT,
+    RETRY,
+    Caller,
+    FlightInfo,
+    GroupCore,
+    Watch,
+    calling,
+    log,
+    with_shared,
+)
 from ._protocol import Completion, FleetCall, Keys, Plan, RetryBudget, Settings
 from .codecs import Codec, CodecError
 
@@ -437,13 +447,20 @@ class RedisGroup(Generic[K, V]):
             value = call(fn, args, kwargs)
         except Exception as exc:
             watchdog.release(held)
-            stored = core.stored_entry(plan, held, None, exc)  # a fleet's not-found entry
-            if stored is not None:
-                completion = self._complete(state, plan, proto.OK, stored)
-            else:
-                completion = self._complete(
-                    state, plan, proto.ERROR, core.error_payload(plan.keys, exc)
-                )
+            payload: bytes | None = None
+            try:
+                stored = core.stored_entry(plan, held, None, exc)  # a fleet's not-found entry
+                status = proto.OK if stored is not None else proto.ERROR
+                payload = core.error_payload(plan.keys, exc) if stored is None else stored
+            except Exception:  # a codec's bug: the callers here get the loader's error
+                log.exception("the error record of %s could not be encoded", plan.keys.base)
+            finally:
+                if payload is None:  # the codec failed (or was interrupted): give the lease back
+                    held.settle(False)
+                    self._abandon(state, plan, wait=True)
+            if payload is None:
+                raise
+            completion = self._complete(state, plan, status, payload)
             core.note_waiters(watch, completion)
             if not core.settled(held, completion):
                 return RETRY  # type: ignore[no-any-return]
@@ -473,6 +490,12 @@ class RedisGroup(Generic[K, V]):
             held.settle(False)  # its callers get the CodecError, not the value
             if not core.settled(held, completion):
                 return RETRY  # type: ignore[no-any-return]
+            raise
+        except BaseException:
+            # The codec raised something else (a bug, an interrupt): give the lease
+            # back, so other processes take over at once rather than after a lease.
+            held.settle(False)
+            self._abandon(state, plan, wait=True)
             raise
         completion = self._complete(state, plan, proto.OK, payload)
         core.note_waiters(watch, completion)

@@ -1,0 +1,154 @@
+"""Findings of an adversarial pass over the Redis tier: each test failed before its fix.
+
+Every test talks to the session's private redis-server (the ``server`` fixture,
+emptied per test), never to a shared one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from _redis_server import RedisServer
+
+from singleflight import AbortedError, LoadingCache
+from singleflight.redis import AsyncRedisGroup, Fleet, JsonCodec, RedisGroup
+from tests._support import run, wait_for
+
+WAIT = 10.0
+
+
+class _EncodeFails(JsonCodec):
+    """A codec whose ``encode`` has a bug (raises something other than CodecError)
+    for the values (or error records) ``bad`` picks."""
+
+    def __init__(self, error: BaseException, *, records: bool = False) -> None:
+        super().__init__()
+        self.error = error
+        self.records = records
+
+    def encode(self, key: bytes, value: Any) -> bytes:
+        if (self.records and isinstance(value, list)) or value == "boom":
+            raise self.error
+        return super().encode(key, value)
+
+
+class _Stop(BaseException):
+    pass
+
+
+def _lease_and_fence(client: redis.Redis, namespace: str, key: str) -> tuple[int, bytes | None]:
+    base = f"sf:{{{namespace}:{key}}}"
+    return int(client.exists(base + ":lease")), client.hget(base + ":fence", "tok")
+
+
+@pytest.mark.parametrize("error", [RuntimeError("encode bug"), _Stop()], ids=["exc", "base"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_codec_that_raises_on_encode_gives_the_lease_back(
+    server: RedisServer, error: BaseException, mode: str
+) -> None:
+    """Before: a codec's encode raising anything but CodecError (a bug, an interrupt)
+    left the lease held and the fence naming the leader: every other process waited
+    out the whole lease (here 20 s) before taking over."""
+    client = server.client()
+    codec = _EncodeFails(error)
+    if mode == "sync":
+        group: Any = RedisGroup(client, namespace="enc", codec=codec, lease=20.0)
+        with pytest.raises(type(error)):
+            group.do("k", lambda: "boom")
+        group.close()
+    else:
+
+        async def main() -> None:
+            aclient = redis.asyncio.Redis(port=server.port)
+            agroup: AsyncRedisGroup[str, str] = AsyncRedisGroup(
+                aclient, namespace="enc", codec=codec, lease=20.0
+            )
+
+            async def load() -> str:
+                return "boom"
+
+            try:
+                # The leader's task was interrupted: its caller gets AbortedError.
+                with pytest.raises((type(error), AbortedError)):
+                    await agroup.do("k", load)
+            finally:
+                await agroup.aclose()
+                await aclient.aclose()
+
+        run(main(), WAIT)
+    assert _lease_and_fence(client, "enc", "k") == (0, None)
+    client.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_codec_that_cannot_carry_an_error_record_keeps_the_loaders_error(
+    server: RedisServer, mode: str
+) -> None:
+    """Before: a codec raising (not CodecError) on the error record replaced the
+    loader's exception with the codec's in the leader's callers, and kept the lease."""
+    client = server.client()
+    codec = _EncodeFails(RuntimeError("record bug"), records=True)
+
+    if mode == "sync":
+        group: Any = RedisGroup(client, namespace="rec", codec=codec, lease=20.0)
+
+        def fail() -> str:
+            raise KeyError("missing")
+
+        with pytest.raises(KeyError):
+            group.do("k", fail)
+        group.close()
+    else:
+
+        async def main() -> None:
+            aclient = redis.asyncio.Redis(port=server.port)
+            agroup: AsyncRedisGroup[str, str] = AsyncRedisGroup(
+                aclient, namespace="rec", codec=codec, lease=20.0
+            )
+
+            async def fail() -> str:
+                raise KeyError("missing")
+
+            try:
+                with pytest.raises(KeyError):
+                    await agroup.do("k", fail)
+            finally:
+                await agroup.aclose()
+                await aclient.aclose()
+
+        run(main(), WAIT)
+    assert _lease_and_fence(client, "rec", "k") == (0, None)
+    client.close()
+
+
+def test_invalidate_tags_reaches_an_entry_put_in_its_stale_window(
+    own_server: RedisServer,
+) -> None:
+    """Before: ``put`` tagged the key for its freshness only, so once the entry was
+    stale (but still stored, for ``stale=``) ``invalidate_tags`` no longer found it:
+    it returned, and the next read served the invalidated value.  (A server of its
+    own: the fleet's channel thread outlives the cache, PINGing its server.)"""
+    client = own_server.client()
+    fleet = Fleet(client, namespace="tagged")
+    cache: LoadingCache[str, dict[str, str]] = LoadingCache(
+        lambda key: {"v": "loaded"},
+        ttl=0.2,
+        stale=60.0,
+        fleet=fleet,
+        tags=lambda key, value: ["org"],
+    )
+    try:
+        assert fleet.wait_trusted(WAIT)
+        cache.put("a", {"v": "put"})
+        res = "sf:{tagged:a}:res"
+        # Until the stored entry is past its freshness (PTTL below its stale tail).
+        wait_for(lambda: 0 < client.pttl(res) < 60_000, WAIT, "the entry to turn stale")
+        cache.invalidate_tags("org")
+        assert not client.exists(res), "invalidate_tags left the entry in Redis"
+        assert cache.get("a") == {"v": "loaded"}
+    finally:
+        cache.close()
+        client.close()
