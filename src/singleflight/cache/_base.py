@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
@@ -407,19 +407,8 @@ class CacheBase(Generic[K, V]):
                 invalidations_received=fleet.invalidations_received,
                 l1_drops=fleet.l1_drops,
             )
-        return replace(
-            stats,
-            calls=stats.hits + stats.misses,
-            flights=group.flights,
-            joins=group.joins,
-            shared=group.shared,
-            errors=group.errors,
-            aborted=group.aborted,
-            timeouts=group.timeouts,
-            rejected=group.rejected,
-            in_flight=group.in_flight,
-            wait_seconds=group.wait_seconds,
-        )
+        counts = {field.name: getattr(group, field.name) for field in fields(GroupStats)}
+        return replace(stats, **{**counts, "calls": stats.hits + stats.misses})
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` has an entry a read could use without loading.  Not counted as a read."""

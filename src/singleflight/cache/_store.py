@@ -48,6 +48,9 @@ JOIN: Final = 3  # wait for the batch load that has this key
 # per eviction: bounds an eviction's cost when every entry is hot.
 _SECOND_CHANCES: Final = 8
 
+# The CacheStats counters a store keeps under the same names.
+_COUNTS = "misses loads load_failures stale_served refreshes early_refreshes evictions".split()
+
 
 @dataclass(slots=True)
 class Plan(Generic[K]):
@@ -511,14 +514,5 @@ class Store(Generic[K]):
     def stats(self) -> CacheStats:
         # A copy first: a finalizer run by the GC may write to data meanwhile.
         hits = self.retired_hits + sum(entry.hits for entry in list(self.data.values()))
-        return CacheStats(
-            hits=hits,
-            misses=self.misses,
-            loads=self.loads,
-            load_failures=self.load_failures,
-            stale_served=self.stale_served,
-            refreshes=self.refreshes,
-            early_refreshes=self.early_refreshes,
-            evictions=self.evictions,
-            size=len(self.data),
-        )
+        counts = {name: getattr(self, name) for name in _COUNTS}
+        return CacheStats(hits=hits, size=len(self.data), **counts)
