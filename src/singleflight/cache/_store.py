@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import count
 from typing import Any, Final, Generic, TypeVar
 
@@ -47,9 +47,6 @@ JOIN: Final = 3  # wait for the batch load that has this key
 # How many entries read since the evictor last saw them get a second chance
 # per eviction: bounds an eviction's cost when every entry is hot.
 _SECOND_CHANCES: Final = 8
-
-# The CacheStats counters a store keeps under the same names.
-_COUNTS = "misses loads load_failures stale_served refreshes early_refreshes evictions".split()
 
 
 @dataclass(slots=True)
@@ -514,5 +511,8 @@ class Store(Generic[K]):
     def stats(self) -> CacheStats:
         # A copy first: a finalizer run by the GC may write to data meanwhile.
         hits = self.retired_hits + sum(entry.hits for entry in list(self.data.values()))
-        counts = {name: getattr(self, name) for name in _COUNTS}
+        # The counters kept here under their CacheStats names (misses, loads...).
+        counts = {
+            f.name: getattr(self, f.name) for f in fields(CacheStats) if f.name in self.__slots__
+        }
         return CacheStats(hits=hits, size=len(self.data), **counts)
