@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from inspect import isawaitable
 from time import perf_counter
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic
 
 from ._flight import (
     Flight,
@@ -43,15 +43,10 @@ from ._flight import (
     waiter_error,
 )
 from ._loops import LoopGroup, LoopState, asyncio_call_soon
+from ._protocols import K, P, V
 from ._result import Result
 from .errors import AbortedError, WaitTimeoutError
 from .events import Event, emit
-
-__all__ = ["AsyncGroup"]
-
-K = TypeVar("K")
-V = TypeVar("V")
-P = ParamSpec("P")
 
 # Loader tasks share one name: a "Task-N" name per flight costs memory and a
 # string format.  Eager start (3.12+) runs the loader until it first suspends.

@@ -6,15 +6,6 @@ instead; nothing is registered or started by a call with a bad option.
 
 from __future__ import annotations
 
-__all__ = [
-    "check_count",
-    "check_duration",
-    "check_flag",
-    "check_name",
-    "check_options",
-    "check_seconds",
-]
-
 
 def check_options(
     name: object,

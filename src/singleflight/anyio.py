@@ -30,7 +30,7 @@ from concurrent.futures import InvalidStateError
 from inspect import isawaitable
 from time import perf_counter
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic
 
 try:
     # singleflight/anyio.py importing "anyio": imports are absolute, so this is
@@ -53,15 +53,13 @@ from ._flight import (
     not_awaitable,
 )
 from ._loops import LoopGroup, LoopState, asyncio_call_soon
+from ._protocols import K, P, V
 from ._result import Result
 from .errors import AbortedError
 from .events import Event, emit
 
 __all__ = ["AnyIOGroup", "FlightFuture"]
 
-K = TypeVar("K")
-V = TypeVar("V")
-P = ParamSpec("P")
 
 _TASK_NAME = "singleflight loader"
 _FUTURE_TASK_NAME = "singleflight do_future"

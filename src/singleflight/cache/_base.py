@@ -37,18 +37,6 @@ from ..stats import CacheStats, GroupStats
 from ._policy import Entry, Policy, not_found
 from ._store import REFRESH, SERVE, Plan, Store
 
-__all__ = [
-    "MISS",
-    "BatchBase",
-    "CacheBase",
-    "assemble",
-    "bad_key",
-    "check_key",
-    "logger",
-    "served",
-    "wanted_keys",
-]
-
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 

@@ -18,18 +18,6 @@ from typing import Any, Final, cast
 
 from ..errors import RemoteError, type_name
 
-__all__ = [
-    "EARLY",
-    "FRESH",
-    "MAX_DRAW",
-    "MISS",
-    "STALE",
-    "Entry",
-    "Policy",
-    "named_as",
-    "not_found",
-]
-
 # What a read of an entry should do.
 FRESH: Final = 0  # serve it
 EARLY: Final = 1  # serve it and refresh it in the background (XFetch chose this read)

@@ -29,14 +29,11 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from itertools import count
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic
 
+from .._protocols import K
 from ..stats import CacheStats
 from ._policy import EARLY, FRESH, MISS, STALE, Entry, Policy
-
-__all__ = ["JOIN", "LOAD", "REFRESH", "SERVE", "Plan", "Store"]
-
-K = TypeVar("K")
 
 # What a driver does after a lookup.
 SERVE: Final = 0  # answer from the entry

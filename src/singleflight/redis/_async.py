@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Literal, ParamSpec, TypeVar
+from typing import Any, Generic, Literal
 
 from redis.exceptions import RedisError
 
 from .. import AsyncGroup
+from .._protocols import K, P, V
 from .._result import Result
 from ..events import EventHook
 from ..stats import RedisGroupStats
@@ -37,13 +38,7 @@ from ._asyncio_only import Client, Clients, call, eval_script, read_blocking, sl
 # from concurrent.futures import Executor, Future
 #
 # from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
-#
 # unasync: end
-__all__ = ["AsyncRedisGroup"]
-
-K = TypeVar("K")
-V = TypeVar("V")
-P = ParamSpec("P")
 
 _monotonic = time.monotonic
 

@@ -11,17 +11,16 @@ from asyncio import CancelledError
 from collections.abc import Awaitable, Callable
 from inspect import isawaitable
 from time import monotonic as _monotonic
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio
 import redis.asyncio.cluster
 from redis.exceptions import NoScriptError, RedisError
 
+from .._protocols import V
 from ._core import GroupCore, command, describe, log
 from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
-
-V = TypeVar("V")
 
 sleep = asyncio.sleep
 

@@ -15,11 +15,11 @@ from contextvars import ContextVar
 from dataclasses import fields
 from time import monotonic as _monotonic
 from time import perf_counter
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 from .._flight import check_fn
 from .._options import check_name
-from .._protocols import REMOTE_FLIGHT, SharedEntry
+from .._protocols import REMOTE_FLIGHT, K, SharedEntry, V
 from .._result import Result
 from ..errors import WaitTimeoutError, type_name
 from ..events import (
@@ -58,9 +58,6 @@ from ._protocol import (
     check_namespace,
 )
 from .codecs import Codec, CodecError, JsonCodec, PayloadTooLargeError
-
-K = TypeVar("K")
-V = TypeVar("V")
 
 # What GroupCore.received returns when the payload did not decode and the plan
 # has moved on: the driver goes round its loop again.

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Generic, Literal, ParamSpec, TypeVar
+from typing import Any, Generic, Literal
 
 from redis.exceptions import RedisError
 
 from .. import Group
+from .._protocols import K, P, V
 from .._result import Result
 from ..events import EventHook
 from ..stats import RedisGroupStats
@@ -31,12 +32,6 @@ from .codecs import Codec, CodecError
 from concurrent.futures import Executor, Future
 
 from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
-
-__all__ = ["RedisGroup"]
-
-K = TypeVar("K")
-V = TypeVar("V")
-P = ParamSpec("P")
 
 _monotonic = time.monotonic
 

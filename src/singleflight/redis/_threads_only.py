@@ -13,18 +13,17 @@ import time
 import weakref
 from collections.abc import Callable
 from time import monotonic as _monotonic
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 import redis.cluster
 from redis.exceptions import NoScriptError, RedisError
 
+from .._protocols import V
 from . import _protocol as proto
 from ._core import GroupCore, command, describe, log
 from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
-
-V = TypeVar("V")
 
 sleep = time.sleep
 
