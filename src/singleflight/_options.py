@@ -7,6 +7,11 @@ instead; nothing is registered or started by a call with a bad option.
 from __future__ import annotations
 
 
+def missing(module: str, extra: str, what: str) -> ImportError:
+    """What ``singleflight.<module>`` raises when ``what``, which it needs, is not installed."""
+    return ImportError(f"singleflight.{module} needs {what}: pip install 'pysingleflight[{extra}]'")
+
+
 def check_options(
     name: object,
     on_event: object,

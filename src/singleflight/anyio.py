@@ -32,15 +32,15 @@ from time import perf_counter
 from types import TracebackType
 from typing import Any, Generic
 
+from ._options import missing
+
 try:
     # singleflight/anyio.py importing "anyio": imports are absolute, so this is
     # the third-party package, never this module.
     import anyio
     import anyio.lowlevel
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
-    raise ImportError(
-        "singleflight.anyio needs AnyIO 4 or later: install pysingleflight[anyio]"
-    ) from exc
+    raise missing("anyio", "anyio", "AnyIO 4 or later") from exc
 
 from ._flight import (
     Failure,
