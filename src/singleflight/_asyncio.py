@@ -43,7 +43,7 @@ from ._flight import (
     waiter_error,
 )
 from ._loops import LoopGroup, LoopState, asyncio_call_soon
-from ._protocols import K, P, V
+from ._protocols import Args, AsyncFn, K, Kwargs, P, V
 from ._result import Result
 from .errors import AbortedError, WaitTimeoutError
 from .events import Event, emit
@@ -373,11 +373,7 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
     # -- the mechanism -------------------------------------------------------------
 
     def _enter(
-        self,
-        key: K,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        self, key: K, fn: AsyncFn, args: Args, kwargs: Kwargs
     ) -> tuple[_AsyncFlight | None, asyncio.Future[Any], float | None]:
         """Lead or join the flight of ``key``: the bookkeeping of every entry point.
 
@@ -531,12 +527,7 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
         return None if self._timeout is None else get_running_loop().time() + self._timeout
 
     async def _admit(
-        self,
-        key: K,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        deadline: float | None,
+        self, key: K, fn: AsyncFn, args: Args, kwargs: Kwargs, deadline: float | None
     ) -> tuple[_AsyncFlight | None, asyncio.Future[Any], float | None]:
         """_enter(), waiting for a slot while max_flights is reached (on_limit="wait").
 

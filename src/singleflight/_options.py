@@ -13,11 +13,7 @@ def missing(module: str, extra: str, what: str) -> ImportError:
 
 
 def check_options(
-    name: object,
-    on_event: object,
-    max_flights: object,
-    on_limit: object,
-    timeout: object,
+    name: object, on_event: object, max_flights: object, on_limit: object, timeout: object
 ) -> None:
     """Validate the options every group takes."""
     check_name(name)

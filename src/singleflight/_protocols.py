@@ -34,13 +34,17 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 # The type variables the modules share: a key, a value, a loader's parameters.
 K = TypeVar("K")
 K_contra = TypeVar("K_contra", contravariant=True)
 V = TypeVar("V")
 P = ParamSpec("P")
+# A loader call as the drivers pass it on: fn(*args, **kwargs).
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+AsyncFn = Callable[..., Awaitable[Any]]
 
 
 class GroupLike(Protocol[K_contra, V]):

@@ -53,7 +53,7 @@ from ._flight import (
     not_awaitable,
 )
 from ._loops import LoopGroup, LoopState, asyncio_call_soon
-from ._protocols import K, P, V
+from ._protocols import Args, AsyncFn, K, Kwargs, P, V
 from ._result import Result
 from .errors import AbortedError
 from .events import Event, emit
@@ -451,12 +451,7 @@ class AnyIOGroup(LoopGroup[K, _Run], Generic[K, V]):
         return anyio.current_time() + (self._timeout or 0.0)
 
     def _enter(
-        self,
-        key: K,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        waits: bool = True,
+        self, key: K, fn: AsyncFn, args: Args, kwargs: Kwargs, waits: bool = True
     ) -> tuple[_AnyIOFlight, float | None]:
         """Lead or join the flight of ``key``; a leader's loader task is started here.
 
@@ -513,7 +508,7 @@ class AnyIOGroup(LoopGroup[K, _Run], Generic[K, V]):
         return flight, None
 
     async def _settled(
-        self, key: K, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any
+        self, key: K, fn: AsyncFn, args: Any, kwargs: Any
     ) -> tuple[_AnyIOFlight, float | None]:
         """do() and do_result(): lead or join the flight of ``key``, wait for its end."""
         deadline = None if self._timeout is None else self._deadline()
@@ -537,12 +532,7 @@ class AnyIOGroup(LoopGroup[K, _Run], Generic[K, V]):
                 own.awaits = None
 
     async def _admit(
-        self,
-        key: K,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        deadline: float | None,
+        self, key: K, fn: AsyncFn, args: Args, kwargs: Kwargs, deadline: float | None
     ) -> tuple[_AnyIOFlight, float | None]:
         """_enter(), waiting for a slot while ``max_flights`` is reached (``on_limit="wait"``).
 
@@ -613,9 +603,9 @@ class AnyIOGroup(LoopGroup[K, _Run], Generic[K, V]):
         future: FlightFuture[Any],
         scope: anyio.CancelScope,
         key: K,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: AsyncFn,
+        args: Args,
+        kwargs: Kwargs,
         deadline: float | None,
     ) -> None:
         """The task of a do_future() caller waiting for a slot: do()'s work, into ``future``.
@@ -642,13 +632,7 @@ class AnyIOGroup(LoopGroup[K, _Run], Generic[K, V]):
             if not run.trio and isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
 
-    async def _fly(
-        self,
-        flight: _AnyIOFlight,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
+    async def _fly(self, flight: _AnyIOFlight, fn: AsyncFn, args: Args, kwargs: Kwargs) -> None:
         """The loader task: run ``fn``, then settle the flight.  It never raises.
 
         A trio system task must not (an error there crashes the whole run), and

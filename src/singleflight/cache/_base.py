@@ -271,13 +271,7 @@ class CacheBase(Generic[K, V]):
             fleet._bind(self)
 
     def _fleet_group(
-        self,
-        fleet: Any,
-        group: Any,
-        load: Any,
-        ttl: object,
-        load_many: Any,
-        name: str,
+        self, fleet: Any, group: Any, load: Any, ttl: object, load_many: Any, name: str
     ) -> tuple[Any, Any]:
         """Check ``fleet=`` (a Fleet, or a Redis client to make one of): the Fleet, and
         the group it coalesces misses with."""
@@ -626,11 +620,7 @@ class CacheBase(Generic[K, V]):
             )
 
     def _batch_failed(
-        self,
-        batch: object,
-        tokens: dict[K, int],
-        error: BaseException,
-        started: float,
+        self, batch: object, tokens: dict[K, int], error: BaseException, started: float
     ) -> None:
         now = self._clock()
         with self._lock:

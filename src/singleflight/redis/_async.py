@@ -17,7 +17,7 @@ from typing import Any, Generic, Literal
 from redis.exceptions import RedisError
 
 from .. import AsyncGroup
-from .._protocols import K, P, V
+from .._protocols import Args, K, Kwargs, P, V
 from .._result import Result
 from ..events import EventHook
 from ..stats import RedisGroupStats
@@ -452,8 +452,8 @@ class AsyncRedisGroup(Generic[K, V]):
         key: K,
         text: str,
         fn: Callable[..., Awaitable[V]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        args: Args,
+        kwargs: Kwargs,
         caller: Caller,
         fleet: FleetCall | None = None,
     ) -> V:
@@ -537,8 +537,8 @@ class AsyncRedisGroup(Generic[K, V]):
         key: K,
         plan: Plan,
         fn: Callable[..., Awaitable[V]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        args: Args,
+        kwargs: Kwargs,
         watch: Watch,
     ) -> V:
         """Run the loader holding the lease, then complete (or abandon) the flight in Redis.

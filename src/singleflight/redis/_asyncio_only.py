@@ -17,7 +17,7 @@ import redis.asyncio
 import redis.asyncio.cluster
 from redis.exceptions import NoScriptError, RedisError
 
-from .._protocols import V
+from .._protocols import Args, Kwargs, V
 from ._core import GroupCore, command, describe, log
 from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
@@ -150,7 +150,7 @@ class Clients:
         self.background: set[asyncio.Task[Any]] = set()
 
 
-async def call(fn: Callable[..., Awaitable[V]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> V:
+async def call(fn: Callable[..., Awaitable[V]], args: Args, kwargs: Kwargs) -> V:
     returned = fn(*args, **kwargs)
     if not isawaitable(returned):
         raise TypeError(

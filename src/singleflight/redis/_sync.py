@@ -18,7 +18,7 @@ from typing import Any, Generic, Literal
 from redis.exceptions import RedisError
 
 from .. import Group
-from .._protocols import K, P, V
+from .._protocols import Args, K, Kwargs, P, V
 from .._result import Result
 from ..events import EventHook
 from ..stats import RedisGroupStats
@@ -336,8 +336,8 @@ class RedisGroup(Generic[K, V]):
         key: K,
         text: str,
         fn: Callable[..., V],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        args: Args,
+        kwargs: Kwargs,
         caller: Caller,
         fleet: FleetCall | None = None,
     ) -> V:
@@ -416,8 +416,8 @@ class RedisGroup(Generic[K, V]):
         key: K,
         plan: Plan,
         fn: Callable[..., V],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        args: Args,
+        kwargs: Kwargs,
         watch: Watch,
     ) -> V:
         """Run the loader holding the lease, then complete (or abandon) the flight in Redis.

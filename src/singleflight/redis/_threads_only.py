@@ -19,7 +19,7 @@ import redis
 import redis.cluster
 from redis.exceptions import NoScriptError, RedisError
 
-from .._protocols import V
+from .._protocols import Args, Kwargs, V
 from . import _protocol as proto
 from ._core import GroupCore, command, describe, log
 from ._errors import cluster_errors
@@ -205,5 +205,5 @@ class Clients:
         self.watchdog = Watchdog(core, commands)
 
 
-def call(fn: Callable[..., V], args: tuple[Any, ...], kwargs: dict[str, Any]) -> V:
+def call(fn: Callable[..., V], args: Args, kwargs: Kwargs) -> V:
     return fn(*args, **kwargs)
