@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from inspect import isawaitable
 from time import perf_counter
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic
 
 from ._flight import (
     Flight,
@@ -43,15 +43,10 @@ from ._flight import (
     waiter_error,
 )
 from ._loops import LoopGroup, LoopState, asyncio_call_soon
+from ._protocols import Args, AsyncFn, K, Kwargs, P, V
 from ._result import Result
 from .errors import AbortedError, WaitTimeoutError
 from .events import Event, emit
-
-__all__ = ["AsyncGroup"]
-
-K = TypeVar("K")
-V = TypeVar("V")
-P = ParamSpec("P")
 
 # Loader tasks share one name: a "Task-N" name per flight costs memory and a
 # string format.  Eager start (3.12+) runs the loader until it first suspends.
@@ -378,11 +373,7 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
     # -- the mechanism -------------------------------------------------------------
 
     def _enter(
-        self,
-        key: K,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        self, key: K, fn: AsyncFn, args: Args, kwargs: Kwargs
     ) -> tuple[_AsyncFlight | None, asyncio.Future[Any], float | None]:
         """Lead or join the flight of ``key``: the bookkeeping of every entry point.
 
@@ -536,12 +527,7 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
         return None if self._timeout is None else get_running_loop().time() + self._timeout
 
     async def _admit(
-        self,
-        key: K,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        deadline: float | None,
+        self, key: K, fn: AsyncFn, args: Args, kwargs: Kwargs, deadline: float | None
     ) -> tuple[_AsyncFlight | None, asyncio.Future[Any], float | None]:
         """_enter(), waiting for a slot while max_flights is reached (on_limit="wait").
 

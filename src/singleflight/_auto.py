@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from dataclasses import fields, replace
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic
 
 from ._asyncio import AsyncGroup
+from ._protocols import P
+from .cache._base import K, V
 from .stats import GroupStats
 
 if TYPE_CHECKING:
     from .anyio import AnyIOGroup
 
-__all__ = ["AutoGroup", "running_asyncio"]
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-P = ParamSpec("P")
 
 _running_loop = asyncio._get_running_loop
 # What inspect.iscoroutinefunction() recognises (3.12+) on a function returning a coroutine.

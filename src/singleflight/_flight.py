@@ -33,20 +33,6 @@ from .events import (
 )
 from .stats import GroupStats
 
-__all__ = [
-    "Failure",
-    "Flight",
-    "Full",
-    "Table",
-    "bad_key",
-    "check_fn",
-    "cycle_error",
-    "loader_timed_out",
-    "new_flight_id",
-    "not_awaitable",
-    "waiter_error",
-]
-
 F = TypeVar("F", bound="Flight")
 
 # Flight ids in events: one counter for every group and driver, so an id is

@@ -22,11 +22,10 @@ from typing import Any, Generic, Literal, NoReturn, TypeVar
 from ._flight import Full, Table
 from ._flight import stats as _stats
 from ._options import check_flag, check_options, check_seconds
+from ._protocols import K
 from .errors import WaitTimeoutError
 from .events import EventHook, emit
 from .stats import GroupStats
-
-__all__ = ["LoopGroup", "LoopState", "Registry"]
 
 
 class LoopState:
@@ -45,7 +44,6 @@ class LoopState:
 
 
 S = TypeVar("S", bound=LoopState)
-K = TypeVar("K")
 
 
 def _dead_ref() -> None:

@@ -6,22 +6,14 @@ instead; nothing is registered or started by a call with a bad option.
 
 from __future__ import annotations
 
-__all__ = [
-    "check_count",
-    "check_duration",
-    "check_flag",
-    "check_name",
-    "check_options",
-    "check_seconds",
-]
+
+def missing(module: str, extra: str, what: str) -> ImportError:
+    """What ``singleflight.<module>`` raises when ``what``, which it needs, is not installed."""
+    return ImportError(f"singleflight.{module} needs {what}: pip install 'pysingleflight[{extra}]'")
 
 
 def check_options(
-    name: object,
-    on_event: object,
-    max_flights: object,
-    on_limit: object,
-    timeout: object,
+    name: object, on_event: object, max_flights: object, on_limit: object, timeout: object
 ) -> None:
     """Validate the options every group takes."""
     check_name(name)

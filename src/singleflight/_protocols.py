@@ -33,20 +33,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import ParamSpec, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, ParamSpec, Protocol, TypeVar
 
-__all__ = [
-    "REMOTE_FLIGHT",
-    "AsyncGroupLike",
-    "GroupLike",
-    "Settling",
-    "SharedEntry",
-    "crosses_processes",
-]
-
+# The type variables the modules share: a key, a value, a loader's parameters.
+K = TypeVar("K")
 K_contra = TypeVar("K_contra", contravariant=True)
 V = TypeVar("V")
 P = ParamSpec("P")
+# A loader call as the drivers pass it on: fn(*args, **kwargs).
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+AsyncFn = Callable[..., Awaitable[Any]]
 
 
 class GroupLike(Protocol[K_contra, V]):
@@ -78,6 +76,7 @@ class Settling(Protocol):
 REMOTE_FLIGHT: ContextVar[Settling | None] = ContextVar("singleflight_remote_flight", default=None)
 
 
+@dataclass(slots=True, eq=False)
 class SharedEntry:
     """An entry a fleet group read from the store its processes share, handed to the
     cache in front (in place of a bare value) by ``do`` of such a group.
@@ -90,25 +89,13 @@ class SharedEntry:
     when the read was sent: the entry is at least that old.
     """
 
-    __slots__ = ("delta", "error", "fresh", "read_at", "stale", "stale_if_error", "value")
-
-    def __init__(
-        self,
-        value: object,
-        error: BaseException | None,
-        fresh: float,
-        stale: float,
-        stale_if_error: float,
-        delta: float,
-        read_at: float,
-    ) -> None:
-        self.value = value
-        self.error = error
-        self.fresh = fresh
-        self.stale = stale
-        self.stale_if_error = stale_if_error
-        self.delta = delta
-        self.read_at = read_at
+    value: object
+    error: BaseException | None
+    fresh: float
+    stale: float
+    stale_if_error: float
+    delta: float
+    read_at: float
 
     def __repr__(self) -> str:
         what = f"error={self.error!r}" if self.error is not None else f"value={self.value!r}"

@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, TypeVar
 
-__all__ = ["Result"]
-
 V_co = TypeVar("V_co", covariant=True)
 
 

@@ -18,7 +18,7 @@ from functools import partial
 from threading import get_ident
 from time import monotonic, perf_counter
 from types import CoroutineType, TracebackType
-from typing import Any, Generic, Literal, ParamSpec, TypeVar
+from typing import Any, Generic, Literal
 
 from ._flight import (
     Failure,
@@ -30,16 +30,11 @@ from ._flight import (
 )
 from ._flight import stats as _stats
 from ._options import check_options
+from ._protocols import K, P, V
 from ._result import Result
 from .errors import AbortedError, ReentryError, TooManyFlightsError, WaitTimeoutError, safe_repr
 from .events import Event, EventHook, emit
 from .stats import GroupStats
-
-__all__ = ["Group"]
-
-K = TypeVar("K")
-V = TypeVar("V")
-P = ParamSpec("P")
 
 # A call's owner once it has ended: never a thread's ident.
 _ENDED: Any = object()

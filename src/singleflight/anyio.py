@@ -30,7 +30,9 @@ from concurrent.futures import InvalidStateError
 from inspect import isawaitable
 from time import perf_counter
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic
+
+from ._options import missing
 
 try:
     # singleflight/anyio.py importing "anyio": imports are absolute, so this is
@@ -38,9 +40,7 @@ try:
     import anyio
     import anyio.lowlevel
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
-    raise ImportError(
-        "singleflight.anyio needs AnyIO 4 or later: install pysingleflight[anyio]"
-    ) from exc
+    raise missing("anyio", "anyio", "AnyIO 4 or later") from exc
 
 from ._flight import (
     Failure,
@@ -53,15 +53,13 @@ from ._flight import (
     not_awaitable,
 )
 from ._loops import LoopGroup, LoopState, asyncio_call_soon
+from ._protocols import Args, AsyncFn, K, Kwargs, P, V
 from ._result import Result
 from .errors import AbortedError
 from .events import Event, emit
 
 __all__ = ["AnyIOGroup", "FlightFuture"]
 
-K = TypeVar("K")
-V = TypeVar("V")
-P = ParamSpec("P")
 
 _TASK_NAME = "singleflight loader"
 _FUTURE_TASK_NAME = "singleflight do_future"
@@ -453,12 +451,7 @@ class AnyIOGroup(LoopGroup[K, _Run], Generic[K, V]):
         return anyio.current_time() + (self._timeout or 0.0)
 
     def _enter(
-        self,
-        key: K,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        waits: bool = True,
+        self, key: K, fn: AsyncFn, args: Args, kwargs: Kwargs, waits: bool = True
     ) -> tuple[_AnyIOFlight, float | None]:
         """Lead or join the flight of ``key``; a leader's loader task is started here.
 
@@ -515,7 +508,7 @@ class AnyIOGroup(LoopGroup[K, _Run], Generic[K, V]):
         return flight, None
 
     async def _settled(
-        self, key: K, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any
+        self, key: K, fn: AsyncFn, args: Any, kwargs: Any
     ) -> tuple[_AnyIOFlight, float | None]:
         """do() and do_result(): lead or join the flight of ``key``, wait for its end."""
         deadline = None if self._timeout is None else self._deadline()
@@ -539,12 +532,7 @@ class AnyIOGroup(LoopGroup[K, _Run], Generic[K, V]):
                 own.awaits = None
 
     async def _admit(
-        self,
-        key: K,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        deadline: float | None,
+        self, key: K, fn: AsyncFn, args: Args, kwargs: Kwargs, deadline: float | None
     ) -> tuple[_AnyIOFlight, float | None]:
         """_enter(), waiting for a slot while ``max_flights`` is reached (``on_limit="wait"``).
 
@@ -615,9 +603,9 @@ class AnyIOGroup(LoopGroup[K, _Run], Generic[K, V]):
         future: FlightFuture[Any],
         scope: anyio.CancelScope,
         key: K,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: AsyncFn,
+        args: Args,
+        kwargs: Kwargs,
         deadline: float | None,
     ) -> None:
         """The task of a do_future() caller waiting for a slot: do()'s work, into ``future``.
@@ -644,13 +632,7 @@ class AnyIOGroup(LoopGroup[K, _Run], Generic[K, V]):
             if not run.trio and isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
 
-    async def _fly(
-        self,
-        flight: _AnyIOFlight,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
+    async def _fly(self, flight: _AnyIOFlight, fn: AsyncFn, args: Args, kwargs: Kwargs) -> None:
         """The loader task: run ``fn``, then settle the flight.  It never raises.
 
         A trio system task must not (an error there crashes the whole run), and

@@ -259,12 +259,7 @@ class CoalescingMiddleware:
         await self._via_task_group(key, scope, first, receive, send)
 
     async def _via_task_group(
-        self,
-        key: Any,
-        scope: Scope,
-        first: list[Message],
-        receive: Receive,
-        send: Send,
+        self, key: Any, scope: Scope, first: list[Message], receive: Receive, send: Send
     ) -> None:
         import anyio
 
@@ -291,13 +286,7 @@ class CoalescingMiddleware:
 
     # -- the leader ------------------------------------------------------------------
 
-    async def _lead(
-        self,
-        lead: Any,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-    ) -> None:
+    async def _lead(self, lead: Any, scope: Scope, receive: Receive, send: Send) -> None:
         max_body = self._max_body
         chunks: list[bytes] = []
         size = 0
@@ -378,11 +367,7 @@ class CoalescingMiddleware:
             unshare()
 
     def _shared(
-        self,
-        scope: Scope,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        chunks: list[bytes],
+        self, scope: Scope, status: int, headers: list[tuple[bytes, bytes]], chunks: list[bytes]
     ) -> Any:
         """The value of a shared response, or None when its Vary is ``*``."""
         vary: list[tuple[bytes, bytes | None]] = []

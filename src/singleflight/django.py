@@ -28,12 +28,12 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ._options import missing
+
 try:
     import django  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised without Django installed
-    raise ImportError(
-        "singleflight.django needs Django 4.2 or later: pip install 'pysingleflight[django]'"
-    ) from exc
+    raise missing("django", "django", "Django 4.2 or later") from exc
 
 from django.core.cache import caches
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
@@ -88,18 +88,15 @@ class CoalescingCache:
         return f"{self._alias or id(cache)}:{cache.make_key(key, version=version)}"
 
     def get_or_set(
-        self,
-        key: str,
-        default: Any,
-        timeout: float | object | None = DEFAULT_TIMEOUT,
-        version: int | None = None,
+        self, key: str, default: Any, timeout: object = DEFAULT_TIMEOUT, version: int | None = None
     ) -> Any:
         """The value of ``key``; on a miss, compute ``default()`` once, store it and return it.
 
         Returns the stored value, or what the computation returned (``default``
         itself when it is not callable).  Raises what the computation raises,
         in every caller that waited for it.  A ``None`` value is not stored,
-        as with Django's own ``get_or_set``.
+        as with Django's own ``get_or_set``; ``timeout`` (seconds, ``None`` for
+        ever) and ``version`` are its own too.
         """
         cache = self.cache
         value = cache.get(key, _MISSING, version=version)
@@ -118,11 +115,7 @@ class CoalescingCache:
         return self.group.do(self._flight_key(cache, key, version), compute)
 
     async def aget_or_set(
-        self,
-        key: str,
-        default: Any,
-        timeout: float | object | None = DEFAULT_TIMEOUT,
-        version: int | None = None,
+        self, key: str, default: Any, timeout: object = DEFAULT_TIMEOUT, version: int | None = None
     ) -> Any:
         """As :meth:`get_or_set`, for coroutines; ``default`` may return an awaitable.
 

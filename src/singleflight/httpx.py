@@ -27,14 +27,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
+from ._options import missing
+
 try:
     # singleflight/httpx.py importing "httpx": imports are absolute, so this is
     # the third-party package, never this module.
     import httpx
 except ImportError as exc:  # pragma: no cover - exercised without httpx installed
-    raise ImportError(
-        "singleflight.httpx needs httpx 0.27 or later: pip install 'pysingleflight[httpx]'"
-    ) from exc
+    raise missing("httpx", "httpx", "httpx 0.27 or later") from exc
 
 from ._asyncio import AsyncGroup
 from ._protocols import AsyncGroupLike, GroupLike

@@ -26,9 +26,9 @@ import inspect
 import random as _random
 import time
 from asyncio import Task
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 from .._protocols import AsyncGroupLike, SharedEntry
 from ..events import EventHook
@@ -45,6 +45,8 @@ from ._asyncio_only import (
 from ._base import (
     DEFAULT_MAXSIZE,
     CacheBase,
+    K,
+    V,
     assemble,
     check_key,
     logger,
@@ -57,22 +59,17 @@ from ._store import JOIN, SERVE
 # unasync: sync-only
 # import random as _random
 # import time
-# from collections.abc import Callable, Hashable, Iterable, Mapping
+# from collections.abc import Callable, Iterable, Mapping
 # from functools import partial
-# from typing import Any, Generic, TypeVar
+# from typing import Any, Generic
 #
 # from .._protocols import GroupLike, SharedEntry
 # from ..events import EventHook
-# from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
+# from ._base import DEFAULT_MAXSIZE, CacheBase, K, V, assemble, logger, served, wanted_keys
 # from ._policy import Entry
 # from ._store import JOIN, SERVE
 # from ._threads_only import Background, Batch, check_loaders, default_group, outcomes_of
-#
 # unasync: end
-__all__ = ["AsyncLoadingCache"]
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
 
 
 class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):

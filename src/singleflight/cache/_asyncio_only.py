@@ -21,16 +21,6 @@ from .._auto import AutoGroup, running_asyncio
 from ..errors import AbortedError
 from ._base import BatchBase, logger
 
-__all__ = [
-    "Background",
-    "Batch",
-    "Broadcast",
-    "check_loaders",
-    "default_group",
-    "not_awaitable",
-    "outcomes_of",
-]
-
 
 def default_group() -> AutoGroup[Any, Any]:
     """The group of a cache made without ``group=``: asyncio's or AnyIO's, as the caller runs."""

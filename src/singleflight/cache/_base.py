@@ -16,9 +16,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from .._options import check_name
 from .._protocols import REMOTE_FLIGHT, Settling, SharedEntry, crosses_processes
@@ -37,17 +37,8 @@ from ..stats import CacheStats, GroupStats
 from ._policy import Entry, Policy, not_found
 from ._store import REFRESH, SERVE, Plan, Store
 
-__all__ = [
-    "MISS",
-    "BatchBase",
-    "CacheBase",
-    "assemble",
-    "bad_key",
-    "check_key",
-    "logger",
-    "served",
-    "wanted_keys",
-]
+if TYPE_CHECKING:
+    from ..redis._protocol import FleetEntry
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -283,13 +274,7 @@ class CacheBase(Generic[K, V]):
             fleet._bind(self)
 
     def _fleet_group(
-        self,
-        fleet: Any,
-        group: Any,
-        load: Any,
-        ttl: object,
-        load_many: Any,
-        name: str,
+        self, fleet: Any, group: Any, load: Any, ttl: object, load_many: Any, name: str
     ) -> tuple[Any, Any]:
         """Check ``fleet=`` (a Fleet, or a Redis client to make one of): the Fleet, and
         the group it coalesces misses with."""
@@ -411,19 +396,8 @@ class CacheBase(Generic[K, V]):
                 invalidations_received=fleet.invalidations_received,
                 l1_drops=fleet.l1_drops,
             )
-        return replace(
-            stats,
-            calls=stats.hits + stats.misses,
-            flights=group.flights,
-            joins=group.joins,
-            shared=group.shared,
-            errors=group.errors,
-            aborted=group.aborted,
-            timeouts=group.timeouts,
-            rejected=group.rejected,
-            in_flight=group.in_flight,
-            wait_seconds=group.wait_seconds,
-        )
+        counts = {field.name: getattr(group, field.name) for field in fields(GroupStats)}
+        return replace(stats, **{**counts, "calls": stats.hits + stats.misses})
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` has an entry a read could use without loading.  Not counted as a read."""
@@ -653,11 +627,7 @@ class CacheBase(Generic[K, V]):
             )
 
     def _batch_failed(
-        self,
-        batch: object,
-        tokens: dict[K, int],
-        error: BaseException,
-        started: float,
+        self, batch: object, tokens: dict[K, int], error: BaseException, started: float
     ) -> None:
         now = self._clock()
         with self._lock:
@@ -689,7 +659,7 @@ class CacheBase(Generic[K, V]):
             int(entry.delta * 1000),
         )
 
-    def _shared(self, entry: Entry, now: float, error: bool) -> Any:
+    def _shared(self, entry: Entry, now: float, error: bool) -> FleetEntry:
         from ..redis._protocol import ERROR_ENTRY, VALUE_ENTRY, FleetEntry
 
         fresh, stale, stale_if_error, delta = self._lifetimes(entry, now)
@@ -877,7 +847,9 @@ class CacheBase(Generic[K, V]):
         def send() -> None:
             try:
                 if tags:
-                    fleet.tag(text, tags, 0, shared.px())  # as long as the entry is stored
+                    fleet.tag(
+                        text, tags, 0, shared.px(time.monotonic())
+                    )  # as long as the entry is stored
                 fleet.put(key, value, shared, local=False)
             except BaseException:
                 with self._lock:

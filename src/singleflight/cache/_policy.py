@@ -18,18 +18,6 @@ from typing import Any, Final, cast
 
 from ..errors import RemoteError, type_name
 
-__all__ = [
-    "EARLY",
-    "FRESH",
-    "MAX_DRAW",
-    "MISS",
-    "STALE",
-    "Entry",
-    "Policy",
-    "named_as",
-    "not_found",
-]
-
 # What a read of an entry should do.
 FRESH: Final = 0  # serve it
 EARLY: Final = 1  # serve it and refresh it in the background (XFetch chose this read)
@@ -323,18 +311,7 @@ class Policy:
                     return None
         if ttl is None:
             return Entry(value, None, False, _INF, _INF, _INF, _INF, delta)
-        expires_at = now + self.lifetime(ttl)
-        fresh_until = expires_at - MAX_DRAW * delta * self.beta if self.beta else expires_at
-        return Entry(
-            value,
-            None,
-            False,
-            fresh_until,
-            expires_at,
-            expires_at + self.stale,
-            expires_at + self.stale_if_error,
-            delta,
-        )
+        return self._valued(value, now + self.lifetime(ttl), self.stale, self.stale_if_error, delta)
 
     def shared_entry(
         self,
@@ -360,6 +337,12 @@ class Policy:
         is_negative = self.is_negative
         if is_negative is not None and is_negative(value):
             return Entry(value, None, True, expires_at, expires_at, expires_at, expires_at, delta)
+        return self._valued(value, expires_at, stale, stale_if_error, delta)
+
+    def _valued(
+        self, value: Any, expires_at: float, stale: float, stale_if_error: float, delta: float
+    ) -> Entry:
+        """A value's entry: fresh until XFetch may refresh it early, then its windows."""
         fresh_until = expires_at - MAX_DRAW * delta * self.beta if self.beta else expires_at
         return Entry(
             value,

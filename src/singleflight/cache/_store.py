@@ -27,16 +27,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import count
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic
 
+from .._protocols import K
 from ..stats import CacheStats
 from ._policy import EARLY, FRESH, MISS, STALE, Entry, Policy
-
-__all__ = ["JOIN", "LOAD", "REFRESH", "SERVE", "Plan", "Store"]
-
-K = TypeVar("K")
 
 # What a driver does after a lookup.
 SERVE: Final = 0  # answer from the entry
@@ -511,14 +508,8 @@ class Store(Generic[K]):
     def stats(self) -> CacheStats:
         # A copy first: a finalizer run by the GC may write to data meanwhile.
         hits = self.retired_hits + sum(entry.hits for entry in list(self.data.values()))
-        return CacheStats(
-            hits=hits,
-            misses=self.misses,
-            loads=self.loads,
-            load_failures=self.load_failures,
-            stale_served=self.stale_served,
-            refreshes=self.refreshes,
-            early_refreshes=self.early_refreshes,
-            evictions=self.evictions,
-            size=len(self.data),
-        )
+        # The counters kept here under their CacheStats names (misses, loads...).
+        counts = {
+            f.name: getattr(self, f.name) for f in fields(CacheStats) if f.name in self.__slots__
+        }
+        return CacheStats(hits=hits, size=len(self.data), **counts)

@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import random as _random
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 from .._protocols import GroupLike, SharedEntry
 from ..events import EventHook
-from ._base import DEFAULT_MAXSIZE, CacheBase, assemble, logger, served, wanted_keys
+from ._base import DEFAULT_MAXSIZE, CacheBase, K, V, assemble, logger, served, wanted_keys
 from ._policy import Entry
 from ._store import JOIN, SERVE
 from ._threads_only import Background, Batch, check_loaders, default_group, outcomes_of
-
-__all__ = ["LoadingCache"]
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
 
 
 class LoadingCache(CacheBase[K, V], Generic[K, V]):

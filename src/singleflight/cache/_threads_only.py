@@ -18,8 +18,6 @@ from .._flight import waiter_error
 from .._threads import Group
 from ._base import BatchBase
 
-__all__ = ["Background", "Batch", "check_loaders", "default_group", "outcomes_of"]
-
 
 def default_group() -> Group[Any, Any]:
     """The group of a cache made without ``group=``."""

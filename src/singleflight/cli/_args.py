@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-__all__ = ["UsageError", "build_parser", "parse"]
-
 MODE_NAMES = ("naive", "group", "redis", "loading", "fleet")
 REDIS_MODES = ("redis", "fleet")
 BENCH_NAMES = ("core", "cache", "redis")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["redact"]
-
 # scheme://user:password@ -- the password runs to the last "@" before whitespace, so a
 # password holding an unescaped "@" or ":" is hidden whole.
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):(?P<password>\S*)@")

@@ -110,7 +110,8 @@ def hot_keys(cfg: DemoConfig) -> list[int]:
 
 # -- one process: threads or tasks ---------------------------------------------------------
 
-Ticker = Callable[[int, int], None]  # (requests so far, queries so far)
+Tick = Callable[[int, int], None]  # (requests so far, queries so far)
+Start = Callable[[], float]  # waits for the run's start, then returns its origin
 
 
 class _Clients:
@@ -124,7 +125,7 @@ class _Clients:
         """Requests made so far, by every client."""
         return sum(len(s.latencies) for s in self.stats)
 
-    def done(self, db: Database, tick: Ticker) -> RawRun:
+    def done(self, db: Database, tick: Tick) -> RawRun:
         """The last tick, and the run (``db`` is closed)."""
         tick(self.requests(), db.executed())
         run = _merged(self.stats, db.log() if db.counts_in_process else [])
@@ -142,13 +143,7 @@ def _merged(parts: Sequence[ClientStats | RawRun], log: list[tuple[float, float,
 
 
 def run_threads(
-    cfg: DemoConfig,
-    mode: str,
-    db: Database,
-    run: str,
-    clients: range,
-    start_at: Callable[[], float],
-    tick: Ticker,
+    cfg: DemoConfig, mode: str, db: Database, run: str, clients: range, start_at: Start, tick: Tick
 ) -> RawRun:
     """Run ``mode`` with one thread per client index in ``clients``.
 
@@ -199,13 +194,7 @@ def run_threads(
 
 
 def run_tasks(
-    cfg: DemoConfig,
-    mode: str,
-    db: Database,
-    run: str,
-    clients: range,
-    start_at: Callable[[], float],
-    tick: Ticker,
+    cfg: DemoConfig, mode: str, db: Database, run: str, clients: range, start_at: Start, tick: Tick
 ) -> RawRun:
     """Run ``mode`` with one asyncio task per client index, on a new event loop.
 
@@ -302,7 +291,7 @@ def _worker(
 START_TIMEOUT = 60.0  # seconds worker processes may take to start
 
 
-def run_processes(cfg: DemoConfig, mode: str, db: Database, run: str, tick: Ticker) -> RawRun:
+def run_processes(cfg: DemoConfig, mode: str, db: Database, run: str, tick: Tick) -> RawRun:
     """Run ``mode`` in ``cfg.processes`` worker processes sharing the clients.
 
     Each worker starts its clients, then waits; once all are ready the parent

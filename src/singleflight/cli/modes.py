@@ -208,20 +208,28 @@ def build_sync(
     mode: str, query: Query, ttl: float, redis_url: str | None = None, namespace: str = ""
 ) -> Mode:
     """The mode named ``mode`` in front of ``query``."""
+    parts = (_Fleet, Group, _nothing, _redis_group, _Loading, _CacheAside)
+    return _build(parts, mode, query, ttl, redis_url, namespace)  # type: ignore[no-any-return]
+
+
+def _build(
+    parts: tuple[Any, ...], mode: str, query: Any, ttl: float, redis_url: str | None, namespace: str
+) -> Any:
+    """build_sync and build_async: ``parts`` are the fleet mode, the group, the
+    closing of no Redis group, the Redis group maker, the loading and the naive mode."""
+    fleet, new_group, nothing, redis_group, loading, aside = parts
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
     if mode == "fleet":
         if redis_url is None:
             raise ValueError("mode fleet needs a Redis URL")
-        return _Fleet(query, ttl, redis_url, namespace)
-    group: Any = Group() if mode == "group" else None
-    closing = _nothing
+        return fleet(query, ttl, redis_url, namespace)
+    group = new_group() if mode == "group" else None
+    closing = nothing
     if mode == "redis" or (mode == "loading" and redis_url is not None):
         assert redis_url is not None
-        group, closing = _redis_group(redis_url, namespace, ttl)
-    if mode == "loading":
-        return _Loading(query, ttl, group, closing)
-    return _CacheAside(query, ttl, group, closing)
+        group, closing = redis_group(redis_url, namespace, ttl)
+    return (loading if mode == "loading" else aside)(query, ttl, group, closing)
 
 
 # -- asyncio -----------------------------------------------------------------------------
@@ -329,17 +337,12 @@ def build_async(
     mode: str, query: AsyncQuery, ttl: float, redis_url: str | None = None, namespace: str = ""
 ) -> AsyncMode:
     """The mode named ``mode`` in front of ``query``, for the running event loop."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}")
-    if mode == "fleet":
-        if redis_url is None:
-            raise ValueError("mode fleet needs a Redis URL")
-        return _AsyncFleet(query, ttl, redis_url, namespace)
-    group: Any = AsyncGroup() if mode == "group" else None
-    closing: AsyncClosing = _anothing
-    if mode == "redis" or (mode == "loading" and redis_url is not None):
-        assert redis_url is not None
-        group, closing = _async_redis_group(redis_url, namespace, ttl)
-    if mode == "loading":
-        return _AsyncLoading(query, ttl, group, closing)
-    return _AsyncCacheAside(query, ttl, group, closing)
+    parts = (
+        _AsyncFleet,
+        AsyncGroup,
+        _anothing,
+        _async_redis_group,
+        _AsyncLoading,
+        _AsyncCacheAside,
+    )
+    return _build(parts, mode, query, ttl, redis_url, namespace)  # type: ignore[no-any-return]

@@ -124,14 +124,6 @@ def chain(*hooks: EventHook | None) -> EventHook:
     return chained
 
 
-def missing(package: str, extra: str) -> ImportError:
-    """The error an exporter raises when the library it needs is not installed."""
-    return ImportError(
-        f"singleflight.metrics.{extra} needs the {package!r} package, which is not "
-        f"installed: pip install 'pysingleflight[{extra}]'"
-    )
-
-
 class Watched(NamedTuple):
     """A group or cache an exporter reads, held weakly so that watching it never keeps it alive."""
 

@@ -47,15 +47,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import events as ev
+from .._options import missing
 from ..errors import safe_repr
-from . import BREAKER_HELP, BREAKER_STATES, LABEL, SERIES, Series, Watchlist, kinds, missing
+from . import BREAKER_HELP, BREAKER_STATES, LABEL, SERIES, Series, Watchlist, kinds
 
 try:
     from opentelemetry import metrics, trace
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
     from opentelemetry.trace import Link, Span, Status, StatusCode, TracerProvider
 except ImportError as exc:
-    raise missing("opentelemetry-api", "otel") from exc
+    raise missing("metrics.otel", "otel", "opentelemetry-api") from exc
 
 __all__ = ["OtelHook", "instrument"]
 

@@ -27,15 +27,16 @@ import threading
 import weakref
 from collections.abc import Iterable
 
+from .._options import missing
 from ..stats import RedisGroupStats
-from . import BREAKER_HELP, BREAKER_STATES, KINDS, LABEL, SERIES, Watchlist, kinds, missing
+from . import BREAKER_HELP, BREAKER_STATES, KINDS, LABEL, SERIES, Watchlist, kinds
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
     from prometheus_client.registry import Collector
 except ImportError as exc:
-    raise missing("prometheus-client", "prometheus") from exc
+    raise missing("metrics.prometheus", "prometheus", "prometheus-client") from exc
 
 __all__ = ["SingleflightCollector", "register", "unregister"]
 

@@ -21,18 +21,15 @@ process (``@cached(ttl=60, fleet=redis.Redis())``): see the documentation's
 "Fleet caches" page.
 """
 
+from .._options import missing
+
 try:
     import redis as _redis
 except ImportError as exc:  # pragma: no cover - exercised without redis-py installed
-    raise ImportError(
-        "singleflight.redis needs redis-py: pip install 'pysingleflight[redis]'"
-    ) from exc
+    raise missing("redis", "redis", "redis-py") from exc
 
 if int(_redis.__version__.split(".")[0]) < 5:  # pragma: no cover
-    raise ImportError(
-        f"singleflight.redis needs redis-py >= 5 (found {_redis.__version__}): "
-        "pip install 'pysingleflight[redis]'"
-    )
+    raise missing("redis", "redis", f"redis-py >= 5 (found {_redis.__version__})")
 
 from ..stats import RedisGroupStats
 from ._async import AsyncRedisGroup

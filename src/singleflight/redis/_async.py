@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Literal, ParamSpec, TypeVar
+from typing import Any, Generic, Literal
 
 from redis.exceptions import RedisError
 
 from .. import AsyncGroup
+from .._protocols import Args, K, Kwargs, P, V
 from .._result import Result
 from ..events import EventHook
 from ..stats import RedisGroupStats
@@ -47,13 +48,7 @@ from ._asyncio_only import Client, Clients, call, eval_script, read_blocking, sl
 # from concurrent.futures import Executor, Future
 #
 # from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
-#
 # unasync: end
-__all__ = ["AsyncRedisGroup"]
-
-K = TypeVar("K")
-V = TypeVar("V")
-P = ParamSpec("P")
 
 _monotonic = time.monotonic
 
@@ -467,8 +462,8 @@ class AsyncRedisGroup(Generic[K, V]):
         key: K,
         text: str,
         fn: Callable[..., Awaitable[V]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        args: Args,
+        kwargs: Kwargs,
         caller: Caller,
         fleet: FleetCall | None = None,
     ) -> V:
@@ -552,8 +547,8 @@ class AsyncRedisGroup(Generic[K, V]):
         key: K,
         plan: Plan,
         fn: Callable[..., Awaitable[V]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        args: Args,
+        kwargs: Kwargs,
         watch: Watch,
     ) -> V:
         """Run the loader holding the lease, then complete (or abandon) the flight in Redis.

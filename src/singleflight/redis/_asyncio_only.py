@@ -11,17 +11,16 @@ from asyncio import CancelledError
 from collections.abc import Awaitable, Callable
 from inspect import isawaitable
 from time import monotonic as _monotonic
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio
 import redis.asyncio.cluster
 from redis.exceptions import NoScriptError, RedisError
 
+from .._protocols import Args, Kwargs, V
 from ._core import GroupCore, command, describe, log
 from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
-
-V = TypeVar("V")
 
 sleep = asyncio.sleep
 
@@ -151,7 +150,7 @@ class Clients:
         self.background: set[asyncio.Task[Any]] = set()
 
 
-async def call(fn: Callable[..., Awaitable[V]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> V:
+async def call(fn: Callable[..., Awaitable[V]], args: Args, kwargs: Kwargs) -> V:
     returned = fn(*args, **kwargs)
     if not isawaitable(returned):
         raise TypeError(

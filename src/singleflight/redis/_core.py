@@ -15,27 +15,15 @@ from contextvars import ContextVar
 from dataclasses import fields
 from time import monotonic as _monotonic
 from time import perf_counter
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
+from .. import events as ev
 from .._flight import check_fn
 from .._options import check_name
-from .._protocols import REMOTE_FLIGHT, SharedEntry
+from .._protocols import REMOTE_FLIGHT, K, SharedEntry, V
 from .._result import Result
 from ..errors import WaitTimeoutError, type_name
-from ..events import (
-    Event,
-    EventHook,
-    FlightAborted,
-    FlightFailed,
-    FlightFinished,
-    FlightStarted,
-    Joined,
-    RanLocally,
-    RedisUnavailable,
-    Rejected,
-    TimedOut,
-    emit,
-)
+from ..events import emit
 from ..stats import GroupStats, RedisGroupStats
 from ._errors import LoaderError, RedisUnavailableError, is_transient
 from ._protocol import (
@@ -58,9 +46,6 @@ from ._protocol import (
     check_namespace,
 )
 from .codecs import Codec, CodecError, JsonCodec, PayloadTooLargeError
-
-K = TypeVar("K")
-V = TypeVar("V")
 
 # What GroupCore.received returns when the payload did not decode and the plan
 # has moved on: the driver goes round its loop again.
@@ -222,7 +207,7 @@ class Watch:
             self.joined = True
             core = self.core
             if core.hook is not None:
-                emit(core.hook, Joined(core.name, self.key, self.caller.fid))
+                emit(core.hook, ev.Joined(core.name, self.key, self.caller.fid))
 
     def read(self) -> None:
         """A blocking read of another process's completion is about to start."""
@@ -300,7 +285,7 @@ class GroupCore(Generic[K]):
         key_to_str: Callable[[K], str] | None,
         settings: Settings,
         name: str | None = None,
-        on_event: EventHook | None = None,
+        on_event: ev.EventHook | None = None,
     ) -> None:
         self.namespace = check_namespace(namespace)
         if name is None:
@@ -520,7 +505,7 @@ class GroupCore(Generic[K]):
         with self._leads_lock:
             self._leads[fid] = _Lead(watch.key, held)
         if self.hook is not None:
-            emit(self.hook, FlightStarted(self.name, watch.key, fid))
+            emit(self.hook, ev.FlightStarted(self.name, watch.key, fid))
         return held
 
     def forgetting(self, text: str) -> None:
@@ -562,7 +547,7 @@ class GroupCore(Generic[K]):
             if lead is not None:
                 lead.waiters += completion.waiters
 
-    def local_event(self, event: Event) -> None:
+    def local_event(self, event: ev.Event) -> None:
         """The local group's ``on_event``: what its flights and joins mean for this group.
 
         ``FlightStarted`` names the local flight the current caller leads
@@ -571,39 +556,41 @@ class GroupCore(Generic[K]):
         that led in Redis ends that flight: counted, and told with its
         duration since the lead and its callers here and elsewhere.
         """
-        if isinstance(event, FlightStarted):
+        if isinstance(event, ev.FlightStarted):
             caller = CALLER.get()
             if caller is not None:
                 caller.fid = event.flight
-        elif isinstance(event, Joined | Rejected | TimedOut):
+        elif isinstance(event, ev.Joined | ev.Rejected | ev.TimedOut):
             if self.hook is not None:
                 emit(self.hook, event)
-        elif isinstance(event, FlightFinished | FlightFailed | FlightAborted):
+        elif isinstance(event, ev.FlightFinished | ev.FlightFailed | ev.FlightAborted):
             with self._leads_lock:
                 lead = self._leads.pop(event.flight, None)
             if lead is not None:
                 self._ended(event, lead)
 
-    def _ended(self, event: FlightFinished | FlightFailed | FlightAborted, lead: _Lead) -> None:
+    def _ended(
+        self, event: ev.FlightFinished | ev.FlightFailed | ev.FlightAborted, lead: _Lead
+    ) -> None:
         counters = self.counters
         callers = event.callers + lead.waiters
         if callers > 1:
             counters.add("shared")
-        if isinstance(event, FlightFailed):
+        if isinstance(event, ev.FlightFailed):
             counters.add("errors")
-        elif isinstance(event, FlightAborted):
+        elif isinstance(event, ev.FlightAborted):
             counters.add("aborted")
         hook = self.hook
         if hook is None:
             return
         duration = perf_counter() - lead.started
         name, key, fid = self.name, lead.key, event.flight
-        if isinstance(event, FlightFinished):
-            emit(hook, FlightFinished(name, key, fid, duration, callers))
-        elif isinstance(event, FlightFailed):
-            emit(hook, FlightFailed(name, key, fid, duration, callers, event.error))
+        if isinstance(event, ev.FlightFinished):
+            emit(hook, ev.FlightFinished(name, key, fid, duration, callers))
+        elif isinstance(event, ev.FlightFailed):
+            emit(hook, ev.FlightFailed(name, key, fid, duration, callers, event.error))
         else:
-            emit(hook, FlightAborted(name, key, fid, duration, callers, event.cause))
+            emit(hook, ev.FlightAborted(name, key, fid, duration, callers, event.cause))
 
     def completed(self, plan: Plan, reply: Any) -> Completion:
         """COMPLETE's reply; a fenced completion is counted and logged."""
@@ -667,7 +654,7 @@ class GroupCore(Generic[K]):
             return WaitTimeoutError(key, self.settings.max_wait, "max_wait")
         counters.add("unavailable")
         if self.hook is not None:
-            emit(self.hook, RedisUnavailable(self.name, key, plan.reason, plan.error))
+            emit(self.hook, ev.RedisUnavailable(self.name, key, plan.reason, plan.error))
         if plan.reason == REASON_CIRCUIT_OPEN:
             return RedisUnavailableError(
                 f"Redis is unavailable for key {key!r}: the circuit breaker is open after "
@@ -688,7 +675,7 @@ class GroupCore(Generic[K]):
             self.counters.add("timeouts")
             self._timed_out(key, watch)
         if self.hook is not None:
-            emit(self.hook, RanLocally(self.name, key, plan.reason, plan.error))
+            emit(self.hook, ev.RanLocally(self.name, key, plan.reason, plan.error))
         log.debug("running the loader of %r locally: %s %s", key, plan.reason, describe(plan.error))
 
     def redis_failed(self, what: str, keys: Keys, error: BaseException) -> None:
@@ -696,7 +683,7 @@ class GroupCore(Generic[K]):
 
     def _timed_out(self, key: object, watch: Watch) -> None:
         if self.hook is not None:
-            emit(self.hook, TimedOut(self.name, key, perf_counter() - watch.begun))
+            emit(self.hook, ev.TimedOut(self.name, key, perf_counter() - watch.begun))
 
     def stats(self, local: GroupStats) -> RedisGroupStats:
         """This group's counters, given its local group's (see RedisGroupStats)."""

@@ -27,6 +27,7 @@ import hashlib
 import secrets
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .._options import check_count, check_duration
@@ -964,6 +965,7 @@ VALUE_ENTRY = "v"
 ERROR_ENTRY = "e"  # a not-found error (the cache's negative=), stored as its error record
 
 
+@dataclass(slots=True, eq=False)
 class FleetCall:
     """What a fleet cache asks of one flight: which stored entry is good enough.
 
@@ -972,13 +974,11 @@ class FleetCall:
     answers (stale-while-revalidate, for a caller with nothing better).
     """
 
-    __slots__ = ("min_fresh_ms", "stale_ok")
-
-    def __init__(self, min_fresh_ms: int = 0, stale_ok: bool = False) -> None:
-        self.min_fresh_ms = min_fresh_ms
-        self.stale_ok = stale_ok
+    min_fresh_ms: int = 0
+    stale_ok: bool = False
 
 
+@dataclass(slots=True, eq=False)
 class FleetEntry:
     """An entry as stored in Redis, or as read back: its lifetimes in milliseconds.
 
@@ -994,25 +994,13 @@ class FleetEntry:
     own copy does, however long the completion took to reach Redis.
     """
 
-    __slots__ = ("counted_at", "delta_ms", "error_ms", "fresh_ms", "kind", "payload", "stale_ms")
-
-    def __init__(
-        self,
-        fresh_ms: int,
-        stale_ms: int,
-        error_ms: int,
-        delta_ms: int,
-        kind: str,
-        payload: bytes = b"",
-        counted_at: float | None = None,
-    ) -> None:
-        self.counted_at = counted_at
-        self.fresh_ms = fresh_ms
-        self.stale_ms = stale_ms
-        self.error_ms = error_ms
-        self.delta_ms = delta_ms
-        self.kind = kind
-        self.payload = payload
+    fresh_ms: int
+    stale_ms: int
+    error_ms: int
+    delta_ms: int
+    kind: str
+    payload: bytes = b""
+    counted_at: float | None = None
 
     @property
     def tail_ms(self) -> int:

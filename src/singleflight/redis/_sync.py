@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Generic, Literal, ParamSpec, TypeVar
+from typing import Any, Generic, Literal
 
 from redis.exceptions import RedisError
 
 from .. import Group
+from .._protocols import Args, K, Kwargs, P, V
 from .._result import Result
 from ..events import EventHook
 from ..stats import RedisGroupStats
@@ -41,12 +42,6 @@ from .codecs import Codec, CodecError
 from concurrent.futures import Executor, Future
 
 from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
-
-__all__ = ["RedisGroup"]
-
-K = TypeVar("K")
-V = TypeVar("V")
-P = ParamSpec("P")
 
 _monotonic = time.monotonic
 
@@ -351,8 +346,8 @@ class RedisGroup(Generic[K, V]):
         key: K,
         text: str,
         fn: Callable[..., V],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        args: Args,
+        kwargs: Kwargs,
         caller: Caller,
         fleet: FleetCall | None = None,
     ) -> V:
@@ -431,8 +426,8 @@ class RedisGroup(Generic[K, V]):
         key: K,
         plan: Plan,
         fn: Callable[..., V],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        args: Args,
+        kwargs: Kwargs,
         watch: Watch,
     ) -> V:
         """Run the loader holding the lease, then complete (or abandon) the flight in Redis.

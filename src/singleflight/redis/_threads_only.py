@@ -13,18 +13,17 @@ import time
 import weakref
 from collections.abc import Callable
 from time import monotonic as _monotonic
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 import redis.cluster
 from redis.exceptions import NoScriptError, RedisError
 
+from .._protocols import Args, Kwargs, V
 from . import _protocol as proto
 from ._core import GroupCore, command, describe, log
 from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
-
-V = TypeVar("V")
 
 sleep = time.sleep
 
@@ -206,5 +205,5 @@ class Clients:
         self.watchdog = Watchdog(core, commands)
 
 
-def call(fn: Callable[..., V], args: tuple[Any, ...], kwargs: dict[str, Any]) -> V:
+def call(fn: Callable[..., V], args: Args, kwargs: Kwargs) -> V:
     return fn(*args, **kwargs)
