@@ -134,6 +134,9 @@ def test_invalidate_during_a_remote_load_is_not_overwritten(
     client = server.client()  # the forget reached Redis (AsyncLoadingCache sends it in a task)
     _wait_until("the forget", lambda: client.exists("sf:{test:k}:lease") == 0)
     client.close()
+    # B's waiting flight asks again on its own (its loader is not gated): A is released
+    # only once B's new load began, or A's rerun could begin first on a loaded machine.
+    _wait_until("B led a new load", lambda: _starts(tmp_path)[:2] == [a.pid, b.pid])
     a.cmd("release")
     ra, rb = a.cmd("join"), b.cmd("join")
 
