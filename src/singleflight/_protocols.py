@@ -66,6 +66,24 @@ def crosses_processes(group: object) -> bool:
     return getattr(group, "crosses_processes", False) is True
 
 
+def check_coalesces_only(group: object, who: str) -> None:
+    """``ValueError`` for a group that keeps a flight's outcome after it ended.
+
+    A Redis group with ``result_ttl`` above 0 hands a flight's result to the
+    callers that come within ``result_ttl`` after it: for ``who`` (which shares a
+    response only among the requests that arrive while it is produced) that
+    would be a cache nobody asked for.
+    """
+    ttl = getattr(group, "result_ttl", 0)
+    if crosses_processes(group) and ttl:
+        raise ValueError(
+            f"{who} shares a response only with the requests that arrive while it is "
+            f"produced, but {group!r} keeps each flight's result for result_ttl={ttl} s "
+            "after it ended, which would serve it to later requests as a cache: make "
+            "the group with result_ttl=0"
+        )
+
+
 class Settling(Protocol):
     """What :data:`REMOTE_FLIGHT` holds: a flight whose outcome may yet be refused."""
 

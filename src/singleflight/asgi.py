@@ -32,9 +32,10 @@ call the app themselves; they do not fail.
 
 The group decides who leads: an :class:`~singleflight.AsyncGroup` by default,
 an :class:`~singleflight.anyio.AnyIOGroup` for apps served on trio, or an
-:class:`~singleflight.redis.AsyncRedisGroup` to share one call among the
-workers of several processes (responses then travel through the group's codec
-as JSON-friendly lists; keep ``max_body`` under its ``max_payload``).
+:class:`~singleflight.redis.AsyncRedisGroup` made with ``result_ttl=0`` to
+share one call among the workers of several processes (responses then travel
+through the group's codec as JSON-friendly lists; keep ``max_body`` under its
+``max_payload``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import hashlib
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final, TypeAlias
 
-from ._protocols import crosses_processes
+from ._protocols import check_coalesces_only, crosses_processes
 
 __all__ = ["ASGIApp", "CoalescingMiddleware", "STATUS_HEADER"]
 
@@ -157,8 +158,10 @@ class CoalescingMiddleware:
     * ``group``: who decides which request leads; an
       :class:`~singleflight.AsyncGroup` (the default), an
       :class:`~singleflight.anyio.AnyIOGroup` (trio), or an
-      :class:`~singleflight.redis.AsyncRedisGroup` (across processes).  It must
-      not be shared with other uses (its values are this middleware's).
+      :class:`~singleflight.redis.AsyncRedisGroup` made with ``result_ttl=0``
+      (across processes; ``ValueError`` for one that keeps results, which would
+      serve a response to later requests as a cache).  It must not be shared
+      with other uses (its values are this middleware's).
     * ``methods``: the methods coalesced (default ``GET`` and ``HEAD``).
     * ``vary``: request headers, beyond ``Host``, ``Range`` and the conditional
       ones, that are part of a request's identity (default ``Authorization``
@@ -203,6 +206,7 @@ class CoalescingMiddleware:
             group = AsyncGroup(name="asgi")
         if not callable(getattr(group, "do", None)):
             raise TypeError(f"group must have a do() method, not {group!r}")
+        check_coalesces_only(group, "CoalescingMiddleware")
         self.app = app
         self.group = group
         self._methods = frozenset(method.upper() for method in methods)

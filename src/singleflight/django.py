@@ -41,7 +41,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.views.decorators.cache import cache_page
 
 from ._asyncio import AsyncGroup
-from ._protocols import AsyncGroupLike, GroupLike
+from ._protocols import AsyncGroupLike, GroupLike, crosses_processes
 from ._threads import Group
 
 __all__ = ["CoalescingCache", "coalesce_page"]
@@ -58,12 +58,19 @@ class CoalescingCache:
     attribute (``get``, ``set``, ``delete``...) is the cache's own.
     ``group`` coalesces the threads' misses (a :class:`~singleflight.Group` by
     default) and ``agroup`` the tasks' (an :class:`~singleflight.AsyncGroup`).
+
+    ``name`` names the cache in the flights' keys (by default its alias; for
+    a cache object, the object's identity in this process).  A cache object
+    with a group that crosses processes (a Redis group) needs one, the same in
+    every process (``TypeError`` without): an object's identity means nothing
+    in another process.
     """
 
     def __init__(
         self,
         cache: str | BaseCache = "default",
         *,
+        name: str | None = None,
         group: GroupLike[str, Any] | None = None,
         agroup: AsyncGroupLike[str, Any] | None = None,
     ) -> None:
@@ -73,6 +80,18 @@ class CoalescingCache:
         self.agroup: AsyncGroupLike[str, Any] = (
             AsyncGroup(name="django") if agroup is None else agroup
         )
+        if name is None:
+            name = self._alias
+        if name is None and (crosses_processes(self.group) or crosses_processes(self.agroup)):
+            raise TypeError(
+                "CoalescingCache of a cache object with a group that crosses processes: "
+                "give name=, the same in every process that shares this cache (the "
+                "object's identity differs between processes, and one process's may be "
+                "another cache's in the next)"
+            )
+        # The flights' keys start with it (a cache object: kept alive here, so its
+        # id is never another's while this wrapper lives).
+        self._prefix = f"{id(cache):x}" if name is None else name
 
     @property
     def cache(self) -> BaseCache:
@@ -85,7 +104,7 @@ class CoalescingCache:
         return getattr(self.cache, name)
 
     def _flight_key(self, cache: BaseCache, key: str, version: int | None) -> str:
-        return f"{self._alias or id(cache)}:{cache.make_key(key, version=version)}"
+        return f"{self._prefix}:{cache.make_key(key, version=version)}"
 
     def get_or_set(
         self, key: str, default: Any, timeout: object = DEFAULT_TIMEOUT, version: int | None = None

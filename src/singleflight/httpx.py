@@ -20,10 +20,18 @@ longer than ``max_body`` bytes is not shared: the leader gets it streamed, the
 others send their own requests.  So do the others when the leader's request
 timed out (its timeouts are its own) or its caller was cancelled: one caller's
 timeout or cancellation never fails the rest.
+
+With a :class:`~singleflight.redis.RedisGroup` (``result_ttl=0``) the workers
+of several processes share one request: keys are then text (the method, the
+URL and a hash of the whole request) and responses travel through the group's
+codec as JSON-friendly lists (base64 body).  A caller in another process whose
+leader failed, or whose response could not cross, sends its own request.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
@@ -37,9 +45,9 @@ except ImportError as exc:  # pragma: no cover - exercised without httpx install
     raise missing("httpx", "httpx", "httpx 0.27 or later") from exc
 
 from ._asyncio import AsyncGroup
-from ._protocols import AsyncGroupLike, GroupLike
+from ._protocols import AsyncGroupLike, GroupLike, check_coalesces_only, crosses_processes
 from ._threads import Group
-from .errors import AbortedError
+from .errors import AbortedError, SingleflightError, TooManyFlightsError
 
 __all__ = ["AsyncCoalescingTransport", "CoalescingTransport"]
 
@@ -99,6 +107,51 @@ class _AsyncRest(httpx.AsyncByteStream):
 
 def _key(request: httpx.Request) -> tuple[str, str, tuple[tuple[bytes, bytes], ...]]:
     return (request.method, str(request.url), tuple(request.headers.raw))
+
+
+def _text_key(request: httpx.Request) -> str:
+    """A key for a group that crosses processes: readable method and URL, and a hash of
+    the whole key (headers included)."""
+    digest = hashlib.blake2b(repr(_key(request)).encode(), digest_size=16).hexdigest()
+    return f"{request.method} {request.url} {digest}"
+
+
+def _encode(outcome: _Shared | _Unshared) -> list[Any] | None:
+    """What crosses processes: a shared response as lists, strings and numbers; None
+    for a response too long to share."""
+    if isinstance(outcome, _Unshared):
+        return None
+    status, headers, body, extensions = outcome
+    return [
+        status,
+        [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers],
+        base64.b64encode(body).decode("ascii"),
+        {k: v.decode("latin-1") for k, v in extensions.items() if isinstance(v, bytes)},
+    ]
+
+
+def _decode(data: Any) -> _Shared | None:
+    if data is None:
+        return None
+    status, headers, body, extensions = data
+    return (
+        int(status),
+        [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers],
+        base64.b64decode(body),
+        {k: v.encode("latin-1") for k, v in extensions.items()},
+    )
+
+
+def _remote_failure(exc: SingleflightError, crosses: bool, led: bool) -> bool:
+    """Whether a caller of a cross-process group should send its own request after
+    ``exc``: the leader's outcome did not reach it (a remote error, a codec's, Redis's)."""
+    return crosses and not led and not isinstance(exc, TooManyFlightsError)
+
+
+def _check_group(group: Any, who: str) -> bool:
+    """Whether ``group`` crosses processes (``ValueError`` if it keeps results)."""
+    check_coalesces_only(group, who)
+    return crosses_processes(group)
 
 
 def _shares(request: httpx.Request, methods: frozenset[str]) -> bool:
@@ -173,9 +226,12 @@ class CoalescingTransport(httpx.BaseTransport):
 
     Options: ``transport`` (what sends the requests, by default an
     :class:`httpx.HTTPTransport`), ``group`` (a :class:`~singleflight.Group`
-    by default, or e.g. a :class:`~singleflight.redis.RedisGroup` with a codec
-    that carries bytes), ``methods`` (default ``GET`` and ``HEAD``) and
-    ``max_body`` (the longest body shared, in bytes; default 1 MiB).
+    by default, or a :class:`~singleflight.redis.RedisGroup` made with
+    ``result_ttl=0`` to share requests among processes; ``ValueError`` for one
+    that keeps results, which would serve a response to later requests as a
+    cache), ``methods`` (default ``GET`` and ``HEAD``) and ``max_body`` (the
+    longest body shared, in bytes; default 1 MiB; with a Redis group keep it
+    under three quarters of the group's ``max_payload``).
     """
 
     def __init__(
@@ -189,6 +245,7 @@ class CoalescingTransport(httpx.BaseTransport):
         self._methods = _check(max_body, methods)
         self.transport = httpx.HTTPTransport() if transport is None else transport
         self.group: GroupLike[Any, Any] = Group(name="httpx") if group is None else group
+        self._crosses = _check_group(self.group, "CoalescingTransport")
         self._max_body = max_body
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -200,18 +257,33 @@ class CoalescingTransport(httpx.BaseTransport):
         """
         if not _shares(request, self._methods):
             return self.transport.handle_request(request)
+        crosses = self._crosses
         led = False
+        mine: _Shared | _Unshared | None = None  # the leader's own, across processes
 
-        def send() -> _Shared | _Unshared:
-            nonlocal led
+        def send() -> Any:
+            nonlocal led, mine
             led = True
-            return self._send(request)
+            mine = self._send(request)
+            return _encode(mine) if crosses else mine
 
         try:
-            outcome = self.group.do(_key(request), send)
+            outcome = self.group.do(_text_key(request) if crosses else _key(request), send)
         except (httpx.TimeoutException, AbortedError):
             if led:
                 raise
+            return self.transport.handle_request(request)
+        except SingleflightError as exc:
+            if mine is not None:  # sent, but the group failed to share it: ours still
+                outcome = mine
+            elif _remote_failure(exc, crosses, led):
+                return self.transport.handle_request(request)
+            else:
+                raise
+        else:
+            if crosses:
+                outcome = mine if mine is not None else _decode(outcome)
+        if outcome is None:  # too long to share, in another process
             return self.transport.handle_request(request)
         if isinstance(outcome, _Unshared):
             if not led:
@@ -260,7 +332,9 @@ class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
 
     ``transport`` defaults to an :class:`httpx.AsyncHTTPTransport` and
     ``group`` to an :class:`~singleflight.AsyncGroup` (an
-    :class:`~singleflight.anyio.AnyIOGroup` on trio).
+    :class:`~singleflight.anyio.AnyIOGroup` on trio, an
+    :class:`~singleflight.redis.AsyncRedisGroup` made with ``result_ttl=0``
+    across processes).
     """
 
     def __init__(
@@ -274,6 +348,7 @@ class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
         self._methods = _check(max_body, methods)
         self.transport = httpx.AsyncHTTPTransport() if transport is None else transport
         self.group: AsyncGroupLike[Any, Any] = AsyncGroup(name="httpx") if group is None else group
+        self._crosses = _check_group(self.group, "AsyncCoalescingTransport")
         self._max_body = max_body
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -288,30 +363,43 @@ class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
         """
         if not _shares(request, self._methods):
             return await self.transport.handle_async_request(request)
+        crosses = self._crosses
         led = left = False
-        unshared: _Unshared | None = None
+        mine: _Shared | _Unshared | None = None  # the leader's own outcome
+        key = _text_key(request) if crosses else _key(request)
 
-        async def send() -> _Shared | _Unshared:
-            nonlocal led, unshared
+        async def send() -> Any:
+            nonlocal led, mine
             led = True
-            outcome = await self._send(request)
-            if isinstance(outcome, _Unshared):
-                if left:  # its caller is gone: nobody else reads this response
-                    await outcome.response.aclose()
-                unshared = outcome
-            return outcome
+            mine = await self._send(request)
+            if isinstance(mine, _Unshared) and left:
+                # Its caller is gone: nobody else reads this response.
+                await mine.response.aclose()
+            return _encode(mine) if crosses else mine
 
         try:
-            outcome = await self.group.do(_key(request), send)
+            outcome = await self.group.do(key, send)
         except (httpx.TimeoutException, AbortedError):
             if led:
                 raise
             return await self.transport.handle_async_request(request)
+        except SingleflightError as exc:
+            if mine is not None:  # sent, but the group failed to share it: ours still
+                outcome = mine
+            elif _remote_failure(exc, crosses, led):
+                return await self.transport.handle_async_request(request)
+            else:
+                raise
         except BaseException:  # cancelled: a response kept for this caller is closed
             left = True
-            if unshared is not None:
-                await unshared.response.aclose()
+            if isinstance(mine, _Unshared):
+                await mine.response.aclose()
             raise
+        else:
+            if crosses:
+                outcome = mine if mine is not None else _decode(outcome)
+        if outcome is None:  # too long to share, in another process
+            return await self.transport.handle_async_request(request)
         if isinstance(outcome, _Unshared):
             if not led:
                 return await self.transport.handle_async_request(request)

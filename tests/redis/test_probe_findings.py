@@ -1,11 +1,12 @@
 """Findings of an adversarial pass over the Redis tier: each test failed before its fix.
 
 Every test talks to the session's private redis-server (the ``server`` fixture,
-emptied per test), never to a shared one.
+emptied per test), or to one of its own, never to a shared one.
 """
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import redis
 import redis.asyncio
 from _redis_server import RedisServer
 
-from singleflight import AbortedError, LoadingCache
+from singleflight import AbortedError, AsyncLoadingCache, LoadingCache
 from singleflight.redis import AsyncRedisGroup, Fleet, JsonCodec, RedisGroup
 from tests._support import run, wait_for
 
@@ -152,3 +153,76 @@ def test_invalidate_tags_reaches_an_entry_put_in_its_stale_window(
     finally:
         cache.close()
         client.close()
+
+
+def _subscribers(client: redis.Redis) -> int:
+    """Connections of the server subscribed to a channel."""
+    return sum(1 for c in client.client_list() if int(c.get("sub", 0)) + int(c.get("ssub", 0)) > 0)
+
+
+@pytest.mark.parametrize("end", ["close", "collect"])
+def test_the_fleet_channel_stops_with_its_last_fleet(redis_binary: str, end: str) -> None:
+    """Before: the hub's thread ("singleflight fleet channel") and its subscriber
+    connection outlived every fleet cache, closed or collected, PINGing forever.
+    Now they end with the last fleet and start again for the next one."""
+    with RedisServer(redis_binary) as own:  # its own: the clients it counts are this test's
+        client = own.client()
+        try:
+            cache: Any = LoadingCache(str.upper, ttl=30, fleet=Fleet(client, namespace="hub"))
+            assert cache._fleet.wait_trusted(WAIT)
+            thread = cache._fleet._hub()._thread
+            assert thread is not None and thread.is_alive()
+            assert _subscribers(client) == 1
+            if end == "close":
+                cache.close()
+            else:
+                del cache
+                gc.collect()
+            thread.join(WAIT)
+            assert not thread.is_alive()
+            wait_for(lambda: _subscribers(client) == 0, WAIT, "the subscriber to go")
+            if end == "close":  # still a cache: its reads ask Redis
+                assert cache.get("a") == "A"
+                assert not cache._fleet.trusted
+                cache.invalidate("a")
+            # The next fleet starts the hub again.
+            again: Any = LoadingCache(str.upper, ttl=30, fleet=Fleet(client, namespace="hub2"))
+            assert again._fleet.wait_trusted(WAIT)
+            assert _subscribers(client) == 1
+            assert again.get("b") == "B"
+            again.close()
+            wait_for(lambda: _subscribers(client) == 0, WAIT, "the subscriber to go again")
+        finally:
+            client.close()
+
+
+def test_the_fleet_channel_stops_with_its_last_async_fleet(redis_binary: str) -> None:
+    """As above, for an AsyncLoadingCache closed with ``aclose``; its sender thread goes too."""
+    with RedisServer(redis_binary) as own:
+        client = own.client()
+
+        async def upper(key: str) -> str:
+            return key.upper()
+
+        async def main() -> None:
+            aclient = redis.asyncio.Redis(port=own.port)
+            cache: Any = AsyncLoadingCache(upper, ttl=30, fleet=Fleet(aclient, namespace="ahub"))
+            try:
+                assert cache._fleet.wait_trusted(WAIT)
+                assert await cache.get("a") == "A"
+                await cache.invalidate("a")  # starts the sender thread
+                thread = cache._fleet._hub()._thread
+                await cache.aclose()
+                thread.join(WAIT)
+                assert not thread.is_alive()
+                assert cache._fleet._sender is None
+                assert await cache.get("a") == "A"
+            finally:
+                await cache._fleet.group.aclose()
+                await aclient.aclose()
+
+        try:
+            run(main(), WAIT)
+            wait_for(lambda: _subscribers(client) == 0, WAIT, "the subscriber to go")
+        finally:
+            client.close()

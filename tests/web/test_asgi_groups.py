@@ -117,7 +117,7 @@ def test_redis_group_shares_one_call_among_workers(redis_port: int) -> None:
     async def main() -> None:
         # Two workers: an app and a middleware each, with a Redis client and group each.
         clients = [redis.asyncio.Redis(port=redis_port) for _ in range(2)]
-        groups = [AsyncRedisGroup(client, namespace=namespace) for client in clients]
+        groups = [AsyncRedisGroup(client, namespace=namespace, result_ttl=0) for client in clients]
         workers = [
             CoalescingMiddleware(starlette_app(), group=group, status_header=STATUS_HEADER)
             for group in groups

@@ -170,6 +170,68 @@ def test_4_processes_with_a_redis_group_one_computation(redis_port: int) -> None
         client.close()
 
 
+def test_a_cache_object_with_a_redis_group_needs_a_name(redis_port: int) -> None:
+    """Before: a cache object's flights were keyed by id(cache), which another process
+    may give a different cache: with a RedisGroup their values could be shared."""
+    import redis
+
+    from singleflight.redis import RedisGroup
+
+    client = redis.Redis(port=redis_port)
+    try:
+        group: Any = RedisGroup(client, namespace=f"dj-{uuid.uuid4().hex[:8]}")
+        with pytest.raises(TypeError, match="name="):
+            CoalescingCache(redis_cache(redis_port), group=group)
+    finally:
+        client.close()
+
+
+def test_a_named_cache_object_shares_flights_across_workers(redis_port: int) -> None:
+    """Two workers (two cache objects of one Redis cache, two Redis groups of one
+    namespace) coalesce on the cache's name: one computation."""
+    import redis
+
+    from singleflight.redis import RedisGroup
+
+    namespace = f"dj-{uuid.uuid4().hex[:8]}"
+    clients = [redis.Redis(port=redis_port) for _ in range(2)]
+    groups: list[Any] = [RedisGroup(c, namespace=namespace) for c in clients]
+    workers = [
+        CoalescingCache(redis_cache(redis_port), name="reports", group=group) for group in groups
+    ]
+    key = f"report-{uuid.uuid4()}"
+    started = threading.Event()
+    release = threading.Event()
+    calls: list[int] = []
+
+    def compute() -> dict[str, int]:
+        calls.append(1)
+        started.set()
+        assert release.wait(WAIT)
+        return {"answer": 42}
+
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(workers[0].get_or_set(key, compute)))
+    second = threading.Thread(target=lambda: results.append(workers[1].get_or_set(key, compute)))
+    try:
+        first.start()
+        assert started.wait(WAIT)
+        second.start()
+        wait_for(lambda: groups[1].stats().waits >= 1, WAIT, "the second worker to wait")
+        release.set()
+        for thread in (first, second):
+            thread.join(WAIT)
+        assert not first.is_alive() and not second.is_alive()
+        assert results == [{"answer": 42}] * 2
+        assert len(calls) == 1
+    finally:
+        release.set()
+        for group in groups:
+            group.close()
+        for c in clients:
+            c.close()
+
+
 # -- coalesce_page ---------------------------------------------------------------------------
 
 

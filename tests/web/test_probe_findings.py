@@ -123,13 +123,21 @@ def test_asgi_across_processes_never_mixes_up_path_and_query(redis_port: int) ->
     run(main(), WAIT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an AsyncRedisGroup keeps a flight's result for result_ttl (5 s by default), so "
-    "the middleware replays a response to requests that arrive after the leader's call ended; "
-    "the middleware cannot tell the group to store nothing (pass result_ttl=0, see docs/web.md)",
-)
-def test_asgi_with_a_default_redis_group_replays_only_to_requests_that_arrived_while_it_ran(
+def test_asgi_refuses_a_redis_group_that_keeps_results(redis_port: int) -> None:
+    """Before: an AsyncRedisGroup at its defaults keeps each flight's result for
+    result_ttl (5 s), so the middleware served a response to requests that arrived
+    after the leader's call ended, as a cache would.  Now it refuses such a group."""
+    import redis.asyncio
+
+    from singleflight.redis import AsyncRedisGroup
+
+    client = redis.asyncio.Redis(port=redis_port)
+    group: Any = AsyncRedisGroup(client, namespace=f"p-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(ValueError, match="result_ttl=0"):
+        CoalescingMiddleware(_EchoApp(), group=group)
+
+
+def test_asgi_with_a_redis_group_replays_only_to_requests_that_arrived_while_it_ran(
     redis_port: int,
 ) -> None:
     import redis.asyncio
@@ -138,13 +146,15 @@ def test_asgi_with_a_default_redis_group_replays_only_to_requests_that_arrived_w
 
     async def main() -> None:
         client = redis.asyncio.Redis(port=redis_port)
-        group: Any = AsyncRedisGroup(client, namespace=f"p-{uuid.uuid4().hex[:8]}")
+        group: Any = AsyncRedisGroup(client, namespace=f"p-{uuid.uuid4().hex[:8]}", result_ttl=0)
         app = _EchoApp()
         app.gate.set()
         middleware = CoalescingMiddleware(app, group=group, status_header=STATUS_HEADER)
         try:
             await _get(middleware, "/n")
-            _, headers, _ = await _get(middleware, "/n")  # after the first one ended
+            # The flight ends once its completion has reached Redis.
+            await until(lambda: len(group) == 0, WAIT, "the first flight to end")
+            _, headers, _ = await _get(middleware, "/n")
             assert app.calls == 2
             assert headers[STATUS_HEADER.encode()] == b"leader"
         finally:
@@ -210,27 +220,121 @@ def test_httpx_a_long_response_whose_caller_left_is_closed() -> None:
     run(main(), WAIT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CoalescingTransport's docstring offers a RedisGroup as its group, but its keys "
-    "are tuples holding bytes (refused by the Redis groups' keys) and its values tuples "
-    "and an unencodable _Unshared: it would need the text keys and list values the ASGI "
-    "middleware uses across processes",
-)
 def test_httpx_with_a_redis_group(redis_port: int) -> None:
+    """Before: the transports' keys held bytes and their values tuples (and an
+    unencodable object for a long body): a RedisGroup refused every request."""
     import redis
 
     from singleflight.redis import MsgpackCodec, RedisGroup
 
     client = redis.Redis(port=redis_port)
-    group: Any = RedisGroup(client, namespace=f"h-{uuid.uuid4().hex[:8]}", codec=MsgpackCodec())
+    group: Any = RedisGroup(
+        client, namespace=f"h-{uuid.uuid4().hex[:8]}", codec=MsgpackCodec(), result_ttl=0
+    )
     transport = CoalescingTransport(
         transport=httpx.MockTransport(lambda request: httpx.Response(200, content=b"hello")),
         group=group,
     )
     try:
         with httpx.Client(transport=transport) as http:
-            assert http.get("http://x/").content == b"hello"
+            response = http.get("http://x/")
+            assert response.content == b"hello"
+            assert response.http_version == "HTTP/1.1"
     finally:
         group.close()
         client.close()
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_httpx_refuses_a_redis_group_that_keeps_results(redis_port: int, side: str) -> None:
+    """A Redis group keeping each result for result_ttl would serve a response to
+    requests sent after it arrived, as a cache: the transports refuse it."""
+    import redis
+    import redis.asyncio
+
+    from singleflight.redis import AsyncRedisGroup, RedisGroup
+
+    namespace = f"h-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ValueError, match="result_ttl=0"):
+        if side == "sync":
+            CoalescingTransport(group=RedisGroup(redis.Redis(port=redis_port), namespace=namespace))
+        else:
+            AsyncCoalescingTransport(
+                group=AsyncRedisGroup(redis.asyncio.Redis(port=redis_port), namespace=namespace)
+            )
+
+
+class _Gated(httpx.AsyncBaseTransport):
+    """Answers every request with a ``size``-byte body, once ``gate`` is set."""
+
+    def __init__(self, size: int) -> None:
+        self.sent = 0
+        self.size = size
+        self.gate = asyncio.Event()
+        self.closed: list[int] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        await self.gate.wait()
+        if self.size < 0:
+            if self.sent == 1:
+                raise httpx.ConnectError("refused", request=request)
+            self.size = 10
+        return httpx.Response(
+            200,
+            headers=[(b"x-b", b"\xe9")],
+            stream=_Body(self.closed, self.sent) if self.size > 10 else None,
+            content=None if self.size > 10 else b"x" * self.size,
+            extensions={"reason_phrase": b"Fine"},
+        )
+
+
+@pytest.mark.parametrize("size", [10, 30, -1], ids=["shared", "too-long", "failed"])
+def test_httpx_two_workers_share_one_request_through_redis(redis_port: int, size: int) -> None:
+    """Two transports (two workers) on one AsyncRedisGroup namespace: one request on
+    the wire for both; a body past max_body is the leader's, the other sends its own,
+    as it does when the leader's request failed (the leader alone gets its error)."""
+    import redis.asyncio
+
+    from singleflight.redis import AsyncRedisGroup
+
+    async def main() -> None:
+        namespace = f"h-{uuid.uuid4().hex[:8]}"
+        clients = [redis.asyncio.Redis(port=redis_port) for _ in range(2)]
+        groups: list[Any] = [
+            AsyncRedisGroup(client, namespace=namespace, result_ttl=0) for client in clients
+        ]
+        wire = _Gated(size)
+        transports = [
+            AsyncCoalescingTransport(transport=wire, group=group, max_body=20) for group in groups
+        ]
+        try:
+            async with (
+                httpx.AsyncClient(transport=transports[0]) as first,
+                httpx.AsyncClient(transport=transports[1]) as second,
+            ):
+                leader = asyncio.ensure_future(first.get("http://x/a?b"))
+                await until(lambda: wire.sent == 1, WAIT, "the leader's request")
+                joiner = asyncio.ensure_future(second.get("http://x/a?b"))
+                await until(lambda: groups[1].stats().waits >= 1, WAIT, "the other worker to wait")
+                wire.gate.set()
+                if size < 0:
+                    with pytest.raises(httpx.ConnectError):
+                        await asyncio.wait_for(leader, WAIT)
+                    response = await asyncio.wait_for(joiner, WAIT)
+                    assert (response.content, wire.sent) == (b"x" * 10, 2)
+                    return
+                responses = await asyncio.wait_for(asyncio.gather(leader, joiner), WAIT)
+            for response in responses:
+                assert response.content == b"x" * size
+                assert response.headers["x-b"] == "\xe9"
+            assert wire.sent == (1 if size <= 20 else 2)
+            if size <= 20:
+                assert responses[1].reason_phrase == "Fine"
+        finally:
+            for group in groups:
+                await group.aclose()
+            for client in clients:
+                await client.aclose()
+
+    run(main(), WAIT)

@@ -617,13 +617,15 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         (or the old value, with ``stale_if_error``).  The cache stays usable:
         afterwards a read of an entry past its lifetime loads in the caller (no
         stale serving, no early refresh).  Only the running loop's work is
-        touched.  Idempotent.
+        touched.  Idempotent.  With ``fleet=`` it also leaves the invalidation
+        channel: from then on every read asks Redis (no L1).
         """
         # unasync: sync-only
         # """Stop background refreshes: those queued are dropped, running ones are waited for.
         #
         # The cache stays usable: afterwards a read of an entry past its lifetime
-        # loads in the caller's thread (no stale serving, no early refresh).
+        # loads in the caller's thread (no stale serving, no early refresh); with
+        # ``fleet=`` every read asks Redis (the invalidation channel is left).
         # Idempotent.  Call it at shutdown (or use the cache as a context
         # manager): like any thread pool's, running refreshes hold up the
         # interpreter's exit until they finish.
@@ -631,6 +633,8 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         # unasync: end
         with self._lock:
             self._closed = True
+        if self._fleet is not None:
+            self._fleet._unbind()
         await self._background.close()
 
     def _after_fork(self) -> None:

@@ -847,9 +847,7 @@ class CacheBase(Generic[K, V]):
         def send() -> None:
             try:
                 if tags:
-                    fleet.tag(
-                        text, tags, 0, shared.px(time.monotonic())
-                    )  # as long as the entry is stored
+                    fleet.tag(text, tags, 0, shared.px(time.monotonic()))  # the entry's PX
                 fleet.put(key, value, shared, local=False)
             except BaseException:
                 with self._lock:

@@ -372,13 +372,16 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         """Stop background refreshes: those queued are dropped, running ones are waited for.
 
         The cache stays usable: afterwards a read of an entry past its lifetime
-        loads in the caller's thread (no stale serving, no early refresh).
+        loads in the caller's thread (no stale serving, no early refresh); with
+        ``fleet=`` every read asks Redis (the invalidation channel is left).
         Idempotent.  Call it at shutdown (or use the cache as a context
         manager): like any thread pool's, running refreshes hold up the
         interpreter's exit until they finish.
         """
         with self._lock:
             self._closed = True
+        if self._fleet is not None:
+            self._fleet._unbind()
         self._background.close()
 
     def _after_fork(self) -> None:

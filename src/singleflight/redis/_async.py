@@ -379,6 +379,11 @@ class AsyncRedisGroup(Generic[K, V]):
         """The name in the group's events and metrics (by default its namespace)."""
         return self._core.name
 
+    @property
+    def result_ttl(self) -> float:
+        """How long, in seconds, a flight's result stays in Redis for late callers (0: not kept)."""
+        return self._core.settings.result_ttl
+
     def stats(self) -> RedisGroupStats:
         """What this group did in this process, and its breaker's state (see RedisGroupStats)."""
         return self._core.stats(self._local.stats())

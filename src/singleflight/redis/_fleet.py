@@ -194,6 +194,7 @@ class Fleet:
         # The async cache's invalidations go to Redis on this one thread, in order.
         self._sender: ThreadPoolExecutor | None = None
         self._scripts_loaded = False
+        self._closed = False  # its cache was closed: it left the channel
 
     # -- binding to its cache ------------------------------------------------------------
 
@@ -267,6 +268,23 @@ class Fleet:
         self._cache = weakref.ref(cache)
         _FLEETS.add(self)
         self._hub().add(self)
+
+    def _unbind(self) -> None:
+        """Leave the channel (the cache was closed): the L1 goes unused from now on
+        (every read asks Redis), and the hub stops once no fleet needs it."""
+        with self._lock:
+            if self._closed or self._cache is None:
+                return
+            self._closed = True
+            sender, self._sender = self._sender, None
+        self._hub().remove(self)
+        if sender is not None:
+            sender.shutdown(wait=False)  # the invalidations queued still go out
+        with self._lock:
+            self.trusted = False
+        cache = self._cache()
+        if cache is not None:
+            cache._fleet_trust(False)
 
     def wait_trusted(self, timeout: float) -> bool:
         """Wait until the channel is subscribed (the L1 is in use); True if it is."""
@@ -514,6 +532,8 @@ class Fleet:
     def _set_trusted(self, trusted: bool) -> None:
         """The channel was lost (False) or subscribed (True): either way, the L1 goes."""
         with self._lock:
+            if self._closed:
+                return  # it left the channel: told by a hub that had not seen it go
             was, self.trusted = self.trusted, trusted
             if was and not trusted:
                 self.l1_drops += 1
@@ -529,7 +549,8 @@ class Fleet:
         cache = self._cache() if self._cache is not None else None
         if cache is not None:
             cache._fleet_trust(False)
-            self._hub().add(self)
+            if not self._closed:
+                self._hub().add(self)
 
     def __repr__(self) -> str:
         state = "trusted" if self.trusted else "untrusted"
@@ -539,6 +560,8 @@ class Fleet:
 class _Hub:
     """One subscriber connection (and thread) per process and server, carrying the
     invalidation channels of every fleet on that server, with a PING heartbeat.
+    Its thread ends, and its connection is closed, once no fleet uses it (every
+    one was closed or collected); the next fleet starts them again.
 
     On a cluster (``cluster``, a RedisCluster to locate the channel's slot with):
     one per process and channel, subscribed with ``SSUBSCRIBE`` on the master that
@@ -567,39 +590,57 @@ class _Hub:
                 )
                 self._thread.start()
 
-    def _of(self, channel: bytes) -> list[Fleet]:
+    def remove(self, fleet: Fleet) -> None:
         with self._lock:
-            return list(self._fleets.get(channel, ()))
+            fleets = self._fleets.get(fleet.channel)
+            if fleets is not None:
+                fleets.discard(fleet)
 
-    def _all(self) -> list[Fleet]:
+    def _each(self, channel: bytes | None, act: Callable[..., None], *args: Any) -> None:
+        """``act(fleet, *args)`` for every fleet of ``channel`` (None: of every channel).
+
+        In a frame of its own: the thread holds no fleet between messages, so one
+        that no cache uses any more is collected (and its hub stops)."""
         with self._lock:
-            return [fleet for fleets in self._fleets.values() for fleet in fleets]
+            if channel is None:
+                fleets = [fleet for of in self._fleets.values() for fleet in of]
+            else:
+                fleets = list(self._fleets.get(channel, ()))
+        for fleet in fleets:
+            act(fleet, *args)
+
+    def _needed(self) -> bool:
+        """Whether a fleet still uses the hub; if not, its thread is over (it must return)."""
+        with self._lock:
+            for channel in [c for c, fleets in self._fleets.items() if not fleets]:
+                del self._fleets[channel]
+            if self._fleets:
+                return True
+            self._thread = None
+            return False
 
     def _run(self) -> None:
         backoff = 0.02
-        while True:
-            with self._lock:
-                if not any(self._fleets.values()):
-                    self._thread = None
-                    return
+        while self._needed():
             try:
                 if self._session():
                     backoff = 0.02
             except (RedisError, RedisClusterException, OSError, ValueError) as exc:
                 log.debug("fleet channel lost: %s", exc)
+            if not self._needed():
+                return
             if self._cluster is not None:
                 try:  # the slot may have moved (a failover, a resharding)
                     self._cluster.nodes_manager.initialize()
                 except Exception as exc:  # RedisClusterException is no RedisError
                     log.debug("fleet channel: cluster topology not refreshed: %s", exc)
-            for fleet in self._all():
-                if fleet.trusted:
-                    fleet._set_trusted(False)
+            self._each(None, _distrust)
             time.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
     def _session(self) -> bool:
-        """Subscribe and serve until the channel is lost; True if it was ever subscribed."""
+        """Subscribe and serve until the channel is lost, or no fleet uses it any more;
+        True if it was ever subscribed."""
         client = self._client
         if client is None:
             with self._lock:
@@ -623,13 +664,13 @@ class _Hub:
             last_ping = sent
             while True:
                 with self._lock:
+                    if not any(self._fleets.values()):
+                        return subscribed  # every fleet was closed or collected
                     fresh = [c for c in self._pending if c not in sending]
                     fresh_acked = [c for c in self._pending if c in acked_channels]
                     self._pending.clear()
-                for channel in fresh_acked:
-                    for fleet in self._of(channel):
-                        if not fleet.trusted:  # another fleet of the channel: subscribed
-                            fleet._set_trusted(True)
+                for channel in fresh_acked:  # another fleet of the channel: subscribed
+                    self._each(channel, _trust_new)
                 if fresh:
                     now = _monotonic()
                     for channel in fresh:
@@ -650,8 +691,7 @@ class _Hub:
                     continue
                 kind = message["type"]
                 if kind in ("message", "smessage"):
-                    for fleet in self._of(message["channel"]):
-                        fleet._received(message["data"])
+                    self._each(message["channel"], Fleet._received, message["data"])
                 elif kind == "pong":
                     if pings:
                         acked = max(acked, pings.popleft())
@@ -662,8 +702,7 @@ class _Hub:
                     acked = max(acked, sending.get(channel, acked))
                     acked_channels.add(channel)
                     subscribed = True
-                    for fleet in self._of(channel):
-                        fleet._set_trusted(True)
+                    self._each(channel, _trust)
         finally:
             try:
                 pubsub.reset()
@@ -671,6 +710,20 @@ class _Hub:
                     client.close()
             except (RedisError, OSError):
                 pass
+
+
+def _trust(fleet: Fleet) -> None:
+    fleet._set_trusted(True)
+
+
+def _trust_new(fleet: Fleet) -> None:
+    if not fleet.trusted:
+        fleet._set_trusted(True)
+
+
+def _distrust(fleet: Fleet) -> None:
+    if fleet.trusted:
+        fleet._set_trusted(False)
 
 
 _HUBS: dict[tuple[int, str, float], _Hub] = {}
