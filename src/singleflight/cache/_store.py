@@ -100,7 +100,7 @@ class Store(Generic[K]):
         # key -> the driver's handle of the batch load that has it in flight.
         self.batches: dict[K, Any] = {}
         self._tokens = count(1)
-        self.retired_hits = 0
+        self.retired_hits = 0.0  # a float, as Entry.hits
         self.misses = 0
         self.loads = 0
         self.load_failures = 0
@@ -140,7 +140,7 @@ class Store(Generic[K]):
         state = self.policy.state(entry, now, background)
         if state == MISS:
             return LOAD
-        entry.hits += 1
+        entry.hits += 1.0
         if state == FRESH:
             return SERVE
         if state == STALE:
@@ -512,7 +512,7 @@ class Store(Generic[K]):
         # A copy first: a finalizer run by the GC may write to data meanwhile.
         hits = self.retired_hits + sum(entry.hits for entry in list(self.data.values()))
         return CacheStats(
-            hits=hits,
+            hits=int(hits),
             misses=self.misses,
             loads=self.loads,
             load_failures=self.load_failures,
