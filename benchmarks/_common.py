@@ -63,7 +63,34 @@ def report(figures: list[Figure], as_json: bool = False) -> None:
     )
     for f in figures:
         target = "-" if f.target is None else f"{f.target:.2f}x"
+        spec = ",.0f" if f.unit == "i" else ".3g"  # "i": instructions, whole numbers
         print(
-            f"{f.name:<{width}}  {f.floor:>10.3g}{f.unit:>2}  {f.subject:>10.3g}{f.unit:>2}"
+            f"{f.name:<{width}}  {f.floor:>10{spec}}{f.unit:>2}  {f.subject:>10{spec}}{f.unit:>2}"
             f"  {f.ratio:>6.2f}x  {target:>7}  {f.verdict}"
         )
+
+
+def instructions_per_call(script: str, case: str, n: int) -> float:
+    """CPU instructions per call of ``case``, counted by callgrind.
+
+    Runs ``python script --run case N`` under ``valgrind --tool=callgrind`` with
+    N = n and N = 11 n and divides the difference by 10 n: interpreter start,
+    imports and warm-up cancel out.  ``PYTHONHASHSEED=0`` makes the counts
+    repeat to the instruction (string hashes decide dict probe sequences).
+    """
+    import os
+    import re
+    import subprocess
+
+    def count(calls: int) -> int:
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + os.devnull,
+             sys.executable, script, "--run", case, str(calls)],
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+        )  # fmt: skip
+        found = re.search(r"Collected : (\d+)", out.stderr)
+        assert found, out.stderr
+        return int(found.group(1))
+
+    return (count(11 * n) - count(n)) / (10 * n)

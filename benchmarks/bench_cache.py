@@ -4,6 +4,7 @@
     python benchmarks/bench_cache.py --quick    # fewer repetitions, a shorter simulation
     python benchmarks/bench_cache.py --json
     python benchmarks/bench_cache.py --only hit # or: sim
+    python benchmarks/bench_cache.py --callgrind  # CPU instructions per hit (valgrind)
 
 Figures:
   hit               LoadingCache.get of a fresh entry
@@ -14,6 +15,12 @@ Figures:
                     / await of an async function doing the same lookup + clock  reported
   cached-hit        a call of a @cached function that hits (keys built from the
                     arguments) / dict[key] + time.monotonic(), inline            reported
+  --callgrind       CPU instructions per hit, counted by callgrind (stable where
+                    times are not): LoadingCache.get, the same with fleet= (its L1
+                    hit; needs redis-server on 127.0.0.1:6379), and
+                    AsyncLoadingCache.get, each / a Python function (an async one
+                    for the async hit) doing dict[key], time.monotonic() and one
+                    comparison                                                  <= 1.3x
   sim-*             simulated traffic: 10,000 hot keys, Zipf(1.0) requests at a
                     fixed rate, fixed TTL, every key loaded together at t=0.
                     Peak backend loads per second around the first TTL boundary,
@@ -27,16 +34,18 @@ import asyncio
 import itertools
 import os
 import random
+import shutil
 import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from time import monotonic
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _common import Figure, interleaved, report
+from _common import Figure, instructions_per_call, interleaved, report
 
 from singleflight import AsyncLoadingCache, LoadingCache, cached
 
@@ -160,6 +169,89 @@ def bench_cached_hit(n: int, passes: int, reps: int) -> Figure:
     return Figure(
         "cached-hit (ns/call) / dict[k]+monotonic() inline", "ns", floor_ns, subject_ns, None
     )
+
+
+# -- the hit path in CPU instructions (callgrind) --------------------------------------------
+
+CALLGRIND_CASES = ["floor", "hit", "fleet-hit", "async-floor", "async-hit"]
+
+
+def _callgrind_subject(case: str) -> Any:
+    """The warmed-up callable of ``case``: each call is one hit of key 7."""
+    d, m, until = {7: 7}, monotonic, float("inf")
+    if case == "floor":
+
+        def floor(key: int) -> int | None:
+            value = d[key]
+            if m() < until:
+                return value
+            return None
+
+        return floor
+    if case == "async-floor":
+
+        async def afloor(key: int) -> int | None:
+            value = d[key]
+            if m() < until:
+                return value
+            return None
+
+        return afloor
+    if case == "async-hit":
+        return AsyncLoadingCache(_aident, ttl=1e9).get
+    cache: LoadingCache[int, int]
+    if case == "hit":
+        cache = LoadingCache(lambda k: k, ttl=1e9)
+    elif case == "fleet-hit":
+        import redis
+
+        from singleflight.redis import Fleet
+
+        fleet = Fleet(redis.Redis(host="127.0.0.1", port=6379), namespace=f"bench-{os.getpid()}")
+        cache = LoadingCache(lambda k: k, ttl=1e9, fleet=fleet)
+        if not fleet.wait_trusted(10):  # the L1 is used once the channel is subscribed
+            raise SystemExit("fleet-hit: no invalidation channel (is redis-server running?)")
+        cache.invalidate(7)
+    else:
+        raise SystemExit(f"unknown case {case!r}")
+    cache.get(7)
+    get = cache.get
+    get(7)
+    assert cache.stats().hits == 1, "not an L1 hit"
+    return get
+
+
+def run_callgrind_case(case: str, n: int) -> None:
+    """Make ``n`` hits of ``case`` (the child process of --callgrind)."""
+    fn = _callgrind_subject(case)
+    if case.startswith("async"):
+
+        async def main() -> None:
+            for _ in range(1000):  # warm up (specialise) before the counted calls
+                await fn(7)
+            for _ in range(n):
+                await fn(7)
+
+        asyncio.run(main())
+    else:
+        for _ in range(1000):
+            fn(7)
+        for _ in range(n):
+            fn(7)
+    os._exit(0)  # no teardown (a fleet's threads) in the count
+
+
+def bench_callgrind(cases: list[str], n: int) -> list[Figure]:
+    counts = {case: instructions_per_call(__file__, case, n) for case in cases}
+    figures = []
+    for name, floor, subject in [
+        ("LoadingCache.get hit (instructions)", "floor", "hit"),
+        ("fleet= L1 hit (instructions)", "floor", "fleet-hit"),
+        ("AsyncLoadingCache.get hit (instructions)", "async-floor", "async-hit"),
+    ]:
+        if floor in counts and subject in counts:
+            figures.append(Figure(name, "i", counts[floor], counts[subject], 1.3))
+    return figures
 
 
 # -- the TTL-boundary simulation ----------------------------------------------------------------
@@ -327,7 +419,21 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--only", help="comma-separated figure groups to run (hit,sim)")
+    parser.add_argument(
+        "--callgrind", action="store_true", help="CPU instructions per hit (needs valgrind)"
+    )
+    parser.add_argument("--run", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.run:
+        run_callgrind_case(args.run[0], int(args.run[1]))
+    if args.callgrind:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("--callgrind needs valgrind")
+        cases = CALLGRIND_CASES if args.only is None else args.only.split(",")
+        figures = bench_callgrind(cases, 2000)
+        print(f"Python {sys.version.split()[0]}; CPU instructions per hit (callgrind)")
+        report(figures, args.json)
+        return figures
     reps = 5 if args.quick else 11
     passes = 20 if args.quick else 50
     only = args.only.split(",") if args.only else ["hit", "sim"]

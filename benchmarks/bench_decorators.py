@@ -20,12 +20,14 @@ import argparse
 import asyncio
 import functools
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import instructions_per_call
 
 CASES = [
     "lru",
@@ -122,17 +124,7 @@ def run(case: str, n: int) -> None:
 
 
 def instructions(case: str, n: int) -> float:
-    def count(calls: int) -> int:
-        out = subprocess.run(
-            ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + os.devnull,
-             sys.executable, __file__, "--run", case, str(calls)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        found = re.search(r"Collected : (\d+)", out.stderr)
-        assert found, out.stderr
-        return int(found.group(1))
-
-    return (count(11 * n) - count(n)) / (10 * n)
+    return instructions_per_call(__file__, case, n)
 
 
 def nanoseconds(case: str, n: int, reps: int) -> float:

@@ -693,7 +693,7 @@ def cached(fn: Any = None, /, **options: Unpack[CacheOptions]) -> Any:
             "        __sf_k = __sf_hashable(__sf_k)\n"
             "    else:\n"
             "        if __sf_clock() < __sf_e.fresh_until:\n"
-            "            __sf_e.hits += 1\n"
+            "            __sf_e.hits = __sf_e.hits + 1.0\n"
             "            return __sf_e.value\n"
             f"    return {aw}__sf_miss(__sf_k, {builder.call})\n"
         )

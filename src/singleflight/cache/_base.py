@@ -427,7 +427,7 @@ class CacheBase(Generic[K, V]):
         except KeyError:
             return MISS
         if self._clock() < entry.fresh_until:
-            entry.hits += 1
+            entry.hits = entry.hits + 1.0
             return entry.value
         return MISS
 

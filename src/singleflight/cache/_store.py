@@ -97,7 +97,7 @@ class Store(Generic[K]):
         # key -> the driver's handle of the batch load that has it in flight.
         self.batches: dict[K, Any] = {}
         self._tokens = count(1)
-        self.retired_hits = 0
+        self.retired_hits = 0.0  # a float, as Entry.hits
         self.misses = 0
         self.loads = 0
         self.load_failures = 0
@@ -137,7 +137,7 @@ class Store(Generic[K]):
         state = self.policy.state(entry, now, background)
         if state == MISS:
             return LOAD
-        entry.hits += 1
+        entry.hits += 1.0
         if state == FRESH:
             return SERVE
         if state == STALE:
@@ -512,4 +512,4 @@ class Store(Generic[K]):
         counts = {
             f.name: getattr(self, f.name) for f in fields(CacheStats) if f.name in self.__slots__
         }
-        return CacheStats(hits=hits, size=len(self.data), **counts)
+        return CacheStats(hits=int(hits), size=len(self.data), **counts)
