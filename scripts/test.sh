@@ -7,6 +7,11 @@
 #
 #   bash scripts/test.sh              # everything
 #   bash scripts/test.sh -k forget    # extra arguments go to pytest
+#   PYTEST_WORKERS=0 bash scripts/test.sh   # pytest in one process (default: 2 workers)
+#
+# pytest runs on PYTEST_WORKERS pytest-xdist workers (2), each running whole files
+# (--dist loadfile: a page of docs/ runs its snippets in order in one process, a
+# module's fixtures are made once); every server a test starts listens on a free port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,6 +64,7 @@ for python in "${pythons[@]}"; do
         first=0
     fi
     echo "--- pytest (Python $version)"
-    "$venv/bin/python" -m pytest -p no:cacheprovider "$@" || status=1
+    "$venv/bin/python" -m pytest -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" ||
+        status=1
 done
 exit $status

@@ -9,9 +9,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -427,3 +433,64 @@ def no_unretrieved_exceptions() -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
     assert not handler.messages, handler.messages
+
+
+# -- a child process, a private redis-server -------------------------------------------------
+
+
+def run_in_child(check: Callable[[], None], timeout: int = 5) -> None:
+    """Fork; run ``check`` in the child (killed by SIGALRM after ``timeout`` s); fail
+    the test if the child failed, hung or died."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            # pytest-timeout's SIGALRM handler is inherited: the alarm must kill.
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(timeout)
+            try:
+                check()
+                message = b"ok"
+                code = 0
+            except BaseException:
+                message = traceback.format_exc().encode()
+            os.write(write_end, message[-4000:])
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        report = pipe.read().decode(errors="replace")
+    if os.WIFSIGNALED(status):
+        pytest.fail(f"the child hung (killed by signal {os.WTERMSIG(status)})")
+    assert os.WEXITSTATUS(status) == 0, report
+
+
+@contextmanager
+def private_redis_server() -> Iterator[Any]:
+    """A redis-server of the caller's own on a free 127.0.0.1 port (tests/redis/
+    _redis_server.py's ``RedisServer``), killed on exit.  Without redis-py or a
+    redis-server binary the test is skipped, unless SINGLEFLIGHT_REQUIRE_REDIS is set
+    (as CI does): then it fails."""
+    required = bool(os.environ.get("SINGLEFLIGHT_REQUIRE_REDIS"))
+    redis_dir = str(Path(__file__).parent / "redis")
+    sys.path.insert(0, redis_dir)
+    try:
+        from _redis_server import RedisServer, find_server
+    except ImportError as exc:  # redis-py missing
+        if required:
+            pytest.fail(f"SINGLEFLIGHT_REQUIRE_REDIS is set but {exc}", pytrace=False)
+        pytest.skip(str(exc))
+    finally:
+        sys.path.remove(redis_dir)
+    binary = find_server("redis")
+    if binary is None:
+        if required:
+            pytest.fail(
+                "no redis-server binary, and SINGLEFLIGHT_REQUIRE_REDIS is set", pytrace=False
+            )
+        pytest.skip("no redis-server binary")
+    with RedisServer(binary) as server:
+        yield server

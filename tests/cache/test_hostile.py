@@ -13,9 +13,7 @@ import asyncio
 import contextlib
 import gc
 import os
-import signal
 import threading
-import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +21,7 @@ import pytest
 
 from singleflight import AsyncGroup, Group, LoadingCache, cached, coalesce
 
+from .._support import run_in_child
 from .conftest import FakeClock
 
 pytestmark = pytest.mark.timeout(60)
@@ -147,34 +146,6 @@ def test_clock_and_random_may_read_the_cache() -> None:
 
 
 # -- 5. os.fork() during a load --------------------------------------------------------------
-
-
-def run_in_child(check: Callable[[], None], timeout: int = 5) -> None:
-    """Fork; run ``check`` in the child (killed after ``timeout`` s); fail if it failed or hung."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(read_end)
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
-            signal.alarm(timeout)
-            try:
-                check()
-                message = b"ok"
-                code = 0
-            except BaseException:
-                message = traceback.format_exc().encode()
-            os.write(write_end, message[-4000:])
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    with os.fdopen(read_end, "rb") as pipe:
-        report = pipe.read().decode(errors="replace")
-    if os.WIFSIGNALED(status):
-        pytest.fail(f"the child hung (killed by signal {os.WTERMSIG(status)})")
-    assert os.WEXITSTATUS(status) == 0, report
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

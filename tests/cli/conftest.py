@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "redis"))
+from .._support import private_redis_server
 
-REQUIRE_REDIS = bool(os.environ.get("SINGLEFLIGHT_REQUIRE_REDIS"))
 REQUIRE_POSTGRES = bool(os.environ.get("SINGLEFLIGHT_REQUIRE_POSTGRES"))
 POSTGRES_DSN = os.environ.get(
     "SINGLEFLIGHT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
@@ -50,20 +49,7 @@ def load_json(path: Path) -> dict[str, Any]:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """The URL of a redis-server of this test's own, killed afterwards."""
-    try:
-        from _redis_server import RedisServer, find_server
-    except ImportError as exc:  # redis-py missing
-        if REQUIRE_REDIS:
-            pytest.fail(f"SINGLEFLIGHT_REQUIRE_REDIS is set but {exc}", pytrace=False)
-        pytest.skip(str(exc))
-    binary = find_server("redis")
-    if binary is None:
-        if REQUIRE_REDIS:
-            pytest.fail(
-                "no redis-server binary, and SINGLEFLIGHT_REQUIRE_REDIS is set", pytrace=False
-            )
-        pytest.skip("no redis-server binary")
-    with RedisServer(binary) as server:
+    with private_redis_server() as server:
         yield f"redis://127.0.0.1:{server.port}/0"
 
 

@@ -22,7 +22,6 @@ import contextlib
 import gc
 import logging
 import os
-import signal
 import sys
 import threading
 import traceback
@@ -36,6 +35,8 @@ import pytest
 from singleflight import AbortedError, AsyncGroup, Group, ReentryError, WaitTimeoutError
 from singleflight.anyio import AnyIOGroup
 from singleflight.events import Event, FlightFinished, FlightStarted
+
+from .._support import run_in_child
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -457,36 +458,6 @@ def test_async_bad_repr_key_past_loader_timeout(adriver: AsyncDriver) -> None:
 
 
 # -- 5. os.fork() during a flight -----------------------------------------------------------
-
-
-def run_in_child(check: Callable[[], None], timeout: int = 5) -> None:
-    """Fork; run ``check`` in the child (killed by SIGALRM after ``timeout`` s); fail
-    the test if the child failed, hung or died."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            # pytest-timeout's SIGALRM handler is inherited: the alarm must kill.
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
-            signal.alarm(timeout)
-            try:
-                check()
-                message = b"ok"
-                code = 0
-            except BaseException:
-                message = traceback.format_exc().encode()
-            os.write(write_end, message[-4000:])
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    with os.fdopen(read_end, "rb") as pipe:
-        report = pipe.read().decode(errors="replace")
-    if os.WIFSIGNALED(status):
-        pytest.fail(f"the child hung (killed by signal {os.WTERMSIG(status)})")
-    assert os.WEXITSTATUS(status) == 0, report
 
 
 fork_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -23,6 +23,10 @@ __all__ = ["Cluster", "SentinelServer"]
 _SLOTS = 16384
 
 
+class _ExitedAtStart(RuntimeError):
+    """A node exited as it started: most likely its port was taken meanwhile."""
+
+
 def _cluster_port() -> int:
     """A free port whose cluster bus port (+10000) is free too (so at most 55535)."""
     while True:
@@ -90,9 +94,9 @@ class Cluster:
 
         def answers() -> bool:
             if process.poll() is not None:
-                raise RuntimeError(f"cluster node {port} exited at start")
-            with self.node(port) as node:
-                return bool(node.ping())
+                raise _ExitedAtStart(f"cluster node {port} exited at start")
+            with self.node(port) as node:  # this node, not another server on a port taken
+                return int(node.info("server")["process_id"]) == process.pid
 
         _wait(answers, f"cluster node {port} did not answer PING", 10)
 
@@ -101,8 +105,17 @@ class Cluster:
 
     def start(self) -> None:
         try:
-            for port in self.ports:
-                self._spawn(port)
+            for i in range(len(self.ports)):
+                for attempt in range(5):
+                    try:
+                        self._spawn(self.ports[i])
+                        break
+                    except _ExitedAtStart:
+                        # its port (or bus port) was taken meanwhile, by a parallel run
+                        self.processes.pop(self.ports[i]).wait(timeout=10)
+                        if attempt == 4:
+                            raise
+                        self.ports[i] = _cluster_port()
             share = _SLOTS // len(self.ports)
             for i, port in enumerate(self.ports):
                 last = _SLOTS - 1 if i == len(self.ports) - 1 else (i + 1) * share - 1

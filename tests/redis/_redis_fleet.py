@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Fleet", "Worker", "read_loads"]
+__all__ = ["Fleet", "Worker", "caller_errors", "caller_values", "read_loads"]
 
 WORKER = str(Path(__file__).with_name("_redis_worker.py"))
 
@@ -143,3 +143,13 @@ def read_loads(path: Path) -> list[tuple[str, int, float]]:
         kind, pid, t = line.split()
         lines.append((kind, int(pid), float(t)))
     return lines
+
+
+def caller_values(reports: list[dict[str, Any]]) -> list[Any]:
+    """Every caller's value, over the workers' reports."""
+    return [o["value"] for r in reports for o in r["outcomes"]]
+
+
+def caller_errors(reports: list[dict[str, Any]]) -> list[Any]:
+    """Every caller's error (its type and message), over the workers' reports."""
+    return [o["error"] for r in reports for o in r["outcomes"] if o["error"]]

@@ -43,15 +43,35 @@ def find_server(kind: str) -> str | None:
     return None
 
 
+class PortTakenError(RuntimeError):
+    """A server exited as it started: most likely its port was taken meanwhile."""
+
+
 class RedisServer:
     """One private server process; ``restart`` keeps its port."""
 
     def __init__(self, binary: str, port: int | None = None) -> None:
         self.binary = binary
         self.port = port or free_port()
+        # A port picked here may be taken by another process (a parallel test run) before
+        # the server binds it: the first start then moves to another free port.
+        self._movable = port is None
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> None:
+        for _ in range(5 if self._movable else 1):
+            try:
+                self._start(timeout)
+                break
+            except PortTakenError:
+                if not self._movable:
+                    raise
+                self.port = free_port()
+        else:
+            raise RuntimeError(f"{self.binary} found no free port")
+        self._movable = False  # a restart keeps the port: clients know it
+
+    def _start(self, timeout: float) -> None:
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -74,9 +94,10 @@ class RedisServer:
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"{self.binary} exited at start (port {self.port} taken?)")
+                    raise PortTakenError(f"{self.binary} exited at start (port {self.port} taken?)")
                 try:
-                    if probe.ping():
+                    # the server answering is this one, not another one on a port taken meanwhile
+                    if int(probe.info("server")["process_id"]) == self.process.pid:
                         return
                 except redis.RedisError:
                     pass

@@ -23,7 +23,7 @@ import redis.asyncio.sentinel
 import redis.cluster
 import redis.sentinel
 from _redis_cluster import Cluster, SentinelServer
-from _redis_fleet import Fleet
+from _redis_fleet import Fleet, caller_errors, caller_values
 from _redis_sides import Loader
 
 from singleflight import WaitTimeoutError
@@ -32,14 +32,6 @@ from singleflight.redis import AsyncRedisGroup, RedisGroup, RedisUnavailableErro
 pytestmark = pytest.mark.timeout(120)
 
 MODES = ["sync", "async"]
-
-
-def _values(reports: list[dict[str, Any]]) -> list[Any]:
-    return [o["value"] for r in reports for o in r["outcomes"]]
-
-
-def _errors(reports: list[dict[str, Any]]) -> list[Any]:
-    return [o["error"] for r in reports for o in r["outcomes"] if o["error"]]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -57,8 +49,8 @@ def test_cluster_one_load_for_8_processes_of_50_callers(
 
     assert [kind for kind, _, _ in loads] == ["start", "end"]
     leader = loads[0][1]
-    assert _errors(reports) == []
-    assert _values(reports) == [{"pid": leader}] * 400
+    assert caller_errors(reports) == []
+    assert caller_values(reports) == [{"pid": leader}] * 400
     assert sum(r["stats"]["leads"] for r in reports) == 1
     assert sum(r["stats"]["redis_errors"] for r in reports) == 0
     # Everything every master ran: the flight's commands, the scripts' own,
@@ -94,8 +86,8 @@ def test_cluster_leader_sigkilled_a_waiter_takes_over_within_the_lease(
     successor, taken_over = starts[1]
     assert successor != leader
     assert taken_over - killed_at <= lease + 0.2, taken_over - killed_at
-    assert _errors(reports) == []
-    assert _values(reports) == [{"pid": successor}] * 9
+    assert caller_errors(reports) == []
+    assert caller_values(reports) == [{"pid": successor}] * 9
     assert sum(r["stats"]["takeovers"] for r in reports) == 1
     assert sum(r["stats"]["redis_errors"] for r in reports) == 0
 
@@ -161,8 +153,8 @@ def test_sentinel_managed_clients_coalesce_across_processes(
         reports = fleet.reports(timeout=30)
         loads = fleet.loads()
     assert [kind for kind, _, _ in loads] == ["start", "end"]
-    assert _errors(reports) == []
-    assert _values(reports) == [{"pid": loads[0][1]}] * 20
+    assert caller_errors(reports) == []
+    assert caller_values(reports) == [{"pid": loads[0][1]}] * 20
     assert sum(r["stats"]["leads"] for r in reports) == 1
     assert sum(r["stats"]["redis_errors"] for r in reports) == 0
 

@@ -12,18 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from _redis_fleet import Fleet
+from _redis_fleet import Fleet, caller_errors, caller_values
 from _redis_server import RedisServer
 
 MODES = ["sync", "async"]
-
-
-def _values(reports: list[dict]) -> list:
-    return [o["value"] for r in reports for o in r["outcomes"]]
-
-
-def _errors(reports: list[dict]) -> list:
-    return [o["error"] for r in reports for o in r["outcomes"] if o["error"]]
 
 
 @pytest.mark.timeout(90)
@@ -42,9 +34,9 @@ def test_fan_in_one_load_for_8_processes_of_50_callers(
 
     assert [kind for kind, _, _ in loads] == ["start", "end"]
     leader = loads[0][1]
-    values = _values(reports)
+    values = caller_values(reports)
     assert len(values) == 400
-    assert _errors(reports) == []
+    assert caller_errors(reports) == []
     assert values == [{"pid": leader}] * 400
     # Everything the server ran for the flight: our commands, the commands run
     # by the scripts, and connection setup; minus this test's INFO calls.
@@ -82,8 +74,8 @@ def test_leader_sigkilled_mid_load_a_waiter_takes_over_within_the_lease(
     successor, taken_over = starts[1]
     assert successor != leader
     assert taken_over - killed_at <= lease + 0.1, taken_over - killed_at
-    assert _errors(reports) == []
-    assert _values(reports) == [{"pid": successor}] * 12
+    assert caller_errors(reports) == []
+    assert caller_values(reports) == [{"pid": successor}] * 12
     assert sum(r["stats"]["takeovers"] for r in reports) == 1
 
 
@@ -114,8 +106,8 @@ def test_leader_stalled_past_its_lease_is_fenced_and_the_new_result_wins(
     starts = [pid for kind, pid, _ in loads if kind == "start"]
     assert len(starts) == 2 and starts[0] == leader, loads
     successor = starts[1]
-    assert _errors(reports) == []
-    assert _values(reports) == [{"pid": successor}] * 6  # nobody else saw the stale value
+    assert caller_errors(reports) == []
+    assert caller_values(reports) == [{"pid": successor}] * 6  # nobody else saw the stale value
     assert old["stats"]["fenced"] == 1
     # The stalled leader's own callers get its own value (documented).
     assert [o["value"] for o in old["outcomes"]] == [{"pid": leader}] * 2
@@ -135,8 +127,8 @@ def test_lease_shorter_than_the_loader_the_watchdog_keeps_one_load(
         loads = fleet.loads()
 
     assert [kind for kind, _, _ in loads] == ["start", "end"]
-    assert _errors(reports) == []
-    assert _values(reports) == [{"pid": loads[0][1]}] * 16
+    assert caller_errors(reports) == []
+    assert caller_values(reports) == [{"pid": loads[0][1]}] * 16
     stats = [r["stats"] for r in reports]
     assert sum(s["leads"] for s in stats) == 1
     assert sum(s["lost_leases"] + s["fenced"] + s["takeovers"] for s in stats) == 0

@@ -63,5 +63,11 @@ def test_a_forged_record_on_a_live_flight_is_read_once(
     # and a few renewals.  Reading the forged record again and again sent thousands.
     assert sum(sent.values()) <= 12, sent
     assert b.stats().untrusted_payloads == (1 if untrusted else 0)
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # A fleet cache left by an earlier test of this process may still log about its
+    # channel (under load its heartbeat can lapse): not this group's warning.
+    warnings = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name != "singleflight.redis.fleet"
+    ]
     assert len(warnings) == (1 if untrusted else 0), [r.getMessage() for r in warnings]

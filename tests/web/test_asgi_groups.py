@@ -6,15 +6,10 @@ every request has joined, so its call count is exact.
 
 from __future__ import annotations
 
-import os
-import sys
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
-import pytest
 
 from singleflight.asgi import STATUS_HEADER, CoalescingMiddleware
 
@@ -22,7 +17,6 @@ from .._support import until
 from ._apps import endpoint, starlette_app
 
 WAIT = 30.0
-HERE = Path(__file__).resolve().parent
 
 
 async def get(
@@ -87,22 +81,6 @@ def test_anyio_group_on_trio() -> None:
         + [(200, b"shared", b"hello u0")] * 9
         + [(200, b"shared", b"hello u1")] * 9
     )
-
-
-@pytest.fixture(scope="module")
-def redis_port() -> Iterator[int]:
-    sys.path.insert(0, str(HERE.parent / "redis"))
-    try:
-        from _redis_server import RedisServer, find_server
-    finally:
-        sys.path.remove(str(HERE.parent / "redis"))
-    binary = find_server("redis")
-    if binary is None:
-        if os.environ.get("SINGLEFLIGHT_REQUIRE_REDIS"):
-            pytest.fail("no redis-server binary, and SINGLEFLIGHT_REQUIRE_REDIS is set")
-        pytest.skip("no redis-server binary")
-    with RedisServer(binary) as server:
-        yield server.port
 
 
 def test_redis_group_shares_one_call_among_workers(redis_port: int) -> None:

@@ -14,11 +14,8 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from singleflight import AsyncGroup, Group
 
@@ -35,23 +32,6 @@ from singleflight.django import CoalescingCache, coalesce_page  # noqa: E402
 
 WAIT = 30.0
 HERE = Path(__file__).resolve().parent
-REDIS_REQUIRED = bool(os.environ.get("SINGLEFLIGHT_REQUIRE_REDIS"))
-
-
-@pytest.fixture(scope="module")
-def redis_port() -> Iterator[int]:
-    sys.path.insert(0, str(HERE.parent / "redis"))
-    try:
-        from _redis_server import RedisServer, find_server
-    finally:
-        sys.path.remove(str(HERE.parent / "redis"))
-    binary = find_server("redis")
-    if binary is None:
-        if REDIS_REQUIRED:
-            pytest.fail("no redis-server binary, and SINGLEFLIGHT_REQUIRE_REDIS is set")
-        pytest.skip("no redis-server binary")
-    with RedisServer(binary) as server:
-        yield server.port
 
 
 def redis_cache(port: int) -> Any:
