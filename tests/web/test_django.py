@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from singleflight import AsyncGroup, Group
 
 from .._support import Gate, run, until, wait_for
