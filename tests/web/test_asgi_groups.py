@@ -105,8 +105,16 @@ def test_redis_group_shares_one_call_among_workers(redis_port: int) -> None:
                 async with anyio.create_task_group() as tasks:
                     for i in range(20):
                         tasks.start_soon(_collect, workers[i % 2], results)
+                    # result_ttl=0 keeps nothing once the flight ends: the gate opens only
+                    # when the other worker waits on the leader in Redis, or it could ask
+                    # after the end and call the endpoint itself.
                     await until(
-                        lambda: all(g.stats().joins >= 9 for g in groups), WAIT, "local joins"
+                        lambda: (
+                            all(g.stats().joins >= 9 for g in groups)
+                            and sum(g.stats().waits for g in groups) >= 1
+                        ),
+                        WAIT,
+                        "local joins, and one worker waiting on the other in Redis",
                     )
                     endpoint.gate.open()
         finally:
