@@ -163,19 +163,19 @@ def invalidation_worker(port: int, ready: Any, drops: Any, stop: Any) -> None:
     import redis
 
     from singleflight import LoadingCache
+    from singleflight.events import InvalidationReceived
     from singleflight.redis import Fleet
 
+    def received(event: object) -> None:  # told once the L1 entry is gone
+        if isinstance(event, InvalidationReceived):
+            drops.put((event.name, time.monotonic()))
+
     cache: Any = LoadingCache(
-        lambda key: key, ttl=600, fleet=Fleet(redis.Redis(port=port), namespace="inv")
+        lambda key: key,
+        ttl=600,
+        fleet=Fleet(redis.Redis(port=port), namespace="inv"),
+        on_event=received,
     )
-    fleet = cache._fleet
-    original = fleet._received
-
-    def received(data: bytes) -> None:
-        original(data)  # the L1 entry is gone once this returns
-        drops.put((data.decode().rsplit("|", 1)[1], time.monotonic()))
-
-    fleet._received = received
     cache._fleet.wait_trusted(5)
     ready.put(os.getpid())
     stop.wait(120)
