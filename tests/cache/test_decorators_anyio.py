@@ -330,8 +330,10 @@ async def test_two_acloses_at_once_both_return() -> None:
         closed.append(n)
 
     with anyio.fail_after(WAIT):
-        async with _a_batch_and_a_joiner(cache, loaders, results):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(close, 1)
-                tg.start_soon(close, 2)
+        async with (
+            _a_batch_and_a_joiner(cache, loaders, results),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(close, 1)
+            tg.start_soon(close, 2)
     assert sorted(closed) == [1, 2]

@@ -277,3 +277,21 @@ def test_a_fleet_cache_closed_while_its_channel_is_subscribed_stays_off_its_l1(
         other.close()
         cache.close()
         client.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a per-entry ttl returning None (no expiry) makes a fleet entry's lifetime "
+    "infinite: _lifetimes raises OverflowError from get (the fleet's entries must "
+    "expire; not decided whether to refuse None or cap it)",
+)
+def test_a_fleet_cache_whose_ttl_function_returns_none(server: RedisServer) -> None:
+    client = server.client()
+    cache: LoadingCache[str, str] = LoadingCache(
+        str.upper, ttl=lambda value: None, fleet=Fleet(client, namespace="forever")
+    )
+    try:
+        assert cache.get("a") == "A"
+    finally:
+        cache.close()
+        client.close()
