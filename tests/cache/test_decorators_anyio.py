@@ -315,3 +315,25 @@ async def test_load_many_asking_for_a_key_of_its_own_batch_is_told_so() -> None:
     with anyio.fail_after(WAIT):
         assert await cache.get_many([1, 2]) == {1: "b1", 2: "b2"}
     assert len(told) == 1 and "a key of its own batch: it would wait" in told[0]
+
+
+async def test_two_acloses_at_once_both_return() -> None:
+    """Before, under trio: each aclose made a new "idle" event and waited on it; the
+    last background task set only the newest, so the first aclose waited forever."""
+    loaders = _Loaders()
+    cache = loaders.cache()
+    results: dict[str, Any] = {}
+    closed: list[int] = []
+
+    async def close(n: int) -> None:
+        await cache.aclose()
+        closed.append(n)
+
+    with anyio.fail_after(WAIT):
+        async with (
+            _a_batch_and_a_joiner(cache, loaders, results),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(close, 1)
+            tg.start_soon(close, 2)
+    assert sorted(closed) == [1, 2]

@@ -7,6 +7,7 @@ emptied per test), or to one of its own, never to a shared one.
 from __future__ import annotations
 
 import gc
+import threading
 from typing import Any
 
 import pytest
@@ -226,3 +227,71 @@ def test_the_fleet_channel_stops_with_its_last_async_fleet(redis_binary: str) ->
             wait_for(lambda: _subscribers(client) == 0, WAIT, "the subscriber to go")
         finally:
             client.close()
+
+
+class _SlowTrust(LoadingCache[str, str]):
+    """A cache whose first "channel subscribed" notice from the hub thread waits for
+    ``release``: the window between the fleet marking itself trusted and telling its
+    cache, widened so that ``close`` can run inside it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.told = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def _fleet_trust(self, trusted: bool) -> None:
+        if trusted and not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(WAIT)
+            super()._fleet_trust(trusted)
+            self.told.set()
+            return
+        super()._fleet_trust(trusted)
+
+
+def test_a_fleet_cache_closed_while_its_channel_is_subscribed_stays_off_its_l1(
+    own_server: RedisServer,
+) -> None:
+    """Before: ``close`` (the fleet leaves its channel) racing the hub thread telling
+    the cache its channel was subscribed could end with the cache trusting its L1
+    after close: it no longer hears invalidations, yet served its own copies, so a
+    change made by another process was never seen."""
+    client = own_server.client()
+    cache = _SlowTrust(str.upper, ttl=30, fleet=Fleet(client, namespace="race"))
+    other: LoadingCache[str, str] = LoadingCache(
+        str.upper, ttl=30, fleet=Fleet(client, namespace="race")
+    )
+    try:
+        assert cache.entered.wait(WAIT)  # the hub is telling the cache "trusted"
+        cache.close()  # meanwhile: the fleet leaves the channel
+        cache.release.set()
+        assert cache.told.wait(WAIT)
+        assert cache.get("a") == "A"
+        assert other._fleet.wait_trusted(WAIT)
+        other.put("a", "changed")
+        assert cache.get("a") == "changed", "the closed cache served its stale L1 copy"
+        assert cache._store.frozen
+    finally:
+        cache.release.set()
+        other.close()
+        cache.close()
+        client.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a per-entry ttl returning None (no expiry) makes a fleet entry's lifetime "
+    "infinite: _lifetimes raises OverflowError from get (the fleet's entries must "
+    "expire; not decided whether to refuse None or cap it)",
+)
+def test_a_fleet_cache_whose_ttl_function_returns_none(server: RedisServer) -> None:
+    client = server.client()
+    cache: LoadingCache[str, str] = LoadingCache(
+        str.upper, ttl=lambda value: None, fleet=Fleet(client, namespace="forever")
+    )
+    try:
+        assert cache.get("a") == "A"
+    finally:
+        cache.close()
+        client.close()

@@ -283,7 +283,8 @@ class Background:
             if self.scopes:
                 import trio
 
-                self.idle = trio.Event()
+                if self.idle is None or self.idle.is_set():  # else: another aclose waits on it
+                    self.idle = trio.Event()
                 for scope in list(self.scopes):
                     scope.cancel()
                 await self.idle.wait()

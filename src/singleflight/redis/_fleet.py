@@ -540,6 +540,8 @@ class Fleet:
         cache = self._cache() if self._cache is not None else None
         if cache is not None:
             cache._fleet_trust(trusted)
+            if trusted and self._closed:  # closed meanwhile: _unbind's False came first
+                cache._fleet_trust(False)
         if was and not trusted:
             log.warning("fleet %s lost its invalidation channel: its L1 is dropped", self.namespace)
 
