@@ -652,6 +652,11 @@ class CacheBase(Generic[K, V]):
         process would load the key again before its TTL had passed.  The windows
         after expiry are rounded down: nobody serves past them."""
         expires_at = entry.expires_at
+        if expires_at == math.inf:
+            raise ValueError(
+                "ttl(value) returned None (never expire), but a fleet cache's entries "
+                "expire in Redis: return a number of seconds for it"
+            )
         return (
             math.ceil((expires_at - now) * 1000),
             int((entry.stale_until - expires_at) * 1000),
