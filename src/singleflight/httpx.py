@@ -30,7 +30,6 @@ leader failed, or whose response could not cross, sends its own request.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
@@ -45,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - exercised without httpx install
     raise missing("httpx", "httpx", "httpx 0.27 or later") from exc
 
 from ._asyncio import AsyncGroup
+from ._http import decode_response, encode_response
 from ._protocols import AsyncGroupLike, GroupLike, check_coalesces_only, crosses_processes
 from ._threads import Group
 from .errors import AbortedError, SingleflightError, TooManyFlightsError
@@ -123,9 +123,7 @@ def _encode(outcome: _Shared | _Unshared) -> list[Any] | None:
         return None
     status, headers, body, extensions = outcome
     return [
-        status,
-        [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers],
-        base64.b64encode(body).decode("ascii"),
+        *encode_response(status, headers, body),
         {k: v.decode("latin-1") for k, v in extensions.items() if isinstance(v, bytes)},
     ]
 
@@ -135,9 +133,7 @@ def _decode(data: Any) -> _Shared | None:
         return None
     status, headers, body, extensions = data
     return (
-        int(status),
-        [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers],
-        base64.b64decode(body),
+        *decode_response(status, headers, body),
         {k: v.encode("latin-1") for k, v in extensions.items()},
     )
 
