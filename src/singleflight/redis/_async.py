@@ -45,12 +45,12 @@ from .codecs import Codec, CodecError
 import asyncio
 import weakref
 
-from ._asyncio_only import Client, Clients, call, eval_script, read_blocking, sleep
+from ._asyncio_only import Client, Clients, Watchdog, call, eval_script, read_blocking, sleep
 
 # unasync: sync-only
 # from concurrent.futures import Executor, Future
 #
-# from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
+# from ._threads_only import Client, Clients, Watchdog, call, eval_script, read_blocking, sleep
 # unasync: end
 
 _monotonic = time.monotonic
@@ -189,9 +189,8 @@ class AsyncRedisGroup(Generic[K, V]):
             weakref.WeakKeyDictionary()
         )
         # unasync: sync-only
-        # self._clients = Clients(
-        #     self._core, *configure_sync(client, settings, configure_client), _renew
-        # )
+        # commands, blocking = configure_sync(client, settings, configure_client)
+        # self._clients = Clients(commands, blocking, Watchdog(self._core, commands, _renew))
         # unasync: end
         # The local group tells the core of its flights and joins (always: the
         # counts of led flights come from there, hook or not).
@@ -458,7 +457,8 @@ class AsyncRedisGroup(Generic[K, V]):
         state = self._clients.get(loop)
         if state is None:
             commands, blocking = configure_async(self._client, self._core.settings, self._configure)
-            state = self._clients[loop] = Clients(self._core, commands, blocking, _renew)
+            watchdog = Watchdog(self._core, commands, _renew)
+            state = self._clients[loop] = Clients(commands, blocking, watchdog)
         return state
 
     def _spawn(self, state: Clients, work: Awaitable[Any]) -> asyncio.Task[Any]:

@@ -129,12 +129,10 @@ class Clients:
 
     __slots__ = ("background", "blocking", "commands", "forgets", "watchdog")
 
-    def __init__(
-        self, core: GroupCore[Any], commands: Client, blocking: Client, renew: Renew
-    ) -> None:
+    def __init__(self, commands: Client, blocking: Client, watchdog: Watchdog) -> None:
         self.commands = commands
         self.blocking = blocking
-        self.watchdog = Watchdog(core, commands, renew)
+        self.watchdog = watchdog
         self.forgets: dict[str, asyncio.Task[Any]] = {}
         self.background: set[asyncio.Task[Any]] = set()
 

@@ -44,7 +44,7 @@ from .codecs import Codec, CodecError
 # isort: split
 from concurrent.futures import Executor, Future
 
-from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
+from ._threads_only import Client, Clients, Watchdog, call, eval_script, read_blocking, sleep
 
 _monotonic = time.monotonic
 
@@ -172,9 +172,8 @@ class RedisGroup(Generic[K, V]):
         )
         self._client = client
         self._configure = configure_client
-        self._clients = Clients(
-            self._core, *configure_sync(client, settings, configure_client), _renew
-        )
+        commands, blocking = configure_sync(client, settings, configure_client)
+        self._clients = Clients(commands, blocking, Watchdog(self._core, commands, _renew))
         # The local group tells the core of its flights and joins (always: the
         # counts of led flights come from there, hook or not).
         self._local: Group[K, V] = Group(

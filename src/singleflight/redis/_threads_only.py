@@ -188,12 +188,10 @@ class Clients:
 
     __slots__ = ("blocking", "commands", "watchdog")
 
-    def __init__(
-        self, core: GroupCore[Any], commands: Client, blocking: Client, renew: Renew
-    ) -> None:
+    def __init__(self, commands: Client, blocking: Client, watchdog: Watchdog) -> None:
         self.commands = commands
         self.blocking = blocking
-        self.watchdog = Watchdog(core, commands, renew)
+        self.watchdog = watchdog
 
 
 def call(fn: Callable[..., V], args: Args, kwargs: Kwargs) -> V:
