@@ -198,6 +198,12 @@ def _whole(
     headers, body = read
     if len(body) > max_body:
         return _Unshared(response, [body], rest, headers)
+    return _shared(response, headers, body)
+
+
+def _shared(response: httpx.Response, headers: list[tuple[bytes, bytes]], body: bytes) -> _Shared:
+    """What a flight hands its callers: ``response``'s status and the extensions
+    that describe it, with ``headers`` and ``body``."""
     extensions = {
         name: response.extensions[name] for name in _COPIED if name in response.extensions
     }
@@ -313,10 +319,7 @@ class CoalescingTransport(httpx.BaseTransport):
             response.close()
             raise
         response.close()
-        extensions = {
-            name: response.extensions[name] for name in _COPIED if name in response.extensions
-        }
-        return (response.status_code, list(response.headers.raw), b"".join(chunks), extensions)
+        return _shared(response, list(response.headers.raw), b"".join(chunks))
 
     def close(self) -> None:
         self.transport.close()
@@ -428,10 +431,7 @@ class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
             await response.aclose()
             raise
         await response.aclose()
-        extensions = {
-            name: response.extensions[name] for name in _COPIED if name in response.extensions
-        }
-        return (response.status_code, list(response.headers.raw), b"".join(chunks), extensions)
+        return _shared(response, list(response.headers.raw), b"".join(chunks))
 
     async def aclose(self) -> None:
         await self.transport.aclose()
