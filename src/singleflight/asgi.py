@@ -41,11 +41,11 @@ through the group's codec as JSON-friendly lists; keep ``max_body`` under its
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final, TypeAlias
 
+from ._http import decode_response, encode_response
 from ._protocols import check_coalesces_only, crosses_processes
 
 __all__ = ["ASGIApp", "CoalescingMiddleware", "STATUS_HEADER"]
@@ -489,9 +489,7 @@ def _encode(shared: _Shared) -> list[Any]:
     """A shared response as lists, strings and numbers: what any codec carries."""
     status, headers, body, vary = shared
     return [
-        status,
-        [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers],
-        base64.b64encode(body).decode("ascii"),
+        *encode_response(status, headers, body),
         [[name.decode("latin-1"), None if v is None else v.decode("latin-1")] for name, v in vary],
     ]
 
@@ -501,8 +499,6 @@ def _decode(data: Any) -> _Shared | None:
         return None
     status, headers, body, vary = data
     return (
-        int(status),
-        [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers],
-        base64.b64decode(body),
+        *decode_response(status, headers, body),
         tuple((n.encode("latin-1"), None if v is None else v.encode("latin-1")) for n, v in vary),
     )

@@ -30,7 +30,6 @@ leader failed, or whose response could not cross, sends its own request.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
@@ -45,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - exercised without httpx install
     raise missing("httpx", "httpx", "httpx 0.27 or later") from exc
 
 from ._asyncio import AsyncGroup
+from ._http import decode_response, encode_response
 from ._protocols import AsyncGroupLike, GroupLike, check_coalesces_only, crosses_processes
 from ._threads import Group
 from .errors import AbortedError, SingleflightError, TooManyFlightsError
@@ -123,9 +123,7 @@ def _encode(outcome: _Shared | _Unshared) -> list[Any] | None:
         return None
     status, headers, body, extensions = outcome
     return [
-        status,
-        [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers],
-        base64.b64encode(body).decode("ascii"),
+        *encode_response(status, headers, body),
         {k: v.decode("latin-1") for k, v in extensions.items() if isinstance(v, bytes)},
     ]
 
@@ -135,9 +133,7 @@ def _decode(data: Any) -> _Shared | None:
         return None
     status, headers, body, extensions = data
     return (
-        int(status),
-        [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers],
-        base64.b64decode(body),
+        *decode_response(status, headers, body),
         {k: v.encode("latin-1") for k, v in extensions.items()},
     )
 
@@ -202,6 +198,12 @@ def _whole(
     headers, body = read
     if len(body) > max_body:
         return _Unshared(response, [body], rest, headers)
+    return _shared(response, headers, body)
+
+
+def _shared(response: httpx.Response, headers: list[tuple[bytes, bytes]], body: bytes) -> _Shared:
+    """What a flight hands its callers: ``response``'s status and the extensions
+    that describe it, with ``headers`` and ``body``."""
     extensions = {
         name: response.extensions[name] for name in _COPIED if name in response.extensions
     }
@@ -317,10 +319,7 @@ class CoalescingTransport(httpx.BaseTransport):
             response.close()
             raise
         response.close()
-        extensions = {
-            name: response.extensions[name] for name in _COPIED if name in response.extensions
-        }
-        return (response.status_code, list(response.headers.raw), b"".join(chunks), extensions)
+        return _shared(response, list(response.headers.raw), b"".join(chunks))
 
     def close(self) -> None:
         self.transport.close()
@@ -432,10 +431,7 @@ class AsyncCoalescingTransport(httpx.AsyncBaseTransport):
             await response.aclose()
             raise
         await response.aclose()
-        extensions = {
-            name: response.extensions[name] for name in _COPIED if name in response.extensions
-        }
-        return (response.status_code, list(response.headers.raw), b"".join(chunks), extensions)
+        return _shared(response, list(response.headers.raw), b"".join(chunks))
 
     async def aclose(self) -> None:
         await self.transport.aclose()

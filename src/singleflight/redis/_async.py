@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Literal
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .. import AsyncGroup
 from .._protocols import Args, K, Kwargs, P, V
@@ -31,10 +31,13 @@ from ._core import (
     GroupCore,
     Watch,
     calling,
+    command,
+    describe,
     log,
     with_shared,
 )
-from ._protocol import Completion, FleetCall, Keys, Plan, RetryBudget, Settings
+from ._errors import cluster_errors
+from ._protocol import Completion, FleetCall, Held, Keys, Plan, Renewals, RetryBudget, Settings
 from .codecs import Codec, CodecError
 
 # isort: split
@@ -42,12 +45,12 @@ from .codecs import Codec, CodecError
 import asyncio
 import weakref
 
-from ._asyncio_only import Client, Clients, call, eval_script, read_blocking, sleep
+from ._asyncio_only import Client, Clients, Watchdog, call, eval_script, read_blocking, sleep
 
 # unasync: sync-only
 # from concurrent.futures import Executor, Future
 #
-# from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
+# from ._threads_only import Client, Clients, Watchdog, call, eval_script, read_blocking, sleep
 # unasync: end
 
 _monotonic = time.monotonic
@@ -74,6 +77,25 @@ async def _with_budget(
             continue
         core.breaker.success()
         return reply
+
+
+async def _renew(client: Client, renewals: Renewals, due: list[Held]) -> list[int | None]:
+    """The watchdog's RENEW of every due lease in one round trip (EVAL again after
+    NOSCRIPT); None where it failed."""
+    replies: list[Any] = []
+    for fallback in (False, True):
+        pipe = client.pipeline(transaction=False)
+        for args in renewals.renew_commands(due, _monotonic(), fallback=fallback):
+            command(pipe, *args)
+        try:
+            with cluster_errors():
+                replies = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            log.debug("lease renewal failed: %s", describe(exc))
+            return [None] * len(due)
+        if not any(isinstance(r, NoScriptError) for r in replies):
+            break
+    return [None if isinstance(r, Exception) else int(r) for r in replies]
 
 
 class AsyncRedisGroup(Generic[K, V]):
@@ -167,7 +189,8 @@ class AsyncRedisGroup(Generic[K, V]):
             weakref.WeakKeyDictionary()
         )
         # unasync: sync-only
-        # self._clients = Clients(self._core, *configure_sync(client, settings, configure_client))
+        # commands, blocking = configure_sync(client, settings, configure_client)
+        # self._clients = Clients(commands, blocking, Watchdog(self._core, commands, _renew))
         # unasync: end
         # The local group tells the core of its flights and joins (always: the
         # counts of led flights come from there, hook or not).
@@ -434,7 +457,8 @@ class AsyncRedisGroup(Generic[K, V]):
         state = self._clients.get(loop)
         if state is None:
             commands, blocking = configure_async(self._client, self._core.settings, self._configure)
-            state = self._clients[loop] = Clients(self._core, commands, blocking)
+            watchdog = Watchdog(self._core, commands, _renew)
+            state = self._clients[loop] = Clients(commands, blocking, watchdog)
         return state
 
     def _spawn(self, state: Clients, work: Awaitable[Any]) -> asyncio.Task[Any]:

@@ -15,10 +15,10 @@ from typing import Any
 
 import redis.asyncio
 import redis.asyncio.cluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from .._protocols import Args, Kwargs, V
-from ._core import GroupCore, command, describe, log
+from ._core import GroupCore, command
 from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
 
@@ -26,6 +26,9 @@ sleep = asyncio.sleep
 
 # A redis.asyncio.Redis or a redis.asyncio.cluster.RedisCluster.
 Client = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+
+# The watchdog's round trip renewing the due leases (``_async._renew``).
+Renew = Callable[[Client, Renewals, list[Held]], Awaitable[list[int | None]]]
 
 
 async def eval_script(client: Client, script: Script, keys: list[str], args: list[Any]) -> Any:
@@ -69,11 +72,12 @@ class Watchdog:
     nothing to renew.
     """
 
-    __slots__ = ("_client", "_core", "_renewals", "_task", "_wake")
+    __slots__ = ("_client", "_core", "_renew", "_renewals", "_task", "_wake")
 
-    def __init__(self, core: GroupCore[Any], client: Client) -> None:
+    def __init__(self, core: GroupCore[Any], client: Client, renew: Renew) -> None:
         self._core = core
         self._client = client
+        self._renew = renew
         self._renewals = Renewals(core.settings)
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -114,26 +118,9 @@ class Watchdog:
                     pass
                 continue
             due = renewals.due(_monotonic())
-            codes = await self._renew(due)
+            codes = await self._renew(self._client, renewals, due)
             for held, code in renewals.apply(due, codes, _monotonic()):
                 self._core.renewed(held, code)
-
-    async def _renew(self, due: list[Held]) -> list[int | None]:
-        """RENEW every due lease in one round trip; None where it failed."""
-        replies: list[Any] = []
-        for fallback in (False, True):
-            pipe = self._client.pipeline(transaction=False)
-            for args in self._renewals.renew_commands(due, _monotonic(), fallback=fallback):
-                command(pipe, *args)
-            try:
-                with cluster_errors():
-                    replies = await pipe.execute(raise_on_error=False)
-            except RedisError as exc:
-                log.debug("lease renewal failed: %s", describe(exc))
-                return [None] * len(due)
-            if not any(isinstance(r, NoScriptError) for r in replies):
-                break
-        return [None if isinstance(r, Exception) else int(r) for r in replies]
 
 
 class Clients:
@@ -142,10 +129,10 @@ class Clients:
 
     __slots__ = ("background", "blocking", "commands", "forgets", "watchdog")
 
-    def __init__(self, core: GroupCore[Any], commands: Client, blocking: Client) -> None:
+    def __init__(self, commands: Client, blocking: Client, watchdog: Watchdog) -> None:
         self.commands = commands
         self.blocking = blocking
-        self.watchdog = Watchdog(core, commands)
+        self.watchdog = watchdog
         self.forgets: dict[str, asyncio.Task[Any]] = {}
         self.background: set[asyncio.Task[Any]] = set()
 

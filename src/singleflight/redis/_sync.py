@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, Literal
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .. import Group
 from .._protocols import Args, K, Kwargs, P, V
@@ -32,16 +32,19 @@ from ._core import (
     GroupCore,
     Watch,
     calling,
+    command,
+    describe,
     log,
     with_shared,
 )
-from ._protocol import Completion, FleetCall, Keys, Plan, RetryBudget, Settings
+from ._errors import cluster_errors
+from ._protocol import Completion, FleetCall, Held, Keys, Plan, Renewals, RetryBudget, Settings
 from .codecs import Codec, CodecError
 
 # isort: split
 from concurrent.futures import Executor, Future
 
-from ._threads_only import Client, Clients, call, eval_script, read_blocking, sleep
+from ._threads_only import Client, Clients, Watchdog, call, eval_script, read_blocking, sleep
 
 _monotonic = time.monotonic
 
@@ -67,6 +70,25 @@ def _with_budget(
             continue
         core.breaker.success()
         return reply
+
+
+def _renew(client: Client, renewals: Renewals, due: list[Held]) -> list[int | None]:
+    """The watchdog's RENEW of every due lease in one round trip (EVAL again after
+    NOSCRIPT); None where it failed."""
+    replies: list[Any] = []
+    for fallback in (False, True):
+        pipe = client.pipeline(transaction=False)
+        for args in renewals.renew_commands(due, _monotonic(), fallback=fallback):
+            command(pipe, *args)
+        try:
+            with cluster_errors():
+                replies = pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            log.debug("lease renewal failed: %s", describe(exc))
+            return [None] * len(due)
+        if not any(isinstance(r, NoScriptError) for r in replies):
+            break
+    return [None if isinstance(r, Exception) else int(r) for r in replies]
 
 
 class RedisGroup(Generic[K, V]):
@@ -150,7 +172,8 @@ class RedisGroup(Generic[K, V]):
         )
         self._client = client
         self._configure = configure_client
-        self._clients = Clients(self._core, *configure_sync(client, settings, configure_client))
+        commands, blocking = configure_sync(client, settings, configure_client)
+        self._clients = Clients(commands, blocking, Watchdog(self._core, commands, _renew))
         # The local group tells the core of its flights and joins (always: the
         # counts of led flights come from there, hook or not).
         self._local: Group[K, V] = Group(

@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .._protocols import Args, Kwargs, V
 from . import _protocol as proto
-from ._core import GroupCore, command, describe, log
+from ._core import GroupCore, command
 from ._errors import cluster_errors
 from ._protocol import Held, Renewals, Script
 
@@ -29,6 +29,9 @@ sleep = time.sleep
 
 # A redis.Redis or a redis.cluster.RedisCluster.
 Client = redis.Redis | redis.cluster.RedisCluster
+
+# The watchdog's round trip renewing the due leases (``_sync._renew``).
+Renew = Callable[[Client, Renewals, list[Held]], list[int | None]]
 
 
 def eval_script(client: Client, script: Script, keys: list[str], args: list[Any]) -> Any:
@@ -92,14 +95,16 @@ class Watchdog:
         "_core",
         "_lock",
         "_pid",
+        "_renew",
         "_renewals",
         "_thread",
         "_wake",
     )
 
-    def __init__(self, core: GroupCore[Any], client: Client) -> None:
+    def __init__(self, core: GroupCore[Any], client: Client, renew: Renew) -> None:
         self._core = core
         self._client = client
+        self._renew = renew
         self._reset()
 
     def _reset(self) -> None:
@@ -142,27 +147,11 @@ class Watchdog:
                         return
                     self._wake.wait(wait)
                 due = renewals.due(_monotonic())
-            codes = self._renew(due)
+            codes = self._renew(self._client, renewals, due)
             with self._lock:
                 news = renewals.apply(due, codes, _monotonic())
             for held, code in news:
                 self._core.renewed(held, code)
-
-    def _renew(self, due: list[Held]) -> list[int | None]:
-        """RENEW every due lease in one round trip; None where it failed."""
-        for fallback in (False, True):
-            pipe = self._client.pipeline(transaction=False)
-            for args in self._renewals.renew_commands(due, _monotonic(), fallback=fallback):
-                command(pipe, *args)
-            try:
-                with cluster_errors():
-                    replies = pipe.execute(raise_on_error=False)
-            except RedisError as exc:
-                log.debug("lease renewal failed: %s", describe(exc))
-                return [None] * len(due)
-            if not any(isinstance(r, NoScriptError) for r in replies):
-                break
-        return [None if isinstance(r, Exception) else int(r) for r in replies]
 
 
 _WATCHDOGS: weakref.WeakSet[Watchdog] = weakref.WeakSet()
@@ -199,10 +188,10 @@ class Clients:
 
     __slots__ = ("blocking", "commands", "watchdog")
 
-    def __init__(self, core: GroupCore[Any], commands: Client, blocking: Client) -> None:
+    def __init__(self, commands: Client, blocking: Client, watchdog: Watchdog) -> None:
         self.commands = commands
         self.blocking = blocking
-        self.watchdog = Watchdog(core, commands)
+        self.watchdog = watchdog
 
 
 def call(fn: Callable[..., V], args: Args, kwargs: Kwargs) -> V:
