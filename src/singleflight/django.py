@@ -63,7 +63,9 @@ class CoalescingCache:
     a cache object, the object's identity in this process).  A cache object
     with a group that crosses processes (a Redis group) needs one, the same in
     every process (``TypeError`` without): an object's identity means nothing
-    in another process.
+    in another process.  Two different caches must not share a name under one
+    group: their misses of one key would share one computation, stored in the
+    first cache only.
     """
 
     def __init__(

@@ -79,7 +79,10 @@ def _unwrap(fn: Any, decorator: str) -> tuple[Callable[..., Any], str]:
         kind = type(fn).__name__
         fn = fn.__func__
     if not callable(fn):
-        raise TypeError(f"@{decorator} needs a function; got {type(fn).__name__} {fn!r}")
+        raise TypeError(
+            f"@{decorator} needs a function; got {type(fn).__name__} {fn!r} (its options "
+            f"are keywords: @{decorator}({'ttl' if decorator == 'cached' else 'make_key'}=...))"
+        )
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         raise TypeError(
             f"@{decorator} cannot share a generator's output between callers; "
@@ -203,6 +206,19 @@ class _OnInstance(Protocol[T_contra, P, R_co]):
     def __call__(self, obj: T_contra, /, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
 
+class _Signature:
+    """A wrapper's ``__signature__`` (what ``inspect.signature``, so ``help()``, reads):
+    the function's, less its first parameter (self or cls) once bound."""
+
+    def __get__(self, wrapper: Any, owner: type[Any] | None = None) -> inspect.Signature | None:
+        if wrapper is None:  # the class itself
+            return None
+        signature = inspect.signature(wrapper._shared.fn)
+        if not wrapper._obj:
+            return signature
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
 class CoalescedFunction(_Wrapper, Generic[P, R]):
     """What :func:`coalesce` returns: the function, with concurrent equal calls sharing
     one execution.
@@ -216,6 +232,8 @@ class CoalescedFunction(_Wrapper, Generic[P, R]):
 
     _shared: _Shared
     _obj: tuple[Any, ...]
+    if not TYPE_CHECKING:
+        __signature__ = _Signature()
 
     if TYPE_CHECKING:
 

@@ -164,6 +164,40 @@ def test_coalesce_keeps_metadata_and_signature() -> None:
     assert isinstance(wrapped.group, Group)  # type: ignore[attr-defined]
 
 
+def test_a_bound_wrapper_has_the_bound_signature() -> None:
+    """inspect.signature (help(), IDEs, frameworks reading a callable's parameters) of a
+    method reached through an instance, or a classmethod, leaves out self/cls, as for
+    a plain bound method; failed before: the function's own, with self/cls."""
+
+    class Service:
+        @cached
+        def find(self, name: str, *, limit: int = 1) -> int:
+            return len(name)
+
+        @coalesce
+        async def afind(self, name: str) -> int:
+            return len(name)
+
+        @cached
+        @classmethod
+        def kind(cls, name: str) -> str:
+            return name
+
+    plain = inspect.signature(lambda name, *, limit=1: 0).parameters.keys()
+    service = Service()
+    assert inspect.signature(service.find).parameters.keys() == plain
+    assert list(inspect.signature(service.afind).parameters) == ["name"]
+    assert list(inspect.signature(Service.kind).parameters) == ["name"]
+    assert list(inspect.signature(service.kind).parameters) == ["name"]
+    assert list(inspect.signature(Service.find).parameters) == ["self", "name", "limit"]
+
+
+@pytest.mark.parametrize("decorator", [cached, coalesce])
+def test_an_option_given_positionally_says_options_are_keywords(decorator: Any) -> None:
+    with pytest.raises(TypeError, match="keyword"):
+        decorator(60)
+
+
 def test_coalesce_detects_coroutine_functions() -> None:
     calls: list[int] = []
 
