@@ -17,6 +17,7 @@ import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import fields, replace
+from time import monotonic as _monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -239,8 +240,12 @@ class CacheBase(Generic[K, V]):
         self._store.tell = on_event is not None
         self._data = self._store.data
         # What the lock-free hit path reads: the entries, or none at all for a
-        # cache that tells on_event of every read (all go through _read()).
-        self._fast: dict[Any, Entry] = self._data if on_event is None else {}
+        # cache that tells on_event of every read, or keeps time by another
+        # clock than time.monotonic, which the hit path calls as a global (all
+        # their reads go through _read()).  A global call is the cheapest on
+        # every Python: through self it costs 3.11 about 110 CPU instructions more.
+        fast = on_event is None and clock is time.monotonic
+        self._fast: dict[Any, Entry] = self._data if fast else {}
         self._clock = clock
         # Reentrant: a finalizer the garbage collector runs while this thread
         # holds the lock may read the cache (each store method stays consistent
@@ -418,7 +423,8 @@ class CacheBase(Generic[K, V]):
         """The hit path, without a lock: ``key``'s value if it has a fresh entry, else ``MISS``.
 
         Counts the hit.  Always ``MISS`` for a cache made with ``on_event``
-        (its reads go through :meth:`_read`, which tells them).  ``TypeError``
+        (its reads go through :meth:`_read`, which tells them) or with another
+        ``clock`` than ``time.monotonic``.  ``TypeError``
         for an unhashable key.  The ``@cached`` wrappers call it before anything
         else; the drivers' ``get`` has it inlined.
         """
@@ -426,7 +432,7 @@ class CacheBase(Generic[K, V]):
             entry = self._fast[key]
         except KeyError:
             return MISS
-        if self._clock() < entry.fresh_until:
+        if _monotonic() < entry.fresh_until:
             entry.hits = entry.hits + 1.0
             return entry.value
         return MISS
