@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,19 @@ class Worker:
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@contextmanager
+def started(configs: list[tuple[dict[str, Any], str]]) -> Iterator[list[Worker]]:
+    """Workers of these (config, script), each ready; all stopped afterwards."""
+    made = [Worker(config, script) for config, script in configs]
+    try:
+        for worker in made:
+            worker.wait_ready(30)
+        yield made
+    finally:
+        for worker in made:
+            worker.stop()
 
 
 class Fleet:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from _redis_fleet import Worker
+from _redis_fleet import Worker, started
 from _redis_server import RedisServer
 
 from singleflight import LoadingCache
@@ -46,14 +46,8 @@ def workers(server: RedisServer, request: pytest.FixtureRequest) -> Iterator[lis
     n, ttl, *side = getattr(request, "param", (4, 30.0))
     scripts = SIDES[side[0] if side else "sync"]
     config = {"port": server.port, "ttl": ttl, "channel_timeout": CHANNEL_TIMEOUT}
-    made = [Worker(config, scripts[i % len(scripts)]) for i in range(n)]
-    try:
-        for worker in made:
-            worker.wait_ready(30)
+    with started([(config, scripts[i % len(scripts)]) for i in range(n)]) as made:
         yield made
-    finally:
-        for worker in made:
-            worker.stop()
 
 
 def loads(server: RedisServer, key: str) -> int:

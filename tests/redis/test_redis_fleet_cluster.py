@@ -17,7 +17,7 @@ import pytest
 import redis
 import redis.cluster
 from _redis_cluster import Cluster
-from _redis_fleet import Worker
+from _redis_fleet import Worker, started
 
 from singleflight import LoadingCache
 from singleflight.redis import Fleet
@@ -62,14 +62,8 @@ def workers(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[list[W
     script = WORKER if side == "sync" else ASYNC_WORKER
     config = {"port": cluster.ports[0], "cluster": True, "ttl": 30.0}
     config |= {"channel_timeout": CHANNEL_TIMEOUT, "namespace": NAMESPACE, **options}
-    made = [Worker(config, script) for _ in range(n)]
-    try:
-        for worker in made:
-            worker.wait_ready(30)
+    with started([(config, script)] * n) as made:
         yield made
-    finally:
-        for worker in made:
-            worker.stop()
 
 
 def loads(cluster: Cluster, key: str) -> int:

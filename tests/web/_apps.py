@@ -11,6 +11,8 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+
 from .._support import Gate
 
 CHUNKS = [b"one,", b"two,", b"three"]
@@ -124,3 +126,40 @@ def __getattr__(name: str) -> Any:
 
         return [path("hello", _csrf_exempt(django_hello)), path("stream", django_stream)]
     raise AttributeError(name)
+
+
+async def asgi_get(
+    app: Any, path: str, *headers: tuple[bytes, bytes], query: bytes = b""
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One GET through ``app`` (``path`` percent-decoded, as servers give it); the
+    (status, headers, body) of its response.  The client never disconnects."""
+    sent: list[Any] = []
+    given = False
+
+    async def receive() -> Any:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep_forever()
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "root_path": "",
+        "headers": [(b"host", b"test"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], dict(sent[0]["headers"]), body

@@ -14,45 +14,9 @@ import anyio
 from singleflight.asgi import STATUS_HEADER, CoalescingMiddleware
 
 from .._support import until
-from ._apps import endpoint, starlette_app
+from ._apps import asgi_get, endpoint, starlette_app
 
 WAIT = 30.0
-
-
-async def get(
-    app: Any, path: str, *headers: tuple[bytes, bytes]
-) -> tuple[int, dict[bytes, bytes], bytes]:
-    """One GET through ``app``; (status, headers, body) of its response."""
-    sent: list[Any] = []
-    given = False
-
-    async def receive() -> Any:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await anyio.sleep_forever()
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"test"), *headers],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    await app(scope, receive, send)
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return sent[0]["status"], dict(sent[0]["headers"]), body
 
 
 def test_anyio_group_on_trio() -> None:
@@ -65,7 +29,7 @@ def test_anyio_group_on_trio() -> None:
 
     async def main() -> None:
         async def one(auth: bytes) -> None:
-            results.append(await get(app, "/hello", (b"authorization", auth)))
+            results.append(await asgi_get(app, "/hello", (b"authorization", auth)))
 
         with anyio.fail_after(WAIT):
             async with anyio.create_task_group() as tasks:
@@ -133,4 +97,4 @@ def test_redis_group_shares_one_call_among_workers(redis_port: int) -> None:
 
 
 async def _collect(app: Any, results: list[Any]) -> None:
-    results.append(await get(app, "/hello"))
+    results.append(await asgi_get(app, "/hello"))

@@ -4,11 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,61 +15,9 @@ from singleflight.asgi import STATUS_HEADER, CoalescingMiddleware
 from singleflight.httpx import AsyncCoalescingTransport, CoalescingTransport
 
 from .._support import run, until
+from ._apps import asgi_get
 
 WAIT = 20.0
-HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def redis_port() -> Iterator[int]:
-    sys.path.insert(0, str(HERE.parent / "redis"))
-    try:
-        from _redis_server import RedisServer, find_server
-    finally:
-        sys.path.remove(str(HERE.parent / "redis"))
-    binary = find_server("redis")
-    if binary is None:
-        if os.environ.get("SINGLEFLIGHT_REQUIRE_REDIS"):
-            pytest.fail("no redis-server binary, and SINGLEFLIGHT_REQUIRE_REDIS is set")
-        pytest.skip("no redis-server binary")
-    with RedisServer(binary) as server:
-        yield server.port
-
-
-async def _get(app: Any, path: str, query: bytes = b"") -> tuple[int, dict[bytes, bytes], bytes]:
-    """One GET through ``app`` (path already percent-decoded, as servers give it)."""
-    sent: list[Any] = []
-    given = False
-    never = asyncio.Event()
-
-    async def receive() -> Any:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await never.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query,
-        "root_path": "",
-        "headers": [(b"host", b"test")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    await app(scope, receive, send)
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return sent[0]["status"], dict(sent[0]["headers"]), body
 
 
 class _EchoApp:
@@ -106,9 +51,9 @@ def test_asgi_across_processes_never_mixes_up_path_and_query(redis_port: int) ->
         app = _EchoApp()
         middleware = CoalescingMiddleware(app, group=group)
         try:
-            first = asyncio.ensure_future(_get(middleware, "/a", b"b?c"))
+            first = asyncio.ensure_future(asgi_get(middleware, "/a", query=b"b?c"))
             await until(lambda: app.calls == 1, WAIT, "the first request to reach the app")
-            second = asyncio.ensure_future(_get(middleware, "/a?b", b"c"))
+            second = asyncio.ensure_future(asgi_get(middleware, "/a?b", query=b"c"))
             await until(
                 lambda: app.calls == 2 or group.stats().joins >= 1, WAIT, "the second request"
             )
@@ -151,10 +96,10 @@ def test_asgi_with_a_redis_group_replays_only_to_requests_that_arrived_while_it_
         app.gate.set()
         middleware = CoalescingMiddleware(app, group=group, status_header=STATUS_HEADER)
         try:
-            await _get(middleware, "/n")
+            await asgi_get(middleware, "/n")
             # The flight ends once its completion has reached Redis.
             await until(lambda: len(group) == 0, WAIT, "the first flight to end")
-            _, headers, _ = await _get(middleware, "/n")
+            _, headers, _ = await asgi_get(middleware, "/n")
             assert app.calls == 2
             assert headers[STATUS_HEADER.encode()] == b"leader"
         finally:
