@@ -3,6 +3,7 @@
     python benchmarks/bench_core.py            # full run
     python benchmarks/bench_core.py --quick    # fewer repetitions
     python benchmarks/bench_core.py --json
+    python benchmarks/bench_core.py --callgrind  # CPU instructions (valgrind)
 
 Figures (targets from the project's core issue):
   sync-distinct     Group.do, one thread, a new key per call, trivial fn
@@ -16,6 +17,9 @@ Figures (targets from the project's core issue):
                     minus the same callers awaiting the loader directly       <= +1,100 B
   threads-1000-wake 1,000 threads on one key: release-to-last-wake
                     / 1,000 threads on one threading.Event                    <= 1.05x
+  --callgrind       the first three figures in CPU instructions, counted by
+                    callgrind (stable where times are not on a loaded machine):
+                    per call, and per waiter of rounds of 100 callers on one key
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ import sys
 import threading
 import time
 import tracemalloc
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _common import Figure, interleaved, report
+from _common import Figure, instructions_per_call, interleaved, report
 
 from singleflight import AsyncGroup, Group
 
@@ -260,8 +265,127 @@ def bench_thread_wake(n: int, reps: int) -> Figure:
     return Figure(f"threads-{n}-wake tail (ms)", "ms", floor, subject, 1.05)
 
 
+# -- the same figures in CPU instructions (callgrind) -------------------------------------------
+
+# Waiters per round of the join cases: each round is 100 tasks on one key, woken together.
+_ROUND = 100
+
+
+def _sync_case(grouped: bool):  # type: ignore[no-untyped-def]
+    """A callable making one call on a new key (the sync-distinct figure)."""
+    if grouped:
+        do = Group().do
+    else:
+        lock = threading.Lock()
+        table: dict[int, _Record] = {}
+
+        def do(key: int, fn):  # type: ignore[no-untyped-def]
+            with lock:
+                table[key] = _Record()
+            value = fn()
+            with lock:
+                del table[key]
+            return value
+
+    keys = iter(range(1 << 62))
+
+    def one() -> None:
+        do(next(keys), _trivial)
+
+    return one
+
+
+async def _async_case(case: str, n: int) -> None:
+    """``n`` units of ``case`` on a running loop, after 1,000 to warm up."""
+    loop = asyncio.get_running_loop()
+    group: AsyncGroup[Any, Any] = AsyncGroup()
+    if case in ("async-floor", "async-do"):
+        table: dict[int, asyncio.Future[None]] = {}
+
+        async def floor_do(key: int, fn):  # type: ignore[no-untyped-def]
+            future = loop.create_future()
+            table[key] = future
+            value = await fn()
+            future.set_result(value)
+            del table[key]
+            return value
+
+        do = floor_do if case == "async-floor" else group.do
+        for key in range(-1000, n):
+            await do(key, _atrivial)
+        return
+    grouped = case == "join-do"
+
+    async def round_() -> None:
+        release = loop.create_future()
+        if grouped:
+
+            async def loader() -> object:
+                return await release
+
+            async def caller() -> object:
+                return await group.do("hot", loader)
+
+        else:
+
+            async def caller() -> object:
+                return await release
+
+        tasks = [loop.create_task(caller()) for _ in range(_ROUND)]
+        await asyncio.sleep(0)  # every caller runs to its wait
+        await asyncio.sleep(0)
+        release.set_result(1)
+        await asyncio.gather(*tasks)
+
+    for _ in range(10):
+        await round_()
+    for _ in range(n):
+        await round_()
+
+
+CALLGRIND_CASES = ["sync-floor", "sync-do", "async-floor", "async-do", "join-floor", "join-do"]
+
+
+def run_callgrind_case(case: str, n: int) -> None:
+    """Make ``n`` units of ``case`` (the child process of --callgrind)."""
+    gc.disable()  # a collection's timing differs between the two counted runs
+    if case.startswith("sync"):
+        one = _sync_case(case == "sync-do")
+        for _ in range(1000):
+            one()
+        for _ in range(n):
+            one()
+    else:
+        asyncio.run(_async_case(case, n))
+    os._exit(0)
+
+
+def bench_callgrind() -> list[Figure]:
+    count = {
+        case: instructions_per_call(__file__, case, 40) / _ROUND
+        if case.startswith("join")
+        else instructions_per_call(__file__, case, 2000)
+        for case in CALLGRIND_CASES
+    }
+    target = 3.0 if sys.version_info >= (3, 12) else None
+    return [
+        Figure("Group.do (instructions/call)", "i", count["sync-floor"], count["sync-do"], 1.5),
+        Figure(
+            "AsyncGroup.do (instructions/call)",
+            "i",
+            count["async-floor"],
+            count["async-do"],
+            target,
+        ),
+        Figure("join+wake (instructions/waiter)", "i", count["join-floor"], count["join-do"], 1.2),
+    ]
+
+
 def main(argv: list[str] | None = None) -> list[Figure]:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--run"]:  # one callgrind case, run in a child process
+        run_callgrind_case(argv[1], int(argv[2]))
+        return []
     if argv[:1] == ["--parked-bytes"]:  # one memory measurement, run in a child process
         print(_parked_bytes_per_key(argv[1] == "grouped", int(argv[2])))
         return []
@@ -273,7 +397,15 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     parser.add_argument(
         "--only", help="comma-separated figure prefixes to run (sync,async,threads)"
     )
+    parser.add_argument(
+        "--callgrind", action="store_true", help="CPU instructions under valgrind instead of times"
+    )
     args = parser.parse_args(argv)
+    if args.callgrind:
+        figures = bench_callgrind()
+        print(f"Python {sys.version.split()[0]}; CPU instructions counted by callgrind")
+        report(figures, args.json)
+        return figures
     reps = 5 if args.quick else 11
     scale = 4 if args.quick else 1
     benches = [

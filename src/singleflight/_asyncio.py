@@ -416,8 +416,6 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
             if table.hook is None and flight.dups:
                 # Table.join() for a second or later joiner, written out.
                 flight.dups += 1
-                table.joins += 1
-                flight.waiting += 1
                 flight.joined += joined
             else:
                 told: Event | None = table.join(flight, joined)

@@ -49,9 +49,12 @@ class Flight:
     * ``dups``: callers that joined after the leader (Go's ``dups``); written
       by :meth:`Table.join` while the flight is in its table, so it is final once
       :meth:`Table.settle` has removed it, before any caller sees the outcome.
-    * ``waiting``, ``joined``: the joiners still waiting and the sum of their
-      join times, for ``wait_seconds``; set by the first :meth:`Table.join`
-      (read only when ``dups > 0``), lowered by :meth:`Table.leave`.
+      It is also the table's count of the flight's joins (see ``Table.joins``).
+    * ``quit``, ``joined``: the joiners that stopped waiting early and the sum of
+      the join times of those still waiting, for ``wait_seconds``; set by the
+      first :meth:`Table.join` (read only when ``dups > 0``), written by
+      :meth:`Table.leave`.  A join writes two fields and no table counter: the
+      join is the hot path of ``benchmarks/bench_core.py``'s join-and-wake.
     * ``left``: callers (the leader included) that stopped waiting, by
       :meth:`Table.leave`; all of them have left once ``left > dups``.
     * ``told``: the flight's id in events and its start time, one slot (a
@@ -62,12 +65,12 @@ class Flight:
       by the driver while that wait lasts.
     """
 
-    __slots__ = ("awaits", "dups", "joined", "key", "left", "told", "waiting")
+    __slots__ = ("awaits", "dups", "joined", "key", "left", "quit", "told")
 
     key: Any
     dups: int
     awaits: Flight | None
-    waiting: int
+    quit: int
     joined: float
     left: int
     told: tuple[int, float]
@@ -128,6 +131,9 @@ class Table(Generic[F]):
         on_limit: Literal["raise", "wait"] = "raise",
     ) -> None:
         self.calls: dict[Any, F] = {}  # key -> its flight in progress
+        # Counters.  ``joins`` counts the joins of flights no longer in ``calls``:
+        # a flight's are folded in as it leaves (_fold), so a join counts nothing
+        # here; stats() adds those of the flights still in ``calls``.
         # What identifies a running loader (its task, or its coroutine's id) -> its
         # flight: tells a caller which flight, if any, its own task is the loader of.
         self.loaders: dict[Any, F] = {}
@@ -173,11 +179,9 @@ class Table(Generic[F]):
         """Count a caller joining ``flight`` at ``now``; its event."""
         if not flight.dups:
             self.shared += 1
-            flight.waiting = 0
+            flight.quit = 0
             flight.joined = 0.0
         flight.dups += 1
-        self.joins += 1
-        flight.waiting += 1
         flight.joined += now
         return None if self.hook is None else Joined(self.name, flight.key, flight.told[0])
 
@@ -193,7 +197,7 @@ class Table(Generic[F]):
         starts a new flight instead of joining one being cancelled.
         """
         if joined is not None:
-            flight.waiting -= 1
+            flight.quit += 1
             flight.joined -= joined
             self.wait_seconds += perf_counter() - joined
         flight.left = getattr(flight, "left", 0) + 1
@@ -225,17 +229,24 @@ class Table(Generic[F]):
             if len(kept) == len(calls):
                 return False
             calls.clear()
+            self.fold(flight)
             for k, f in kept:
                 try:
                     calls[k] = f
                 except Exception:
-                    pass  # its key fails too: that flight runs on unlisted
+                    self.fold(f)  # its key fails too: that flight runs on unlisted
             return True
         if current is flight:
+            self.fold(flight)
             return True
         if current is not None:
             self.calls[flight.key] = current
         return False
+
+    def fold(self, flight: object) -> None:
+        """``flight`` left ``calls``: its joins are counted in ``joins`` from now on.
+        Every removal from ``calls`` calls this (a driver's written-out one too)."""
+        self.joins += getattr(flight, "dups", 0)  # a placeholder of a driver has none
 
     def settle(
         self, flight: F, exc: BaseException | None, cancelled: bool = False
@@ -268,7 +279,7 @@ class Table(Generic[F]):
         dups = flight.dups
         now = perf_counter()
         if dups:  # dups is final: only joined while the key was in the table
-            self.wait_seconds += flight.waiting * now - flight.joined
+            self.wait_seconds += (dups - flight.quit) * now - flight.joined
         failure = None if error is None else Failure(error)
         if self.hook is None:
             return failure, None
@@ -288,7 +299,11 @@ class Table(Generic[F]):
 
         Its callers still get its outcome; a slot under ``max_flights`` frees now.
         """
-        return self.calls.pop(key, None) is not None
+        flight = self.calls.pop(key, None)
+        if flight is None:
+            return False
+        self.fold(flight)
+        return True
 
     def forget_unshared(self, key: object) -> tuple[bool, bool]:
         """Forget ``key`` only if nobody joined its flight: (forgotten or absent, dropped)."""
@@ -304,12 +319,21 @@ class Table(Generic[F]):
         """Fold these counters into ``totals`` (a loop is gone; its counts are not)."""
         for name in COUNTERS:
             setattr(totals, name, getattr(totals, name) + getattr(self, name))
+        totals.joins += self.live_joins()
+
+    def live_joins(self) -> int:
+        """The joins of the flights still in ``calls`` (not yet in ``joins``)."""
+        # A copy first: another thread (a loop's) may be changing ``calls``.
+        return sum(getattr(flight, "dups", 0) for flight in list(self.calls.values()))
 
 
 def stats(tables: Iterable[Table[Any]]) -> GroupStats:
     """The counters of ``tables`` summed (one group's tables: its loops', retired ones')."""
     tables = list(tables)
     sums = {name: sum(getattr(t, name) for t in tables) for name in COUNTERS}
+    # After the counters: a flight folded in between is missed for this once, never
+    # counted twice, so joins never go back.
+    sums["joins"] += sum(t.live_joins() for t in tables)
     return GroupStats(
         calls=sums["flights"] + sums["joins"],
         in_flight=sum(len(t.calls) for t in tables),

@@ -116,8 +116,10 @@ def test_a_forgotten_flight_ending_leaves_the_newer_flight_in_place(
         old = driver.loader(gate=gate1, raises=raises)
         first = await driver.lead(g, "key", old)
         early = await driver.join(g, "key", "do_result")
+        assert g.stats().joins == 1
         g.forget("key")
         assert "key" not in g
+        assert g.stats().joins == 1, "a forgotten flight's joins are still counted"
 
         new = driver.loader(gate=gate2)
         second = await driver.lead(g, "key", new, "do_future")
@@ -126,10 +128,13 @@ def test_a_forgotten_flight_ending_leaves_the_newer_flight_in_place(
         await first.outcome()
         assert "key" in g, "the forgotten flight's end removed the newer flight"
         third = await driver.join(g, "key", "do_future")
+        assert g.stats().joins == 2
         gate2.open()
         assert await second.result() is new.value
         assert await third.result() is new.value
         assert (old.calls, new.calls) == (1, 1)
+        stats = g.stats()
+        assert (stats.flights, stats.joins, stats.calls, stats.shared) == (2, 2, 4, 2)
         assert seen.shared is True
         if ending == "value":
             assert seen.value is old.value
