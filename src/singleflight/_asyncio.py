@@ -124,7 +124,7 @@ class _LoopState(LoopState):
 class _AsyncFlight(Flight):
     """A flight whose loader task is running, and the futures of its callers.
 
-    ``waiters`` is the first caller's future, or a list once a second one waits
+    ``waiters`` is the first caller's future, or a list once anybody joined
     (most flights have one caller); the leader's comes first.  The record is in
     the table before its task starts, and ``task`` is None until the task's
     constructor returns: a caller finding it then (a hook told of its start, a
@@ -390,8 +390,7 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
         # Registry.state_of() and Table.enter()/join() written out below: this is
         # the hot path (see the module docstring).
         current = self._loops.current
-        state = current[1] if current[0]() is loop else self._loops.state_of(loop)
-        assert state is not None
+        state: _LoopState = current[1] if current[0]() is loop else self._loops.state_of(loop)  # type: ignore[assignment]
         table = state.table
         calls = table.calls
         try:
@@ -413,23 +412,25 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
                 if error is not None:
                     raise error
             joined = perf_counter()
+            future: Future[Any] = Future(loop=loop)
             if table.hook is None and flight.dups:
-                # Table.join() for a second or later joiner, written out.
+                # Table.join() for a second or later joiner, written out: with many
+                # callers on one key this is the hot path.  ``waiters`` is a list
+                # once anybody joined.
                 flight.dups += 1
                 flight.joined += joined
+                flight.waiters.append(future)  # type: ignore[union-attr]
             else:
                 told: Event | None = table.join(flight, joined)
+                waiters = flight.waiters
+                if waiters is None:
+                    flight.waiters = [future]
+                elif isinstance(waiters, list):
+                    waiters.append(future)
+                else:
+                    flight.waiters = [waiters, future]
                 if told is not None:
                     emit(table.hook, told)  # type: ignore[arg-type]
-            # add_waiter() written out: with many callers on one key this is the hot path.
-            future: Future[Any] = Future(loop=loop)
-            waiters = flight.waiters
-            if isinstance(waiters, list):
-                waiters.append(future)
-            elif waiters is None:
-                flight.waiters = future
-            else:
-                flight.waiters = [waiters, future]
             if own is not None:
                 self._awaits(own, flight, future)
             return flight, future, joined
