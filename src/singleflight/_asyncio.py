@@ -203,7 +203,8 @@ class _AsyncFlight(Flight):
                 future._log_traceback = False
 
 
-# A flight whose task is being constructed: [key, coroutine, outer, record].  The
+# A flight whose task is being constructed: [key, coroutine (the task calling fn
+# while fn runs), outer, record].  The
 # record is made only when somebody needs it during the start (a caller joins, the
 # loader calls the group): most flights of a fast path never need one.  A list,
 # not an object: it is made on the hot path.
@@ -245,7 +246,7 @@ def _own_flight(state: _LoopState, task: Task[Any] | None) -> _AsyncFlight | Non
     if own is None and starting is not None:
         coro = task.get_coro()  # task is running: get_coro() is safe
         while starting is not None:
-            if starting[_CORO] is coro:
+            if starting[_CORO] is coro or starting[_CORO] is task:
                 return _record_of(state, starting)
             starting = starting[_OUTER]
     return own
@@ -456,21 +457,26 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
                 calls[key] = _STARTING
                 if own is not None:
                     _record_of(state, starting)
-            returned = fn(*args, **kwargs)
-            if self._loader_timeout is not None:
-                returned = _with_deadline(returned, fn, self._loader_timeout, key)
-            starting[_CORO] = returned
+            # Marked as starting from here.  While fn itself runs, this task is
+            # the loader (its call of the group on the key is re-entry); then
+            # the coroutine fn returned is.
+            starting[_CORO] = current_task(loop)
             state.starting = starting
-            if own is not None:
-                own.awaits = starting[_RECORD]  # before the loader runs: it may close a cycle
-            # Task(returned, ...) in two steps, the task at hand if its first step
-            # raises a BaseException out of the constructor: see _retrieved().
-            task = _new(Task)
             try:
-                _init(task, returned, loop=loop, eager_start=True, name=_TASK_NAME)
-            except BaseException:
-                _retrieved(task)
-                raise
+                returned = fn(*args, **kwargs)
+                if self._loader_timeout is not None:
+                    returned = _with_deadline(returned, fn, self._loader_timeout, key)
+                starting[_CORO] = returned
+                if own is not None:
+                    own.awaits = starting[_RECORD]  # before the loader runs: it may close a cycle
+                # Task(returned, ...) in two steps, the task at hand if its first step
+                # raises a BaseException out of the constructor: see _retrieved().
+                task = _new(Task)
+                try:
+                    _init(task, returned, loop=loop, eager_start=True, name=_TASK_NAME)
+                except BaseException:
+                    _retrieved(task)
+                    raise
             finally:
                 state.starting = outer
         except Full:
@@ -479,8 +485,7 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
             if own is not None:
                 own.awaits = None
             try:
-                placeholder = starting[_RECORD] or _STARTING
-                task = _launch_failed(calls, key, placeholder, loop, fn, returned, exc)  # type: ignore[assignment]
+                task = _launch_failed(calls, key, loop, fn, returned, exc)  # type: ignore[assignment]
             except BaseException as raised:
                 # A usage error or an interrupt: the flight ends with it.
                 (starting[_RECORD] or _AsyncFlight(state, key, None)).end(None, raised, False)
@@ -640,7 +645,6 @@ def _with_deadline(
 def _launch_failed(
     table: dict[Any, _AsyncFlight],
     key: object,
-    placeholder: _AsyncFlight,
     loop: AbstractEventLoop,
     fn: object,
     returned: object,
@@ -652,14 +656,15 @@ def _launch_failed(
     that is not awaitable is a usage error: ``TypeError`` naming ``fn`` is raised.
     An :class:`Exception` raised by ``fn`` itself is the flight's outcome, as if
     its coroutine had raised it: a finished future holding it is returned.  Any
-    other ``BaseException`` is raised.  Nobody can have joined yet, so the key
-    is simply released.
+    other ``BaseException`` is raised.  A key nobody needed the record of is
+    released here; a record (somebody joined, or the caller is a loader) leaves
+    the table as the flight settles, its joins counted.
     """
     if isinstance(exc, TypeError) and returned is not _NOTHING:
         if isawaitable(returned):
             return _new_task(_await(returned), loop=loop)
         exc = not_awaitable("AsyncGroup", fn, returned)
-    if table.get(key) is placeholder:
+    if table.get(key) is _STARTING:
         del table[key]
     if returned is _NOTHING and isinstance(exc, Exception):
         failed: asyncio.Future[Any] = Future(loop=loop)

@@ -40,12 +40,24 @@ from .stats import GroupStats
 _ENDED: Any = object()
 
 
+class _Telling(int):
+    """The owner of a call whose thread tells its start before its loader runs.
+
+    Equal to that thread's ident, so ``do()`` from a hook there is re-entry (it
+    would wait for a loader that starts only once the hook returns); not an
+    ``int`` exactly, so ``do_future()`` there, which never waits, joins.
+    """
+
+    __slots__ = ()
+
+
 class _Call(Flight):
     """A flight run by a thread.
 
-    ``owner`` is the ident of the thread running the loader (of a detached
-    loader: the thread registering it until it is handed over, then None until
-    it starts; ``_ENDED`` once the call has ended: a settled call
+    ``owner`` is the ident of the thread running the loader (a :class:`_Telling`
+    one while that thread tells the flight's start; of a detached loader: the
+    thread registering it until it is handed over, then None until it starts;
+    ``_ENDED`` once the call has ended: a settled call
     is never mistaken for a re-entry by a thread that got a dead thread's
     ident).  ``value`` and ``failure`` are set when the call ends, before
     anyone is woken.
@@ -337,9 +349,12 @@ class Group(Generic[K, V]):
                 refused = None
                 now = perf_counter()
                 if call is None:
-                    call = _Call(key, get_ident())  # until _start(): see there
+                    call = _Call(key, _Telling(get_ident()))  # until _start(): see there
                     told, admitted = self._lead(call)
                 else:
+                    if call.owner == get_ident() and type(call.owner) is int:
+                        # The loader's own thread: a future it could only wait on forever.
+                        raise ReentryError(call.key)
                     told = table.join(call, now)
                     self._wait_for(call)
                     future._joined = now
@@ -488,7 +503,7 @@ class Group(Generic[K, V]):
                     if call is None:
                         # With a timeout the loader runs elsewhere and this caller
                         # waits like a joiner (not counted as one), so it can leave.
-                        call = mine = _Call(key, get_ident())
+                        call = mine = _Call(key, _Telling(get_ident()))
                         told, admitted = self._lead(call)
                         # The event exists before the lock is let go (see below).
                         event = None if deadline is None else self._wait_for(call)
@@ -510,6 +525,7 @@ class Group(Generic[K, V]):
             if admitted:
                 self._admit(admitted)
             if mine is not None and deadline is None:
+                call.owner = get_ident()  # told: the loader runs in this thread now
                 try:
                     value = load()
                     if type(value) is CoroutineType:
@@ -592,7 +608,7 @@ class Group(Generic[K, V]):
                 if not can_lead:  # first come, first served for the slots
                     kept.append(entry)
                     continue
-                call = _Call(entry.key, get_ident())  # until _start(): see there
+                call = _Call(entry.key, _Telling(get_ident()))  # until _start(): see there
                 told: Event | None = table.lead(call)
                 lead = True
             else:

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from singleflight import AbortedError, AsyncGroup, Result
+from singleflight.events import Event, FlightStarted
 
 from .._support import (
     AsyncLoader,
@@ -1319,3 +1320,54 @@ def test_stress_random(cancel_orphaned: bool, seed: int, caplog: pytest.LogCaptu
     assert stats["aborted"] > 0 and stats["timeout"] > 0
     if cancel_orphaned:
         assert stats["abandoned"] > 0
+
+
+def test_a_join_from_the_start_hook_is_counted_when_fn_raises() -> None:
+    """A hook told of a flight's start joins it; then ``fn`` itself raises: the joiner
+    gets the error and its join stays counted."""
+
+    async def main() -> None:
+        joined: list[asyncio.Future[str]] = []
+
+        def hook(event: Event) -> None:
+            if isinstance(event, FlightStarted):
+                joined.append(g.do_future("k", fn))
+
+        g: AsyncGroup[str, str] = AsyncGroup(on_event=hook)
+
+        def fn() -> Coroutine[Any, Any, str]:
+            raise ValueError("fn failed")
+
+        with pytest.raises(ValueError, match="fn failed"):
+            await g.do("k", fn)
+        with pytest.raises(ValueError, match="fn failed"):
+            await asyncio.wait_for(joined[0], 5)
+        stats = g.stats()
+        assert (stats.flights, stats.joins, stats.errors, len(g)) == (1, 1, 1, 0)
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are new in 3.12")
+def test_a_task_fn_starts_eagerly_joins_the_flight_it_starts() -> None:
+    """``fn`` starts an eager task calling the group on the key being started: that task
+    is not the loader, so it joins (no ReentryError) and gets the value."""
+
+    async def main() -> None:
+        g: AsyncGroup[str, str] = AsyncGroup()
+        loop = asyncio.get_running_loop()
+        children: list[asyncio.Task[str]] = []
+
+        async def load() -> str:
+            await asyncio.sleep(0)
+            return "v"
+
+        def fn() -> Coroutine[Any, Any, str]:
+            children.append(asyncio.Task(g.do("k", load), loop=loop, eager_start=True))
+            return load()
+
+        assert await asyncio.wait_for(g.do("k", fn), 5) == "v"
+        assert await asyncio.wait_for(children[0], 5) == "v"
+        assert g.stats().joins == 1
+
+    asyncio.run(main())

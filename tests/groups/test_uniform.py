@@ -260,3 +260,31 @@ def test_flight_ids_are_never_reused_and_link_each_flights_events(driver: Driver
     joined = [e.flight for e in events if isinstance(e, Joined)]
     assert len(started) == 21 and started == sorted(set(started))
     assert finished == started and joined == [started[-1]]
+
+
+# -- fn calling the group on its own key before its loader runs -------------------------------
+
+
+def test_fn_calling_do_future_on_its_own_key_raises_reentry_error(driver: Driver) -> None:
+    """``fn`` itself (for the event-loop groups, before the coroutine it returns runs) is
+    the loader: its call of ``do_future`` on the key it loads raises ReentryError, the
+    flight fails with it, and the key is free afterwards."""
+    from singleflight import ReentryError
+
+    g = driver.group()
+    seen: list[BaseException] = []
+
+    def fn() -> object:
+        try:
+            g.do_future("k", fn)
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+        raise AssertionError("do_future on its own key returned")
+
+    with pytest.raises(ReentryError):
+        driver.call(g, "do", "k", fn)
+    assert [type(e) for e in seen] == [ReentryError]
+    stats = g.stats()
+    assert (stats.flights, stats.joins, stats.errors, len(g)) == (1, 0, 1, 0)
+    assert driver.call(g, "do", "k", driver.loader(None, "after")) == "after"
