@@ -60,7 +60,7 @@ from ._base import (
     served,
     wanted_keys,
 )
-from ._policy import Entry
+from ._policy import Entry, Policy
 from ._store import JOIN, SERVE
 
 # unasync: sync-only
@@ -74,7 +74,7 @@ from ._store import JOIN, SERVE
 # from .._protocols import GroupLike, SharedEntry
 # from ..events import EventHook
 # from ._base import DEFAULT_MAXSIZE, CacheBase, K, V, assemble, logger, served, wanted_keys
-# from ._policy import Entry
+# from ._policy import Entry, Policy
 # from ._store import JOIN, SERVE
 # from ._threads_only import Background, Batch, check_loaders, default_group, outcomes_of
 # unasync: end
@@ -191,23 +191,25 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         # unasync: end
         super().__init__(
             load,
-            ttl=ttl,
-            jitter=jitter,
-            stale=stale,
-            stale_if_error=stale_if_error,
-            early_refresh=early_refresh,
-            negative=negative,
-            negative_ttl=negative_ttl,
+            Policy(
+                ttl=ttl,
+                jitter=jitter,
+                stale=stale,
+                stale_if_error=stale_if_error,
+                early_refresh=early_refresh,
+                negative=negative,
+                negative_ttl=negative_ttl,
+                cache_if=cache_if,
+                random=random,
+            ),
             maxsize=maxsize,
             load_many=load_many,
             group=default_group() if group is None and fleet is None else group,
             clock=clock,
-            random=random,
             name=name,
             on_event=on_event,
             fleet=fleet,
             tags=tags,
-            cache_if=cache_if,
         )
 
     # -- reads -------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any, Generic
 from .._protocols import GroupLike, SharedEntry
 from ..events import EventHook
 from ._base import DEFAULT_MAXSIZE, CacheBase, K, V, assemble, logger, served, wanted_keys
-from ._policy import Entry
+from ._policy import Entry, Policy
 from ._store import JOIN, SERVE
 from ._threads_only import Background, Batch, check_loaders, default_group, outcomes_of
 
@@ -111,23 +111,25 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         self._background = Background(refresh_workers)
         super().__init__(
             load,
-            ttl=ttl,
-            jitter=jitter,
-            stale=stale,
-            stale_if_error=stale_if_error,
-            early_refresh=early_refresh,
-            negative=negative,
-            negative_ttl=negative_ttl,
+            Policy(
+                ttl=ttl,
+                jitter=jitter,
+                stale=stale,
+                stale_if_error=stale_if_error,
+                early_refresh=early_refresh,
+                negative=negative,
+                negative_ttl=negative_ttl,
+                cache_if=cache_if,
+                random=random,
+            ),
             maxsize=maxsize,
             load_many=load_many,
             group=default_group() if group is None and fleet is None else group,
             clock=clock,
-            random=random,
             name=name,
             on_event=on_event,
             fleet=fleet,
             tags=tags,
-            cache_if=cache_if,
         )
 
     # -- reads -------------------------------------------------------------------------
