@@ -525,15 +525,9 @@ class Group(Generic[K, V]):
             if admitted:
                 self._admit(admitted)
             if mine is not None and deadline is None:
-                call.owner = get_ident()  # told: the loader runs in this thread now
-                try:
-                    value = load()
-                    if type(value) is CoroutineType:
-                        _not_a_coroutine(load.func, value)
-                except Exception as exc:
-                    self._settle(call, None, exc)
-                    return call, True
-                self._settle(call, value, None)
+                interrupt = self._load(call, load)
+                if interrupt is not None:
+                    raise interrupt
                 return call, True
             if mine is not None:
                 self._start(call, load, None)
@@ -704,15 +698,21 @@ class Group(Generic[K, V]):
 
     def _run(self, call: _Call, load: partial[Any]) -> None:
         """Run a flight's loader on a worker thread (every caller waits on the call)."""
-        call.owner = get_ident()
+        self._load(call, load)  # an interrupt ends the flight: its callers get it
+
+    def _load(self, call: _Call, load: partial[Any]) -> BaseException | None:
+        """Run a flight's loader in this thread and end the flight with its outcome.
+        Returns the interrupt (a BaseException that is no Exception) that ended it."""
+        call.owner = get_ident()  # an int, no _Telling: the loader runs here now
         try:
             value = load()
             if type(value) is CoroutineType:
                 _not_a_coroutine(load.func, value)
         except BaseException as exc:
             self._settle(call, None, exc)
-            return
+            return None if isinstance(exc, Exception) else exc
         self._settle(call, value, None)
+        return None
 
     def _dropped(self, call: _Call, work: Future[None]) -> None:
         """The executor cancelled a flight's work before it ran: end the flight for its callers."""

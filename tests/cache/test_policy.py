@@ -6,6 +6,7 @@ decisions are checked directly, with hypothesis where a property fits.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from singleflight import RemoteError
+from singleflight import LoadingCache, RemoteError
 from singleflight.cache._policy import (
     EARLY,
     FRESH,
@@ -35,7 +36,10 @@ draws = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
 
 
 def policy(**options: Any) -> Policy:
-    options.setdefault("random", random.random)
+    """A Policy with ``options`` and, for the rest, a LoadingCache's defaults."""
+    defaults = inspect.signature(LoadingCache).parameters
+    for name in inspect.signature(Policy).parameters:
+        options.setdefault(name, defaults[name].default)
     return Policy(**options)
 
 

@@ -392,7 +392,18 @@ def test_an_entry_is_shared_for_no_less_than_its_freshness_here(ttl: float) -> N
     from singleflight.cache._policy import Policy
 
     now = 1234.56789
-    entry = Policy(ttl=ttl, jitter=0, random=lambda: 0.5).value_entry("v", now, 0.05)
+    policy = Policy(
+        ttl=ttl,
+        jitter=0,
+        stale=0,
+        stale_if_error=0,
+        early_refresh=None,
+        negative=None,
+        negative_ttl=None,
+        cache_if=None,
+        random=lambda: 0.5,
+    )
+    entry = policy.value_entry("v", now, 0.05)
     assert entry is not None
     fresh, stale, stale_if_error, delta = CacheBase._lifetimes(entry, now)
     assert fresh >= ttl * 1000

@@ -35,7 +35,7 @@ from asyncio import Task
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
 from time import monotonic as _monotonic
-from typing import Any, Generic
+from typing import Any, Generic, TypeAlias
 
 from .._protocols import AsyncGroupLike, SharedEntry
 from ..events import EventHook
@@ -60,7 +60,7 @@ from ._base import (
     served,
     wanted_keys,
 )
-from ._policy import Entry
+from ._policy import Entry, Policy
 from ._store import JOIN, SERVE
 
 # unasync: sync-only
@@ -69,15 +69,18 @@ from ._store import JOIN, SERVE
 # from collections.abc import Callable, Iterable, Mapping
 # from functools import partial
 # from time import monotonic as _monotonic
-# from typing import Any, Generic
+# from typing import Any, Generic, TypeAlias
 #
 # from .._protocols import GroupLike, SharedEntry
 # from ..events import EventHook
 # from ._base import DEFAULT_MAXSIZE, CacheBase, K, V, assemble, logger, served, wanted_keys
-# from ._policy import Entry
+# from ._policy import Entry, Policy
 # from ._store import JOIN, SERVE
 # from ._threads_only import Background, Batch, check_loaders, default_group, outcomes_of
 # unasync: end
+
+# What loads a key in place of ``load(key)`` (None: ``load(key)`` itself).
+Thunk: TypeAlias = Callable[[], Awaitable[V]] | None
 
 
 class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
@@ -191,23 +194,25 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         # unasync: end
         super().__init__(
             load,
-            ttl=ttl,
-            jitter=jitter,
-            stale=stale,
-            stale_if_error=stale_if_error,
-            early_refresh=early_refresh,
-            negative=negative,
-            negative_ttl=negative_ttl,
+            Policy(
+                ttl=ttl,
+                jitter=jitter,
+                stale=stale,
+                stale_if_error=stale_if_error,
+                early_refresh=early_refresh,
+                negative=negative,
+                negative_ttl=negative_ttl,
+                cache_if=cache_if,
+                random=random,
+            ),
             maxsize=maxsize,
             load_many=load_many,
             group=default_group() if group is None and fleet is None else group,
             clock=clock,
-            random=random,
             name=name,
             on_event=on_event,
             fleet=fleet,
             tags=tags,
-            cache_if=cache_if,
         )
 
     # -- reads -------------------------------------------------------------------------
@@ -365,7 +370,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
         # unasync: end
         return await self._reload(key, None)
 
-    async def _reload(self, key: K, thunk: Callable[[], Awaitable[V]] | None) -> V:
+    async def _reload(self, key: K, thunk: Thunk[V]) -> V:
         """:meth:`refresh`, loading through ``thunk`` (default ``load(key)``)."""
         # unasync: async-only
         seen = self._force(key) if self._fleet is None else await self._fleet_force(key)
@@ -441,7 +446,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
     # unasync: end
     # -- the slow paths ------------------------------------------------------------------
 
-    async def _get(self, key: K, thunk: Callable[[], Awaitable[V]] | None) -> V:
+    async def _get(self, key: K, thunk: Thunk[V]) -> V:
         """A read that is not a plain hit; ``thunk`` loads the key (default ``load(key)``)."""
         action, found, batch = self._read(key, thunk)
         if action == SERVE:
@@ -450,9 +455,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             return await self._from_batch(key, batch)
         return await self._load_key(key, found, thunk)
 
-    async def _load_key(
-        self, key: K, seen: Entry | None, thunk: Callable[[], Awaitable[V]] | None
-    ) -> V:
+    async def _load_key(self, key: K, seen: Entry | None, thunk: Thunk[V]) -> V:
         """Load ``key`` through the group; on failure the old entry may stand in."""
         try:
             return await self._through(key, seen, thunk, False)
@@ -462,13 +465,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
                 raise
             return entry.value  # type: ignore[no-any-return]
 
-    async def _through(
-        self,
-        key: K,
-        seen: Entry | None,
-        thunk: Callable[[], Awaitable[V]] | None,
-        background: bool,
-    ) -> V:
+    async def _through(self, key: K, seen: Entry | None, thunk: Thunk[V], background: bool) -> V:
         # unasync: async-only
         """``group.do`` running :meth:`_lead`; an outcome the group brought from another
         process (``_lead`` did not run here) is written back as ``_lead`` would have
@@ -516,13 +513,7 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
             self._fleet_refreshes += 1
         return self._arrived(key, token, got, started, thunk)  # type: ignore[no-any-return]
 
-    async def _lead(
-        self,
-        key: K,
-        seen: Entry | None,
-        thunk: Callable[[], Awaitable[V]] | None,
-        background: bool,
-    ) -> V:
+    async def _lead(self, key: K, seen: Entry | None, thunk: Thunk[V], background: bool) -> V:
         """The load a group flight runs: check the cache again, then load and write back."""
         ready, batch, token = self._begin_load(key, seen)
         if ready is not None:
@@ -597,16 +588,12 @@ class AsyncLoadingCache(CacheBase[K, V], Generic[K, V]):
     # unasync: end
     # -- background work ------------------------------------------------------------------
 
-    def _start_refresh(
-        self, key: K, entry: Entry, thunk: Callable[[], Awaitable[V]] | None
-    ) -> None:
+    def _start_refresh(self, key: K, entry: Entry, thunk: Thunk[V]) -> None:
         """Refresh ``entry`` in the background; the caller is answered from it meanwhile."""
         if not self._background.start(self._refresh, key, entry, thunk):
             entry.refreshing = False  # closed: the entry is served as it is
 
-    async def _refresh(
-        self, key: K, entry: Entry, thunk: Callable[[], Awaitable[V]] | None
-    ) -> None:
+    async def _refresh(self, key: K, entry: Entry, thunk: Thunk[V]) -> None:
         try:
             await self._through(key, entry, thunk, True)
         except Exception:

@@ -180,24 +180,16 @@ class CacheBase(Generic[K, V]):
     def __init__(
         self,
         load: Callable[..., Any],
+        policy: Policy,
         *,
-        ttl: float | Callable[[Any], float | None] | None,
-        jitter: float,
-        stale: float,
-        stale_if_error: float,
-        early_refresh: float | None,
-        negative: Any,
-        negative_ttl: float | Callable[[Any], float] | None,
         maxsize: int | None,
         load_many: Callable[..., Any] | None,
         group: Any,
         clock: Callable[[], float],
-        random: Callable[[], float],
         name: str = "default",
         on_event: EventHook | None = None,
         fleet: Any = None,
         tags: Callable[[Any, Any], Iterable[str]] | None = None,
-        cache_if: Callable[[Any], bool] | None = None,
     ) -> None:
         check_name(name)
         if on_event is not None and not callable(on_event):
@@ -216,7 +208,7 @@ class CacheBase(Generic[K, V]):
         if not isinstance(now, int | float) or math.isnan(now):
             raise TypeError(f"clock() must return a number of seconds; it returned {now!r}")
         if fleet is not None:
-            fleet, group = self._fleet_group(fleet, group, load, ttl, load_many, name)
+            fleet, group = self._fleet_group(fleet, group, load, policy.ttl, load_many, name)
         elif tags is not None:
             raise TypeError("tags= tag entries shared by a fleet: give fleet= too")
         if tags is not None and not callable(tags):
@@ -225,17 +217,7 @@ class CacheBase(Generic[K, V]):
             raise TypeError(
                 f"group must have a do(key, fn, *args) method like Group/AsyncGroup; got {group!r}"
             )
-        self._policy = Policy(
-            ttl=ttl,
-            jitter=jitter,
-            stale=stale,
-            stale_if_error=stale_if_error,
-            early_refresh=early_refresh,
-            negative=negative,
-            negative_ttl=negative_ttl,
-            cache_if=cache_if,
-            random=random,
-        )
+        self._policy = policy
         self._store: Store[K] = Store(self._policy, _check_maxsize(maxsize))
         self._store.tell = on_event is not None
         self._data = self._store.data

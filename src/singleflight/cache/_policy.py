@@ -172,6 +172,7 @@ class Policy:
 
     Raises ``TypeError``/``ValueError`` naming the option for anything it cannot
     use, so a bad option fails where the cache is made rather than at a read.
+    The options' defaults are those of the cache's signature.
     """
 
     __slots__ = (
@@ -192,17 +193,17 @@ class Policy:
     def __init__(
         self,
         *,
-        ttl: float | Callable[[Any], float | None] | None = None,
-        jitter: float = 0.1,
-        stale: float = 0.0,
-        stale_if_error: float = 0.0,
-        early_refresh: float | None = None,
+        ttl: float | Callable[[Any], float | None] | None,
+        jitter: float,
+        stale: float,
+        stale_if_error: float,
+        early_refresh: float | None,
         negative: Callable[[Any], bool]
         | type[BaseException]
         | tuple[type[BaseException], ...]
-        | None = None,
-        negative_ttl: float | Callable[[Any], float] | None = None,
-        cache_if: Callable[[Any], bool] | None = None,
+        | None,
+        negative_ttl: float | Callable[[Any], float] | None,
+        cache_if: Callable[[Any], bool] | None,
         random: Callable[[], float],
     ) -> None:
         # ttl= and negative_ttl= may be functions of the outcome (per-entry lifetimes).

@@ -22,14 +22,17 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from time import monotonic as _monotonic
-from typing import Any, Generic
+from typing import Any, Generic, TypeAlias
 
 from .._protocols import GroupLike, SharedEntry
 from ..events import EventHook
 from ._base import DEFAULT_MAXSIZE, CacheBase, K, V, assemble, logger, served, wanted_keys
-from ._policy import Entry
+from ._policy import Entry, Policy
 from ._store import JOIN, SERVE
 from ._threads_only import Background, Batch, check_loaders, default_group, outcomes_of
+
+# What loads a key in place of ``load(key)`` (None: ``load(key)`` itself).
+Thunk: TypeAlias = Callable[[], V] | None
 
 
 class LoadingCache(CacheBase[K, V], Generic[K, V]):
@@ -111,23 +114,25 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         self._background = Background(refresh_workers)
         super().__init__(
             load,
-            ttl=ttl,
-            jitter=jitter,
-            stale=stale,
-            stale_if_error=stale_if_error,
-            early_refresh=early_refresh,
-            negative=negative,
-            negative_ttl=negative_ttl,
+            Policy(
+                ttl=ttl,
+                jitter=jitter,
+                stale=stale,
+                stale_if_error=stale_if_error,
+                early_refresh=early_refresh,
+                negative=negative,
+                negative_ttl=negative_ttl,
+                cache_if=cache_if,
+                random=random,
+            ),
             maxsize=maxsize,
             load_many=load_many,
             group=default_group() if group is None and fleet is None else group,
             clock=clock,
-            random=random,
             name=name,
             on_event=on_event,
             fleet=fleet,
             tags=tags,
-            cache_if=cache_if,
         )
 
     # -- reads -------------------------------------------------------------------------
@@ -224,7 +229,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
         """
         return self._reload(key, None)
 
-    def _reload(self, key: K, thunk: Callable[[], V] | None) -> V:
+    def _reload(self, key: K, thunk: Thunk[V]) -> V:
         """:meth:`refresh`, loading through ``thunk`` (default ``load(key)``)."""
         seen = self._force(key)
         try:
@@ -234,7 +239,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
     # -- the slow paths ------------------------------------------------------------------
 
-    def _get(self, key: K, thunk: Callable[[], V] | None) -> V:
+    def _get(self, key: K, thunk: Thunk[V]) -> V:
         """A read that is not a plain hit; ``thunk`` loads the key (default ``load(key)``)."""
         action, found, batch = self._read(key, thunk)
         if action == SERVE:
@@ -243,9 +248,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
             return self._from_batch(key, batch)
         return self._load_key(key, found, thunk)
 
-    def _load_key(
-        self, key: K, seen: Entry | None, thunk: Callable[[], V] | None
-    ) -> V:
+    def _load_key(self, key: K, seen: Entry | None, thunk: Thunk[V]) -> V:
         """Load ``key`` through the group; on failure the old entry may stand in."""
         try:
             return self._through(key, seen, thunk, False)
@@ -255,13 +258,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
                 raise
             return entry.value  # type: ignore[no-any-return]
 
-    def _through(
-        self,
-        key: K,
-        seen: Entry | None,
-        thunk: Callable[[], V] | None,
-        background: bool,
-    ) -> V:
+    def _through(self, key: K, seen: Entry | None, thunk: Thunk[V], background: bool) -> V:
         """``group.do`` running :meth:`_lead`; an outcome the group brought from another
         process (``_lead`` did not run here) is written back as ``_lead`` would have
         (with ``fleet=``: an entry read from Redis, for as long as it lives there).
@@ -298,13 +295,7 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
             self._fleet_refreshes += 1
         return self._arrived(key, token, got, started, thunk)  # type: ignore[no-any-return]
 
-    def _lead(
-        self,
-        key: K,
-        seen: Entry | None,
-        thunk: Callable[[], V] | None,
-        background: bool,
-    ) -> V:
+    def _lead(self, key: K, seen: Entry | None, thunk: Thunk[V], background: bool) -> V:
         """The load a group flight runs: check the cache again, then load and write back."""
         ready, batch, token = self._begin_load(key, seen)
         if ready is not None:
@@ -356,16 +347,12 @@ class LoadingCache(CacheBase[K, V], Generic[K, V]):
 
     # -- background work ------------------------------------------------------------------
 
-    def _start_refresh(
-        self, key: K, entry: Entry, thunk: Callable[[], V] | None
-    ) -> None:
+    def _start_refresh(self, key: K, entry: Entry, thunk: Thunk[V]) -> None:
         """Refresh ``entry`` in the background; the caller is answered from it meanwhile."""
         if not self._background.start(self._refresh, key, entry, thunk):
             entry.refreshing = False  # closed: the entry is served as it is
 
-    def _refresh(
-        self, key: K, entry: Entry, thunk: Callable[[], V] | None
-    ) -> None:
+    def _refresh(self, key: K, entry: Entry, thunk: Thunk[V]) -> None:
         try:
             self._through(key, entry, thunk, True)
         except Exception:

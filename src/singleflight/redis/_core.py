@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import fields
 from time import monotonic as _monotonic
 from time import perf_counter
-from typing import Any, Generic
+from typing import Any, Final, Generic
 
 from .. import events as ev
 from .._flight import check_fn
@@ -86,15 +86,12 @@ class FlightInfo:
     LoadingCache in front uses it to keep only outcomes Redis took.
     """
 
-    __slots__ = ("_held", "key")
+    __slots__ = ("_held", "epoch", "key")
 
     def __init__(self, key: object, held: Held) -> None:
         self.key = key
+        self.epoch: Final = held.epoch  # a lease's epoch never changes
         self._held = held
-
-    @property
-    def epoch(self) -> int:
-        return self._held.epoch
 
     @property
     def lost(self) -> bool:
