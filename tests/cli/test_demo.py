@@ -200,3 +200,34 @@ def test_demo_across_processes_with_redis(tmp_path: Path, redis_url: str) -> Non
     assert_one_query_per_key_per_expiry(fleet, TTL, keys=6)
     assert fleet["per_key_per_ttl"] < group["per_key_per_ttl"], (fleet["queries"], group["queries"])
     assert "q/key/TTL" in done.stdout and "LoadingCache + Fleet" in done.stdout
+
+
+def test_an_interrupt_while_client_threads_start_is_raised_as_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C lands while the client threads are being started: the run stops with the
+    KeyboardInterrupt, not a RuntimeError from joining a thread that never started."""
+    import threading
+    import types
+
+    from singleflight.cli import demo
+    from singleflight.cli.db import SqliteDatabase
+
+    class InterruptedOnSecondStart(threading.Thread):
+        started = 0
+
+        def start(self) -> None:
+            InterruptedOnSecondStart.started += 1
+            if InterruptedOnSecondStart.started == 2:
+                raise KeyboardInterrupt
+            super().start()
+
+    monkeypatch.setattr(
+        demo,
+        "threading",
+        types.SimpleNamespace(Thread=InterruptedOnSecondStart, Event=threading.Event),
+    )
+    db = SqliteDatabase(tmp_path / "users.db", 200)
+    cfg = demo.DemoConfig(clients=4, duration=5.0, rows=200, out=None)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_threads(cfg, "naive", db, "r", range(4), lambda: 0.0, lambda *_: None)

@@ -188,7 +188,8 @@ def run_threads(
         stop.set()
         go.set()
         for thread in threads:
-            thread.join()
+            if thread.is_alive():  # an interrupt may have come before some started
+                thread.join()
         service.close()
     return everyone.done(db, tick)
 
