@@ -238,18 +238,22 @@ def _starting_of(state: _LoopState, key: object) -> _AsyncFlight:
 
 
 def _own_flight(state: _LoopState, task: Task[Any] | None) -> _AsyncFlight | None:
-    """The flight of ``state`` whose loader ``task`` runs, if any."""
+    """The flight of ``state`` whose loader ``task`` runs, if any.
+
+    A flight the task is starting (its fn runs in the task, or the task is its
+    eager first step) comes first: it is nested in any flight the task is the
+    loader of, and a call on its key waits for the task itself.
+    """
     if task is None:
         return None
-    own = state.table.loaders.get(task)
     starting = state.starting
-    if own is None and starting is not None:
+    if starting is not None:
         coro = task.get_coro()  # task is running: get_coro() is safe
         while starting is not None:
             if starting[_CORO] is coro or starting[_CORO] is task:
                 return _record_of(state, starting)
             starting = starting[_OUTER]
-    return own
+    return state.table.loaders.get(task)
 
 
 def _stop_awaiting(own: _AsyncFlight, flight: _AsyncFlight, future: object) -> None:
@@ -400,8 +404,9 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
             raise bad_key(key) from None
         loaders = table.loaders
         # The flight whose loader this task runs, if any (see _AsyncFlight).
-        own = loaders.get(current_task(loop)) if loaders else None
-        if own is None and state.starting is not None:
+        if state.starting is None:
+            own = loaders.get(current_task(loop)) if loaders else None
+        else:
             own = _own_flight(state, current_task(loop))
         if flight is not None:
             if flight is _STARTING:

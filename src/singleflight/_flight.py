@@ -114,6 +114,7 @@ class Table(Generic[F]):
         "calls",
         "errors",
         "flights",
+        "forgotten",
         "hook",
         "joins",
         "loaders",
@@ -140,6 +141,11 @@ class Table(Generic[F]):
         # What identifies a running loader (its task, or its coroutine's id) -> its
         # flight: tells a caller which flight, if any, its own task is the loader of.
         self.loaders: dict[Any, F] = {}
+        # Flights another thread forgot (an event-loop group's forget() outside its
+        # loop), their joins not in ``joins`` yet: only the table's own thread
+        # writes ``joins``, and a caller there may still be joining.  Each is
+        # folded in by that thread as it settles (or with the table, retired).
+        self.forgotten: list[F] = []
         self.name = name
         self.hook = hook  # read to decide whether events are made; never called here
         self.max_flights = max_flights
@@ -244,6 +250,9 @@ class Table(Generic[F]):
             return True
         if current is not None:
             self.calls[flight.key] = current
+        if self.forgotten and flight in self.forgotten:
+            self.forgotten.remove(flight)
+            self.fold(flight)
         return False
 
     def fold(self, flight: object) -> None:
@@ -297,18 +306,19 @@ class Table(Generic[F]):
 
     # -- forgetting and counting ---------------------------------------------------------
 
-    def forget(self, key: object) -> bool:
+    def forget(self, key: object, here: bool = True) -> bool:
         """Drop ``key``'s flight so the next call starts a new one; True if one was dropped.
 
         Its callers still get its outcome; a slot under ``max_flights`` frees now.
+        ``here``: called in the table's own thread (else see ``forgotten``).
         """
         flight = self.calls.pop(key, None)
         if flight is None:
             return False
-        self.fold(flight)
+        self._dropped(flight, here)
         return True
 
-    def forget_unshared(self, key: object) -> tuple[bool, bool]:
+    def forget_unshared(self, key: object, here: bool = True) -> tuple[bool, bool]:
         """Forget ``key`` only if nobody joined its flight: (forgotten or absent, dropped)."""
         flight = self.calls.get(key)
         if flight is None:
@@ -316,7 +326,14 @@ class Table(Generic[F]):
         if flight.dups:
             return False, False
         del self.calls[key]
+        self._dropped(flight, here)  # from another thread, a caller may join it still
         return True, True
+
+    def _dropped(self, flight: F, here: bool) -> None:
+        if here:
+            self.fold(flight)
+        elif getattr(flight, "dups", None) is not None:  # a driver's placeholder is none
+            self.forgotten.append(flight)
 
     def add_to(self, totals: Table[Any]) -> None:
         """Fold these counters into ``totals`` (a loop is gone; its counts are not)."""
@@ -327,7 +344,8 @@ class Table(Generic[F]):
     def live_joins(self) -> int:
         """The joins of the flights still in ``calls`` (not yet in ``joins``)."""
         # A copy first: another thread (a loop's) may be changing ``calls``.
-        return sum(getattr(flight, "dups", 0) for flight in list(self.calls.values()))
+        flights = [*self.calls.values(), *self.forgotten]
+        return sum(getattr(flight, "dups", 0) for flight in flights)
 
 
 def stats(tables: Iterable[Table[Any]]) -> GroupStats:

@@ -16,6 +16,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any, Generic, Literal, NoReturn, TypeVar
 
@@ -55,15 +56,20 @@ class Registry(Generic[S]):
     read as one tuple so that threads running different loops never pair one loop
     with another's state; drivers read it inline on their hot path."""
 
-    __slots__ = ("__weakref__", "current", "lock", "make", "retired", "states")
+    __slots__ = ("__weakref__", "current", "joins", "live", "lock", "make", "retired", "states")
 
     def __init__(self, make: Callable[[Any], S], retired: Table[Any]) -> None:
         self.make = make  # token -> a new state (called in the token's loop)
         self.retired = retired
         self.states: weakref.WeakKeyDictionary[Any, S] = weakref.WeakKeyDictionary()
+        # The tables not retired yet.  A collected loop's entry leaves ``states``
+        # before its finalizer moves the counters to ``retired``: a table read
+        # in between is still here.  (The finalizer holds each state anyway.)
+        self.live: set[Table[Any]] = set()
         # Reentrant: a loop collected while it is held runs _retire(), which takes it.
         self.lock = threading.RLock()
         self.current: tuple[Callable[[], object], S | None] = (_dead_ref, None)
+        self.joins = 0  # the joins stats() last reported: it never reports fewer
         _registries.add(self)
 
     def state_of(self, token: Any) -> S:
@@ -73,6 +79,7 @@ class Registry(Generic[S]):
             if state is None:
                 self.prune()
                 state = self.states[token] = self.make(token)
+                self.live.add(state.table)
                 state.finalizer = weakref.finalize(token, _retire, weakref.ref(self), state)
             self.current = (weakref.ref(token), state)
         return state
@@ -89,7 +96,28 @@ class Registry(Generic[S]):
     def tables(self) -> list[Table[Any]]:
         with self.lock:
             self.prune()
-            return [*(s.table for s in self.states.values()), self.retired]
+            return [*self.live, self.retired]
+
+    def stats(self) -> GroupStats:
+        """The counters of every table, never fewer joins than reported before.
+
+        A loop's thread takes a flight out of its table before it counts the
+        flight's joins in the table's ``joins`` (no lock: only that thread writes
+        the table).  A read from another thread in between misses them, and never
+        counts them twice: the joins reported before stand until the count is back.
+        """
+        with self.lock:  # no loop retires (its counters moved) while they are summed
+            got = _stats(self.tables())
+            missed = self.joins - got.joins
+            if missed > 0:
+                got = replace(got, joins=self.joins, calls=got.calls + missed)
+            self.joins = got.joins
+            return got
+
+    def retire(self, table: Table[Any]) -> None:
+        """A loop is gone (the lock is held): its counters go to ``retired``."""
+        table.add_to(self.retired)
+        self.live.discard(table)
 
     def prune(self) -> None:
         """Drop the states of closed asyncio loops (the lock is held).
@@ -102,7 +130,7 @@ class Registry(Generic[S]):
         for token in closed:
             state = self.states.pop(token)
             if state.finalizer is not None and state.finalizer.detach() is not None:
-                state.table.add_to(self.retired)
+                self.retire(state.table)
         token = self.current[0]()
         if token is not None and getattr(token, "is_closed", bool)():
             self.current = (_dead_ref, None)
@@ -117,7 +145,7 @@ class Registry(Generic[S]):
                 continue
             del self.states[token]
             if state.finalizer is not None and state.finalizer.detach() is not None:
-                state.table.add_to(self.retired)
+                self.retire(state.table)
         self.current = (_dead_ref, None)
 
 
@@ -153,7 +181,7 @@ def _retire(registry: weakref.ref[Registry[Any]], state: LoopState) -> None:
     reg = registry()
     if reg is not None:
         with reg.lock:
-            state.table.add_to(reg.retired)
+            reg.retire(state.table)
 
 
 def wake_in_loop(state: LoopState, here: bool, wake: Callable[[], object]) -> None:
@@ -236,7 +264,7 @@ class LoopGroup(Generic[K, S]):
         the running loop's (or trio run's) flights; outside any, on every one's.
         """
         for here, state in self._states_of_caller():
-            if state.table.forget(key):
+            if state.table.forget(key, here):
                 wake_in_loop(state, here, state.free_slot)
 
     def forget_unshared(self, key: K) -> bool:
@@ -247,7 +275,7 @@ class LoopGroup(Generic[K, S]):
         """
         forgotten = True
         for here, state in self._states_of_caller():
-            gone, dropped = state.table.forget_unshared(key)
+            gone, dropped = state.table.forget_unshared(key, here)
             forgotten = gone and forgotten
             if dropped:
                 wake_in_loop(state, here, state.free_slot)
@@ -260,7 +288,7 @@ class LoopGroup(Generic[K, S]):
         stopped by ``loader_timeout`` are ``errors``); ``rejected`` counts calls
         refused by ``max_flights``.
         """
-        return _stats(self._loops.tables())
+        return self._loops.stats()
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is in flight in the running loop (outside any: in any)."""
