@@ -424,6 +424,7 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
                 # callers on one key this is the hot path.  ``waiters`` is a list
                 # once anybody joined.
                 flight.dups += 1
+                table.joins += 1
                 flight.joined += joined
                 flight.waiters.append(future)  # type: ignore[union-attr]
             else:

@@ -52,12 +52,12 @@ class Flight:
     * ``dups``: callers that joined after the leader (Go's ``dups``); written
       by :meth:`Table.join` while the flight is in its table, so it is final once
       :meth:`Table.settle` has removed it, before any caller sees the outcome.
-      It is also the table's count of the flight's joins (see ``Table.joins``).
     * ``quit``, ``joined``: the joiners that stopped waiting early and the sum of
       the join times of those still waiting, for ``wait_seconds``; set by the
       first :meth:`Table.join` (read only when ``dups > 0``), written by
-      :meth:`Table.leave`.  A join writes two fields and no table counter: the
-      join is the hot path of ``benchmarks/bench_core.py``'s join-and-wake.
+      :meth:`Table.leave`.  A join writes two fields here (and the table's
+      ``joins``): the join is the hot path of ``benchmarks/bench_core.py``'s
+      join-and-wake.
     * ``left``: callers (the leader included) that stopped waiting, by
       :meth:`Table.leave`; all of them have left once ``left > dups``.
     * ``told``: the flight's id in events and its start time, one slot (a
@@ -114,7 +114,6 @@ class Table(Generic[F]):
         "calls",
         "errors",
         "flights",
-        "forgotten",
         "hook",
         "joins",
         "loaders",
@@ -135,17 +134,9 @@ class Table(Generic[F]):
         on_limit: Literal["raise", "wait"] = "raise",
     ) -> None:
         self.calls: dict[Any, F] = {}  # key -> its flight in progress
-        # Counters.  ``joins`` counts the joins of flights no longer in ``calls``:
-        # a flight's are folded in as it leaves (_fold), so a join counts nothing
-        # here; stats() adds those of the flights still in ``calls``.
         # What identifies a running loader (its task, or its coroutine's id) -> its
         # flight: tells a caller which flight, if any, its own task is the loader of.
         self.loaders: dict[Any, F] = {}
-        # Flights another thread forgot (an event-loop group's forget() outside its
-        # loop), their joins not in ``joins`` yet: only the table's own thread
-        # writes ``joins``, and a caller there may still be joining.  Each is
-        # folded in by that thread as it settles (or with the table, retired).
-        self.forgotten: list[F] = []
         self.name = name
         self.hook = hook  # read to decide whether events are made; never called here
         self.max_flights = max_flights
@@ -191,6 +182,7 @@ class Table(Generic[F]):
             flight.quit = 0
             flight.joined = 0.0
         flight.dups += 1
+        self.joins += 1
         flight.joined += now
         return None if self.hook is None else Joined(self.name, flight.key, flight.told[0])
 
@@ -238,27 +230,17 @@ class Table(Generic[F]):
             if len(kept) == len(calls):
                 return False
             calls.clear()
-            self.fold(flight)
             for k, f in kept:
                 try:
                     calls[k] = f
                 except Exception:
-                    self.fold(f)  # its key fails too: that flight runs on unlisted
+                    pass  # its key fails too: that flight runs on unlisted
             return True
         if current is flight:
-            self.fold(flight)
             return True
         if current is not None:
             self.calls[flight.key] = current
-        if self.forgotten and flight in self.forgotten:
-            self.forgotten.remove(flight)
-            self.fold(flight)
         return False
-
-    def fold(self, flight: object) -> None:
-        """``flight`` left ``calls``: its joins are counted in ``joins`` from now on.
-        Every removal from ``calls`` calls this (a driver's written-out one too)."""
-        self.joins += getattr(flight, "dups", 0)  # a placeholder of a driver has none
 
     def settle(
         self, flight: F, exc: BaseException | None, cancelled: bool = False
@@ -306,19 +288,14 @@ class Table(Generic[F]):
 
     # -- forgetting and counting ---------------------------------------------------------
 
-    def forget(self, key: object, here: bool = True) -> bool:
+    def forget(self, key: object) -> bool:
         """Drop ``key``'s flight so the next call starts a new one; True if one was dropped.
 
         Its callers still get its outcome; a slot under ``max_flights`` frees now.
-        ``here``: called in the table's own thread (else see ``forgotten``).
         """
-        flight = self.calls.pop(key, None)
-        if flight is None:
-            return False
-        self._dropped(flight, here)
-        return True
+        return self.calls.pop(key, None) is not None
 
-    def forget_unshared(self, key: object, here: bool = True) -> tuple[bool, bool]:
+    def forget_unshared(self, key: object) -> tuple[bool, bool]:
         """Forget ``key`` only if nobody joined its flight: (forgotten or absent, dropped)."""
         flight = self.calls.get(key)
         if flight is None:
@@ -326,35 +303,18 @@ class Table(Generic[F]):
         if flight.dups:
             return False, False
         del self.calls[key]
-        self._dropped(flight, here)  # from another thread, a caller may join it still
         return True, True
-
-    def _dropped(self, flight: F, here: bool) -> None:
-        if here:
-            self.fold(flight)
-        elif getattr(flight, "dups", None) is not None:  # a driver's placeholder is none
-            self.forgotten.append(flight)
 
     def add_to(self, totals: Table[Any]) -> None:
         """Fold these counters into ``totals`` (a loop is gone; its counts are not)."""
         for name in COUNTERS:
             setattr(totals, name, getattr(totals, name) + getattr(self, name))
-        totals.joins += self.live_joins()
-
-    def live_joins(self) -> int:
-        """The joins of the flights still in ``calls`` (not yet in ``joins``)."""
-        # A copy first: another thread (a loop's) may be changing ``calls``.
-        flights = [*self.calls.values(), *self.forgotten]
-        return sum(getattr(flight, "dups", 0) for flight in flights)
 
 
 def stats(tables: Iterable[Table[Any]]) -> GroupStats:
     """The counters of ``tables`` summed (one group's tables: its loops', retired ones')."""
     tables = list(tables)
     sums = {name: sum(getattr(t, name) for t in tables) for name in COUNTERS}
-    # After the counters: a flight folded in between is missed for this once, never
-    # counted twice, so joins never go back.
-    sums["joins"] += sum(t.live_joins() for t in tables)
     return GroupStats(
         calls=sums["flights"] + sums["joins"],
         in_flight=sum(len(t.calls) for t in tables),

@@ -16,7 +16,6 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 from typing import Any, Generic, Literal, NoReturn, TypeVar
 
@@ -56,7 +55,7 @@ class Registry(Generic[S]):
     read as one tuple so that threads running different loops never pair one loop
     with another's state; drivers read it inline on their hot path."""
 
-    __slots__ = ("__weakref__", "current", "joins", "live", "lock", "make", "retired", "states")
+    __slots__ = ("__weakref__", "current", "live", "lock", "make", "retired", "states")
 
     def __init__(self, make: Callable[[Any], S], retired: Table[Any]) -> None:
         self.make = make  # token -> a new state (called in the token's loop)
@@ -69,7 +68,6 @@ class Registry(Generic[S]):
         # Reentrant: a loop collected while it is held runs _retire(), which takes it.
         self.lock = threading.RLock()
         self.current: tuple[Callable[[], object], S | None] = (_dead_ref, None)
-        self.joins = 0  # the joins stats() last reported: it never reports fewer
         _registries.add(self)
 
     def state_of(self, token: Any) -> S:
@@ -99,20 +97,9 @@ class Registry(Generic[S]):
             return [*self.live, self.retired]
 
     def stats(self) -> GroupStats:
-        """The counters of every table, never fewer joins than reported before.
-
-        A loop's thread takes a flight out of its table before it counts the
-        flight's joins in the table's ``joins`` (no lock: only that thread writes
-        the table).  A read from another thread in between misses them, and never
-        counts them twice: the joins reported before stand until the count is back.
-        """
+        """The counters of every table summed; each counter only grows."""
         with self.lock:  # no loop retires (its counters moved) while they are summed
-            got = _stats(self.tables())
-            missed = self.joins - got.joins
-            if missed > 0:
-                got = replace(got, joins=self.joins, calls=got.calls + missed)
-            self.joins = got.joins
-            return got
+            return _stats(self.tables())
 
     def retire(self, table: Table[Any]) -> None:
         """A loop is gone (the lock is held): its counters go to ``retired``."""
@@ -264,7 +251,7 @@ class LoopGroup(Generic[K, S]):
         the running loop's (or trio run's) flights; outside any, on every one's.
         """
         for here, state in self._states_of_caller():
-            if state.table.forget(key, here):
+            if state.table.forget(key):
                 wake_in_loop(state, here, state.free_slot)
 
     def forget_unshared(self, key: K) -> bool:
@@ -275,7 +262,7 @@ class LoopGroup(Generic[K, S]):
         """
         forgotten = True
         for here, state in self._states_of_caller():
-            gone, dropped = state.table.forget_unshared(key, here)
+            gone, dropped = state.table.forget_unshared(key)
             forgotten = gone and forgotten
             if dropped:
                 wake_in_loop(state, here, state.free_slot)

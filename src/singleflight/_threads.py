@@ -283,10 +283,7 @@ class Group(Generic[K, V]):
                 if current is not call and current is not None:
                     calls[key] = current
                 if dups := call.dups:
-                    table = self._table
-                    if current is call:
-                        table.joins += dups  # Table.fold(), written out
-                    table.wait_seconds += (dups - call.quit) * perf_counter() - call.joined
+                    self._table.wait_seconds += (dups - call.quit) * perf_counter() - call.joined
                     call.value, call.failure = value, None
                     call.event.set()  # type: ignore[union-attr]  # a joiner made it
             if dups and call.futures:
@@ -744,8 +741,6 @@ class Group(Generic[K, V]):
     def _after_fork(self) -> None:
         """In a forked child: no flight of the parent's is the child's; nor are its locks."""
         self._fresh_locks()
-        for call in self._calls.values():
-            self._table.fold(call)  # the parent's joins stay counted
         self._calls.clear()
 
 
