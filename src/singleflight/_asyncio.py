@@ -413,18 +413,19 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
                 # A flight being started: a hook told of its start, or a task its
                 # loader spawned eagerly, joins it (its record is made now).
                 flight = _starting_of(state, key)
+            joined = perf_counter()
+            future: Future[Any] = Future(loop=loop)
             if own is not None:
                 error = cycle_error(flight, own)
                 if error is not None:
                     raise error
-            joined = perf_counter()
-            future: Future[Any] = Future(loop=loop)
+                self._awaits(own, flight, future)
             if table.hook is None and flight.dups:
                 # Table.join() for a second or later joiner, written out: with many
                 # callers on one key this is the hot path.  ``waiters`` is a list
                 # once anybody joined.
                 flight.dups += 1
-                table.joins += 1
+                table.joins += 1.0
                 flight.joined += joined
                 flight.waiters.append(future)  # type: ignore[union-attr]
             else:
@@ -438,8 +439,6 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
                     flight.waiters = [waiters, future]
                 if told is not None:
                     emit(table.hook, told)  # type: ignore[arg-type]
-            if own is not None:
-                self._awaits(own, flight, future)
             return flight, future, joined
         # A new flight.  It is in the table before anything runs: a caller of the
         # key from a hook told of its start, or from a task the loader spawns

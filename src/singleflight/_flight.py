@@ -141,8 +141,11 @@ class Table(Generic[F]):
         self.hook = hook  # read to decide whether events are made; never called here
         self.max_flights = max_flights
         self.on_limit = on_limit
-        self.flights = self.joins = self.shared = self.errors = self.aborted = 0
+        self.flights = self.shared = self.errors = self.aborted = 0
         self.timeouts = self.rejected = 0
+        # A float holding a whole number (exact up to 2**53): an int above 256 is
+        # a new object at every join; stats() reports an int.
+        self.joins = 0.0
         self.wait_seconds = 0.0
 
     # -- entering --------------------------------------------------------------------
@@ -182,7 +185,7 @@ class Table(Generic[F]):
             flight.quit = 0
             flight.joined = 0.0
         flight.dups += 1
-        self.joins += 1
+        self.joins += 1.0
         flight.joined += now
         return None if self.hook is None else Joined(self.name, flight.key, flight.told[0])
 
@@ -315,6 +318,7 @@ def stats(tables: Iterable[Table[Any]]) -> GroupStats:
     """The counters of ``tables`` summed (one group's tables: its loops', retired ones')."""
     tables = list(tables)
     sums = {name: sum(getattr(t, name) for t in tables) for name in COUNTERS}
+    sums["joins"] = int(sums["joins"])
     return GroupStats(
         calls=sums["flights"] + sums["joins"],
         in_flight=sum(len(t.calls) for t in tables),
