@@ -8,8 +8,8 @@ thread-safe: ``Group`` guards its one table with a lock; the event-loop groups
 keep one per loop (:mod:`._loops`).  The drivers' hot paths write out the few
 lines of a method here where the call shows in ``benchmarks/bench_core.py``,
 and say so where they do.  For instance, :meth:`Table.join` written out in
-``AsyncGroup`` for a second or later joiner: 64,085 -> 63,364 CPU instructions
-a waiter of join-and-wake on Python 3.12 (1.205x -> 1.19x its floor; the
+``AsyncGroup`` for a second or later joiner: 64,301 -> 63,589 CPU instructions
+a waiter of join-and-wake on Python 3.12 (1.208x -> 1.194x its floor; the
 target is 1.2x), counted by ``python benchmarks/bench_core.py --callgrind``.
 """
 
