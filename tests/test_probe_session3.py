@@ -168,3 +168,32 @@ def test_async_fn_calling_its_own_key_from_a_loader_task_is_reentry() -> None:
 
     run(main())
     assert len(group) == 0
+
+
+@pytest.mark.parametrize("suspended", [False, True], ids=["eager", "suspended"])
+def test_async_fn_joining_its_callers_flight_is_reentry(suspended: bool) -> None:
+    """fn (before its coroutine runs) joins the flight of the loader that called the group,
+    and its coroutine waits for it: the two loaders wait on each other.  While fn ran,
+    the flight it starts stood for the task, but the caller's flight was marked as
+    waiting on it only once fn returned: the cycle went unseen and both waited forever."""
+    group: AsyncGroup[str, str] = AsyncGroup()
+
+    def fn() -> object:
+        future = group.do_future("outer", outer)  # the calling loader's own key
+
+        async def body() -> str:
+            return await future
+
+        return body()
+
+    async def outer() -> str:
+        if suspended:
+            await asyncio.sleep(0)  # a loader task known by its task, not while starting
+        return await group.do("inner", fn)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        with pytest.raises(ReentryError):
+            await asyncio.wait_for(group.do("outer", outer), WAIT)
+
+    run(main())
+    assert len(group) == 0

@@ -467,13 +467,14 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
             # the coroutine fn returned is.
             starting[_CORO] = current_task(loop)
             state.starting = starting
+            if own is not None:
+                # Before fn runs: fn, or the loader's first step, may close a cycle.
+                own.awaits = starting[_RECORD]
             try:
                 returned = fn(*args, **kwargs)
                 if self._loader_timeout is not None:
                     returned = _with_deadline(returned, fn, self._loader_timeout, key)
                 starting[_CORO] = returned
-                if own is not None:
-                    own.awaits = starting[_RECORD]  # before the loader runs: it may close a cycle
                 # Task(returned, ...) in two steps, the task at hand if its first step
                 # raises a BaseException out of the constructor: see _retrieved().
                 task = _new(Task)
