@@ -61,7 +61,8 @@ async def _atrivial() -> None:
     return None
 
 
-def bench_sync_distinct(n: int, reps: int) -> Figure:
+def _sync_floor():  # type: ignore[no-untyped-def]
+    """sync-distinct's floor: lock + dict insert/delete of a small record + the call."""
     lock = threading.Lock()
     table: dict[int, _Record] = {}
 
@@ -73,6 +74,45 @@ def bench_sync_distinct(n: int, reps: int) -> Figure:
             del table[key]
         return value
 
+    return floor_do
+
+
+def _async_floor(loop: asyncio.AbstractEventLoop):  # type: ignore[no-untyped-def]
+    """async-distinct's floor: dict insert of a loop Future + await fn + set_result + delete."""
+    table: dict[int, asyncio.Future[None]] = {}
+
+    async def floor_do(key: int, fn):  # type: ignore[no-untyped-def]
+        future = loop.create_future()
+        table[key] = future
+        value = await fn()
+        future.set_result(value)
+        del table[key]
+        return value
+
+    return floor_do
+
+
+def _join_caller(release: asyncio.Future[object], group: AsyncGroup[str, object] | None):  # type: ignore[no-untyped-def]
+    """A caller of join-and-wake: on ``group``'s key "hot", or (the floor, no group)
+    awaiting ``release`` itself."""
+    if group is None:
+
+        async def bare() -> object:
+            return await release
+
+        return bare
+
+    async def loader() -> object:
+        return await release
+
+    async def caller() -> object:
+        return await group.do("hot", loader)
+
+    return caller
+
+
+def bench_sync_distinct(n: int, reps: int) -> Figure:
+    floor_do = _sync_floor()
     group: Group[int, None] = Group()
     keys = range(n)
 
@@ -91,18 +131,7 @@ def bench_async_distinct(n: int, reps: int) -> Figure:
     group: AsyncGroup[int, None] = AsyncGroup()
 
     async def body(floor: bool) -> float:
-        loop = asyncio.get_running_loop()
-        table: dict[int, asyncio.Future[None]] = {}
-
-        async def floor_do(key: int, fn):  # type: ignore[no-untyped-def]
-            future = loop.create_future()
-            table[key] = future
-            value = await fn()
-            future.set_result(value)
-            del table[key]
-            return value
-
-        do = floor_do if floor else group.do
+        do = _async_floor(asyncio.get_running_loop()) if floor else group.do
         fn = _atrivial
         t0 = time.perf_counter()
         for key in range(n):
@@ -120,20 +149,7 @@ def bench_async_many_waiters(n: int, reps: int) -> Figure:
     async def body(floor: bool) -> float:
         loop = asyncio.get_running_loop()
         release = loop.create_future()
-        if floor:
-
-            async def caller() -> object:
-                return await release
-
-        else:
-            group: AsyncGroup[str, object] = AsyncGroup()
-
-            async def loader() -> object:
-                return await release
-
-            async def caller() -> object:
-                return await group.do("hot", loader)
-
+        caller = _join_caller(release, None if floor else AsyncGroup())
         gc.disable()
         try:
             t0 = time.perf_counter()
@@ -273,20 +289,7 @@ _ROUND = 100
 
 def _sync_case(grouped: bool):  # type: ignore[no-untyped-def]
     """A callable making one call on a new key (the sync-distinct figure)."""
-    if grouped:
-        do = Group().do
-    else:
-        lock = threading.Lock()
-        table: dict[int, _Record] = {}
-
-        def do(key: int, fn):  # type: ignore[no-untyped-def]
-            with lock:
-                table[key] = _Record()
-            value = fn()
-            with lock:
-                del table[key]
-            return value
-
+    do = Group().do if grouped else _sync_floor()
     keys = iter(range(1 << 62))
 
     def one() -> None:
@@ -300,17 +303,7 @@ async def _async_case(case: str, n: int) -> None:
     loop = asyncio.get_running_loop()
     group: AsyncGroup[Any, Any] = AsyncGroup()
     if case in ("async-floor", "async-do"):
-        table: dict[int, asyncio.Future[None]] = {}
-
-        async def floor_do(key: int, fn):  # type: ignore[no-untyped-def]
-            future = loop.create_future()
-            table[key] = future
-            value = await fn()
-            future.set_result(value)
-            del table[key]
-            return value
-
-        do = floor_do if case == "async-floor" else group.do
+        do = _async_floor(loop) if case == "async-floor" else group.do
         for key in range(-1000, n):
             await do(key, _atrivial)
         return
@@ -318,19 +311,7 @@ async def _async_case(case: str, n: int) -> None:
 
     async def round_() -> None:
         release = loop.create_future()
-        if grouped:
-
-            async def loader() -> object:
-                return await release
-
-            async def caller() -> object:
-                return await group.do("hot", loader)
-
-        else:
-
-            async def caller() -> object:
-                return await release
-
+        caller = _join_caller(release, group if grouped else None)
         tasks = [loop.create_task(caller()) for _ in range(_ROUND)]
         await asyncio.sleep(0)  # every caller runs to its wait
         await asyncio.sleep(0)

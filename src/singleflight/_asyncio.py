@@ -203,11 +203,11 @@ class _AsyncFlight(Flight):
                 future._log_traceback = False
 
 
-# A flight whose task is being constructed: [key, coroutine (the task calling fn
-# while fn runs), outer, record].  The
-# record is made only when somebody needs it during the start (a caller joins, the
-# loader calls the group): most flights of a fast path never need one.  A list,
-# not an object: it is made on the hot path.
+# A flight whose task is being constructed: [key, coroutine, outer, record]; while
+# fn itself runs, the task calling it stands in the coroutine's place.  The record
+# is made only when somebody needs it during the start (a caller joins, the loader
+# calls the group): most flights of a fast path never need one.  A list, not an
+# object: it is made on the hot path.
 _KEY, _CORO, _OUTER, _RECORD = 0, 1, 2, 3
 
 # In a table while a new flight's task is being constructed and nobody has
