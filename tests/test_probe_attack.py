@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import threading
+import warnings
+from collections.abc import Callable
+from types import FrameType
 
 import pytest
 
@@ -96,7 +100,7 @@ def test_asyncio_wait_seconds_never_goes_back_when_every_joiner_left() -> None:
         for _ in range(200):
             release = asyncio.Event()
 
-            async def load() -> int:
+            async def load(release: asyncio.Event = release) -> int:
                 await release.wait()
                 return 1
 
@@ -124,7 +128,7 @@ def test_threads_wait_seconds_never_goes_back_when_every_joiner_left() -> None:
     for _ in range(200):
         release = threading.Event()
 
-        def load() -> int:
+        def load(release: threading.Event = release) -> int:
             assert release.wait(5)
             return 1
 
@@ -137,3 +141,51 @@ def test_threads_wait_seconds_never_goes_back_when_every_joiner_left() -> None:
         assert leader.result(5) == 1
         assert group.stats().in_flight == 0
         assert group.stats().wait_seconds >= before
+
+
+# -- a loop collected while stats() sums ------------------------------------------------
+
+
+def test_asyncio_stats_never_counts_a_collected_loop_twice() -> None:
+    """A loop nobody closed is collected by the garbage collector, which may run at
+    any allocation, stats() included: its counters are summed once, at every point
+    where that can happen (swept over the calls stats() makes)."""
+    group: AsyncGroup[str, int] = AsyncGroup()
+
+    async def load() -> int:
+        return 1
+
+    def use_a_loop_and_drop_it() -> None:
+        loop = asyncio.new_event_loop()  # never closed: only the cyclic gc frees it
+        loop.run_until_complete(group.do("k", load))
+
+    def collect_at(n: int) -> Callable[[FrameType, str, object], None]:
+        calls = [0]
+
+        def profile(frame: FrameType, event: str, arg: object) -> None:
+            if event == "call":
+                calls[0] += 1
+                if calls[0] == n:
+                    gc.collect()
+
+        return profile
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            for n in range(1, 60):
+                use_a_loop_and_drop_it()
+                sys.setprofile(collect_at(n))
+                try:
+                    during = group.stats()
+                finally:
+                    sys.setprofile(None)
+                gc.collect()
+                after = group.stats()
+                assert (during.flights, after.flights) == (n, n)
+                assert during.calls == during.flights + during.joins
+    finally:
+        if enabled:
+            gc.enable()
