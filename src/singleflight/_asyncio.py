@@ -493,8 +493,12 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
             try:
                 task = _launch_failed(calls, key, loop, fn, returned, exc)  # type: ignore[assignment]
             except BaseException as raised:
-                # A usage error or an interrupt: the flight ends with it.
-                (starting[_RECORD] or _AsyncFlight(state, key, None)).end(None, raised, False)
+                # A usage error or an interrupt: the flight ends with it.  This
+                # caller raises it; a placeholder takes the leader's place among the
+                # waiters, so those that joined get copies of their own.
+                ended = starting[_RECORD] or _AsyncFlight(state, key, None)
+                ended.add_leader(loop)
+                ended.end(None, raised, False)
                 raise
         record = starting[_RECORD]
         if task.done():
@@ -510,6 +514,10 @@ class AsyncGroup(LoopGroup[K, _LoopState], Generic[K, V]):
                     _AsyncFlight(state, key, task)(task)  # counted as the record would be
             else:
                 record.task = task
+                # This caller gets the task's outcome itself; a placeholder takes
+                # the leader's place among the waiters, so those that joined while
+                # it started get copies of their own.
+                record.add_leader(loop)
                 record(task)
             return None, task, None
         if record is None:

@@ -275,8 +275,10 @@ class Table(Generic[F]):
             self.errors += 1
         dups = flight.dups
         now = perf_counter()
-        if dups:  # dups is final: only joined while the key was in the table
-            self.wait_seconds += (dups - flight.quit) * now - flight.joined
+        if dups and dups > flight.quit:  # dups is final: only joined while the key was in the table
+            # Never below 0.0: the join times less those of the joiners that left
+            # are not exactly 0.0 in floats.
+            self.wait_seconds += max(0.0, (dups - flight.quit) * now - flight.joined)
         failure = None if error is None else Failure(error)
         if self.hook is None:
             return failure, None

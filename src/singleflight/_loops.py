@@ -55,7 +55,7 @@ class Registry(Generic[S]):
     read as one tuple so that threads running different loops never pair one loop
     with another's state; drivers read it inline on their hot path."""
 
-    __slots__ = ("__weakref__", "current", "live", "lock", "make", "retired", "states")
+    __slots__ = ("__weakref__", "current", "dead", "live", "lock", "make", "retired", "states")
 
     def __init__(self, make: Callable[[Any], S], retired: Table[Any]) -> None:
         self.make = make  # token -> a new state (called in the token's loop)
@@ -65,7 +65,11 @@ class Registry(Generic[S]):
         # before its finalizer moves the counters to ``retired``: a table read
         # in between is still here.  (The finalizer holds each state anyway.)
         self.live: set[Table[Any]] = set()
-        # Reentrant: a loop collected while it is held runs _retire(), which takes it.
+        # The tables of collected loops, retired at the next prune(): a finalizer
+        # may run in the middle of stats() in the thread holding the lock, and
+        # must not move counters then (they would be summed twice).
+        self.dead: list[Table[Any]] = []
+        # Reentrant: the garbage collector may run anything while it is held.
         self.lock = threading.RLock()
         self.current: tuple[Callable[[], object], S | None] = (_dead_ref, None)
         _registries.add(self)
@@ -113,6 +117,8 @@ class Registry(Generic[S]):
         would keep it alive: its flights hold tasks that hold the loop.  Their
         counters are kept.
         """
+        while self.dead:
+            self.retire(self.dead.pop())
         closed = [t for t in self.states if getattr(t, "is_closed", bool)()]
         for token in closed:
             state = self.states.pop(token)
@@ -164,11 +170,14 @@ if hasattr(os, "register_at_fork"):
 
 
 def _retire(registry: weakref.ref[Registry[Any]], state: LoopState) -> None:
-    """A loop was collected: keep its counters in the group's totals."""
+    """A loop was collected: its counters go to the group's totals at the next prune().
+
+    Takes no lock: it may run in any thread, at any allocation, the middle of
+    stats() included.  The table stays in ``live`` until then.
+    """
     reg = registry()
     if reg is not None:
-        with reg.lock:
-            reg.retire(state.table)
+        reg.dead.append(state.table)
 
 
 def wake_in_loop(state: LoopState, here: bool, wake: Callable[[], object]) -> None:

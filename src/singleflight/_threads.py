@@ -283,7 +283,9 @@ class Group(Generic[K, V]):
                 if current is not call and current is not None:
                     calls[key] = current
                 if dups := call.dups:
-                    self._table.wait_seconds += (dups - call.quit) * perf_counter() - call.joined
+                    if dups > call.quit:  # never below 0.0: see Table.settle()
+                        waited = (dups - call.quit) * perf_counter() - call.joined
+                        self._table.wait_seconds += max(0.0, waited)
                     call.value, call.failure = value, None
                     call.event.set()  # type: ignore[union-attr]  # a joiner made it
             if dups and call.futures:
