@@ -172,6 +172,10 @@ def test_asyncio_stats_never_counts_a_collected_loop_twice() -> None:
 
     enabled = gc.isenabled()
     gc.disable()
+    # Collections then scan only what the test makes: a full one over a test
+    # process's whole heap, twice a round, outlasted the test's timeout in CI.
+    gc.collect()
+    gc.freeze()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
@@ -187,5 +191,6 @@ def test_asyncio_stats_never_counts_a_collected_loop_twice() -> None:
                 assert (during.flights, after.flights) == (n, n)
                 assert during.calls == during.flights + during.joins
     finally:
+        gc.unfreeze()
         if enabled:
             gc.enable()
